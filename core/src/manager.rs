@@ -374,7 +374,28 @@ impl<B: Backend> SnapshotManager<B> {
         for pair in &mgr.pairs {
             mgr.restore_pair(pair, recovered)?;
         }
+        // The journal describes the tables from here on, whatever it held before.
+        for rec in mgr.state().checkpoint() {
+            mgr.append(rec)?;
+        }
         Ok(mgr)
+    }
+
+    /// The tables as a journal state: what a compacted journal must rebuild.
+    pub fn state(&self) -> JournalState {
+        let mut st = JournalState {
+            lu_mode: self.lu_mode_table(),
+            ..JournalState::default()
+        };
+        for pair in &self.pairs {
+            let key = pair.key();
+            st.tables.insert(key, lock(&pair.table).clone());
+            if let Some(save) = &pair.save {
+                st.save_maps.insert(key, lock(save).clone());
+                st.invalid.insert(key, pair.invalid.load(Ordering::SeqCst));
+            }
+        }
+        st
     }
 
     fn restore_pair(&self, pair: &Pair, recovered: Option<&JournalState>) -> Result<()> {

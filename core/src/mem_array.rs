@@ -38,7 +38,7 @@ pub struct Counters {
 
 pub struct MemArray {
     kind: ArrayKind,
-    capacity_lbas: u64,
+    capacity: HashMap<LuId, u64>,
     storage: HashMap<LuId, RwLock<Vec<u8>>>,
     defs: Vec<MirrorDefinition>,
     modes: Mutex<HashMap<LuId, Mode>>,
@@ -64,14 +64,16 @@ fn err(kind: BackendErrorKind, msg: impl Into<String>) -> BackendError {
 
 impl MemArray {
     /// An array of `kind` with the given mirroring definitions (whose variant must match
-    /// the kind) and `extra` plain LUs (E4 save areas), every LU `capacity_lbas` long.
+    /// the kind), each LU of them `capacity_lbas` long, and `extra` plain LUs (E4 save
+    /// areas) with their own capacities.
     pub fn new(
         kind: ArrayKind,
         defs: Vec<MirrorDefinition>,
-        extra: &[LuId],
         capacity_lbas: u64,
+        extra: &[(LuId, u64)],
     ) -> Self {
         let mut storage = HashMap::new();
+        let mut capacity = HashMap::new();
         let mut modes = HashMap::new();
         for d in &defs {
             let ok = matches!(
@@ -82,6 +84,7 @@ impl MemArray {
             );
             assert!(ok, "{d} does not belong on a {kind:?} array");
             for lu in d.lus() {
+                capacity.insert(lu, capacity_lbas);
                 // The mirroring LU of a triple has no storage of its own.
                 if !matches!(d, MirrorDefinition::Triple { mirror, .. } if *mirror == lu) {
                     storage.insert(
@@ -94,15 +97,13 @@ impl MemArray {
                 modes.insert(*lu, Mode::Synchronized);
             }
         }
-        for lu in extra {
-            storage.insert(
-                *lu,
-                RwLock::new(vec![0u8; (capacity_lbas * SECTOR_SIZE) as usize]),
-            );
+        for &(lu, lbas) in extra {
+            capacity.insert(lu, lbas);
+            storage.insert(lu, RwLock::new(vec![0u8; (lbas * SECTOR_SIZE) as usize]));
         }
         MemArray {
             kind,
-            capacity_lbas,
+            capacity,
             storage,
             defs,
             modes: Mutex::new(modes),
@@ -153,16 +154,15 @@ impl MemArray {
             ));
         }
         let blocks = len as u64 / SECTOR_SIZE;
-        if lba
-            .checked_add(blocks)
-            .is_none_or(|end| end > self.capacity_lbas)
-        {
+        let cap = self
+            .capacity
+            .get(&lu)
+            .copied()
+            .ok_or_else(|| err(BackendErrorKind::InvalidRequest, format!("no {lu}")))?;
+        if lba.checked_add(blocks).is_none_or(|end| end > cap) {
             return Err(err(
                 BackendErrorKind::OutOfRange,
-                format!(
-                    "{lu}: {blocks} blocks at LBA {lba} past {} blocks",
-                    self.capacity_lbas
-                ),
+                format!("{lu}: {blocks} blocks at LBA {lba} past {cap} blocks"),
             ));
         }
         Ok(())
@@ -276,20 +276,14 @@ impl MemArray {
 
 impl Backend for MemArray {
     fn describe(&self) -> Result<BackendDescription, BackendError> {
-        let mut lus: Vec<LuId> = self.storage.keys().copied().collect();
-        for d in &self.defs {
-            lus.extend(d.lus());
-        }
-        lus.sort();
-        lus.dedup();
+        let mut lus: Vec<LuInfo> = self
+            .capacity
+            .iter()
+            .map(|(&id, &capacity_lbas)| LuInfo { id, capacity_lbas })
+            .collect();
+        lus.sort_by_key(|l| l.id);
         Ok(BackendDescription {
-            lus: lus
-                .into_iter()
-                .map(|id| LuInfo {
-                    id,
-                    capacity_lbas: self.capacity_lbas,
-                })
-                .collect(),
+            lus,
             mirroring: self.defs.clone(),
             capabilities: Capabilities {
                 mode_select: self.kind == ArrayKind::ModeSelect,
