@@ -190,7 +190,7 @@ impl MemArray {
         Ok(())
     }
 
-    fn pick<'a>(&self, legs: &'a [LuId]) -> LuId {
+    fn pick(&self, legs: &[LuId]) -> LuId {
         let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % legs.len();
         legs[i]
     }

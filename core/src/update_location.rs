@@ -54,7 +54,8 @@ fn count(p: Piece) -> u64 {
     u64::from(pl(p) - pf(p) + 1)
 }
 
-const FULL_BUCKET: [Piece; 1] = [(0 << 16) | (BUCKET_LBAS as u32 - 1)];
+// First offset 0 (high half), last offset 4095 (low half).
+const FULL_BUCKET: [Piece; 1] = [BUCKET_LBAS as u32 - 1];
 
 type Bucket = ThinVec<Piece>;
 

@@ -2,6 +2,7 @@
 //! snapshot manager: Fig. 10 reached by acquire/delete on Fig. 9, [0022]'s LU mode table
 //! built from Fig. 2's modes, the Mode Select sequence of [0028]/[0031]/[0032] checked
 //! with a mock array, and the error paths.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! update-location table (Fig. 5), what every virtual LU reads, and the physical legs:
 //! outside the recorded LBAs the legs never differ, and when resync completes they are
 //! identical byte for byte.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

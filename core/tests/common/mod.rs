@@ -1,6 +1,6 @@
 //! Fixtures shared by hvm-core's integration tests: a snapshot manager over an in-memory
 //! array of each kind, and the physical legs to compare.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
 
