@@ -46,7 +46,14 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const OPS: usize = 10_000_000;
+/// Operations per phase; `HVM_BENCH_OPS` overrides it (to see how the cost grows with
+/// the table's size).
+fn ops() -> usize {
+    std::env::var("HVM_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000)
+}
 const LU_LBAS: u64 = (1u64 << 40) / 512; // 1 TiB
 const RANGE: u64 = 8;
 
@@ -128,13 +135,12 @@ fn run<S: RangeSet>(adds: &[u64], removes: &[u64]) -> Result {
 
 fn headline() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
-    let adds: Vec<u64> = (0..OPS)
-        .map(|_| rng.gen_range(0..LU_LBAS - RANGE))
-        .collect();
+    let n = ops();
+    let adds: Vec<u64> = (0..n).map(|_| rng.gen_range(0..LU_LBAS - RANGE)).collect();
     let mut removes = adds.clone();
     removes.shuffle(&mut rng);
     println!(
-        "update-location table: {OPS} random adds of {RANGE}-sector ranges over a 1 TiB LU, then {OPS} removes"
+        "update-location table: {n} random adds of {RANGE}-sector ranges over a 1 TiB LU, then {n} removes"
     );
     let ours = run::<UpdateLocationTable>(&adds, &removes);
     let peer = run::<rangemap::RangeInclusiveSet<u64>>(&adds, &removes);
