@@ -9,10 +9,11 @@
 //! Layout, chosen by `cargo bench -p hvm-core --bench update_location`: a `BTreeMap` of
 //! ranges (and the `rangemap` crate, which is one) takes about five dependent cache misses
 //! per operation at 10 million ranges, ~900 ns on our machines. Here the LBA space is cut
-//! into buckets of 4096 LBAs; a bucket is one allocation holding its pieces as sorted
-//! `u16` offset pairs (4 bytes a range), reached through a directory of 8-byte slots per
-//! 2^24-LBA chunk (4 MiB of directory for a 1 TiB LU, which stays in cache). An operation
-//! is a binary search in a short array, about one miss. A range that crosses a bucket
+//! into buckets of 4096 LBAs; a bucket's pieces are sorted `u16` offset pairs (4 bytes a
+//! range) in a fixed-size block of a per-table pool, reached through a directory of
+//! 8-byte slots per 2^24-LBA chunk (4 MiB of directory for a 1 TiB LU, which stays in
+//! cache). The slot holds the bucket's length, so an operation is a binary search in a
+//! short array it can start at once: about one miss, and no allocator on the path. A range that crosses a bucket
 //! boundary is stored as one piece per bucket and reported as one record. A chunk that is
 //! wholly recorded (the full copy of [0045]) is kept as a single "full" marker.
 //!
@@ -22,8 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-
-use thin_vec::ThinVec;
 
 use crate::lba::Extent;
 
@@ -57,39 +56,47 @@ fn count(p: Piece) -> u64 {
 // First offset 0 (high half), last offset 4095 (low half).
 const FULL_BUCKET: [Piece; 1] = [BUCKET_LBAS as u32 - 1];
 
-type Bucket = ThinVec<Piece>;
+/// Bucket capacities are `4 << class` pieces: 4, 8, ..., 2048 (the most a 4096-LBA
+/// bucket can hold, every other LBA recorded).
+const CLASSES: usize = 10;
 
-/// Add `[f, l]` to a bucket; returns the LBAs that were not there.
-fn bucket_add(b: &mut Bucket, f: u32, l: u32) -> u64 {
+fn class_cap(class: u8) -> usize {
+    4 << class
+}
+
+/// Add `[f, l]` to the `len` pieces at the front of `b`, which has room for one more;
+/// returns the new length and the LBAs that were not there.
+fn bucket_add(b: &mut [Piece], len: usize, f: u32, l: u32) -> (usize, u64) {
     // Pieces that start at or before l+1 and end at or after f-1 touch [f, l]; they are a
     // run ending just before `i`.
-    let i = b.partition_point(|&p| pf(p) <= l + 1);
+    let i = b[..len].partition_point(|&p| pf(p) <= l + 1);
     let mut j = i;
     while j > 0 && pl(b[j - 1]) + 1 >= f {
         j -= 1;
     }
     if j == i {
-        b.insert(i, piece(f, l));
-        return u64::from(l - f + 1);
+        b.copy_within(i..len, i + 1);
+        b[i] = piece(f, l);
+        return (len + 1, u64::from(l - f + 1));
     }
     let (nf, nl) = (f.min(pf(b[j])), l.max(pl(b[i - 1])));
     let had: u64 = b[j..i].iter().map(|&p| count(p)).sum();
     b[j] = piece(nf, nl);
-    if i > j + 1 {
-        b.drain(j + 1..i);
-    }
-    u64::from(nl - nf + 1) - had
+    b.copy_within(i..len, j + 1);
+    (len - (i - j - 1), u64::from(nl - nf + 1) - had)
 }
 
-/// Remove `[f, l]` from a bucket; returns the LBAs that were there.
-fn bucket_remove(b: &mut Bucket, f: u32, l: u32) -> u64 {
-    let i = b.partition_point(|&p| pf(p) <= l);
+/// Remove `[f, l]` from the `len` pieces at the front of `b`; returns the new length and
+/// the LBAs that were there, or `None`, changing nothing, when the removal splits a piece
+/// and `b` has no room for the extra one.
+fn bucket_remove(b: &mut [Piece], len: usize, f: u32, l: u32) -> Option<(usize, u64)> {
+    let i = b[..len].partition_point(|&p| pf(p) <= l);
     let mut j = i;
     while j > 0 && pl(b[j - 1]) >= f {
         j -= 1;
     }
     if j == i {
-        return 0;
+        return Some((len, 0));
     }
     let had: u64 = b[j..i].iter().map(|&p| count(p)).sum();
     let (first, last) = (b[j], b[i - 1]);
@@ -103,24 +110,136 @@ fn bucket_remove(b: &mut Bucket, f: u32, l: u32) -> u64 {
         keep[n] = piece(l + 1, pl(last));
         n += 1;
     }
-    let kept: u64 = keep[..n].iter().map(|&p| count(p)).sum();
-    if n <= i - j {
-        b[j..j + n].copy_from_slice(&keep[..n]);
-        b.drain(j + n..i);
-    } else {
-        // One piece split in two ([0038]).
-        b[j] = keep[0];
-        b.insert(j + 1, keep[1]);
+    let new_len = len - (i - j) + n;
+    if new_len > b.len() {
+        return None;
     }
-    had - kept
+    let kept: u64 = keep[..n].iter().map(|&p| count(p)).sum();
+    // Replace the run b[j..i] with keep[..n]; n is at most one more than the run.
+    b.copy_within(i..len, j + n);
+    b[j..j + n].copy_from_slice(&keep[..n]);
+    Some((new_len, had - kept))
+}
+
+/// A directory slot: where one bucket's pieces are. Packed into 8 bytes so a chunk's
+/// directory stays small enough to live in cache: block index (32 bits), number of
+/// pieces (16 bits), size class (8 bits). No pieces means no block.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Slot(u64);
+
+impl Slot {
+    fn new(block: u32, len: usize, class: u8) -> Slot {
+        Slot(u64::from(block) | (len as u64) << 32 | u64::from(class) << 48)
+    }
+    fn block(self) -> u32 {
+        self.0 as u32
+    }
+    fn len(self) -> usize {
+        ((self.0 >> 32) & 0xffff) as usize
+    }
+    fn class(self) -> u8 {
+        (self.0 >> 48) as u8
+    }
+}
+
+/// Fixed-size blocks of pieces, one pool per size class, each a single vector with a
+/// stack of free block indexes. Buckets come and go at the rate of writes; the system
+/// allocator, with its per-allocation headers and cold free lists, cost more than the
+/// table's own work.
+#[derive(Clone, Default)]
+struct Pools {
+    data: [Vec<Piece>; CLASSES],
+    free: [Vec<u32>; CLASSES],
+}
+
+impl Pools {
+    fn alloc(&mut self, class: u8) -> u32 {
+        let c = usize::from(class);
+        if let Some(i) = self.free[c].pop() {
+            return i;
+        }
+        let cap = class_cap(class);
+        let data = &mut self.data[c];
+        let i = (data.len() / cap) as u32;
+        if data.len() + cap > data.capacity() {
+            // Grow by half rather than double: less idle memory in a big table, and a
+            // large vector is moved by remapping pages, not by copying.
+            data.reserve_exact(cap.max(data.len() / 2));
+        }
+        data.resize(data.len() + cap, 0);
+        i
+    }
+
+    fn release(&mut self, class: u8, block: u32) {
+        self.free[usize::from(class)].push(block);
+    }
+
+    fn block(&self, slot: Slot) -> &[Piece] {
+        let cap = class_cap(slot.class());
+        let at = slot.block() as usize * cap;
+        &self.data[usize::from(slot.class())][at..at + slot.len()]
+    }
+
+    /// The whole block of `slot` (its capacity, not just its pieces).
+    fn block_mut(&mut self, slot: Slot) -> &mut [Piece] {
+        let cap = class_cap(slot.class());
+        let at = slot.block() as usize * cap;
+        &mut self.data[usize::from(slot.class())][at..at + cap]
+    }
+
+    /// A slot whose block has room for one more piece: a new block for an empty slot, a
+    /// block of the next class for a full one.
+    fn with_room(&mut self, slot: Slot) -> Slot {
+        let len = slot.len();
+        if len == 0 {
+            return Slot::new(self.alloc(0), 0, 0);
+        }
+        if len < class_cap(slot.class()) {
+            return slot;
+        }
+        let class = slot.class() + 1;
+        let grown = Slot::new(self.alloc(class), len, class);
+        let (old_c, new_c) = (usize::from(slot.class()), usize::from(class));
+        let from = slot.block() as usize * class_cap(slot.class());
+        let to = grown.block() as usize * class_cap(class);
+        // Two different pools (old_c < new_c), so both can be borrowed at once.
+        let (lo, hi) = self.data.split_at_mut(new_c);
+        hi[0][to..to + len].copy_from_slice(&lo[old_c][from..from + len]);
+        self.release(slot.class(), slot.block());
+        grown
+    }
+
+    /// Store a bucket's new length; an empty bucket gives its block back.
+    fn settle(&mut self, slot: Slot, len: usize) -> Slot {
+        if len == 0 {
+            self.release(slot.class(), slot.block());
+            Slot::default()
+        } else {
+            Slot::new(slot.block(), len, slot.class())
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Pools::default();
+    }
 }
 
 const WORDS: usize = CHUNK_BUCKETS / 64;
 
+/// Set or clear bucket `slot`'s occupancy bit.
+fn mark(occupied: &mut [u64; WORDS], slot: usize, nonempty: bool) {
+    let (w, bit) = (slot / 64, 1u64 << (slot % 64));
+    if nonempty {
+        occupied[w] |= bit;
+    } else {
+        occupied[w] &= !bit;
+    }
+}
+
 #[derive(Clone)]
 struct Chunk {
     /// `None`: every LBA of the chunk is recorded.
-    buckets: Option<Box<[Bucket]>>,
+    slots: Option<Box<[Slot]>>,
     /// Bit per bucket: set when the bucket holds pieces, so walks skip empty buckets.
     occupied: Box<[u64; WORDS]>,
     /// LBAs recorded in this chunk.
@@ -130,24 +249,15 @@ struct Chunk {
 impl Chunk {
     fn empty() -> Self {
         Chunk {
-            buckets: Some((0..CHUNK_BUCKETS).map(|_| Bucket::new()).collect()),
+            slots: Some(vec![Slot::default(); CHUNK_BUCKETS].into_boxed_slice()),
             occupied: Box::new([0; WORDS]),
             lbas: 0,
         }
     }
 
-    fn mark(&mut self, slot: usize, nonempty: bool) {
-        let (w, bit) = (slot / 64, 1u64 << (slot % 64));
-        if nonempty {
-            self.occupied[w] |= bit;
-        } else {
-            self.occupied[w] &= !bit;
-        }
-    }
-
     /// The occupancy bits of word `w` that fall in slots `lo..=hi`.
     fn bits(&self, w: usize, lo: usize, hi: usize) -> u64 {
-        let mut bits = if self.buckets.is_none() {
+        let mut bits = if self.slots.is_none() {
             u64::MAX
         } else {
             self.occupied[w]
@@ -175,23 +285,27 @@ impl Chunk {
         })
     }
 
-    fn pieces(&self, slot: usize) -> &[Piece] {
-        match &self.buckets {
-            Some(b) => &b[slot],
+    fn pieces<'a>(&self, pools: &'a Pools, slot: usize) -> &'a [Piece] {
+        match &self.slots {
+            Some(s) => pools.block(s[slot]),
             None => &FULL_BUCKET,
         }
     }
 
-    /// The buckets, turning a full chunk into explicit full buckets first.
-    fn buckets_mut(&mut self) -> &mut [Bucket] {
-        if self.buckets.is_none() {
+    /// The slots, turning a full chunk into explicit full buckets first.
+    fn slots_mut(&mut self, pools: &mut Pools) -> &mut [Slot] {
+        if self.slots.is_none() {
             *self.occupied = [u64::MAX; WORDS];
+            let slots = (0..CHUNK_BUCKETS)
+                .map(|_| {
+                    let s = pools.with_room(Slot::default());
+                    pools.block_mut(s)[0] = FULL_BUCKET[0];
+                    pools.settle(s, 1)
+                })
+                .collect();
+            self.slots = Some(slots);
         }
-        self.buckets.get_or_insert_with(|| {
-            (0..CHUNK_BUCKETS)
-                .map(|_| FULL_BUCKET.iter().copied().collect())
-                .collect()
-        })
+        self.slots.get_or_insert_with(|| Box::new([]))
     }
 }
 
@@ -270,6 +384,7 @@ impl ChunkMap {
 #[derive(Clone, Default)]
 pub struct UpdateLocationTable {
     chunks: ChunkMap,
+    pools: Pools,
     /// Number of LBAs covered, kept so `total` is O(1).
     total: u64,
 }
@@ -306,27 +421,33 @@ impl UpdateLocationTable {
             let base = ci << CHUNK_SHIFT;
             let (lo, hi) = clip(ext.first(), ext.last(), base, CHUNK_LBAS);
             let chunk = self.chunks.get_or_insert(ci);
-            if chunk.buckets.is_none() {
-                continue;
-            }
+            let Some(slots) = chunk.slots.as_mut() else {
+                continue; // already full
+            };
             if lo == base && hi - lo + 1 == CHUNK_LBAS {
+                for s in slots.iter().filter(|s| s.len() > 0) {
+                    self.pools.release(s.class(), s.block());
+                }
                 added += CHUNK_LBAS - chunk.lbas;
-                chunk.buckets = None;
+                chunk.slots = None;
                 *chunk.occupied = [u64::MAX; WORDS];
                 chunk.lbas = CHUNK_LBAS;
                 continue;
             }
             let mut n = 0;
             for bi in (lo >> BUCKET_BITS)..=(hi >> BUCKET_BITS) {
-                let bbase = bi << BUCKET_BITS;
-                let (f, l) = clip(lo, hi, bbase, BUCKET_LBAS);
-                let slot = (bi as usize) & (CHUNK_BUCKETS - 1);
-                n += bucket_add(
-                    &mut chunk.buckets_mut()[slot],
+                let (f, l) = clip(lo, hi, bi << BUCKET_BITS, BUCKET_LBAS);
+                let i = (bi as usize) & (CHUNK_BUCKETS - 1);
+                let slot = self.pools.with_room(slots[i]);
+                let (len, more) = bucket_add(
+                    self.pools.block_mut(slot),
+                    slot.len(),
                     (f & OFFSET_MASK) as u32,
                     (l & OFFSET_MASK) as u32,
                 );
-                chunk.mark(slot, true);
+                slots[i] = self.pools.settle(slot, len);
+                n += more;
+                mark(&mut chunk.occupied, i, true);
             }
             chunk.lbas += n;
             added += n;
@@ -348,41 +469,62 @@ impl UpdateLocationTable {
             let Some(chunk) = self.chunks.get_mut(ci) else {
                 break;
             };
-            let n = if lo == base && hi - lo + 1 == CHUNK_LBAS {
+            let whole = lo == base && hi - lo + 1 == CHUNK_LBAS;
+            let n = if whole {
+                for s in chunk
+                    .slots
+                    .iter()
+                    .flat_map(|s| s.iter())
+                    .filter(|s| s.len() > 0)
+                {
+                    self.pools.release(s.class(), s.block());
+                }
                 chunk.lbas
             } else {
-                chunk.buckets_mut();
+                chunk.slots_mut(&mut self.pools);
                 let first = ((lo >> BUCKET_BITS) as usize) & (CHUNK_BUCKETS - 1);
                 let last = ((hi >> BUCKET_BITS) as usize) & (CHUNK_BUCKETS - 1);
                 let mut n = 0;
                 for w in first / 64..=last / 64 {
                     let mut bits = chunk.bits(w, first, last);
                     while bits != 0 {
-                        let slot = w * 64 + bits.trailing_zeros() as usize;
+                        let i = w * 64 + bits.trailing_zeros() as usize;
                         bits &= bits - 1;
-                        let bbase = base + ((slot as u64) << BUCKET_BITS);
+                        let bbase = base + ((i as u64) << BUCKET_BITS);
                         let (f, l) = clip(lo, hi, bbase, BUCKET_LBAS);
-                        let Some(buckets) = chunk.buckets.as_mut() else {
+                        let Some(slots) = chunk.slots.as_mut() else {
                             break;
                         };
-                        let b = &mut buckets[slot];
-                        n += bucket_remove(b, (f & OFFSET_MASK) as u32, (l & OFFSET_MASK) as u32);
-                        if b.is_empty() {
-                            // Give the allocation back.
-                            *b = Bucket::new();
-                            chunk.mark(slot, false);
+                        let (f, l) = ((f & OFFSET_MASK) as u32, (l & OFFSET_MASK) as u32);
+                        let mut slot = slots[i];
+                        let (len, gone) = loop {
+                            let len = slot.len();
+                            if let Some(r) = bucket_remove(self.pools.block_mut(slot), len, f, l) {
+                                break r;
+                            }
+                            // A split of a full bucket: grow it, then remove.
+                            slot = self.pools.with_room(slot);
+                        };
+                        slots[i] = self.pools.settle(slot, len);
+                        if len == 0 {
+                            mark(&mut chunk.occupied, i, false);
                         }
+                        n += gone;
                     }
                 }
                 n
             };
             chunk.lbas -= n;
-            if chunk.lbas == 0 {
+            if chunk.lbas == 0 || whole {
                 self.chunks.remove(ci);
             }
             removed += n;
         }
         self.total -= removed;
+        if self.total == 0 {
+            // Nothing recorded: give the pools' memory back (resync just finished).
+            self.clear();
+        }
         removed
     }
 
@@ -398,7 +540,7 @@ impl UpdateLocationTable {
             };
             let base = ci << CHUNK_SHIFT;
             let (clo, chi) = clip(lo, hi, base, CHUNK_LBAS);
-            if chunk.buckets.is_none() {
+            if chunk.slots.is_none() {
                 if f(clo, chi).is_break() {
                     return;
                 }
@@ -408,7 +550,7 @@ impl UpdateLocationTable {
             let last = ((chi >> BUCKET_BITS) as usize) & (CHUNK_BUCKETS - 1);
             for slot in chunk.occupied_slots(first, last) {
                 let bbase = base + ((slot as u64) << BUCKET_BITS);
-                let pieces = chunk.pieces(slot);
+                let pieces = chunk.pieces(&self.pools, slot);
                 let start_off = (clo.max(bbase) - bbase) as u32;
                 let start = pieces.partition_point(|&p| pl(p) < start_off);
                 for &p in &pieces[start..] {
@@ -497,6 +639,7 @@ impl UpdateLocationTable {
 
     pub fn clear(&mut self) {
         self.chunks.clear();
+        self.pools.clear();
         self.total = 0;
     }
 
