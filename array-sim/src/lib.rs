@@ -1,4 +1,8 @@
 //! array-sim: the simulated disk array (Mode Select, stateless and pre-update firmware,
 //! disk units with a load model, SCSI semantics over a socket, fault injection).
 //!
-//! Filled in by the array-sim issue; for now only the crate exists.
+//! Built so far: [`scsi`], the command set both the array and its drivers speak. The
+//! firmware, the disk units, the daemon and the client library follow in the array-sim
+//! issue.
+
+pub mod scsi;
