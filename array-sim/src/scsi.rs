@@ -15,6 +15,7 @@
 //! | WRITE(16) | 8Ah | 16: as READ(16) | out |
 //! | SYNCHRONIZE CACHE(16) | 91h | 16: LBA bytes 2-9, blocks bytes 10-13 (0: to the end) | — |
 //! | READ CAPACITY(16) | 9Eh/10h | 16: service action byte 1, allocation length bytes 10-13 | in: 32 bytes |
+//! | REPORT LUNS | A0h | 12: allocation length bytes 6-9 | in: 8-byte header, 8 bytes a LUN |
 //! | ARRAY COPY (vendor) | C1h | 16: LBA bytes 2-9, blocks bytes 10-13, destination LUN byte 14 | — |
 //! | SET FAULT (vendor) | C2h | 16: parameter list length bytes 10-13 | out: fault rule |
 //!
@@ -52,6 +53,7 @@ pub const WRITE_16: u8 = 0x8a;
 pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
 pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
 pub const SA_READ_CAPACITY_16: u8 = 0x10;
+pub const REPORT_LUNS: u8 = 0xa0;
 pub const VENDOR_ARRAY_COPY: u8 = 0xc1;
 pub const VENDOR_SET_FAULT: u8 = 0xc2;
 
@@ -214,6 +216,9 @@ pub enum Command {
     ReadCapacity16 {
         alloc_len: u32,
     },
+    ReportLuns {
+        alloc_len: u32,
+    },
     /// Copy `blocks` blocks at `lba` of the addressed LU to the same LBAs of `dest_lun`
     /// inside the array (EP 1 148 416 [0049]).
     ArrayCopy {
@@ -241,6 +246,7 @@ fn be32(b: &[u8]) -> u32 {
 pub fn cdb_len(opcode: u8) -> Option<usize> {
     match opcode {
         TEST_UNIT_READY | INQUIRY | MODE_SELECT_6 | MODE_SENSE_6 => Some(6),
+        REPORT_LUNS => Some(12),
         READ_16 | WRITE_16 | SYNCHRONIZE_CACHE_16 | SERVICE_ACTION_IN_16 | VENDOR_ARRAY_COPY
         | VENDOR_SET_FAULT => Some(16),
         _ => None,
@@ -288,6 +294,9 @@ impl Command {
                     alloc_len: be32(&c[10..]),
                 }
             }
+            REPORT_LUNS => Command::ReportLuns {
+                alloc_len: be32(&c[6..]),
+            },
             VENDOR_ARRAY_COPY => Command::ArrayCopy {
                 lba: be64(&c[2..]),
                 blocks: be32(&c[10..]),
@@ -337,6 +346,12 @@ impl Command {
             Command::ReadCapacity16 { alloc_len } => {
                 sixteen(SERVICE_ACTION_IN_16, SA_READ_CAPACITY_16, 0, alloc_len, 0)
             }
+            Command::ReportLuns { alloc_len } => {
+                let mut c = vec![0u8; 12];
+                c[0] = REPORT_LUNS;
+                c[6..10].copy_from_slice(&alloc_len.to_be_bytes());
+                c
+            }
             Command::ArrayCopy {
                 lba,
                 blocks,
@@ -371,6 +386,23 @@ pub fn decode_read_capacity_16(d: &[u8]) -> Option<(u64, u32)> {
         return None;
     }
     Some((be64(d).checked_add(1)?, be32(&d[8..])))
+}
+
+/// REPORT LUNS data: list length, 4 reserved bytes, then each LUN in single-level
+/// peripheral addressing (8 bytes, the LUN in byte 1).
+pub fn encode_report_luns(luns: &[u8]) -> Vec<u8> {
+    let mut d = vec![0u8; 8 + 8 * luns.len()];
+    d[..4].copy_from_slice(&((8 * luns.len()) as u32).to_be_bytes());
+    for (i, lun) in luns.iter().enumerate() {
+        d[8 + 8 * i + 1] = *lun;
+    }
+    d
+}
+
+pub fn decode_report_luns(d: &[u8]) -> Option<Vec<u8>> {
+    let len = be32(d.get(..4)?) as usize;
+    let body = d.get(8..8 + len)?;
+    Some(body.chunks_exact(8).map(|e| e[1]).collect())
 }
 
 /// MODE SENSE(6) data: the 4-byte mode parameter header, then `page`.
@@ -496,6 +528,7 @@ mod tests {
             (any::<u64>(), any::<u32>())
                 .prop_map(|(lba, blocks)| Command::SynchronizeCache16 { lba, blocks }),
             any::<u32>().prop_map(|alloc_len| Command::ReadCapacity16 { alloc_len }),
+            any::<u32>().prop_map(|alloc_len| Command::ReportLuns { alloc_len }),
             (any::<u64>(), any::<u32>(), any::<u8>()).prop_map(|(lba, blocks, dest_lun)| {
                 Command::ArrayCopy {
                     lba,
@@ -519,6 +552,7 @@ mod tests {
             let _ = Sense::parse(&bytes);
             let _ = mode_page_6(&bytes);
             let _ = decode_read_capacity_16(&bytes);
+            let _ = decode_report_luns(&bytes);
         }
     }
 }

@@ -1,0 +1,268 @@
+//! The array's configuration: its firmware kind, disk units, LUs and mirroring table.
+//!
+//! ```yaml
+//! kind: stateless            # mode-select | stateless | pre-update
+//! disks:
+//!   - name: d0
+//!     iops: 2000             # optional service-time model; omitted = unthrottled
+//!     bandwidth_mb_s: 200
+//!   - name: d1
+//! lus:
+//!   - { lun: 1, blocks: 131072, disk: d0 }
+//!   - { lun: 2, blocks: 131072, disk: d1 }
+//! mirroring:                 # Fig. 9 rows for the stateless kind
+//!   - { mirror: 0, origin: 1, mate: 2 }
+//! ```
+//!
+//! Mirroring rows by kind: `mode-select` takes `{ lu, mates: [..] }` (Fig. 2),
+//! `stateless` `{ mirror, origin, mate }` (Fig. 9; the mirroring LU has no storage and
+//! is not listed under `lus`), `pre-update` `{ mirror, mate }` (Fig. 14; both are listed
+//! under `lus`: the mirroring LU's own file is one leg, the mate's the other).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::fault::FaultRule;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FirmwareKind {
+    ModeSelect,
+    Stateless,
+    PreUpdate,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub name: String,
+    /// Operations per second the disk serves; with `bandwidth_mb_s`, the service time of
+    /// one I/O is `1/iops + bytes/bandwidth`.
+    #[serde(default)]
+    pub iops: Option<f64>,
+    #[serde(default)]
+    pub bandwidth_mb_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuConfig {
+    pub lun: u8,
+    /// Capacity in 512-byte blocks.
+    pub blocks: u64,
+    pub disk: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum MirrorConfig {
+    Managed { lu: u8, mates: Vec<u8> },
+    Triple { mirror: u8, origin: u8, mate: u8 },
+    Pair { mirror: u8, mate: u8 },
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrayConfig {
+    pub kind: FirmwareKind,
+    /// Where the LU files and the mode table live; relative paths are relative to the
+    /// config file. May be left out when the caller gives one.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    pub disks: Vec<DiskConfig>,
+    pub lus: Vec<LuConfig>,
+    #[serde(default)]
+    pub mirroring: Vec<MirrorConfig>,
+    #[serde(default)]
+    pub faults: Vec<FaultRule>,
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// serde_yaml's message carries the line and column and what was expected.
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+}
+
+impl ArrayConfig {
+    pub fn load(path: &Path) -> Result<ArrayConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let mut cfg = ArrayConfig::parse(&text, &file)?;
+        if let Some(dir) = &cfg.dir {
+            if dir.is_relative() {
+                cfg.dir = Some(path.parent().unwrap_or(Path::new(".")).join(dir));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parse and check `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<ArrayConfig, ConfigError> {
+        let cfg: ArrayConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.to_string(),
+            source,
+        })?;
+        cfg.check().map_err(|message| ConfigError::Invalid {
+            file: file.to_string(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let disks: BTreeSet<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
+        if disks.len() != self.disks.len() {
+            return Err("two disks have the same name".into());
+        }
+        for d in &self.disks {
+            for (what, v) in [("iops", d.iops), ("bandwidth_mb_s", d.bandwidth_mb_s)] {
+                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    return Err(format!("disk {}: {what} must be a positive number", d.name));
+                }
+            }
+        }
+        let mut lus = BTreeMap::new();
+        for lu in &self.lus {
+            if !disks.contains(lu.disk.as_str()) {
+                return Err(format!("LU {}: no disk named {:?}", lu.lun, lu.disk));
+            }
+            if lu.blocks == 0 {
+                return Err(format!("LU {}: blocks must be at least 1", lu.lun));
+            }
+            if lus.insert(lu.lun, lu.blocks).is_some() {
+                return Err(format!("LU {} is listed twice", lu.lun));
+            }
+        }
+        let mut used = BTreeSet::new();
+        for row in &self.mirroring {
+            let (stored, virtual_lu): (Vec<u8>, Option<u8>) = match (self.kind, row) {
+                (FirmwareKind::ModeSelect, MirrorConfig::Managed { lu, mates }) => {
+                    if mates.is_empty() {
+                        return Err(format!("LU {lu}: a mirroring row needs at least one mate"));
+                    }
+                    (std::iter::once(*lu).chain(mates.iter().copied()).collect(), None)
+                }
+                (FirmwareKind::Stateless, MirrorConfig::Triple { mirror, origin, mate }) => {
+                    (vec![*origin, *mate], Some(*mirror))
+                }
+                (FirmwareKind::PreUpdate, MirrorConfig::Pair { mirror, mate }) => {
+                    (vec![*mirror, *mate], None)
+                }
+                (kind, row) => {
+                    return Err(format!(
+                        "mirroring row {row:?} does not fit a {kind:?} array (mode-select: {{lu, mates}}, stateless: {{mirror, origin, mate}}, pre-update: {{mirror, mate}})"
+                    ))
+                }
+            };
+            let mut capacity = None;
+            for lun in &stored {
+                let Some(&blocks) = lus.get(lun) else {
+                    return Err(format!(
+                        "mirroring row {row:?}: LU {lun} is not listed under lus"
+                    ));
+                };
+                if capacity.is_some_and(|c| c != blocks) {
+                    return Err(format!("mirroring row {row:?}: its LUs differ in size"));
+                }
+                capacity = Some(blocks);
+            }
+            for lun in stored.iter().chain(virtual_lu.iter()) {
+                if !used.insert(*lun) {
+                    return Err(format!("LU {lun} is in two mirroring rows or twice in one"));
+                }
+            }
+            if let Some(m) = virtual_lu {
+                if lus.contains_key(&m) {
+                    return Err(format!(
+                        "LU {m} is a mirroring LU made of two others; it must not be listed under lus"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIG9: &str = "
+kind: stateless
+disks: [{name: d0}, {name: d1}]
+lus:
+  - {lun: 1, blocks: 64, disk: d0}
+  - {lun: 2, blocks: 64, disk: d1}
+mirroring:
+  - {mirror: 0, origin: 1, mate: 2}
+";
+
+    #[test]
+    fn parses_a_fig9_array() {
+        let cfg = ArrayConfig::parse(FIG9, "fig9.yaml").unwrap();
+        assert_eq!(cfg.kind, FirmwareKind::Stateless);
+        assert_eq!(
+            cfg.mirroring,
+            vec![MirrorConfig::Triple {
+                mirror: 0,
+                origin: 1,
+                mate: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_what_was_expected() {
+        let err = ArrayConfig::parse(
+            "kind: stateless\ndisks: []\nlus: []\ncolour: red\n",
+            "a.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("a.yaml: "), "{err}");
+        assert!(
+            err.contains("unknown field `colour`") && err.contains("line 4"),
+            "{err}"
+        );
+        let err = ArrayConfig::parse("kind: raid5\ndisks: []\nlus: []\n", "b.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1") && err.contains("mode-select"),
+            "{err}"
+        );
+        let err = ArrayConfig::parse(
+            &FIG9.replace("blocks: 64, disk: d1", "blocks: 65, disk: d1"),
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("differ in size"), "{err}");
+        let err = ArrayConfig::parse(
+            &FIG9.replace("kind: stateless", "kind: pre-update"),
+            "d.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+}

@@ -1,0 +1,713 @@
+//! The array's firmware: LUs as sparse files on disk units, and the rules of the three
+//! kinds (DESIGN.md §4), executed per SCSI command.
+//!
+//! - `mode-select` ([0019]-[0041]): a mirroring management table (LU, mates, mode; Fig. 2)
+//!   kept in `modes` in the array's directory across restarts. Writes follow Fig. 6: to
+//!   the LU and its mates unless the LU is in Snapshot; a mate is accessible only in
+//!   Snapshot ([0034], [0040], claims 13-14). Reads in Synchronized are spread over the
+//!   legs ([0034]).
+//! - `stateless` ([0051], [0058]): Fig. 9 triples; the mirroring LU writes both the origin
+//!   and the mate and reads either; the origin and mate are plain LUs. No snapshot state.
+//! - `pre-update` ([0073]): Fig. 14 pairs; the mirroring LU writes both legs and reads
+//!   either; the mate is a read-only view of one leg.
+//!
+//! A read that may use several legs goes to the one whose disk has the fewest outstanding
+//! I/Os, alternating on a tie ([0077]).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hvm_core::mode::{self, MirrorPage, Mode};
+use hvm_core::LuId;
+
+use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig};
+use crate::disk::{Disk, DiskStats};
+use crate::fault::{FaultOp, FaultRule, Faults, Injected};
+use crate::scsi::{self, Command, Sense, CHECK_CONDITION, GOOD};
+
+pub const BLOCK_SIZE: u32 = 512;
+/// Largest transfer one command may ask for (32 MiB); more is ILLEGAL REQUEST, so a bad
+/// CDB cannot make the array allocate without bound.
+pub const MAX_TRANSFER_BLOCKS: u32 = 65536;
+
+/// The answer to one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u8,
+    pub sense: Option<Sense>,
+    pub data: Vec<u8>,
+}
+
+impl Response {
+    pub fn good(data: Vec<u8>) -> Response {
+        Response {
+            status: GOOD,
+            sense: None,
+            data,
+        }
+    }
+
+    pub fn check(sense: Sense) -> Response {
+        Response {
+            status: CHECK_CONDITION,
+            sense: Some(sense),
+            data: Vec::new(),
+        }
+    }
+}
+
+/// What the transport must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Reply(Response),
+    /// An injected fault: close the connection without answering.
+    Drop,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}: {message}")]
+    ModeTable {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("fault rule: {0}")]
+    Fault(String),
+    #[error("the array config names no directory for its LU files")]
+    NoDirectory,
+}
+
+struct Lu {
+    blocks: u64,
+    file: File,
+    disk: Arc<Disk>,
+}
+
+/// Counters of array-side work, for showing what did not pass through a host.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub commands: AtomicU64,
+    pub copied_bytes: AtomicU64,
+}
+
+pub struct Engine {
+    kind: FirmwareKind,
+    dir: PathBuf,
+    /// LUs with storage.
+    lus: BTreeMap<u8, Lu>,
+    disks: Vec<Arc<Disk>>,
+    rows: Vec<MirrorConfig>,
+    /// Mode Select kind: the mode of each mirrored LU (Fig. 2).
+    modes: Mutex<BTreeMap<u8, Mode>>,
+    turn: AtomicU64,
+    faults: Faults,
+    pub counters: EngineCounters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kind", &self.kind)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a LUN may be accessed now.
+enum Access {
+    /// Read from the least-loaded of these legs, write to all of them.
+    Legs(Vec<u8>),
+    Refused(Sense),
+}
+
+const MODES_FILE: &str = "modes";
+
+impl Engine {
+    /// Open (creating as needed) the LU files in `dir`, or the config's own directory.
+    pub fn open(cfg: &ArrayConfig, dir: Option<&Path>) -> Result<Engine, EngineError> {
+        let dir = dir
+            .map(Path::to_path_buf)
+            .or_else(|| cfg.dir.clone())
+            .ok_or(EngineError::NoDirectory)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EngineError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let disks: BTreeMap<&str, Arc<Disk>> = cfg
+            .disks
+            .iter()
+            .map(|d| (d.name.as_str(), Arc::new(Disk::new(d))))
+            .collect();
+        let mut lus = BTreeMap::new();
+        for lu in &cfg.lus {
+            let path = dir.join(format!("lu{}.img", lu.lun));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io(&path))?;
+            // Sparse: only written blocks take space.
+            file.set_len(lu.blocks * u64::from(BLOCK_SIZE))
+                .map_err(io(&path))?;
+            let disk = disks
+                .get(lu.disk.as_str())
+                .cloned()
+                .ok_or_else(|| EngineError::Fault(format!("LU {}: no disk {}", lu.lun, lu.disk)))?;
+            lus.insert(
+                lu.lun,
+                Lu {
+                    blocks: lu.blocks,
+                    file,
+                    disk,
+                },
+            );
+        }
+        let mut modes = BTreeMap::new();
+        if cfg.kind == FirmwareKind::ModeSelect {
+            for row in &cfg.mirroring {
+                if let MirrorConfig::Managed { lu, .. } = row {
+                    modes.insert(*lu, Mode::Synchronized);
+                }
+            }
+            let path = dir.join(MODES_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => load_modes(&text, &path, &mut modes)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(EngineError::Io { path, source }),
+            }
+        }
+        Ok(Engine {
+            kind: cfg.kind,
+            dir,
+            lus,
+            disks: disks.into_values().collect(),
+            rows: cfg.mirroring.clone(),
+            modes: Mutex::new(modes),
+            turn: AtomicU64::new(0),
+            faults: Faults::new(&cfg.faults).map_err(EngineError::Fault)?,
+            counters: EngineCounters::default(),
+        })
+    }
+
+    pub fn kind(&self) -> FirmwareKind {
+        self.kind
+    }
+
+    /// Every LUN a host can address: LUs with storage and the stateless kind's mirroring
+    /// LUs.
+    pub fn luns(&self) -> Vec<u8> {
+        let mut v: Vec<u8> = self.lus.keys().copied().collect();
+        for row in &self.rows {
+            if let MirrorConfig::Triple { mirror, .. } = row {
+                v.push(*mirror);
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+
+    /// Capacity of `lun` in blocks.
+    pub fn capacity(&self, lun: u8) -> Option<u64> {
+        if let Some(lu) = self.lus.get(&lun) {
+            return Some(lu.blocks);
+        }
+        self.rows.iter().find_map(|row| match row {
+            MirrorConfig::Triple { mirror, origin, .. } if *mirror == lun => {
+                self.lus.get(origin).map(|l| l.blocks)
+            }
+            _ => None,
+        })
+    }
+
+    pub fn disk_stats(&self) -> Vec<(String, DiskStats)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.stats()))
+            .collect()
+    }
+
+    /// Disk statistics of the disk `lun` lives on.
+    pub fn lu_disk_stats(&self, lun: u8) -> Option<DiskStats> {
+        self.lus.get(&lun).map(|l| l.disk.stats())
+    }
+
+    /// The mode the array holds for `lun` (Mode Select kind).
+    pub fn mode(&self, lun: u8) -> Option<Mode> {
+        self.modes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&lun)
+            .copied()
+    }
+
+    fn row_of(&self, lun: u8) -> Option<&MirrorConfig> {
+        self.rows.iter().find(|row| match row {
+            MirrorConfig::Managed { lu, mates } => *lu == lun || mates.contains(&lun),
+            MirrorConfig::Triple {
+                mirror,
+                origin,
+                mate,
+            } => [*mirror, *origin, *mate].contains(&lun),
+            MirrorConfig::Pair { mirror, mate } => *mirror == lun || *mate == lun,
+        })
+    }
+
+    fn read_access(&self, lun: u8) -> Access {
+        match self.row_of(lun) {
+            Some(MirrorConfig::Managed { lu, mates }) => {
+                let mode = self.mode(*lu).unwrap_or(Mode::Synchronized);
+                if lun == *lu {
+                    if mode == Mode::Synchronized {
+                        // [0034]: both legs hold the same data.
+                        Access::Legs(std::iter::once(*lu).chain(mates.iter().copied()).collect())
+                    } else {
+                        Access::Legs(vec![lun])
+                    }
+                } else if mode == Mode::Snapshot {
+                    Access::Legs(vec![lun])
+                } else {
+                    // [0034], claim 13.
+                    Access::Refused(Sense::NOT_ACCESSIBLE)
+                }
+            }
+            Some(MirrorConfig::Triple {
+                mirror,
+                origin,
+                mate,
+            }) if lun == *mirror => Access::Legs(vec![*origin, *mate]),
+            Some(MirrorConfig::Pair { mirror, mate }) if lun == *mirror => {
+                Access::Legs(vec![*mirror, *mate])
+            }
+            _ => Access::Legs(vec![lun]),
+        }
+    }
+
+    fn write_access(&self, lun: u8) -> Access {
+        match self.row_of(lun) {
+            Some(MirrorConfig::Managed { lu, mates }) => {
+                let mode = self.mode(*lu).unwrap_or(Mode::Synchronized);
+                if lun == *lu {
+                    // Fig. 6 steps 902-904.
+                    if mode == Mode::Snapshot {
+                        Access::Legs(vec![lun])
+                    } else {
+                        Access::Legs(std::iter::once(*lu).chain(mates.iter().copied()).collect())
+                    }
+                } else if mode == Mode::Snapshot {
+                    // Steps 901, 905, 904.
+                    Access::Legs(vec![lun])
+                } else {
+                    // Step 906: a mate is not an independent LU outside Snapshot.
+                    Access::Refused(Sense::NOT_ACCESSIBLE)
+                }
+            }
+            Some(MirrorConfig::Triple {
+                mirror,
+                origin,
+                mate,
+            }) if lun == *mirror => Access::Legs(vec![*origin, *mate]),
+            Some(MirrorConfig::Pair { mirror, mate }) => {
+                if lun == *mirror {
+                    Access::Legs(vec![*mirror, *mate])
+                } else {
+                    // [0073]: the mate is read-only.
+                    Access::Refused(Sense::WRITE_PROTECTED)
+                }
+            }
+            _ => Access::Legs(vec![lun]),
+        }
+    }
+
+    /// The leg with the fewest outstanding I/Os; ties alternate.
+    fn pick(&self, legs: &[u8]) -> u8 {
+        if legs.len() == 1 {
+            return legs[0];
+        }
+        let load = |l: &u8| self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding());
+        let min = legs.iter().map(load).min().unwrap_or(0);
+        let tied: Vec<u8> = legs.iter().copied().filter(|l| load(l) == min).collect();
+        let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % tied.len();
+        tied[i]
+    }
+
+    /// Execute one command addressed to `lun`.
+    pub fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        let cmd = match Command::parse(cdb) {
+            Ok(c) => c,
+            Err(s) => return Outcome::Reply(Response::check(s)),
+        };
+        if !matches!(cmd, Command::ReportLuns { .. } | Command::Inquiry { .. })
+            && self.capacity(lun).is_none()
+        {
+            return Outcome::Reply(Response::check(Sense::LUN_NOT_SUPPORTED));
+        }
+        if cmd.data_out_len(BLOCK_SIZE) != data_out.len() as u64 {
+            return Outcome::Reply(Response::check(Sense::PARAMETER_LIST_LENGTH));
+        }
+        let op = match cmd {
+            Command::Read16 { .. } => FaultOp::Read,
+            Command::Write16 { .. } => FaultOp::Write,
+            Command::SynchronizeCache16 { .. } => FaultOp::Flush,
+            Command::ArrayCopy { .. } => FaultOp::Copy,
+            _ => FaultOp::Any,
+        };
+        match self.faults.check(lun, op) {
+            Injected::None => {}
+            Injected::Error(s) => return Outcome::Reply(Response::check(s)),
+            Injected::Delay(d) => std::thread::sleep(d),
+            Injected::Drop => return Outcome::Drop,
+        }
+        Outcome::Reply(match self.dispatch(lun, cmd, data_out) {
+            Ok(data) => Response::good(data),
+            Err(s) => Response::check(s),
+        })
+    }
+
+    fn dispatch(&self, lun: u8, cmd: Command, data_out: &[u8]) -> Result<Vec<u8>, Sense> {
+        match cmd {
+            Command::TestUnitReady => Ok(Vec::new()),
+            Command::Inquiry {
+                evpd,
+                page,
+                alloc_len,
+            } => {
+                let mut d = self.inquiry(lun, evpd, page)?;
+                d.truncate(usize::from(alloc_len));
+                Ok(d)
+            }
+            Command::ReportLuns { alloc_len } => {
+                let mut d = scsi::encode_report_luns(&self.luns());
+                d.truncate(alloc_len as usize);
+                Ok(d)
+            }
+            Command::ReadCapacity16 { alloc_len } => {
+                let blocks = self.capacity(lun).ok_or(Sense::LUN_NOT_SUPPORTED)?;
+                let mut d = scsi::encode_read_capacity_16(blocks, BLOCK_SIZE).to_vec();
+                d.truncate(alloc_len as usize);
+                Ok(d)
+            }
+            Command::Read16 { lba, blocks, .. } => {
+                let len = self.check_range(lun, lba, blocks)?;
+                let Access::Legs(legs) = self.read_access(lun) else {
+                    return Err(Sense::NOT_ACCESSIBLE);
+                };
+                let leg = self.pick(&legs);
+                let mut buf = vec![0u8; len];
+                self.leg_io(
+                    leg,
+                    lba,
+                    |f, off| f.read_exact_at(&mut buf, off),
+                    false,
+                    len,
+                )
+                .map_err(|_| Sense::UNRECOVERED_READ_ERROR)?;
+                Ok(buf)
+            }
+            Command::Write16 { lba, blocks, fua } => {
+                self.check_range(lun, lba, blocks)?;
+                let legs = match self.write_access(lun) {
+                    Access::Legs(l) => l,
+                    Access::Refused(s) => return Err(s),
+                };
+                for leg in legs {
+                    self.leg_io(
+                        leg,
+                        lba,
+                        |f, off| f.write_all_at(data_out, off),
+                        true,
+                        data_out.len(),
+                    )
+                    .map_err(|_| Sense::WRITE_ERROR)?;
+                    if fua {
+                        self.sync(leg)?;
+                    }
+                }
+                Ok(Vec::new())
+            }
+            Command::SynchronizeCache16 { .. } => {
+                // Whole-LU flush: fdatasync of every leg file behind the LUN.
+                let legs = match self.write_access(lun) {
+                    Access::Legs(l) => l,
+                    Access::Refused(_) => match self.read_access(lun) {
+                        Access::Legs(l) => l,
+                        Access::Refused(s) => return Err(s),
+                    },
+                };
+                for leg in legs {
+                    self.sync(leg)?;
+                }
+                Ok(Vec::new())
+            }
+            Command::ModeSense6 { page, alloc_len } => {
+                if page != mode::PAGE_CODE {
+                    return Err(Sense::INVALID_FIELD_IN_CDB);
+                }
+                let page = self.mode_page(lun)?;
+                let protected = matches!(self.write_access(lun), Access::Refused(s) if s == Sense::WRITE_PROTECTED);
+                let mut d = scsi::encode_mode_sense_6(&page, protected);
+                d.truncate(usize::from(alloc_len));
+                Ok(d)
+            }
+            Command::ModeSelect6 { .. } => {
+                self.mode_select(lun, scsi::mode_page_6(data_out)?)?;
+                Ok(Vec::new())
+            }
+            Command::ArrayCopy {
+                lba,
+                blocks,
+                dest_lun,
+            } => {
+                self.array_copy(lun, dest_lun, lba, blocks)?;
+                Ok(Vec::new())
+            }
+            Command::SetFault { .. } => {
+                match FaultRule::decode(data_out)? {
+                    Some(rule) => self
+                        .faults
+                        .add(rule)
+                        .map_err(|_| Sense::INVALID_FIELD_IN_PARAMETERS)?,
+                    None => self.faults.clear(),
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Bytes of the transfer, after checking it fits the LU and the transfer cap.
+    fn check_range(&self, lun: u8, lba: u64, blocks: u32) -> Result<usize, Sense> {
+        let cap = self.capacity(lun).ok_or(Sense::LUN_NOT_SUPPORTED)?;
+        if lba
+            .checked_add(u64::from(blocks))
+            .is_none_or(|end| end > cap)
+        {
+            return Err(Sense::LBA_OUT_OF_RANGE);
+        }
+        if blocks > MAX_TRANSFER_BLOCKS {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        Ok(blocks as usize * BLOCK_SIZE as usize)
+    }
+
+    fn leg_io(
+        &self,
+        leg: u8,
+        lba: u64,
+        f: impl FnOnce(&File, u64) -> std::io::Result<()>,
+        write: bool,
+        bytes: usize,
+    ) -> Result<(), Sense> {
+        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
+        let _busy = lu.disk.begin(write, bytes as u64);
+        f(&lu.file, lba * u64::from(BLOCK_SIZE)).map_err(|_| Sense::INTERNAL_FAILURE)
+    }
+
+    fn sync(&self, leg: u8) -> Result<(), Sense> {
+        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
+        lu.file.sync_data().map_err(|_| Sense::INTERNAL_FAILURE)
+    }
+
+    fn mode_page(&self, lun: u8) -> Result<Vec<u8>, Sense> {
+        Ok(match self.kind {
+            // Fig. 4; 4 (Undefined) for a mate or an LU that is not duplicated ([0025]).
+            FirmwareKind::ModeSelect => {
+                mode::encode_mode_sense(self.mode(lun).unwrap_or(Mode::Undefined)).to_vec()
+            }
+            // Fig. 11.
+            FirmwareKind::Stateless | FirmwareKind::PreUpdate => {
+                let page = match self.row_of(lun) {
+                    Some(MirrorConfig::Triple {
+                        mirror,
+                        origin,
+                        mate,
+                    }) if *mirror == lun => MirrorPage::Mirror {
+                        origin: LuId(u32::from(*origin)),
+                        mate: LuId(u32::from(*mate)),
+                    },
+                    Some(MirrorConfig::Pair { mirror, mate }) if *mirror == lun => {
+                        MirrorPage::PreUpdate {
+                            mate: LuId(u32::from(*mate)),
+                        }
+                    }
+                    _ => MirrorPage::Other,
+                };
+                mode::encode_mirror_page(page)
+                    .map_err(|_| Sense::INTERNAL_FAILURE)?
+                    .to_vec()
+            }
+        })
+    }
+
+    fn mode_select(&self, lun: u8, page: &[u8]) -> Result<(), Sense> {
+        if self.kind != FirmwareKind::ModeSelect {
+            // This firmware keeps no modes.
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let new = mode::decode_mode_select(page).map_err(|_| Sense::INVALID_FIELD_IN_PARAMETERS)?;
+        let mut modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        // Only a duplicated LU has a mode (not a mate, not an unmirrored LU).
+        let Some(&old) = modes.get(&lun) else {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+        };
+        modes.insert(lun, new);
+        if self.save_modes(&modes).is_err() {
+            modes.insert(lun, old);
+            return Err(Sense::INTERNAL_FAILURE);
+        }
+        Ok(())
+    }
+
+    /// Write the mode table durably: a temporary file, fsync, rename.
+    fn save_modes(&self, modes: &BTreeMap<u8, Mode>) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!("{MODES_FILE}.tmp"));
+        let mut f = File::create(&tmp)?;
+        for (lu, m) in modes {
+            writeln!(f, "{lu} {}", m.code())?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(MODES_FILE))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// [0049]: copy between the duplicated LUs of one mirroring row, inside the array.
+    fn array_copy(&self, src: u8, dst: u8, lba: u64, blocks: u32) -> Result<(), Sense> {
+        let (from, to) = match self.row_of(src) {
+            Some(MirrorConfig::Managed { lu, mates }) if src == *lu && mates.contains(&dst) => {
+                (src, dst)
+            }
+            Some(MirrorConfig::Triple { origin, mate, .. }) if src == *origin && dst == *mate => {
+                (src, dst)
+            }
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+        };
+        self.check_range(src, lba, blocks)?;
+        let chunk = 2048u64; // 1 MiB at a time
+        let mut at = lba;
+        let end = lba + u64::from(blocks);
+        let mut buf = vec![0u8; (chunk * u64::from(BLOCK_SIZE)) as usize];
+        while at < end {
+            let n = (end - at).min(chunk);
+            let b = &mut buf[..(n * u64::from(BLOCK_SIZE)) as usize];
+            let len = b.len();
+            self.leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
+            self.leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
+            self.counters
+                .copied_bytes
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Standard INQUIRY data, or a VPD page: 00h (supported pages) and C0h (pairing).
+    fn inquiry(&self, lun: u8, evpd: bool, page: u8) -> Result<Vec<u8>, Sense> {
+        let exists = self.capacity(lun).is_some();
+        if !evpd {
+            if page != 0 {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let mut d = vec![0u8; 36];
+            // Peripheral qualifier 3 (no LU here) or a direct-access block device.
+            d[0] = if exists { 0x00 } else { 0x7f };
+            d[2] = 0x06; // SPC-4
+            d[3] = 0x02; // response data format
+            d[4] = 31;
+            d[8..16].copy_from_slice(b"HVM     ");
+            let product = match self.kind {
+                FirmwareKind::ModeSelect => b"ARRAY-SIM MODESEL",
+                FirmwareKind::Stateless => b"ARRAY-SIM STATELS",
+                FirmwareKind::PreUpdate => b"ARRAY-SIM PREUPDT",
+            };
+            d[16..32].copy_from_slice(&product[..16]);
+            d[32..36].copy_from_slice(b"0.1 ");
+            return Ok(d);
+        }
+        if !exists {
+            return Err(Sense::LUN_NOT_SUPPORTED);
+        }
+        let body = match page {
+            0x00 => vec![0x00, scsi::VPD_PAIRING],
+            scsi::VPD_PAIRING => self.pairing(lun),
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+        };
+        let mut d = vec![0x00, page];
+        d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        d.extend_from_slice(&body);
+        Ok(d)
+    }
+
+    /// VPD C0h body: kind (0 mode-select, 1 stateless, 2 pre-update), role of this LU
+    /// (0 not mirrored, 1 mirrored LU / mirroring LU, 2 origin, 3 mate), then the number
+    /// of related LUNs and the LUNs: the mates of a Mode Select LU; origin then mate of a
+    /// stateless mirroring LU; the mate of a pre-update mirroring LU; the owning LU of an
+    /// origin or mate.
+    fn pairing(&self, lun: u8) -> Vec<u8> {
+        let kind = match self.kind {
+            FirmwareKind::ModeSelect => 0,
+            FirmwareKind::Stateless => 1,
+            FirmwareKind::PreUpdate => 2,
+        };
+        let (role, related): (u8, Vec<u8>) = match self.row_of(lun) {
+            Some(MirrorConfig::Managed { lu, mates }) if *lu == lun => (1, mates.clone()),
+            Some(MirrorConfig::Managed { lu, .. }) => (3, vec![*lu]),
+            Some(MirrorConfig::Triple {
+                mirror,
+                origin,
+                mate,
+            }) if *mirror == lun => (1, vec![*origin, *mate]),
+            Some(MirrorConfig::Triple { mirror, origin, .. }) if *origin == lun => {
+                (2, vec![*mirror])
+            }
+            Some(MirrorConfig::Triple { mirror, .. }) => (3, vec![*mirror]),
+            Some(MirrorConfig::Pair { mirror, mate }) if *mirror == lun => (1, vec![*mate]),
+            Some(MirrorConfig::Pair { mirror, .. }) => (3, vec![*mirror]),
+            None => (0, Vec::new()),
+        };
+        let mut d = vec![kind, role, related.len() as u8];
+        d.extend_from_slice(&related);
+        d
+    }
+}
+
+fn load_modes(text: &str, path: &Path, modes: &mut BTreeMap<u8, Mode>) -> Result<(), EngineError> {
+    for (i, line) in text.lines().enumerate() {
+        let bad = |message: String| EngineError::ModeTable {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let mut parts = line.split_whitespace();
+        let (Some(lu), Some(code), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad(format!("expected \"LU MODE\", found {line:?}")));
+        };
+        let lu: u8 = lu
+            .parse()
+            .map_err(|_| bad(format!("LU {lu:?} is not a number 0-255")))?;
+        let mode = code
+            .parse::<u8>()
+            .ok()
+            .and_then(Mode::from_code)
+            .filter(|m| *m != Mode::Undefined)
+            .ok_or_else(|| bad(format!("mode {code:?} is not 0, 1 or 2")))?;
+        match modes.get_mut(&lu) {
+            Some(m) => *m = mode,
+            None => return Err(bad(format!("LU {lu} is not a mirrored LU of this array"))),
+        }
+    }
+    Ok(())
+}
