@@ -6,9 +6,15 @@
 //! - [`disk`]: disk units with counters and a service-time model.
 //! - [`fault`]: fault injection.
 //! - [`engine`]: the firmware of the three kinds over LU files.
+//! - [`proto`] and [`server`]: the daemon's wire format and server.
+//! - [`client`]: the transport (in-process or socket) and `ArrayClient`, which implements
+//!   hvm-core's `Backend`; the driver plugins are built on it.
 
+pub mod client;
 pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod fault;
+pub mod proto;
 pub mod scsi;
+pub mod server;

@@ -1,0 +1,430 @@
+//! The client library drivers use: one [`Transport`] for the in-process engine and for a
+//! daemon's socket, and [`ArrayClient`], which speaks the SCSI commands over a transport
+//! and implements hvm-core's [`Backend`].
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use hvm_core::backend::{
+    Backend, BackendDescription, BackendError, BackendErrorKind, Capabilities, LuInfo,
+};
+use hvm_core::{Extent, LuId, MirrorDefinition};
+
+use crate::engine::{Engine, Outcome, Response, BLOCK_SIZE, MAX_TRANSFER_BLOCKS};
+use crate::fault::FaultRule;
+use crate::proto::{self, Request};
+use crate::scsi::{self, Command, Sense, GOOD};
+use crate::server::Address;
+
+/// The link to an array failed (not a SCSI error: those are in the response).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("the connection to the array was closed")]
+    Disconnected,
+    #[error("the array sent a malformed reply: {0}")]
+    Protocol(String),
+    #[error("cannot send to the array: {0}")]
+    Send(String),
+}
+
+/// Runs one SCSI command on an array.
+pub trait Transport: Send + Sync {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
+}
+
+/// The array in this process (the embedded default).
+impl Transport for Arc<Engine> {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        match Engine::execute(self, lun, cdb, data_out) {
+            Outcome::Reply(r) => Ok(r),
+            Outcome::Drop => Err(TransportError::Disconnected),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<Response, TransportError>>>>>;
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// A connection to an array-sim daemon. Many threads may issue commands at once; each
+/// carries a tag and a reader thread hands every reply to its caller, in whatever order
+/// the array completes them.
+pub struct SocketClient {
+    writer: Mutex<Box<dyn Stream>>,
+    pending: Pending,
+    next_tag: AtomicU64,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for SocketClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketClient").finish_non_exhaustive()
+    }
+}
+
+impl SocketClient {
+    pub fn connect(addr: &Address) -> std::io::Result<SocketClient> {
+        let (reader, writer): (Box<dyn Stream>, Box<dyn Stream>) = match addr {
+            Address::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+            Address::Tcp(a) => {
+                let s = std::net::TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+        };
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            std::thread::Builder::new()
+                .name("array-sim-client".into())
+                .spawn(move || read_replies(reader, &pending, &closed))?;
+        }
+        Ok(SocketClient {
+            writer: Mutex::new(writer),
+            pending,
+            next_tag: AtomicU64::new(1),
+            closed,
+        })
+    }
+
+    fn fail(&self, tag: u64, e: TransportError) -> Result<Response, TransportError> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tag);
+        Err(e)
+    }
+}
+
+fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) {
+    let deliver = |tag: u64, reply: Result<Response, TransportError>| {
+        if let Some(tx) = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tag)
+        {
+            let _ = tx.send(reply);
+        }
+    };
+    loop {
+        let mut prefix = [0u8; 4];
+        if r.read_exact(&mut prefix).is_err() {
+            break;
+        }
+        let Ok(len) = proto::body_len(prefix) else {
+            break;
+        };
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            break;
+        }
+        let Ok(resp) = proto::Response::parse(&body) else {
+            break;
+        };
+        let sense = if resp.sense.is_empty() {
+            Ok(None)
+        } else {
+            Sense::parse(resp.sense).map(Some)
+        };
+        let reply = sense
+            .map(|sense| Response {
+                status: resp.status,
+                sense,
+                data: resp.data.to_vec(),
+            })
+            .map_err(|e| TransportError::Protocol(e.to_string()));
+        deliver(resp.tag, reply);
+    }
+    // Set before draining, so a caller that registers after the drain sees it.
+    closed.store(true, Ordering::SeqCst);
+    for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        let _ = tx.send(Err(TransportError::Disconnected));
+    }
+}
+
+impl Transport for SocketClient {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tag, tx);
+        if self.closed.load(Ordering::SeqCst) {
+            return self.fail(tag, TransportError::Disconnected);
+        }
+        let frame = Request {
+            tag,
+            lun,
+            cdb,
+            data: data_out,
+        }
+        .encode();
+        let sent = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&frame);
+        if let Err(e) = sent {
+            return self.fail(tag, TransportError::Send(e.to_string()));
+        }
+        rx.recv().unwrap_or(Err(TransportError::Disconnected))
+    }
+}
+
+/// Typed SCSI commands over a transport, and hvm-core's `Backend` on top of them.
+#[derive(Debug)]
+pub struct ArrayClient<T> {
+    transport: T,
+}
+
+fn lun_of(lu: LuId) -> Result<u8, BackendError> {
+    u8::try_from(lu.0).map_err(|_| {
+        BackendError::new(
+            BackendErrorKind::InvalidRequest,
+            format!("{lu} is beyond the array's 256 LUNs"),
+        )
+    })
+}
+
+impl<T: Transport> ArrayClient<T> {
+    pub fn new(transport: T) -> Self {
+        ArrayClient { transport }
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// Run `cmd`, turning CHECK CONDITION and transport failures into typed errors.
+    pub fn command(&self, lun: u8, cmd: Command, data_out: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let what = || format!("{cmd:?} on LUN {lun}");
+        let r = self
+            .transport
+            .execute(lun, &cmd.encode(), data_out)
+            .map_err(|e| BackendError::new(BackendErrorKind::Io, format!("{}: {e}", what())))?;
+        if r.status == GOOD {
+            return Ok(r.data);
+        }
+        Err(match r.sense {
+            Some(s) => BackendError::new(s.backend_error_kind(), format!("{}: {s}", what())),
+            None => BackendError::new(
+                BackendErrorKind::Io,
+                format!("{}: status {:#04x} without sense data", what(), r.status),
+            ),
+        })
+    }
+
+    pub fn report_luns(&self) -> Result<Vec<u8>, BackendError> {
+        let d = self.command(0, Command::ReportLuns { alloc_len: 4096 }, &[])?;
+        scsi::decode_report_luns(&d)
+            .ok_or_else(|| BackendError::new(BackendErrorKind::Io, "malformed REPORT LUNS data"))
+    }
+
+    pub fn capacity(&self, lun: u8) -> Result<u64, BackendError> {
+        let d = self.command(lun, Command::ReadCapacity16 { alloc_len: 32 }, &[])?;
+        match scsi::decode_read_capacity_16(&d) {
+            Some((blocks, BLOCK_SIZE)) => Ok(blocks),
+            other => Err(BackendError::new(
+                BackendErrorKind::Io,
+                format!("LUN {lun}: READ CAPACITY answered {other:?}, expected 512-byte blocks"),
+            )),
+        }
+    }
+
+    /// The pairing VPD page body: kind, role, related LUNs.
+    pub fn pairing(&self, lun: u8) -> Result<(u8, u8, Vec<u8>), BackendError> {
+        let cmd = Command::Inquiry {
+            evpd: true,
+            page: scsi::VPD_PAIRING,
+            alloc_len: 512,
+        };
+        let d = self.command(lun, cmd, &[])?;
+        let bad = || {
+            BackendError::new(
+                BackendErrorKind::Io,
+                format!("LUN {lun}: malformed pairing page"),
+            )
+        };
+        let body = d.get(4..).ok_or_else(bad)?;
+        let (&kind, &role, &n) = match body {
+            [k, r, n, ..] => (k, r, n),
+            _ => return Err(bad()),
+        };
+        let related = body.get(3..3 + usize::from(n)).ok_or_else(bad)?.to_vec();
+        Ok((kind, role, related))
+    }
+
+    pub fn set_fault(&self, lun: u8, rule: Option<&FaultRule>) -> Result<(), BackendError> {
+        let data = FaultRule::encode(rule);
+        self.command(
+            lun,
+            Command::SetFault {
+                param_len: data.len() as u32,
+            },
+            &data,
+        )
+        .map(drop)
+    }
+}
+
+impl<T: Transport> Backend for ArrayClient<T> {
+    fn describe(&self) -> Result<BackendDescription, BackendError> {
+        let mut lus = Vec::new();
+        let mut mirroring = Vec::new();
+        let mut kind = None;
+        for lun in self.report_luns()? {
+            lus.push(LuInfo {
+                id: LuId(u32::from(lun)),
+                capacity_lbas: self.capacity(lun)?,
+            });
+            let (k, role, related) = self.pairing(lun)?;
+            kind = Some(k);
+            let id = |l: u8| LuId(u32::from(l));
+            if role != 1 {
+                continue;
+            }
+            mirroring.push(match (k, related.as_slice()) {
+                (0, mates) => MirrorDefinition::Managed {
+                    lu: id(lun),
+                    mates: mates.iter().copied().map(id).collect(),
+                },
+                (1, [origin, mate]) => MirrorDefinition::Triple {
+                    mirror: id(lun),
+                    origin: id(*origin),
+                    mate: id(*mate),
+                },
+                (2, [mate]) => MirrorDefinition::Pair {
+                    mirror: id(lun),
+                    mate: id(*mate),
+                },
+                _ => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::Io,
+                        format!("LUN {lun}: pairing page of kind {k} lists {related:?}"),
+                    ))
+                }
+            });
+        }
+        let capabilities = Capabilities {
+            mode_select: kind == Some(0),
+            virtual_lu_forming: kind == Some(1),
+            read_only_mate: kind == Some(2),
+            array_copy: matches!(kind, Some(0 | 1)),
+            fua: true,
+        };
+        Ok(BackendDescription {
+            lus,
+            mirroring,
+            capabilities,
+        })
+    }
+
+    fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let lun = lun_of(lu)?;
+        let chunk = MAX_TRANSFER_BLOCKS as usize * BLOCK_SIZE as usize;
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
+            let blocks = (part.len() / BLOCK_SIZE as usize) as u32;
+            let at = lba + (i * chunk / BLOCK_SIZE as usize) as u64;
+            let d = self.command(
+                lun,
+                Command::Read16 {
+                    lba: at,
+                    blocks,
+                    fua: false,
+                },
+                &[],
+            )?;
+            if d.len() != part.len() {
+                return Err(BackendError::new(
+                    BackendErrorKind::Io,
+                    format!("READ of {} bytes returned {}", part.len(), d.len()),
+                ));
+            }
+            part.copy_from_slice(&d);
+        }
+        Ok(())
+    }
+
+    fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        let lun = lun_of(lu)?;
+        let chunk = MAX_TRANSFER_BLOCKS as usize * BLOCK_SIZE as usize;
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let blocks = (part.len() / BLOCK_SIZE as usize) as u32;
+            let at = lba + (i * chunk / BLOCK_SIZE as usize) as u64;
+            self.command(
+                lun,
+                Command::Write16 {
+                    lba: at,
+                    blocks,
+                    fua,
+                },
+                part,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self, lu: LuId) -> Result<(), BackendError> {
+        self.command(
+            lun_of(lu)?,
+            Command::SynchronizeCache16 { lba: 0, blocks: 0 },
+            &[],
+        )
+        .map(drop)
+    }
+
+    fn mode_sense(&self, lu: LuId) -> Result<Vec<u8>, BackendError> {
+        let d = self.command(
+            lun_of(lu)?,
+            Command::ModeSense6 {
+                page: 0,
+                alloc_len: 255,
+            },
+            &[],
+        )?;
+        scsi::mode_page_6(&d).map(<[u8]>::to_vec).map_err(|s| {
+            BackendError::new(
+                BackendErrorKind::Io,
+                format!("malformed MODE SENSE data: {s}"),
+            )
+        })
+    }
+
+    fn mode_select(&self, lu: LuId, page: &[u8]) -> Result<(), BackendError> {
+        let data = scsi::encode_mode_select_6(page);
+        let param_len = u8::try_from(data.len()).map_err(|_| {
+            BackendError::new(BackendErrorKind::InvalidRequest, "mode page too long")
+        })?;
+        self.command(lun_of(lu)?, Command::ModeSelect6 { param_len }, &data)
+            .map(drop)
+    }
+
+    fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
+        let (lun, dest_lun) = (lun_of(src)?, lun_of(dst)?);
+        let mut at = extent.first();
+        let end = extent.last() + 1;
+        while at < end {
+            let blocks = (end - at).min(u64::from(MAX_TRANSFER_BLOCKS)) as u32;
+            self.command(
+                lun,
+                Command::ArrayCopy {
+                    lba: at,
+                    blocks,
+                    dest_lun,
+                },
+                &[],
+            )?;
+            at += u64::from(blocks);
+        }
+        Ok(())
+    }
+}
