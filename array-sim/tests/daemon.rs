@@ -201,14 +201,14 @@ fn raw_frames_good_and_bad() {
 }
 
 /// Many threads share one connection; each command carries its own tag and every reply
-/// finds its caller.
+/// finds its caller. Four connections do the same at once.
 #[test]
 fn many_commands_in_flight() {
     let d = start(&examples().join("fig9-stateless.yaml"), None);
-    let c = Arc::new(client(&d));
+    let clients: Vec<_> = (0..4).map(|_| Arc::new(client(&d))).collect();
     let threads: Vec<_> = (0..16u8)
         .map(|t| {
-            let c = c.clone();
+            let c = clients[usize::from(t) % clients.len()].clone();
             std::thread::spawn(move || {
                 for i in 0..100u64 {
                     let lba = u64::from(t) * 1000 + i;
@@ -320,4 +320,73 @@ fn snapshot_manager_over_the_socket() {
         assert!(a == b, "{cfg}: legs differ after resync");
         assert!(a[4096..12288].iter().all(|x| *x == 2));
     }
+}
+
+/// `--listen tcp:127.0.0.1:0` picks a free port and prints it; the client connects there.
+#[test]
+fn serves_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Process::new(env!("CARGO_BIN_EXE_array-sim"))
+        .args(["serve", "--config"])
+        .arg(examples().join("fig14-pre-update.yaml"))
+        .args(["--listen", "tcp:127.0.0.1:0", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: Address = line
+        .trim()
+        .strip_prefix("array-sim: listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let d = Daemon {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let c = client(&d);
+    c.write(LuId(0), 8, &[7; 1024], true).unwrap();
+    let mut back = [0u8; 1024];
+    c.read(LuId(1), 8, &mut back).unwrap();
+    assert_eq!(back, [7; 1024]);
+    let err = c.write(LuId(1), 8, &[7; 512], false).unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::DataProtect, "{err}");
+}
+
+/// A config with a mistake is refused with the file, the line and what was expected.
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "kind: stateless\ndisks: [{name: d0}]\nlus:\n  - {lun: 1, blocks: 8, disk: d9}\n",
+    )
+    .unwrap();
+    let out = Process::new(env!("CARGO_BIN_EXE_array-sim"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--listen", "unix:/nonexistent/x.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("no disk named \"d9\""),
+        "{err}"
+    );
+    std::fs::write(&cfg, "kind: stateless\ndisks: [{name: d0}]\nlus: 5\n").unwrap();
+    let out = Process::new(env!("CARGO_BIN_EXE_array-sim"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--listen", "unix:/nonexistent/x.sock"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml") && err.contains("line 3"), "{err}");
 }

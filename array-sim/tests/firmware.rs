@@ -591,3 +591,35 @@ faults:
     check(&read(&e, 2, 0), Sense::UNRECOVERED_READ_ERROR);
     assert_eq!(read(&e, 2, 0).status, GOOD);
 }
+
+/// An injected delay holds the command at least that long; other LUs are not delayed.
+#[test]
+fn injected_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = mode_select_array(dir.path());
+    let rule = FaultRule {
+        lun: Some(7),
+        op: FaultOp::Read,
+        action: FaultAction::Delay,
+        sense: None,
+        count: Some(1),
+        rate: None,
+        delay_ms: Some(30.0),
+    };
+    let data = FaultRule::encode(Some(&rule));
+    run(
+        &e,
+        7,
+        Command::SetFault {
+            param_len: data.len() as u32,
+        },
+        &data,
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(read(&e, 7, 0).status, GOOD);
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(30),
+        "{:?}",
+        t.elapsed()
+    );
+}
