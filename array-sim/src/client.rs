@@ -35,6 +35,12 @@ pub trait Transport: Send + Sync {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
 }
 
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        (**self).execute(lun, cdb, data_out)
+    }
+}
+
 /// The array in this process (the embedded default).
 impl Transport for Arc<Engine> {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {

@@ -9,10 +9,12 @@
 //! - [`proto`] and [`server`]: the daemon's wire format and server.
 //! - [`client`]: the transport (in-process or socket) and `ArrayClient`, which implements
 //!   hvm-core's `Backend`; the driver plugins are built on it.
+//! - [`driver`]: the parameters the three driver plugins share (embedded or connect).
 
 pub mod client;
 pub mod config;
 pub mod disk;
+pub mod driver;
 pub mod engine;
 pub mod fault;
 pub mod proto;

@@ -1,4 +1,36 @@
 //! hvm host-agent: the service that loads backend plugins, serves virtual LUs over NBD,
 //! persists hvm-core's tables and coordinates online backups.
 //!
-//! The data-path and control issues fill this crate; for now only the crate exists.
+//! Built so far: [`plugin_check`], the `host-agent plugin check` report. The data path
+//! (config, NBD) and the control path come with their issues.
+
+use hvm_plugin_abi::host::Plugin;
+use hvm_plugin_abi::ThreadModel;
+
+/// The report `host-agent plugin check` prints for a loadable plugin.
+pub fn plugin_check(plugin: &Plugin) -> String {
+    let c = plugin.capabilities;
+    let caps: Vec<&str> = [
+        (c.mode_select, "mode-select"),
+        (c.virtual_lu_forming, "virtual-lu-forming"),
+        (c.read_only_mate, "read-only-mate"),
+        (c.array_copy, "array-copy"),
+        (c.fua, "fua"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect();
+    format!(
+        "plugin:       {}\nversion:      {}\nfile:         {}\ninterface:    hvm_plugin {}\ncapabilities: {}\nthread model: {}\n",
+        plugin.name,
+        plugin.version,
+        plugin.path.display(),
+        Plugin::interface_version(),
+        if caps.is_empty() { "none".into() } else { caps.join(", ") },
+        match plugin.thread_model {
+            ThreadModel::Parallel => "parallel",
+            ThreadModel::SerializeAll => "serialize-all",
+        }
+    )
+}

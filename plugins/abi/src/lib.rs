@@ -1,4 +1,168 @@
 //! hvm-plugin-abi: the stable ABI between host-agent and array driver plugins.
 //!
-//! Filled in by the plugin issue: the abi_stable root module, the `#[sabi_trait]` backend
-//! object wrapping [`hvm_core::backend::Backend`], and the plugin error enum.
+//! Three parts, as abi_stable's examples lay them out:
+//!
+//! - The interface ([`PluginMod`], [`BackendObj`], and the StableAbi types): the root
+//!   module is a prefix type, so fields added later go after [`PluginMod::open`] (the last
+//!   prefix field) and plugins built before still load; the host reads such a field with
+//!   the prefix accessor, which answers `None` for an old plugin.
+//! - The driver side ([`driver`]): wraps any `hvm_core::Backend` as a [`BackendBox`],
+//!   catching panics at the boundary so a panicking driver returns an error instead of
+//!   unwinding into the host.
+//! - The host side ([`host`]): checks the file (regular, not group/other-writable, owned
+//!   by root or by us), loads it, checks abi_stable's layout and version, and wraps the
+//!   backend object as an `hvm_core::Backend` that goes out of service after a panic.
+
+// abi_stable's #[sabi_trait] expands to impls inside a generated const.
+#![allow(non_local_definitions)]
+
+use abi_stable::library::RootModule;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{RBox, RResult, RSlice, RSliceMut, RStr, RString, RVec};
+use abi_stable::{declare_root_module_statics, package_version_strings, sabi_trait, StableAbi};
+
+pub mod driver;
+pub mod host;
+
+/// The kind of a plugin error; fixes the errno a client sees.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    Io,
+    OutOfRange,
+    DataProtect,
+    NotReady,
+    InvalidRequest,
+    Unsupported,
+    /// The backend is out of service.
+    Failed,
+    /// The plugin method panicked; the host takes the backend out of service.
+    Panicked,
+    /// `open` refused the configuration.
+    Config,
+}
+
+impl ErrorKind {
+    /// The errno a block client should see (Linux numbering, as NBD uses).
+    pub fn errno(self) -> i32 {
+        use hvm_core::backend::errno;
+        match self {
+            ErrorKind::OutOfRange | ErrorKind::InvalidRequest | ErrorKind::Config => errno::EINVAL,
+            ErrorKind::DataProtect => errno::EPERM,
+            ErrorKind::Unsupported => errno::ENOTSUP,
+            ErrorKind::Io | ErrorKind::NotReady | ErrorKind::Failed | ErrorKind::Panicked => {
+                errno::EIO
+            }
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct PluginError {
+    pub kind: ErrorKind,
+    pub message: RString,
+}
+
+impl PluginError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        PluginError {
+            kind,
+            message: RString::from(message.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for PluginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+/// What the array can do (hvm-core's `Capabilities`).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub mode_select: bool,
+    pub virtual_lu_forming: bool,
+    pub read_only_mate: bool,
+    pub array_copy: bool,
+    pub fua: bool,
+}
+
+/// How much concurrency the plugin allows, as nbdkit's thread models; the host honours
+/// the most restrictive.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadModel {
+    /// Any number of calls at once, on any threads.
+    Parallel,
+    /// One call at a time.
+    SerializeAll,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LuInfo {
+    pub id: u32,
+    pub capacity_lbas: u64,
+}
+
+/// One mirroring definition row: `kind` 0 = Mode Select (`primary` and its mates),
+/// 1 = stateless (`primary` is the mirroring LU; `others` = origin, mate),
+/// 2 = pre-update (`primary` is the mirroring LU; `others` = mate).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRow {
+    pub kind: u8,
+    pub primary: u32,
+    pub others: RVec<u32>,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct Description {
+    pub lus: RVec<LuInfo>,
+    pub mirroring: RVec<MirrorRow>,
+    pub capabilities: Capabilities,
+}
+
+/// A backend as the plugin exports it: hvm-core's `Backend`, method for method.
+#[sabi_trait]
+pub trait BackendObj: Send + Sync {
+    fn describe(&self) -> RResult<Description, PluginError>;
+    fn read(&self, lu: u32, lba: u64, buf: RSliceMut<'_, u8>) -> RResult<(), PluginError>;
+    fn write(&self, lu: u32, lba: u64, data: RSlice<'_, u8>, fua: bool)
+        -> RResult<(), PluginError>;
+    fn flush(&self, lu: u32) -> RResult<(), PluginError>;
+    fn mode_sense(&self, lu: u32) -> RResult<RVec<u8>, PluginError>;
+    fn mode_select(&self, lu: u32, page: RSlice<'_, u8>) -> RResult<(), PluginError>;
+    /// Copy LBAs `first..=last` from `src` to `dst` inside the array.
+    #[sabi(last_prefix_field)]
+    fn copy(&self, src: u32, dst: u32, first: u64, last: u64) -> RResult<(), PluginError>;
+}
+
+/// An opened backend, owned by the host.
+pub type BackendBox = BackendObj_TO<'static, RBox<()>>;
+
+/// The root module every plugin exports with `#[export_root_module]`.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    pub name: extern "C" fn() -> RStr<'static>,
+    pub version: extern "C" fn() -> RStr<'static>,
+    pub capabilities: extern "C" fn() -> Capabilities,
+    pub thread_model: extern "C" fn() -> ThreadModel,
+    /// Open a backend from the plugin's YAML parameters (the `params` of the host config).
+    #[sabi(last_prefix_field)]
+    pub open: extern "C" fn(params: RStr<'_>) -> RResult<BackendBox, PluginError>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "hvm_plugin";
+    const NAME: &'static str = "hvm_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

@@ -1,3 +1,19 @@
-//! Driver plugin for the Mode Select array (1st embodiment, [0016]-[0049]).
-//!
-//! Built as a `cdylib` + `rlib` by the plugin issue; for now only the crate exists.
+//! Driver plugin for the mode-select array (array-sim's `mode-select` firmware), embedded in the
+//! host or reached over a socket; see `array_sim::driver` for its parameters.
+
+use array_sim::config::FirmwareKind;
+use hvm_plugin_abi::{BackendBox, Capabilities, ErrorKind, PluginError, ThreadModel};
+
+fn open(params: &str) -> Result<BackendBox, PluginError> {
+    array_sim::driver::open(params, FirmwareKind::ModeSelect)
+        .map(hvm_plugin_abi::driver::boxed)
+        .map_err(|e| PluginError::new(ErrorKind::Config, e))
+}
+
+hvm_plugin_abi::export_plugin! {
+    name: "mode-select",
+    capabilities: Capabilities { mode_select: true, array_copy: true, fua: true, ..Capabilities::default() },
+    // The client library keeps many tagged commands in flight from many threads.
+    thread_model: ThreadModel::Parallel,
+    open: open,
+}

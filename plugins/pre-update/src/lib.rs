@@ -1,3 +1,19 @@
-//! Driver plugin for the pre-update-data array with read distribution (4th embodiment, [0072]-[0078]).
-//!
-//! Built as a `cdylib` + `rlib` by the plugin issue; for now only the crate exists.
+//! Driver plugin for the pre-update array (array-sim's `pre-update` firmware), embedded in the
+//! host or reached over a socket; see `array_sim::driver` for its parameters.
+
+use array_sim::config::FirmwareKind;
+use hvm_plugin_abi::{BackendBox, Capabilities, ErrorKind, PluginError, ThreadModel};
+
+fn open(params: &str) -> Result<BackendBox, PluginError> {
+    array_sim::driver::open(params, FirmwareKind::PreUpdate)
+        .map(hvm_plugin_abi::driver::boxed)
+        .map_err(|e| PluginError::new(ErrorKind::Config, e))
+}
+
+hvm_plugin_abi::export_plugin! {
+    name: "pre-update",
+    capabilities: Capabilities { read_only_mate: true, fua: true, ..Capabilities::default() },
+    // The client library keeps many tagged commands in flight from many threads.
+    thread_model: ThreadModel::Parallel,
+    open: open,
+}

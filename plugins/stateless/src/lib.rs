@@ -1,3 +1,19 @@
-//! Driver plugin for the stateless array (2nd embodiment, EP 1 148 416 [0050]-[0062]).
-//!
-//! Built as a `cdylib` + `rlib` by the plugin issue; for now only the crate exists.
+//! Driver plugin for the stateless array (array-sim's `stateless` firmware), embedded in the
+//! host or reached over a socket; see `array_sim::driver` for its parameters.
+
+use array_sim::config::FirmwareKind;
+use hvm_plugin_abi::{BackendBox, Capabilities, ErrorKind, PluginError, ThreadModel};
+
+fn open(params: &str) -> Result<BackendBox, PluginError> {
+    array_sim::driver::open(params, FirmwareKind::Stateless)
+        .map(hvm_plugin_abi::driver::boxed)
+        .map_err(|e| PluginError::new(ErrorKind::Config, e))
+}
+
+hvm_plugin_abi::export_plugin! {
+    name: "stateless",
+    capabilities: Capabilities { virtual_lu_forming: true, array_copy: true, fua: true, ..Capabilities::default() },
+    // The client library keeps many tagged commands in flight from many threads.
+    thread_model: ThreadModel::Parallel,
+    open: open,
+}

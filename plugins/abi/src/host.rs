@@ -1,0 +1,292 @@
+//! The host side: find, check and load a plugin, and use its backend as an
+//! `hvm_core::Backend`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr};
+use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo};
+use hvm_core::{Extent, LuId, MirrorDefinition};
+
+use crate::{BackendBox, Capabilities, ErrorKind, PluginError, PluginModRef, ThreadModel};
+
+/// Why a plugin could not be used; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    /// `summary` says in one line what abi_stable found; `source` has the full report
+    /// (for a layout mismatch, both layouts field by field).
+    #[error("{}: {summary}", path.display())]
+    Library {
+        path: PathBuf,
+        summary: String,
+        #[source]
+        source: LibraryError,
+    },
+    #[error("{}: open failed: {error}", path.display())]
+    Open { path: PathBuf, error: PluginError },
+}
+
+/// A loaded plugin: its root module and what it declares.
+#[derive(Clone)]
+pub struct Plugin {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub capabilities: Capabilities,
+    pub thread_model: ThreadModel,
+    module: PluginModRef,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The file a plugin `name` has in `dir`: `libhvm_plugin_<name>.so`, with `-` as `_`.
+pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("libhvm_plugin_{}.so", name.replace('-', "_")))
+}
+
+/// Refuse files that are missing, not regular, writable by group or others, or owned by
+/// a user other than root and the one running the host: loading one runs its code.
+pub fn check_file(path: &Path) -> Result<(), LoadError> {
+    let bad = |reason: String| LoadError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(bad(format!(
+            "writable by group or others (mode {mode:04o}); make it go-w before loading"
+        )));
+    }
+    let me = nix::unistd::getuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(bad(format!(
+            "owned by uid {}, which is neither root nor the user running host-agent (uid {me})",
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+fn summarize(e: &LibraryError) -> String {
+    match e {
+        LibraryError::OpenError { .. } => format!("cannot load it as a shared library: {e}"),
+        LibraryError::GetSymbolError { .. } => {
+            "not an hvm plugin: it exports no abi_stable root module".into()
+        }
+        LibraryError::InvalidAbiHeader(_) => {
+            "built with an abi_stable version this host cannot load".into()
+        }
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => format!(
+            "built against plugin interface {actual_version}, this host needs {expected_version}"
+        ),
+        LibraryError::AbiInstability(_) => {
+            "its plugin interface has another layout than this host's (built against an incompatible hvm-plugin-abi); use --verbose for the layouts".into()
+        }
+        other => format!("cannot be used: {other}"),
+    }
+}
+
+impl Plugin {
+    /// Check and load the plugin at `path`, verifying abi_stable's layout and version.
+    pub fn load(path: &Path) -> Result<Plugin, LoadError> {
+        check_file(path)?;
+        let lib = |source: LibraryError| LoadError::Library {
+            path: path.to_path_buf(),
+            summary: summarize(&source),
+            source,
+        };
+        // Per file, not RootModule::load_from_file: that caches one library per root
+        // module type, and a host loads several plugins of this one interface.
+        let module = lib_header_from_path(path)
+            .map_err(lib)?
+            .init_root_module::<PluginModRef>()
+            .map_err(lib)?;
+        Ok(Plugin {
+            path: path.to_path_buf(),
+            name: module.name()().to_string(),
+            version: module.version()().to_string(),
+            capabilities: module.capabilities()(),
+            thread_model: module.thread_model()(),
+            module,
+        })
+    }
+
+    /// The interface version this host expects of plugins.
+    pub fn interface_version() -> String {
+        PluginModRef::VERSION_STRINGS.to_string()
+    }
+
+    /// Open a backend with the plugin's YAML parameters.
+    pub fn open(&self, params: &str) -> Result<PluginBackend, LoadError> {
+        match self.module.open()(RStr::from_str(params)) {
+            RResult::ROk(obj) => Ok(PluginBackend {
+                obj,
+                serialize: (self.thread_model == ThreadModel::SerializeAll).then(|| Mutex::new(())),
+                failed: AtomicBool::new(false),
+                plugin: self.name.clone(),
+            }),
+            RResult::RErr(error) => Err(LoadError::Open {
+                path: self.path.clone(),
+                error,
+            }),
+        }
+    }
+}
+
+/// A plugin's backend as an `hvm_core::Backend`. After the plugin panics it is out of
+/// service: every call answers `Failed` and the host keeps serving other backends.
+pub struct PluginBackend {
+    obj: BackendBox,
+    serialize: Option<Mutex<()>>,
+    failed: AtomicBool,
+    plugin: String,
+}
+
+impl std::fmt::Debug for PluginBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginBackend")
+            .field("plugin", &self.plugin)
+            .field("failed", &self.is_failed())
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_core(e: PluginError) -> BackendError {
+    let kind = match e.kind {
+        ErrorKind::OutOfRange => BackendErrorKind::OutOfRange,
+        ErrorKind::DataProtect => BackendErrorKind::DataProtect,
+        ErrorKind::NotReady => BackendErrorKind::NotReady,
+        ErrorKind::InvalidRequest | ErrorKind::Config => BackendErrorKind::InvalidRequest,
+        ErrorKind::Unsupported => BackendErrorKind::Unsupported,
+        ErrorKind::Failed | ErrorKind::Panicked => BackendErrorKind::Failed,
+        ErrorKind::Io => BackendErrorKind::Io,
+    };
+    BackendError::new(kind, e.message.to_string())
+}
+
+impl PluginBackend {
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&BackendBox) -> RResult<T, PluginError>,
+    ) -> Result<T, BackendError> {
+        if self.is_failed() {
+            return Err(BackendError::new(
+                BackendErrorKind::Failed,
+                format!("plugin {} is out of service after a panic", self.plugin),
+            ));
+        }
+        let _one = self
+            .serialize
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        match f(&self.obj) {
+            RResult::ROk(v) => Ok(v),
+            RResult::RErr(e) => {
+                if e.kind == ErrorKind::Panicked {
+                    self.failed.store(true, Ordering::SeqCst);
+                }
+                Err(to_core(e))
+            }
+        }
+    }
+}
+
+impl Backend for PluginBackend {
+    fn describe(&self) -> Result<BackendDescription, BackendError> {
+        let d = self.call(|o| o.describe())?;
+        let id = LuId;
+        let mut mirroring = Vec::new();
+        for r in d.mirroring.iter() {
+            let others: Vec<LuId> = r.others.iter().copied().map(id).collect();
+            mirroring.push(match (r.kind, others.as_slice()) {
+                (0, _) => MirrorDefinition::Managed {
+                    lu: id(r.primary),
+                    mates: others,
+                },
+                (1, [origin, mate]) => MirrorDefinition::Triple {
+                    mirror: id(r.primary),
+                    origin: *origin,
+                    mate: *mate,
+                },
+                (2, [mate]) => MirrorDefinition::Pair {
+                    mirror: id(r.primary),
+                    mate: *mate,
+                },
+                _ => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::Io,
+                        format!("plugin {}: malformed mirroring row {r:?}", self.plugin),
+                    ))
+                }
+            });
+        }
+        let c = d.capabilities;
+        Ok(BackendDescription {
+            lus: d
+                .lus
+                .iter()
+                .map(|l| LuInfo {
+                    id: LuId(l.id),
+                    capacity_lbas: l.capacity_lbas,
+                })
+                .collect(),
+            mirroring,
+            capabilities: hvm_core::Capabilities {
+                mode_select: c.mode_select,
+                virtual_lu_forming: c.virtual_lu_forming,
+                read_only_mate: c.read_only_mate,
+                array_copy: c.array_copy,
+                fua: c.fua,
+            },
+        })
+    }
+
+    fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.call(|o| o.read(lu.0, lba, RSliceMut::from_mut_slice(buf)))
+    }
+
+    fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.call(|o| o.write(lu.0, lba, RSlice::from_slice(data), fua))
+    }
+
+    fn flush(&self, lu: LuId) -> Result<(), BackendError> {
+        self.call(|o| o.flush(lu.0))
+    }
+
+    fn mode_sense(&self, lu: LuId) -> Result<Vec<u8>, BackendError> {
+        self.call(|o| o.mode_sense(lu.0)).map(|v| v.into_vec())
+    }
+
+    fn mode_select(&self, lu: LuId, page: &[u8]) -> Result<(), BackendError> {
+        self.call(|o| o.mode_select(lu.0, RSlice::from_slice(page)))
+    }
+
+    fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
+        self.call(|o| o.copy(src.0, dst.0, extent.first(), extent.last()))
+    }
+}
