@@ -31,11 +31,15 @@ struct Params {
     array: ArraySpec,
 }
 
+/// Exactly one of the two. (A struct, not an enum: serde_yaml reads enums as YAML tags,
+/// and `array: {embedded: ...}` is what an operator writes.)
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-enum ArraySpec {
-    Embedded(Box<serde_yaml::Value>),
-    Connect(String),
+#[serde(deny_unknown_fields)]
+struct ArraySpec {
+    #[serde(default)]
+    embedded: Option<serde_yaml::Value>,
+    #[serde(default)]
+    connect: Option<String>,
 }
 
 /// A driver's connection to its array.
@@ -52,8 +56,11 @@ fn kind_name(k: FirmwareKind) -> &'static str {
 /// Reach the array `params` describe, and check it is of the kind this driver drives.
 pub fn open(params: &str, expect: FirmwareKind) -> Result<Array, String> {
     let p: Params = serde_yaml::from_str(params).map_err(|e| format!("driver parameters: {e}"))?;
-    match p.array {
-        ArraySpec::Embedded(value) => {
+    match (p.array.embedded, p.array.connect) {
+        (Some(_), Some(_)) | (None, None) => Err(
+            "driver parameters: array: give exactly one of `embedded` (an array-sim config) and `connect` (unix:PATH or tcp:HOST:PORT)".into(),
+        ),
+        (Some(value), None) => {
             let text = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
             let cfg = ArrayConfig::parse(&text, "array.embedded").map_err(|e| e.to_string())?;
             if cfg.kind != expect {
@@ -66,7 +73,7 @@ pub fn open(params: &str, expect: FirmwareKind) -> Result<Array, String> {
             let engine = Engine::open(&cfg, None).map_err(|e| e.to_string())?;
             Ok(ArrayClient::new(Box::new(Arc::new(engine))))
         }
-        ArraySpec::Connect(addr) => {
+        (None, Some(addr)) => {
             let addr: Address = addr.parse()?;
             let client = SocketClient::connect(&addr)
                 .map_err(|e| format!("cannot connect to the array at {addr}: {e}"))?;

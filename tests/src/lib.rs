@@ -1,2 +1,75 @@
-//! End-to-end tests that start real processes (host-agent, array-sim) and use real NBD
-//! clients. The test files live in `tests/tests/`; this library holds their shared helpers.
+//! Helpers for the end-to-end tests in `tests/tests/`: build the workspace's artifacts
+//! (plugin shared libraries, daemons) once, find them, and start processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// Where cargo puts this profile's artifacts.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+        .join(profile())
+}
+
+/// Every package whose artifacts the end-to-end tests use.
+const PACKAGES: &[&str] = &[
+    "hvm-plugin-stateless",
+    "hvm-plugin-mode-select",
+    "hvm-plugin-pre-update",
+    "hvm-plugin-test-not-a-plugin",
+    "hvm-plugin-test-incompatible",
+    "hvm-plugin-test-panicking",
+    "array-sim",
+    "hvm-host-agent",
+];
+
+/// Build the artifacts once per test process (cargo does nothing if they are fresh).
+/// A failed build fails the test loudly.
+pub fn build_artifacts() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build").current_dir(workspace());
+        if profile() == "release" {
+            cmd.arg("--release");
+        }
+        for p in PACKAGES {
+            cmd.args(["-p", p]);
+        }
+        let status = cmd
+            .status()
+            .expect("run cargo build for the test artifacts");
+        assert!(status.success(), "cargo build of the test artifacts failed");
+    });
+}
+
+/// The shared library of plugin package `hvm-plugin-<name>`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    build_artifacts();
+    target_dir().join(format!("libhvm_plugin_{}.so", name.replace('-', "_")))
+}
+
+/// A binary of the workspace (`array-sim`, `host-agent`).
+pub fn binary(name: &str) -> PathBuf {
+    build_artifacts();
+    target_dir().join(name)
+}
