@@ -330,3 +330,22 @@ fn plugin_check_cli() {
         );
     }
 }
+
+/// Loading by name from a plugin directory finds `libhvm_plugin_<name>.so`.
+#[test]
+fn loads_by_name_from_a_plugin_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        plugin_path("pre-update"),
+        dir.path().join("libhvm_plugin_pre_update.so"),
+    )
+    .unwrap();
+    let path = hvm_plugin_abi::host::path_in(dir.path(), "pre-update");
+    let p = Plugin::load(&path).unwrap();
+    assert_eq!(p.name, "pre-update");
+    let msg = refused(&hvm_plugin_abi::host::path_in(dir.path(), "stateless"));
+    assert!(
+        msg.contains("libhvm_plugin_stateless.so") && msg.contains("No such file"),
+        "{msg}"
+    );
+}
