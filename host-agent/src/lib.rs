@@ -1,8 +1,11 @@
 //! hvm host-agent: the service that loads backend plugins, serves virtual LUs over NBD,
 //! persists hvm-core's tables and coordinates online backups.
 //!
-//! Built so far: [`plugin_check`], the `host-agent plugin check` report. The data path
-//! (config, NBD) and the control path come with their issues.
+//! Built so far: [`plugin_check`], the `host-agent plugin check` report, and
+//! [`nbd::proto`], the NBD wire protocol. The NBD server, the config and the control path
+//! come with their issues.
+
+pub mod nbd;
 
 use hvm_plugin_abi::host::Plugin;
 use hvm_plugin_abi::ThreadModel;
