@@ -4,10 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use (none yet: hvm-core's tests need only cargo). A test that
-# needs a tool fails loudly when it is missing; this list is how a fresh machine gets
-# them.
-PACKAGES=()
+# Debian packages the tests use: real NBD clients for the NBD server's tests (qemu-io,
+# qemu-img; nbdinfo; fio's nbd engine). A test that needs a tool fails loudly when it is
+# missing; this list is how a fresh machine gets them.
+PACKAGES=(qemu-utils libnbd-bin fio)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,2 +1,4 @@
-//! The NBD server that exports virtual LUs. So far: [`proto`], the wire protocol.
+//! The NBD server that exports virtual LUs: [`proto`], the wire protocol, and
+//! [`server`], the handshake and transmission over any [`server::Export`].
 pub mod proto;
+pub mod server;

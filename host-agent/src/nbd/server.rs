@@ -1,0 +1,533 @@
+//! The NBD server: fixed newstyle handshake, option haggling, and the transmission phase
+//! with many requests in flight and replies in completion order. It serves anything that
+//! implements [`Export`]; host-agent's exports are virtual LUs.
+//!
+//! Errors follow the protocol: a bad magic or a client that must not be trusted is a
+//! hard disconnect; everything else is an option error reply (negotiation continues) or
+//! an errno in the command's reply (transmission continues).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::proto::{self as p, ProtoError};
+
+/// Errno values of NBD replies.
+pub mod errno {
+    pub use hvm_core::backend::errno::*;
+}
+
+/// A failed export operation: the errno the client sees and a message for a human.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl ExportError {
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        ExportError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// Metadata context `base:allocation`.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Metadata context `hvm:dirty`: the update-location table as block status.
+pub const HVM_DIRTY: &str = "hvm:dirty";
+
+/// What the server needs of one export. Methods are blocking; the server runs them off
+/// the reactor.
+pub trait Export: Send + Sync + 'static {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// True when a flush on one connection covers writes completed on every connection.
+    fn multi_conn(&self) -> bool;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
+    fn flush(&self) -> Result<(), ExportError>;
+    /// Write zeroes (also used for TRIM, whose data is then unspecified by the protocol).
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        let zero = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zero.len() as u64) as usize;
+            self.write(at, &zero[..n], fua)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+    /// The metadata contexts this export offers.
+    fn meta_contexts(&self) -> Vec<&'static str> {
+        vec![BASE_ALLOCATION]
+    }
+    /// Extents `(length, flags)` covering `offset..offset+len` in `context`.
+    fn block_status(
+        &self,
+        _context: &str,
+        _offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, ExportError> {
+        // Everything allocated, nothing known to be zero.
+        Ok(vec![(len, 0)])
+    }
+}
+
+/// The exports a server offers; an export may come and go (a virtual LU in Undefined mode
+/// is neither listed nor opened).
+pub trait Exports: Send + Sync + 'static {
+    fn names(&self) -> Vec<String>;
+    fn get(&self, name: &str) -> Option<Arc<dyn Export>>;
+}
+
+impl Exports for BTreeMap<String, Arc<dyn Export>> {
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+    fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+        BTreeMap::get(self, name).cloned()
+    }
+}
+
+/// Server limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Time a client has from connecting to entering transmission.
+    pub handshake: Duration,
+    /// Requests in flight per connection.
+    pub in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake: Duration::from_secs(10),
+            in_flight: 64,
+        }
+    }
+}
+
+/// Serve one connection to its end.
+pub async fn serve<S>(stream: S, exports: Arc<dyn Exports>, limits: Limits)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let negotiated =
+        tokio::time::timeout(limits.handshake, negotiate(&mut rd, &mut wr, &*exports)).await;
+    let Ok(Ok(Some(session))) = negotiated else {
+        return;
+    };
+    transmission(rd, wr, session, limits).await;
+}
+
+struct Session {
+    export: Arc<dyn Export>,
+    structured: bool,
+    /// Selected metadata contexts: (id, name).
+    contexts: Vec<(u32, &'static str)>,
+}
+
+fn transmission_flags(e: &dyn Export) -> u16 {
+    let mut f = p::FLAG_HAS_FLAGS | p::FLAG_SEND_FLUSH | p::FLAG_SEND_FUA | p::FLAG_SEND_DF;
+    if e.read_only() {
+        f |= p::FLAG_READ_ONLY;
+    } else {
+        f |= p::FLAG_SEND_TRIM | p::FLAG_SEND_WRITE_ZEROES;
+    }
+    if e.multi_conn() {
+        f |= p::FLAG_CAN_MULTI_CONN;
+    }
+    f
+}
+
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        rd.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Option haggling. `Ok(None)`: the client aborted or must be disconnected.
+async fn negotiate<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &dyn Exports,
+) -> std::io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&p::greeting()).await?;
+    let mut flags = [0u8; 4];
+    rd.read_exact(&mut flags).await?;
+    let Ok((_fixed, no_zeroes)) = p::client_flags(flags) else {
+        return Ok(None);
+    };
+    let mut structured = false;
+    let mut contexts: Vec<(u32, &'static str)> = Vec::new();
+    loop {
+        let mut h = [0u8; p::OPTION_HEADER_LEN];
+        rd.read_exact(&mut h).await?;
+        let opt = match p::OptionHeader::parse(&h) {
+            Ok(o) => o,
+            Err(ProtoError::OptionTooLong { option, len }) => {
+                // Skip a moderately large payload and say so; a huge one is treated as
+                // a denial of service.
+                if len > 16 * p::MAX_OPTION_LEN {
+                    return Ok(None);
+                }
+                discard(rd, u64::from(len)).await?;
+                wr.write_all(&p::option_reply(
+                    option,
+                    p::REP_ERR_TOO_BIG,
+                    b"option too large",
+                ))
+                .await?;
+                continue;
+            }
+            Err(_) => return Ok(None),
+        };
+        let mut data = vec![0u8; opt.len as usize];
+        rd.read_exact(&mut data).await?;
+        let reply = |kind: u32, d: &[u8]| p::option_reply(opt.option, kind, d);
+        match opt.option {
+            p::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = exports.get(&name) else {
+                    // This option cannot fail with a reply: the spec says disconnect.
+                    return Ok(None);
+                };
+                let flags = transmission_flags(&*export);
+                wr.write_all(&p::export_name_reply(export.size(), flags, no_zeroes))
+                    .await?;
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    contexts,
+                }));
+            }
+            p::OPT_ABORT => {
+                wr.write_all(&reply(p::REP_ACK, &[])).await?;
+                return Ok(None);
+            }
+            p::OPT_LIST => {
+                if !data.is_empty() {
+                    wr.write_all(&reply(p::REP_ERR_INVALID, b"LIST takes no data"))
+                        .await?;
+                    continue;
+                }
+                for name in exports.names() {
+                    wr.write_all(&reply(p::REP_SERVER, &p::server_reply(&name)))
+                        .await?;
+                }
+                wr.write_all(&reply(p::REP_ACK, &[])).await?;
+            }
+            p::OPT_INFO | p::OPT_GO => {
+                let Some(req) = p::InfoRequest::parse(&data) else {
+                    wr.write_all(&reply(p::REP_ERR_INVALID, b"malformed INFO/GO request"))
+                        .await?;
+                    continue;
+                };
+                let Some(export) = exports.get(&req.name) else {
+                    let msg = format!("no export named {:?}", req.name);
+                    wr.write_all(&reply(p::REP_ERR_UNKNOWN, msg.as_bytes()))
+                        .await?;
+                    continue;
+                };
+                let flags = transmission_flags(&*export);
+                wr.write_all(&reply(p::REP_INFO, &p::info_export(export.size(), flags)))
+                    .await?;
+                // Any alignment works (partial blocks are merged); 4 KiB is best.
+                let bs = p::info_block_size(1, 4096, p::MAX_PAYLOAD);
+                wr.write_all(&reply(p::REP_INFO, &bs)).await?;
+                if req.requests.contains(&p::INFO_NAME) {
+                    let mut d = p::INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(req.name.as_bytes());
+                    wr.write_all(&reply(p::REP_INFO, &d)).await?;
+                }
+                wr.write_all(&reply(p::REP_ACK, &[])).await?;
+                if opt.option == p::OPT_GO {
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        contexts,
+                    }));
+                }
+            }
+            p::OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    wr.write_all(&reply(
+                        p::REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    ))
+                    .await?;
+                    continue;
+                }
+                structured = true;
+                wr.write_all(&reply(p::REP_ACK, &[])).await?;
+            }
+            p::OPT_LIST_META_CONTEXT | p::OPT_SET_META_CONTEXT => {
+                let set = opt.option == p::OPT_SET_META_CONTEXT;
+                if set && !structured {
+                    wr.write_all(&reply(
+                        p::REP_ERR_INVALID,
+                        b"SET_META_CONTEXT needs STRUCTURED_REPLY first",
+                    ))
+                    .await?;
+                    continue;
+                }
+                let Some(req) = p::MetaContextRequest::parse(&data) else {
+                    wr.write_all(&reply(
+                        p::REP_ERR_INVALID,
+                        b"malformed meta context request",
+                    ))
+                    .await?;
+                    continue;
+                };
+                let Some(export) = exports.get(&req.export) else {
+                    let msg = format!("no export named {:?}", req.export);
+                    wr.write_all(&reply(p::REP_ERR_UNKNOWN, msg.as_bytes()))
+                        .await?;
+                    continue;
+                };
+                let offered = export.meta_contexts();
+                let mut chosen: Vec<(u32, &'static str)> = Vec::new();
+                for (i, name) in offered.iter().enumerate() {
+                    let ns = name.split(':').next().unwrap_or("");
+                    let wanted = if req.queries.is_empty() {
+                        !set
+                    } else {
+                        req.queries.iter().any(|q| {
+                            q == name || (!set && (q == &format!("{ns}:") || q.is_empty()))
+                        })
+                    };
+                    if wanted {
+                        chosen.push((i as u32 + 1, name));
+                    }
+                }
+                for (id, name) in &chosen {
+                    let id = if set { *id } else { 0 };
+                    wr.write_all(&reply(
+                        p::REP_META_CONTEXT,
+                        &p::meta_context_reply(id, name),
+                    ))
+                    .await?;
+                }
+                if set {
+                    contexts = chosen;
+                }
+                wr.write_all(&reply(p::REP_ACK, &[])).await?;
+            }
+            p::OPT_STARTTLS => {
+                wr.write_all(&reply(p::REP_ERR_POLICY, b"this server does not offer TLS"))
+                    .await?;
+            }
+            _ => {
+                wr.write_all(&reply(p::REP_ERR_UNSUP, b"unknown option"))
+                    .await?;
+            }
+        }
+    }
+}
+
+type Frame = (Vec<u8>, Vec<u8>);
+
+/// The reply to one request, built where the request ran.
+fn error_reply(s: &Session, cookie: u64, e: &ExportError) -> Frame {
+    if s.structured {
+        (
+            p::structured_error(cookie, e.errno as u32, &e.message),
+            Vec::new(),
+        )
+    } else {
+        (p::simple_reply(cookie, e.errno as u32).to_vec(), Vec::new())
+    }
+}
+
+fn ok_reply(s: &Session, cookie: u64) -> Frame {
+    if s.structured {
+        (
+            p::structured_header(cookie, p::REPLY_FLAG_DONE, p::REPLY_TYPE_NONE, 0).to_vec(),
+            Vec::new(),
+        )
+    } else {
+        (p::simple_reply(cookie, 0).to_vec(), Vec::new())
+    }
+}
+
+fn run(s: &Session, req: p::Request, payload: Vec<u8>) -> Frame {
+    let e = &s.export;
+    let inval = |m: &str| ExportError::new(errno::EINVAL, m);
+    if req.flags & !p::Request::allowed_flags(req.kind) != 0 {
+        return error_reply(s, req.cookie, &inval("unsupported flags for this command"));
+    }
+    let end = req.offset.checked_add(u64::from(req.len));
+    let in_range = end.is_some_and(|end| end <= e.size());
+    let fua = req.flags & p::CMD_FLAG_FUA != 0;
+    let writes = matches!(req.kind, p::CMD_WRITE | p::CMD_TRIM | p::CMD_WRITE_ZEROES);
+    if writes && e.read_only() {
+        return error_reply(
+            s,
+            req.cookie,
+            &ExportError::new(errno::EPERM, "read-only export"),
+        );
+    }
+    let result = match req.kind {
+        p::CMD_READ => {
+            if !in_range {
+                return error_reply(s, req.cookie, &inval("read past the end of the export"));
+            }
+            let mut buf = vec![0u8; req.len as usize];
+            match e.read(req.offset, &mut buf) {
+                Ok(()) if s.structured => {
+                    let mut h = p::structured_header(
+                        req.cookie,
+                        p::REPLY_FLAG_DONE,
+                        p::REPLY_TYPE_OFFSET_DATA,
+                        8 + req.len,
+                    )
+                    .to_vec();
+                    h.extend_from_slice(&req.offset.to_be_bytes());
+                    return (h, buf);
+                }
+                Ok(()) => return (p::simple_reply(req.cookie, 0).to_vec(), buf),
+                Err(err) => Err(err),
+            }
+        }
+        _ if !in_range && req.kind != p::CMD_FLUSH => {
+            let code = if writes { errno::ENOSPC } else { errno::EINVAL };
+            Err(ExportError::new(code, "request past the end of the export"))
+        }
+        p::CMD_WRITE => e.write(req.offset, &payload, fua),
+        p::CMD_FLUSH => e.flush(),
+        p::CMD_TRIM | p::CMD_WRITE_ZEROES => e.write_zeroes(req.offset, u64::from(req.len), fua),
+        p::CMD_BLOCK_STATUS => {
+            if !s.structured || s.contexts.is_empty() {
+                return error_reply(s, req.cookie, &inval("no metadata context was negotiated"));
+            }
+            let mut out = Vec::new();
+            for (i, (id, name)) in s.contexts.iter().enumerate() {
+                let mut extents = match e.block_status(name, req.offset, req.len) {
+                    Ok(x) => x,
+                    Err(err) => return error_reply(s, req.cookie, &err),
+                };
+                if req.flags & p::CMD_FLAG_REQ_ONE != 0 {
+                    extents.truncate(1);
+                }
+                let payload = p::block_status_payload(*id, &extents);
+                let last = i + 1 == s.contexts.len();
+                let flags = if last { p::REPLY_FLAG_DONE } else { 0 };
+                out.extend_from_slice(&p::structured_header(
+                    req.cookie,
+                    flags,
+                    p::REPLY_TYPE_BLOCK_STATUS,
+                    payload.len() as u32,
+                ));
+                out.extend_from_slice(&payload);
+            }
+            return (out, Vec::new());
+        }
+        _ => Err(inval("unknown command")),
+    };
+    match result {
+        Ok(()) => ok_reply(s, req.cookie),
+        Err(err) => error_reply(s, req.cookie, &err),
+    }
+}
+
+async fn transmission<R, W>(mut rd: R, mut wr: W, session: Session, limits: Limits)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Arc::new(session);
+    let (tx, mut rx) = mpsc::channel::<Frame>(limits.in_flight);
+    let writer = tokio::spawn(async move {
+        while let Some((head, data)) = rx.recv().await {
+            if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let slots = Arc::new(Semaphore::new(limits.in_flight));
+    loop {
+        let mut h = [0u8; p::REQUEST_LEN];
+        if rd.read_exact(&mut h).await.is_err() {
+            break;
+        }
+        // A bad magic means the stream cannot be trusted: hard disconnect.
+        let Ok(req) = p::Request::parse(&h) else {
+            break;
+        };
+        if req.kind == p::CMD_DISC {
+            break;
+        }
+        let mut payload = Vec::new();
+        if req.kind == p::CMD_WRITE {
+            if req.len > p::MAX_PAYLOAD {
+                // Reading it would let a client make us buffer without bound.
+                break;
+            }
+            payload = vec![0u8; req.len as usize];
+            if rd.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+        } else if req.kind == p::CMD_READ && req.len > p::MAX_PAYLOAD {
+            let e = ExportError::new(errno::EINVAL, "read larger than the maximum block size");
+            if tx
+                .send(error_reply(&session, req.cookie, &e))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (s, tx) = (session.clone(), tx.clone());
+        tokio::spawn(async move {
+            let frame = tokio::task::spawn_blocking(move || run(&s, req, payload)).await;
+            drop(permit);
+            if let Ok(frame) = frame {
+                let _ = tx.send(frame).await;
+            }
+        });
+    }
+    // Let requests in flight finish and their replies go out, then close.
+    let _ = slots.acquire_many(limits.in_flight as u32).await;
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Accept connections from `listener` until `shutdown`, each served by [`serve`].
+pub async fn run_unix(
+    listener: tokio::net::UnixListener,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => {
+                if let Ok((s, _)) = accepted {
+                    tokio::spawn(serve(s, exports.clone(), limits));
+                }
+            }
+        }
+    }
+}

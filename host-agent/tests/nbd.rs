@@ -1,0 +1,342 @@
+//! The NBD server against raw protocol bytes and real clients, over an in-memory export.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use hvm_host_agent::nbd::proto as p;
+use hvm_host_agent::nbd::server::{self, Export, ExportError, Exports, Limits, HVM_DIRTY};
+
+/// A RAM disk that records which 512-byte sectors were written (its "hvm:dirty").
+struct MemExport {
+    data: Mutex<Vec<u8>>,
+    dirty: Mutex<BTreeSet<u64>>,
+    read_only: bool,
+}
+
+impl MemExport {
+    fn new(size: usize, read_only: bool) -> Arc<MemExport> {
+        Arc::new(MemExport {
+            data: Mutex::new(vec![0; size]),
+            dirty: Mutex::default(),
+            read_only,
+        })
+    }
+}
+
+impl Export for MemExport {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn multi_conn(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), ExportError> {
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(data);
+        let mut dirty = self.dirty.lock().unwrap();
+        for s in offset / 512..(offset + data.len() as u64).div_ceil(512) {
+            dirty.insert(s);
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+    fn meta_contexts(&self) -> Vec<&'static str> {
+        vec![server::BASE_ALLOCATION, HVM_DIRTY]
+    }
+    fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, ExportError> {
+        if context != HVM_DIRTY {
+            return Ok(vec![(len, 0)]);
+        }
+        let dirty = self.dirty.lock().unwrap();
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for s in offset / 512..(offset + u64::from(len)).div_ceil(512) {
+            let f = u32::from(dirty.contains(&s)) * p::STATE_DIRTY;
+            match out.last_mut() {
+                Some((l, lf)) if *lf == f => *l += 512,
+                _ => out.push((512, f)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Server {
+    sock: PathBuf,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+const SIZE: usize = 4 << 20;
+
+fn start() -> (Server, Arc<MemExport>) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let disk = MemExport::new(SIZE, false);
+    let mut map: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
+    map.insert("disk".into(), disk.clone());
+    map.insert("ro".into(), MemExport::new(SIZE, true));
+    let exports: Arc<dyn Exports> = Arc::new(map);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(async { tokio::net::UnixListener::bind(&sock) })
+        .unwrap();
+    rt.spawn(server::run_unix(
+        listener,
+        exports,
+        Limits::default(),
+        std::future::pending(),
+    ));
+    (Server { sock, dir, _rt: rt }, disk)
+}
+
+fn uri(s: &Server, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", s.sock.display())
+}
+
+fn tool(name: &str) -> Command {
+    // A missing tool is a loud failure: scripts/test.sh installs them.
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        found,
+        "{name} is not installed (scripts/test.sh installs it)"
+    );
+    Command::new(name)
+}
+
+#[test]
+fn qemu_io_writes_and_reads_back() {
+    let (s, disk) = start();
+    let out = tool("qemu-io")
+        .args(["-f", "raw", &uri(&s, "disk")])
+        .args(["-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M"])
+        .args([
+            "-c",
+            "write -P 0xcd 1000 3000",
+            "-c",
+            "read -P 0xcd 1000 3000",
+        ])
+        .args(["-c", "flush"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = disk.data.lock().unwrap();
+    assert!(d[..1000].iter().all(|b| *b == 0xab));
+    assert!(d[1000..4000].iter().all(|b| *b == 0xcd));
+}
+
+#[test]
+fn qemu_img_convert_copies_the_export() {
+    let (s, disk) = start();
+    disk.write(512 * 100, &[7u8; 8192], false).unwrap();
+    let out_file = s.dir.path().join("copy.img");
+    let st = tool("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri(&s, "disk")])
+        .arg(&out_file)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(std::fs::read(&out_file).unwrap() == *disk.data.lock().unwrap());
+}
+
+#[test]
+fn nbdinfo_lists_and_maps_dirty_ranges() {
+    let (s, disk) = start();
+    let out = tool("nbdinfo")
+        .args(["--list", "--json", &uri(&s, "")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"disk\"") && text.contains("\"ro\""),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    disk.write(4096, &[1; 1024], false).unwrap();
+    disk.write(1 << 20, &[1; 512], false).unwrap();
+    let out = tool("nbdinfo")
+        .args(["--map=hvm:dirty", &uri(&s, "disk")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Lines: offset, length, type; dirty ranges have type 1.
+    let dirty: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect();
+    assert_eq!(dirty, vec![(4096, 1024), (1 << 20, 512)], "{text}");
+}
+
+/// Raw bytes: bad options are answered and negotiation continues; bad requests get the
+/// errno the spec says and transmission continues.
+#[test]
+fn raw_protocol_errors() {
+    let (s, _disk) = start();
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    let mut g = [0u8; 18];
+    c.read_exact(&mut g).unwrap();
+    assert_eq!(g, p::greeting());
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let opt = |c: &mut UnixStream, option: u32, data: &[u8]| {
+        let mut h = p::IHAVEOPT.to_be_bytes().to_vec();
+        h.extend_from_slice(&option.to_be_bytes());
+        h.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        h.extend_from_slice(data);
+        c.write_all(&h).unwrap();
+    };
+    let reply = |c: &mut UnixStream| -> u32 {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..8], &p::REPLY_MAGIC.to_be_bytes());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        c.read_exact(&mut d).unwrap();
+        u32::from_be_bytes(h[12..16].try_into().unwrap())
+    };
+    opt(&mut c, 99, &[]);
+    assert_eq!(reply(&mut c), p::REP_ERR_UNSUP);
+    opt(
+        &mut c,
+        p::OPT_LIST,
+        &vec![0u8; (p::MAX_OPTION_LEN + 10) as usize],
+    );
+    assert_eq!(reply(&mut c), p::REP_ERR_TOO_BIG);
+    let go = |name: &str| {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    };
+    opt(&mut c, p::OPT_GO, &go("nope"));
+    assert_eq!(reply(&mut c), p::REP_ERR_UNKNOWN);
+    opt(&mut c, p::OPT_GO, &[0, 0]);
+    assert_eq!(reply(&mut c), p::REP_ERR_INVALID);
+    opt(&mut c, p::OPT_GO, &go("disk"));
+    while reply(&mut c) != p::REP_ACK {}
+    let req = |c: &mut UnixStream, kind: u16, flags: u16, offset: u64, len: u32, cookie: u64| {
+        c.write_all(
+            &p::Request {
+                flags,
+                kind,
+                cookie,
+                offset,
+                len,
+            }
+            .encode(),
+        )
+        .unwrap();
+    };
+    let simple = |c: &mut UnixStream| -> (u32, u64) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &p::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..].try_into().unwrap()),
+        )
+    };
+    req(&mut c, p::CMD_READ, 0, SIZE as u64 - 100, 512, 1);
+    assert_eq!(simple(&mut c), (22, 1), "read past the end is EINVAL");
+    req(&mut c, p::CMD_WRITE, 0, SIZE as u64 - 100, 512, 2);
+    c.write_all(&[0; 512]).unwrap();
+    assert_eq!(simple(&mut c), (28, 2), "write past the end is ENOSPC");
+    req(&mut c, 77, 0, 0, 0, 3);
+    assert_eq!(simple(&mut c), (22, 3), "unknown command is EINVAL");
+    req(&mut c, p::CMD_READ, p::CMD_FLAG_FUA, 0, 512, 4);
+    assert_eq!(simple(&mut c), (22, 4), "FUA on READ is EINVAL");
+    req(&mut c, p::CMD_BLOCK_STATUS, 0, 0, 512, 5);
+    assert_eq!(
+        simple(&mut c),
+        (22, 5),
+        "BLOCK_STATUS without a context is EINVAL"
+    );
+    req(&mut c, p::CMD_READ, 0, 0, 512, 6);
+    assert_eq!(simple(&mut c), (0, 6));
+    let mut data = [1u8; 512];
+    c.read_exact(&mut data).unwrap();
+    req(&mut c, p::CMD_DISC, 0, 0, 0, 7);
+    assert_eq!(c.read(&mut data).unwrap(), 0, "closed after DISC");
+
+    // A read-only export refuses writes with EPERM; a bad request magic is a hard
+    // disconnect; the next client is served.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.read_exact(&mut g).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    opt(&mut c, p::OPT_GO, &go("ro"));
+    while reply(&mut c) != p::REP_ACK {}
+    req(&mut c, p::CMD_WRITE, 0, 0, 512, 8);
+    c.write_all(&[0; 512]).unwrap();
+    assert_eq!(
+        simple(&mut c),
+        (1, 8),
+        "write to a read-only export is EPERM"
+    );
+    c.write_all(&[0xde; 28]).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).unwrap(), 0);
+    let st = tool("qemu-io")
+        .args(["-f", "raw", "-r", &uri(&s, "ro"), "-c", "read 0 4k"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// fio's nbd engine, queue depth 16, random writes verified with crc32c.
+#[test]
+fn fio_nbd_engine_verifies_clean() {
+    let (s, _disk) = start();
+    let out = tool("fio")
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=2M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=terse",
+        ])
+        .arg(format!("--uri={}", uri(&s, "disk")))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("verify: bad"));
+}
