@@ -488,6 +488,13 @@ impl<B: Backend> SnapshotManager<B> {
         Ok(lock(&pair.table).clone())
     }
 
+    /// The recorded parts of `ext` in the update-location table of the pair `vlu` belongs
+    /// to (what `hvm:dirty` block status reports), without copying the whole table.
+    pub fn recorded(&self, vlu: VirtualLuId, ext: Extent) -> Result<Vec<Extent>> {
+        let (pair, _) = self.pair(vlu)?;
+        Ok(lock(&pair.table).intersection(ext))
+    }
+
     /// Capacity of a virtual LU in bytes.
     pub fn capacity_bytes(&self, vlu: VirtualLuId) -> Result<u64> {
         Ok(self.pair(vlu)?.0.capacity_lbas * SECTOR_SIZE)

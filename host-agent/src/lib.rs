@@ -5,6 +5,9 @@
 //! [`nbd::proto`], the NBD wire protocol. The NBD server, the config and the control path
 //! come with their issues.
 
+pub mod agent;
+pub mod config;
+pub mod exports;
 pub mod nbd;
 
 use hvm_plugin_abi::host::Plugin;

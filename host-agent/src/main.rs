@@ -1,16 +1,25 @@
-//! `host-agent`: the hvm service. Subcommands so far: `plugin check PATH`.
+//! `host-agent --config FILE [--state-dir DIR]`: serve the configured virtual LUs over
+//! NBD. `host-agent plugin check PATH`: inspect a backend plugin.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hvm_host_agent::agent::Agent;
+use hvm_host_agent::config::Config;
 use hvm_plugin_abi::host::Plugin;
 
 #[derive(Parser)]
 #[command(name = "host-agent", about = "hvm host volume manager service")]
 struct Cli {
+    /// The service's YAML config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where state (embedded arrays, the NBD socket) lives; overrides the config's.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
-    command: Cmd,
+    command: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -37,10 +46,13 @@ enum PluginCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Plugin {
-            command: PluginCmd::Check { path, verbose },
-        } => match Plugin::load(&path) {
+    match (cli.command, cli.config) {
+        (
+            Some(Cmd::Plugin {
+                command: PluginCmd::Check { path, verbose },
+            }),
+            _,
+        ) => match Plugin::load(&path) {
             Ok(p) => {
                 print!("{}", hvm_host_agent::plugin_check(&p));
                 ExitCode::SUCCESS
@@ -55,5 +67,75 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        (None, Some(config)) => run(&config, cli.state_dir),
+        (None, None) => {
+            eprintln!("host-agent: give --config FILE, or a subcommand (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
+    let (cfg, base) = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let agent = match Agent::build(&cfg, &base, state_dir.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("host-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let listeners = agent.listen().await?;
+        // Scripts and tests wait for this line: the sockets are bound.
+        println!(
+            "host-agent: serving {} virtual LUs on unix:{}{}",
+            agent.virtual_lus.len(),
+            agent.socket.display(),
+            agent
+                .tcp
+                .as_ref()
+                .map(|t| format!(" and tcp:{t}"))
+                .unwrap_or_default()
+        );
+        agent.serve(listeners, shutdown_signal()).await;
+        Ok::<(), hvm_host_agent::agent::AgentError>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -79,18 +79,25 @@ pub trait Export: Send + Sync + 'static {
     }
 }
 
-/// The exports a server offers; an export may come and go (a virtual LU in Undefined mode
-/// is neither listed nor opened).
+/// The credentials of a peer on a Unix socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The exports a server offers, as seen by one peer; an export may come and go (a virtual
+/// LU in Undefined mode is neither listed nor opened). `peer` is `None` on TCP.
 pub trait Exports: Send + Sync + 'static {
-    fn names(&self) -> Vec<String>;
-    fn get(&self, name: &str) -> Option<Arc<dyn Export>>;
+    fn names(&self, peer: Option<&Peer>) -> Vec<String>;
+    fn get(&self, name: &str, peer: Option<&Peer>) -> Option<Arc<dyn Export>>;
 }
 
 impl Exports for BTreeMap<String, Arc<dyn Export>> {
-    fn names(&self) -> Vec<String> {
+    fn names(&self, _peer: Option<&Peer>) -> Vec<String> {
         self.keys().cloned().collect()
     }
-    fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+    fn get(&self, name: &str, _peer: Option<&Peer>) -> Option<Arc<dyn Export>> {
         BTreeMap::get(self, name).cloned()
     }
 }
@@ -113,14 +120,17 @@ impl Default for Limits {
     }
 }
 
-/// Serve one connection to its end.
-pub async fn serve<S>(stream: S, exports: Arc<dyn Exports>, limits: Limits)
+/// Serve one connection to its end; `peer` are its credentials on a Unix socket.
+pub async fn serve<S>(stream: S, peer: Option<Peer>, exports: Arc<dyn Exports>, limits: Limits)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let negotiated =
-        tokio::time::timeout(limits.handshake, negotiate(&mut rd, &mut wr, &*exports)).await;
+    let negotiated = tokio::time::timeout(
+        limits.handshake,
+        negotiate(&mut rd, &mut wr, &*exports, peer.as_ref()),
+    )
+    .await;
     let Ok(Ok(Some(session))) = negotiated else {
         return;
     };
@@ -162,6 +172,7 @@ async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
     exports: &dyn Exports,
+    peer: Option<&Peer>,
 ) -> std::io::Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
@@ -203,7 +214,7 @@ where
         match opt.option {
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = exports.get(&name) else {
+                let Some(export) = exports.get(&name, peer) else {
                     // This option cannot fail with a reply: the spec says disconnect.
                     return Ok(None);
                 };
@@ -226,7 +237,7 @@ where
                         .await?;
                     continue;
                 }
-                for name in exports.names() {
+                for name in exports.names(peer) {
                     wr.write_all(&reply(p::REP_SERVER, &p::server_reply(&name)))
                         .await?;
                 }
@@ -238,7 +249,7 @@ where
                         .await?;
                     continue;
                 };
-                let Some(export) = exports.get(&req.name) else {
+                let Some(export) = exports.get(&req.name, peer) else {
                     let msg = format!("no export named {:?}", req.name);
                     wr.write_all(&reply(p::REP_ERR_UNKNOWN, msg.as_bytes()))
                         .await?;
@@ -294,7 +305,7 @@ where
                     .await?;
                     continue;
                 };
-                let Some(export) = exports.get(&req.export) else {
+                let Some(export) = exports.get(&req.export, peer) else {
                     let msg = format!("no export named {:?}", req.export);
                     wr.write_all(&reply(p::REP_ERR_UNKNOWN, msg.as_bytes()))
                         .await?;
@@ -512,7 +523,8 @@ where
     let _ = writer.await;
 }
 
-/// Accept connections from `listener` until `shutdown`, each served by [`serve`].
+/// Accept connections on a Unix socket until `shutdown`, each served by [`serve`] with
+/// its peer's credentials.
 pub async fn run_unix(
     listener: tokio::net::UnixListener,
     exports: Arc<dyn Exports>,
@@ -525,7 +537,29 @@ pub async fn run_unix(
             _ = &mut shutdown => return,
             accepted = listener.accept() => {
                 if let Ok((s, _)) = accepted {
-                    tokio::spawn(serve(s, exports.clone(), limits));
+                    let peer = s.peer_cred().ok().map(|c| Peer { uid: c.uid(), gid: c.gid() });
+                    tokio::spawn(serve(s, peer, exports.clone(), limits));
+                }
+            }
+        }
+    }
+}
+
+/// Accept TCP connections until `shutdown` (no credentials: only unrestricted exports).
+pub async fn run_tcp(
+    listener: tokio::net::TcpListener,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => {
+                if let Ok((s, _)) = accepted {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(serve(s, None, exports.clone(), limits));
                 }
             }
         }

@@ -1,0 +1,262 @@
+//! Putting a configured host together: load the backend plugins, open each backend, build
+//! one snapshot manager per backend with its virtual LUs, and serve them over NBD.
+//!
+//! The tables live in memory for now (`NoLog`); the durable journal comes with the
+//! control-and-durability issue.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hvm_core::backend::{Backend, BackendError};
+use hvm_core::journal::NoLog;
+use hvm_core::{LuId, ManagerError, PairConfig, SnapshotManager, VirtualLuId};
+use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
+
+use crate::config::{Config, ConfigError};
+use crate::exports::{Access, Manager, VluExport, VluExports};
+use crate::nbd::server::{self, Exports, Limits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("backend {backend}: {source}")]
+    Plugin {
+        backend: String,
+        #[source]
+        source: Box<LoadError>,
+    },
+    #[error("backend {backend}: describing the array failed: {source}")]
+    Describe {
+        backend: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("virtual LU {name}: backend {backend} has no mirroring definition whose primary LU is {lu} (it has {available})")]
+    NoDefinition {
+        name: String,
+        backend: String,
+        lu: u32,
+        available: String,
+    },
+    #[error("backend {backend}: {source}")]
+    Manager {
+        backend: String,
+        #[source]
+        source: ManagerError,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A configured host, ready to serve.
+pub struct Agent {
+    pub exports: Arc<VluExports>,
+    /// Managers by backend name.
+    pub managers: BTreeMap<String, Arc<Manager>>,
+    /// Export name -> (backend name, virtual LU).
+    pub virtual_lus: BTreeMap<String, (String, VirtualLuId)>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: Option<String>,
+}
+
+fn absolute(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// An embedded array's relative `dir` lives in the state directory.
+fn place_embedded_dir(params: &mut serde_yaml::Value, state_dir: &Path) {
+    let dir = params
+        .get_mut("array")
+        .and_then(|a| a.get_mut("embedded"))
+        .and_then(|e| e.get_mut("dir"));
+    if let Some(d) = dir {
+        if let Some(s) = d.as_str() {
+            let p = Path::new(s);
+            if p.is_relative() {
+                *d = serde_yaml::Value::String(state_dir.join(p).display().to_string());
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Build from `cfg`, whose relative paths are relative to `base`.
+    pub fn build(cfg: &Config, base: &Path, state_dir: Option<&Path>) -> Result<Agent, AgentError> {
+        let state_dir = match (state_dir, &cfg.state_dir) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(d)) => absolute(base, d),
+            (None, None) => base.join("hvm-state"),
+        };
+        std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::Io {
+            path: state_dir.clone(),
+            source,
+        })?;
+        let plugin_dir = match &cfg.plugin_dir {
+            Some(d) => absolute(base, d),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        let mut exports = VluExports::default();
+        let mut managers = BTreeMap::new();
+        let mut virtual_lus = BTreeMap::new();
+        for b in &cfg.backends {
+            let err = |source| AgentError::Plugin {
+                backend: b.name.clone(),
+                source: Box::new(source),
+            };
+            let path = if b.plugin.contains('/') {
+                absolute(base, Path::new(&b.plugin))
+            } else {
+                path_in(&plugin_dir, &b.plugin)
+            };
+            let plugin = Plugin::load(&path).map_err(err)?;
+            let mut params = b.params.clone();
+            place_embedded_dir(&mut params, &state_dir);
+            let text = serde_yaml::to_string(&params).unwrap_or_default();
+            let backend: Box<dyn Backend> = Box::new(plugin.open(&text).map_err(err)?);
+            let desc = backend.describe().map_err(|source| AgentError::Describe {
+                backend: b.name.clone(),
+                source,
+            })?;
+            let mut pairs = Vec::new();
+            let mut names = Vec::new();
+            let mut next = 0u32;
+            for v in cfg.virtual_lus.iter().filter(|v| v.backend == b.name) {
+                let def = desc
+                    .mirroring
+                    .iter()
+                    .find(|d| d.primary() == LuId(v.lu))
+                    .ok_or_else(|| AgentError::NoDefinition {
+                        name: v.name.clone(),
+                        backend: b.name.clone(),
+                        lu: v.lu,
+                        available: desc
+                            .mirroring
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    })?;
+                let origin = VirtualLuId(next);
+                let snapshots: Vec<VirtualLuId> = (0..v.snapshots.len() as u32)
+                    .map(|i| VirtualLuId(next + 1 + i))
+                    .collect();
+                next += 1 + v.snapshots.len() as u32;
+                let access = Access {
+                    uids: v.allow_uids.clone(),
+                    gids: v.allow_gids.clone(),
+                    read_only: v.read_only,
+                };
+                names.push((v.name.clone(), origin, access.clone()));
+                for (n, id) in v.snapshots.iter().zip(&snapshots) {
+                    names.push((n.clone(), *id, access.clone()));
+                }
+                pairs.push(PairConfig {
+                    origin,
+                    snapshots,
+                    definition: def.clone(),
+                    save_area: v.save_area.map(LuId),
+                });
+            }
+            let mgr = Arc::new(
+                SnapshotManager::open(backend, pairs, Arc::new(NoLog), None).map_err(|source| {
+                    AgentError::Manager {
+                        backend: b.name.clone(),
+                        source,
+                    }
+                })?,
+            );
+            for (name, vlu, access) in names {
+                exports.insert(name.clone(), VluExport::new(mgr.clone(), vlu, access));
+                virtual_lus.insert(name, (b.name.clone(), vlu));
+            }
+            managers.insert(b.name.clone(), mgr);
+        }
+        Ok(Agent {
+            exports: Arc::new(exports),
+            managers,
+            virtual_lus,
+            socket: absolute(&state_dir, &cfg.listen.unix),
+            tcp: cfg.listen.tcp.clone(),
+            state_dir,
+        })
+    }
+
+    /// The manager and virtual LU behind an export name.
+    pub fn virtual_lu(&self, name: &str) -> Option<(Arc<Manager>, VirtualLuId)> {
+        let (backend, vlu) = self.virtual_lus.get(name)?;
+        Some((self.managers.get(backend)?.clone(), *vlu))
+    }
+
+    /// Bind the configured sockets (a stale Unix socket file is replaced).
+    pub async fn listen(&self) -> Result<Listeners, AgentError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AgentError::Io { path, source }
+        };
+        if let Some(parent) = self.socket.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        if std::fs::symlink_metadata(&self.socket).is_ok() {
+            std::fs::remove_file(&self.socket).map_err(io(&self.socket))?;
+        }
+        let unix = tokio::net::UnixListener::bind(&self.socket).map_err(io(&self.socket))?;
+        let tcp = match &self.tcp {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io(Path::new(addr)))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { unix, tcp })
+    }
+
+    /// Serve the exports on `listeners` until `shutdown` completes.
+    pub async fn serve(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let exports: Arc<dyn Exports> = self.exports.clone();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.changed().await;
+        };
+        let mut tasks = vec![tokio::spawn(server::run_unix(
+            listeners.unix,
+            exports.clone(),
+            Limits::default(),
+            stopped(stop_rx.clone()),
+        ))];
+        if let Some(tcp) = listeners.tcp {
+            tasks.push(tokio::spawn(server::run_tcp(
+                tcp,
+                exports,
+                Limits::default(),
+                stopped(stop_rx),
+            )));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The bound sockets of an agent.
+pub struct Listeners {
+    pub unix: tokio::net::UnixListener,
+    pub tcp: Option<tokio::net::TcpListener>,
+}

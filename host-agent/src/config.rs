@@ -1,0 +1,200 @@
+//! host-agent's configuration (YAML). See `host-agent/examples/quickstart.yaml`.
+//!
+//! ```yaml
+//! state_dir: /var/lib/hvm            # relative: to this file; --state-dir overrides
+//! plugin_dir: /usr/lib/hvm/plugins   # default: beside the host-agent binary
+//! listen:
+//!   unix: nbd.sock                   # relative: in state_dir
+//!   tcp: 127.0.0.1:10809             # optional; only unrestricted exports on TCP
+//! backends:
+//!   - name: array0
+//!     plugin: stateless              # a name in plugin_dir, or a path to the .so
+//!     params: { array: { embedded: { kind: stateless, dir: array0, ... } } }
+//! virtual_lus:
+//!   - name: db                       # the export of the original data
+//!     backend: array0
+//!     lu: 0                          # the mirroring definition whose primary LU is 0
+//!     snapshots: [db-snap]           # the snapshot export(s)
+//!     save_area: 9                   # pre-update (E4) arrays only
+//!     read_only: false
+//!     allow_uids: []                 # SO_PEERCRED checks; empty: anyone who can
+//!     allow_gids: []                 #   reach the socket
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub plugin_dir: Option<PathBuf>,
+    pub listen: Listen,
+    pub backends: Vec<BackendConfig>,
+    pub virtual_lus: Vec<VirtualLuConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub unix: PathBuf,
+    #[serde(default)]
+    pub tcp: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub plugin: String,
+    #[serde(default)]
+    pub params: serde_yaml::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualLuConfig {
+    pub name: String,
+    pub backend: String,
+    pub lu: u32,
+    pub snapshots: Vec<String>,
+    #[serde(default)]
+    pub save_area: Option<u32>,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// serde_yaml's message has the line and column and what was expected.
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{file}: {at}: {message}")]
+    Invalid {
+        file: String,
+        at: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and check `path`; returns the config and the directory relative paths in it
+    /// are resolved against.
+    pub fn load(path: &Path) -> Result<(Config, PathBuf), ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let cfg = Config::parse(&text, &file)?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok((cfg, base))
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.into(),
+            source,
+        })?;
+        let bad = |at: String, message: String| ConfigError::Invalid {
+            file: file.into(),
+            at,
+            message,
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for (i, b) in cfg.backends.iter().enumerate() {
+            if !names.insert(b.name.as_str()) {
+                return Err(bad(
+                    format!("backends[{i}].name"),
+                    format!("{:?} is used twice", b.name),
+                ));
+            }
+        }
+        let mut exports = std::collections::BTreeSet::new();
+        for (i, v) in cfg.virtual_lus.iter().enumerate() {
+            if !names.contains(v.backend.as_str()) {
+                return Err(bad(
+                    format!("virtual_lus[{i}].backend"),
+                    format!("no backend named {:?}", v.backend),
+                ));
+            }
+            for n in std::iter::once(&v.name).chain(&v.snapshots) {
+                if n.is_empty() || n.len() > 4096 || n.contains('\0') {
+                    return Err(bad(
+                        format!("virtual_lus[{i}]"),
+                        format!("{n:?} is not a valid export name (1-4096 bytes, no NUL)"),
+                    ));
+                }
+                if !exports.insert(n.clone()) {
+                    return Err(bad(
+                        format!("virtual_lus[{i}]"),
+                        format!("export name {n:?} is used twice"),
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = "
+listen: { unix: nbd.sock }
+backends:
+  - { name: a, plugin: stateless, params: { array: { connect: 'unix:/x' } } }
+virtual_lus:
+  - { name: db, backend: a, lu: 0, snapshots: [db-snap] }
+";
+
+    #[test]
+    fn parses() {
+        let c = Config::parse(OK, "c.yaml").unwrap();
+        assert_eq!(c.virtual_lus[0].snapshots, vec!["db-snap".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_what() {
+        let e = Config::parse(&OK.replace("lu: 0", "lu: zero"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.yaml: ") && e.contains("line 6"), "{e}");
+        let e = Config::parse(&format!("{OK}colour: red\n"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = Config::parse(&OK.replace("backend: a", "backend: b"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("virtual_lus[0].backend: no backend named \"b\""),
+            "{e}"
+        );
+        let e = Config::parse(&OK.replace("[db-snap]", "[db]"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+}

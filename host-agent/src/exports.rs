@@ -1,0 +1,157 @@
+//! Virtual LUs as NBD exports: every request goes through hvm-core's snapshot manager
+//! (the LU mode table picks the real LU, the update-location table is kept, E4 copies on
+//! write), and `hvm:dirty` block status reports the update-location table.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hvm_core::backend::Backend;
+use hvm_core::{Extent, ManagerError, Mode, SnapshotManager, VirtualLuId, SECTOR_SIZE};
+
+use crate::nbd::proto::STATE_DIRTY;
+use crate::nbd::server::{Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
+
+/// The snapshot manager of one backend.
+pub type Manager = SnapshotManager<Box<dyn Backend>>;
+
+fn export_error(e: ManagerError) -> ExportError {
+    ExportError::new(e.errno(), e.to_string())
+}
+
+/// Who may open an export: nobody listed means everybody who can reach the socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub read_only: bool,
+}
+
+impl Access {
+    fn allows(&self, peer: Option<&Peer>) -> bool {
+        if self.uids.is_empty() && self.gids.is_empty() {
+            return true;
+        }
+        // Without credentials (TCP) a restricted export is not offered.
+        peer.is_some_and(|p| self.uids.contains(&p.uid) || self.gids.contains(&p.gid))
+    }
+}
+
+/// One virtual LU served as an export.
+pub struct VluExport {
+    mgr: Arc<Manager>,
+    vlu: VirtualLuId,
+    access: Access,
+}
+
+impl VluExport {
+    pub fn new(mgr: Arc<Manager>, vlu: VirtualLuId, access: Access) -> Self {
+        VluExport { mgr, vlu, access }
+    }
+
+    /// Accessible now: a virtual LU in Undefined mode is neither listed nor opened.
+    pub fn available(&self) -> bool {
+        self.mgr.mode(self.vlu) != Mode::Undefined
+    }
+}
+
+impl Export for VluExport {
+    fn size(&self) -> u64 {
+        self.mgr.capacity_bytes(self.vlu).unwrap_or(0)
+    }
+
+    fn read_only(&self) -> bool {
+        self.access.read_only
+            || self
+                .mgr
+                .lu_mode_table()
+                .get(self.vlu)
+                .is_some_and(|e| e.write.is_none())
+    }
+
+    fn multi_conn(&self) -> bool {
+        // One manager serves every connection and a flush reaches the array's LUs, so
+        // a flush on any connection covers writes completed on all of them.
+        true
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.mgr.read(self.vlu, offset, buf).map_err(export_error)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        self.mgr
+            .write(self.vlu, offset, data, fua)
+            .map_err(export_error)
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        self.mgr.flush(self.vlu).map_err(export_error)
+    }
+
+    fn meta_contexts(&self) -> Vec<&'static str> {
+        vec![BASE_ALLOCATION, HVM_DIRTY]
+    }
+
+    fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, ExportError> {
+        if context != HVM_DIRTY || len == 0 {
+            // base:allocation: every block of an array LU is allocated data.
+            return Ok(vec![(len, 0)]);
+        }
+        let end = offset + u64::from(len);
+        let Some(sectors) = Extent::covering_bytes(offset, u64::from(len)) else {
+            return Ok(Vec::new());
+        };
+        let recorded = self.mgr.recorded(self.vlu, sectors).map_err(export_error)?;
+        // Runs of clean and dirty bytes covering exactly offset..end.
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut at = offset;
+        let mut push = |from: u64, to: u64, flags: u32| {
+            if to > from {
+                out.push(((to - from) as u32, flags));
+            }
+        };
+        for r in recorded {
+            let (s, e) = (
+                (r.first() * SECTOR_SIZE).max(offset),
+                ((r.last() + 1) * SECTOR_SIZE).min(end),
+            );
+            push(at, s, 0);
+            push(s, e, STATE_DIRTY);
+            at = e;
+        }
+        push(at, end, 0);
+        Ok(out)
+    }
+}
+
+/// Every virtual LU of every backend, by export name.
+#[derive(Default)]
+pub struct VluExports {
+    exports: BTreeMap<String, Arc<VluExport>>,
+}
+
+impl VluExports {
+    pub fn insert(&mut self, name: String, export: VluExport) {
+        self.exports.insert(name, Arc::new(export));
+    }
+}
+
+impl Exports for VluExports {
+    fn names(&self, peer: Option<&Peer>) -> Vec<String> {
+        self.exports
+            .iter()
+            .filter(|(_, e)| e.available() && e.access.allows(peer))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn get(&self, name: &str, peer: Option<&Peer>) -> Option<Arc<dyn Export>> {
+        let e = self.exports.get(name)?;
+        (e.available() && e.access.allows(peer)).then(|| e.clone() as Arc<dyn Export>)
+    }
+}

@@ -1,0 +1,176 @@
+//! host-agent's data path end to end: the quickstart config on embedded arrays, served
+//! over NBD to real clients; `hvm:dirty` in Snapshot mode; config errors.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use hvm_host_agent::agent::Agent;
+use hvm_host_agent::config::Config;
+use hvm_tests::{binary, build_artifacts, target_dir, workspace};
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        found,
+        "{name} is not installed (scripts/test.sh installs it)"
+    );
+    Command::new(name)
+}
+
+fn uri(sock: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn quickstart_serves_real_clients() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("host-agent"))
+        .arg("--config")
+        .arg(workspace().join("host-agent/examples/quickstart.yaml"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _agent = Running(child);
+    assert!(
+        line.starts_with("host-agent: serving 6 virtual LUs"),
+        "{line}"
+    );
+    let sock = state.path().join("nbd.sock");
+
+    let list = run_ok(tool("nbdinfo").args(["--list", "--json", &uri(&sock, "")]));
+    for name in ["\"db\"", "\"logs\"", "\"files\""] {
+        assert!(list.contains(name), "{list}");
+    }
+    assert!(
+        !list.contains("db-snap"),
+        "Undefined snapshot exports are not listed: {list}"
+    );
+
+    for export in ["db", "logs", "files"] {
+        let text = run_ok(
+            tool("qemu-io")
+                .args(["-f", "raw", &uri(&sock, export)])
+                .args(["-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M"])
+                .args(["-c", "write -P 0x5c 4095 3", "-c", "read -P 0x5c 4095 3"]),
+        );
+        assert!(!text.contains("verification failed"), "{export}: {text}");
+    }
+    let copy = state.path().join("db.img");
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri(&sock, "db")])
+            .arg(&copy),
+    );
+    let img = std::fs::read(&copy).unwrap();
+    assert_eq!(img.len(), 131_072 * 512);
+    assert!(img[..4095].iter().all(|b| *b == 0xab));
+    assert!(img[4095..4098].iter().all(|b| *b == 0x5c));
+    assert!(img[1 << 20..].iter().all(|b| *b == 0));
+}
+
+/// In Snapshot mode, `nbdinfo --map=hvm:dirty` lists exactly the written ranges, and the
+/// snapshot export is listed and keeps the data of the snapshot instant.
+#[test]
+fn dirty_map_in_snapshot_mode() {
+    build_artifacts();
+    let state = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(workspace().join("host-agent/examples/quickstart.yaml"))
+        .unwrap()
+        + &format!("plugin_dir: {}\n", target_dir().display());
+    let cfg = Config::parse(&text, "quickstart.yaml").unwrap();
+    let agent = Agent::build(&cfg, &workspace(), Some(state.path())).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listeners = rt.block_on(agent.listen()).unwrap();
+    let sock = agent.socket.clone();
+    let (mgr, db) = agent.virtual_lu("db").unwrap();
+    mgr.write(db, 0, &vec![0x11; 1 << 20], false).unwrap();
+    mgr.acquire(db).unwrap();
+    std::thread::scope(|s| {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let agent = &agent;
+        let rt = &rt;
+        s.spawn(move || {
+            rt.block_on(agent.serve(listeners, async {
+                let _ = rx.await;
+            }))
+        });
+        run_ok(
+            tool("qemu-io")
+                .args(["-f", "raw", &uri(&sock, "db")])
+                .args([
+                    "-c",
+                    "write -P 0x22 8192 4096",
+                    "-c",
+                    "write -P 0x22 100000 10",
+                ]),
+        );
+        let map = run_ok(tool("nbdinfo").args(["--map=hvm:dirty", &uri(&sock, "db")]));
+        let dirty: Vec<(u64, u64)> = map
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3 && f[2] == "1")
+                    .then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+            })
+            .collect();
+        // 100000..100010 lies in sector 195 (99840..100352): whole sectors are marked.
+        assert_eq!(dirty, vec![(8192, 4096), (99_840, 512)], "{map}");
+        let list = run_ok(tool("nbdinfo").args(["--list", "--json", &uri(&sock, "")]));
+        assert!(list.contains("\"db-snap\""), "{list}");
+        let text = run_ok(
+            tool("qemu-io")
+                .args(["-f", "raw", "-r", &uri(&sock, "db-snap")])
+                .args(["-c", "read -P 0x11 8192 4096"]),
+        );
+        assert!(!text.contains("verification failed"), "{text}");
+        let _ = tx.send(());
+    });
+}
+
+#[test]
+fn bad_config_is_refused_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "listen: {unix: s}\nbackends: []\nvirtual_lus:\n  - {name: db, backend: a, lu: x, snapshots: []}\n").unwrap();
+    let out = Command::new(binary("host-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml") && err.contains("line 4"), "{err}");
+}
