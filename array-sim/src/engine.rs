@@ -338,11 +338,25 @@ impl Engine {
         if legs.len() == 1 {
             return legs[0];
         }
-        let load = |l: &u8| self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding());
-        let min = legs.iter().map(load).min().unwrap_or(0);
-        let tied: Vec<u8> = legs.iter().copied().filter(|l| load(l) == min).collect();
-        let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % tied.len();
-        tied[i]
+        // Read each leg's load once: the counts move under concurrent I/O, and judging
+        // the minimum and the ties from different readings could leave no leg at all.
+        let loads: Vec<(u8, u64)> = legs
+            .iter()
+            .map(|l| {
+                (
+                    *l,
+                    self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding()),
+                )
+            })
+            .collect();
+        let min = loads.iter().map(|(_, n)| *n).min().unwrap_or(0);
+        let tied: Vec<u8> = loads
+            .iter()
+            .filter(|(_, n)| *n == min)
+            .map(|(l, _)| *l)
+            .collect();
+        let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % tied.len().max(1);
+        tied.get(i).copied().unwrap_or(legs[0])
     }
 
     /// Execute one command addressed to `lun`.
