@@ -89,6 +89,10 @@ struct Server {
 const SIZE: usize = 4 << 20;
 
 fn start() -> (Server, Arc<MemExport>) {
+    start_with(Limits::default())
+}
+
+fn start_with(limits: Limits) -> (Server, Arc<MemExport>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let disk = MemExport::new(SIZE, false);
@@ -103,7 +107,7 @@ fn start() -> (Server, Arc<MemExport>) {
     rt.spawn(server::run_unix(
         listener,
         exports,
-        Limits::default(),
+        limits,
         std::future::pending(),
     ));
     (Server { sock, dir, _rt: rt }, disk)
@@ -118,6 +122,7 @@ fn tool(name: &str) -> Command {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap()
         .success();
@@ -339,4 +344,40 @@ fn fio_nbd_engine_verifies_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("verify: bad"));
+}
+
+/// Past the connection cap a client is closed at once; when one leaves, a new one is
+/// served. A client that never finishes the handshake is closed at the deadline.
+#[test]
+fn connection_cap_and_handshake_deadline() {
+    let limits = Limits {
+        connections: 2,
+        handshake: std::time::Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (s, _disk) = start_with(limits);
+    let mut g = [0u8; 18];
+    let mut a = UnixStream::connect(&s.sock).unwrap();
+    a.read_exact(&mut g).unwrap();
+    let mut b = UnixStream::connect(&s.sock).unwrap();
+    b.read_exact(&mut g).unwrap();
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    assert_eq!(
+        c.read(&mut g).unwrap_or(0),
+        0,
+        "the third connection is closed"
+    );
+    // a and b idle past the handshake deadline and are closed; slots free up.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut one = [0u8; 1];
+    assert_eq!(
+        a.read(&mut one).unwrap_or(0),
+        0,
+        "closed at the handshake deadline"
+    );
+    drop((a, b));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut d = UnixStream::connect(&s.sock).unwrap();
+    d.read_exact(&mut g).unwrap();
+    assert_eq!(g, p::greeting());
 }

@@ -23,6 +23,7 @@ fn tool(name: &str) -> Command {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap()
         .success();

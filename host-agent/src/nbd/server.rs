@@ -109,6 +109,8 @@ pub struct Limits {
     pub handshake: Duration,
     /// Requests in flight per connection.
     pub in_flight: usize,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub connections: usize,
 }
 
 impl Default for Limits {
@@ -116,6 +118,7 @@ impl Default for Limits {
         Limits {
             handshake: Duration::from_secs(10),
             in_flight: 64,
+            connections: 256,
         }
     }
 }
@@ -456,18 +459,39 @@ fn run(s: &Session, req: p::Request, payload: Vec<u8>) -> Frame {
     }
 }
 
-async fn transmission<R, W>(mut rd: R, mut wr: W, session: Session, limits: Limits)
+async fn transmission<R, W>(rd: R, mut wr: W, session: Session, limits: Limits)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Requests arrive back to back; read them in bulk, not one system call per header.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let session = Arc::new(session);
     let (tx, mut rx) = mpsc::channel::<Frame>(limits.in_flight);
     let writer = tokio::spawn(async move {
-        while let Some((head, data)) = rx.recv().await {
-            if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
-                break;
+        // Replies that are ready together go out in one system call where they fit.
+        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some((head, data)) = next.take() {
+                out.extend_from_slice(&head);
+                if data.len() > 256 * 1024 {
+                    // A large read: write what is queued, then the data without copying.
+                    if wr.write_all(&out).await.is_err() || wr.write_all(&data).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                } else {
+                    out.extend_from_slice(&data);
+                }
+                if out.len() < 1 << 20 {
+                    next = rx.try_recv().ok();
+                }
             }
+            if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
         }
         let _ = wr.shutdown().await;
     });
@@ -532,14 +556,20 @@ pub async fn run_unix(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(Semaphore::new(limits.connections));
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => {
-                if let Ok((s, _)) = accepted {
-                    let peer = s.peer_cred().ok().map(|c| Peer { uid: c.uid(), gid: c.gid() });
-                    tokio::spawn(serve(s, peer, exports.clone(), limits));
-                }
+                let Ok((s, _)) = accepted else { continue };
+                // Over the cap: dropping the stream closes it at once.
+                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+                let peer = s.peer_cred().ok().map(|c| Peer { uid: c.uid(), gid: c.gid() });
+                let exports = exports.clone();
+                tokio::spawn(async move {
+                    serve(s, peer, exports, limits).await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -553,14 +583,19 @@ pub async fn run_tcp(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(Semaphore::new(limits.connections));
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => {
-                if let Ok((s, _)) = accepted {
-                    let _ = s.set_nodelay(true);
-                    tokio::spawn(serve(s, None, exports.clone(), limits));
-                }
+                let Ok((s, _)) = accepted else { continue };
+                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+                let _ = s.set_nodelay(true);
+                let exports = exports.clone();
+                tokio::spawn(async move {
+                    serve(s, None, exports, limits).await;
+                    drop(slot);
+                });
             }
         }
     }
