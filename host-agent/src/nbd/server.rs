@@ -533,12 +533,12 @@ where
             break;
         };
         let (s, tx) = (session.clone(), tx.clone());
-        tokio::spawn(async move {
-            let frame = tokio::task::spawn_blocking(move || run(&s, req, payload)).await;
+        // Straight onto the blocking pool; the reply goes to the writer from there, with
+        // no async task in between.
+        tokio::task::spawn_blocking(move || {
+            let frame = run(&s, req, payload);
             drop(permit);
-            if let Ok(frame) = frame {
-                let _ = tx.send(frame).await;
-            }
+            let _ = tx.blocking_send(frame);
         });
     }
     // Let requests in flight finish and their replies go out, then close.
