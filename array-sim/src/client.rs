@@ -33,11 +33,45 @@ pub enum TransportError {
 /// Runs one SCSI command on an array.
 pub trait Transport: Send + Sync {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
+
+    /// Run a command whose data-in is exactly `data_in.len()` bytes, into `data_in`; the
+    /// returned response carries no data. The default copies; a transport that can place
+    /// the data directly overrides it.
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        let mut r = self.execute(lun, cdb, data_out)?;
+        if r.status == GOOD {
+            if r.data.len() != data_in.len() {
+                return Err(TransportError::Protocol(format!(
+                    "{} bytes of data-in, expected {}",
+                    r.data.len(),
+                    data_in.len()
+                )));
+            }
+            data_in.copy_from_slice(&r.data);
+            r.data = Vec::new();
+        }
+        Ok(r)
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
         (**self).execute(lun, cdb, data_out)
+    }
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        (**self).execute_into(lun, cdb, data_out, data_in)
     }
 }
 
@@ -45,6 +79,18 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
 impl Transport for Arc<Engine> {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
         match Engine::execute(self, lun, cdb, data_out) {
+            Outcome::Reply(r) => Ok(r),
+            Outcome::Drop => Err(TransportError::Disconnected),
+        }
+    }
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        match Engine::execute_into(self, lun, cdb, data_out, data_in) {
             Outcome::Reply(r) => Ok(r),
             Outcome::Drop => Err(TransportError::Disconnected),
         }
@@ -212,11 +258,31 @@ impl<T: Transport> ArrayClient<T> {
 
     /// Run `cmd`, turning CHECK CONDITION and transport failures into typed errors.
     pub fn command(&self, lun: u8, cmd: Command, data_out: &[u8]) -> Result<Vec<u8>, BackendError> {
-        let what = || format!("{cmd:?} on LUN {lun}");
+        let r = self.transport.execute(lun, &cmd.encode(), data_out);
+        Self::checked(lun, &cmd, r)
+    }
+
+    /// Run a command whose data-in fills `data_in` exactly.
+    pub fn command_into(
+        &self,
+        lun: u8,
+        cmd: Command,
+        data_in: &mut [u8],
+    ) -> Result<(), BackendError> {
         let r = self
             .transport
-            .execute(lun, &cmd.encode(), data_out)
-            .map_err(|e| BackendError::new(BackendErrorKind::Io, format!("{}: {e}", what())))?;
+            .execute_into(lun, &cmd.encode(), &[], data_in);
+        Self::checked(lun, &cmd, r).map(drop)
+    }
+
+    fn checked(
+        lun: u8,
+        cmd: &Command,
+        r: Result<Response, TransportError>,
+    ) -> Result<Vec<u8>, BackendError> {
+        let what = || format!("{cmd:?} on LUN {lun}");
+        let r =
+            r.map_err(|e| BackendError::new(BackendErrorKind::Io, format!("{}: {e}", what())))?;
         if r.status == GOOD {
             return Ok(r.data);
         }
@@ -340,22 +406,15 @@ impl<T: Transport> Backend for ArrayClient<T> {
         for (i, part) in buf.chunks_mut(chunk).enumerate() {
             let blocks = (part.len() / BLOCK_SIZE as usize) as u32;
             let at = lba + (i * chunk / BLOCK_SIZE as usize) as u64;
-            let d = self.command(
+            self.command_into(
                 lun,
                 Command::Read16 {
                     lba: at,
                     blocks,
                     fua: false,
                 },
-                &[],
+                part,
             )?;
-            if d.len() != part.len() {
-                return Err(BackendError::new(
-                    BackendErrorKind::Io,
-                    format!("READ of {} bytes returned {}", part.len(), d.len()),
-                ));
-            }
-            part.copy_from_slice(&d);
         }
         Ok(())
     }

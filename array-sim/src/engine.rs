@@ -361,6 +361,29 @@ impl Engine {
 
     /// Execute one command addressed to `lun`.
     pub fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        self.execute_inner(lun, cdb, data_out, None)
+    }
+
+    /// As [`Engine::execute`], but a READ whose transfer is exactly `data_in.len()` bytes
+    /// lands in `data_in` (the response then carries no data): no allocation and no copy
+    /// on the in-process read path.
+    pub fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Outcome {
+        self.execute_inner(lun, cdb, data_out, Some(data_in))
+    }
+
+    fn execute_inner(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: Option<&mut [u8]>,
+    ) -> Outcome {
         self.counters.commands.fetch_add(1, Ordering::Relaxed);
         let cmd = match Command::parse(cdb) {
             Ok(c) => c,
@@ -387,13 +410,19 @@ impl Engine {
             Injected::Delay(d) => std::thread::sleep(d),
             Injected::Drop => return Outcome::Drop,
         }
-        Outcome::Reply(match self.dispatch(lun, cmd, data_out) {
+        Outcome::Reply(match self.dispatch(lun, cmd, data_out, data_in) {
             Ok(data) => Response::good(data),
             Err(s) => Response::check(s),
         })
     }
 
-    fn dispatch(&self, lun: u8, cmd: Command, data_out: &[u8]) -> Result<Vec<u8>, Sense> {
+    fn dispatch(
+        &self,
+        lun: u8,
+        cmd: Command,
+        data_out: &[u8],
+        data_in: Option<&mut [u8]>,
+    ) -> Result<Vec<u8>, Sense> {
         match cmd {
             Command::TestUnitReady => Ok(Vec::new()),
             Command::Inquiry {
@@ -422,16 +451,17 @@ impl Engine {
                     return Err(Sense::NOT_ACCESSIBLE);
                 };
                 let leg = self.pick(&legs);
-                let mut buf = vec![0u8; len];
-                self.leg_io(
-                    leg,
-                    lba,
-                    |f, off| f.read_exact_at(&mut buf, off),
-                    false,
-                    len,
-                )
-                .map_err(|_| Sense::UNRECOVERED_READ_ERROR)?;
-                Ok(buf)
+                let mut own = Vec::new();
+                let buf: &mut [u8] = match data_in {
+                    Some(b) if b.len() == len => b,
+                    _ => {
+                        own.resize(len, 0);
+                        &mut own
+                    }
+                };
+                self.leg_io(leg, lba, |f, off| f.read_exact_at(buf, off), false, len)
+                    .map_err(|_| Sense::UNRECOVERED_READ_ERROR)?;
+                Ok(own)
             }
             Command::Write16 { lba, blocks, fua } => {
                 self.check_range(lun, lba, blocks)?;
