@@ -156,8 +156,11 @@ impl ArrayConfig {
         for row in &self.mirroring {
             let (stored, virtual_lu): (Vec<u8>, Option<u8>) = match (self.kind, row) {
                 (FirmwareKind::ModeSelect, MirrorConfig::Managed { lu, mates }) => {
-                    if mates.is_empty() {
-                        return Err(format!("LU {lu}: a mirroring row needs at least one mate"));
+                    if mates.is_empty() || mates.len() >= crate::engine::MAX_LEGS {
+                        return Err(format!(
+                            "LU {lu}: a mirroring row needs 1 to {} mates",
+                            crate::engine::MAX_LEGS - 1
+                        ));
                     }
                     (std::iter::once(*lu).chain(mates.iter().copied()).collect(), None)
                 }

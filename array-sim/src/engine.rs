@@ -125,11 +125,38 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// How a LUN may be accessed now.
-enum Access {
-    /// Read from the least-loaded of these legs, write to all of them.
-    Legs(Vec<u8>),
-    Refused(Sense),
+/// Most legs one LU can have: the LU and up to 15 mates (the config enforces it).
+pub const MAX_LEGS: usize = 16;
+
+/// The physical legs of one access, inline: the read path allocates nothing for them.
+#[derive(Clone, Copy)]
+struct Legs {
+    lus: [u8; MAX_LEGS],
+    n: usize,
+}
+
+impl Legs {
+    fn of(lus: &[u8]) -> Legs {
+        let mut l = Legs {
+            lus: [0; MAX_LEGS],
+            n: lus.len().min(MAX_LEGS),
+        };
+        l.lus[..l.n].copy_from_slice(&lus[..l.n]);
+        l
+    }
+
+    fn with_mates(lu: u8, mates: &[u8]) -> Legs {
+        let mut l = Legs::of(&[lu]);
+        for m in mates.iter().take(MAX_LEGS - 1) {
+            l.lus[l.n] = *m;
+            l.n += 1;
+        }
+        l
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.lus[..self.n]
+    }
 }
 
 const MODES_FILE: &str = "modes";
@@ -267,69 +294,50 @@ impl Engine {
         })
     }
 
-    fn read_access(&self, lun: u8) -> Access {
+    /// The legs a read (spread over them) or a write (to all of them) of `lun` uses now,
+    /// or the sense data that refuses it.
+    fn legs(&self, lun: u8, write: bool) -> Result<Legs, Sense> {
         match self.row_of(lun) {
             Some(MirrorConfig::Managed { lu, mates }) => {
                 let mode = self.mode(*lu).unwrap_or(Mode::Synchronized);
                 if lun == *lu {
-                    if mode == Mode::Synchronized {
-                        // [0034]: both legs hold the same data.
-                        Access::Legs(std::iter::once(*lu).chain(mates.iter().copied()).collect())
+                    // Writes: Fig. 6 steps 902-904, mirrored unless in Snapshot. Reads:
+                    // spread over the legs only while they are the same ([0034]).
+                    let spread = if write {
+                        mode != Mode::Snapshot
                     } else {
-                        Access::Legs(vec![lun])
-                    }
-                } else if mode == Mode::Snapshot {
-                    Access::Legs(vec![lun])
-                } else {
-                    // [0034], claim 13.
-                    Access::Refused(Sense::NOT_ACCESSIBLE)
-                }
-            }
-            Some(MirrorConfig::Triple {
-                mirror,
-                origin,
-                mate,
-            }) if lun == *mirror => Access::Legs(vec![*origin, *mate]),
-            Some(MirrorConfig::Pair { mirror, mate }) if lun == *mirror => {
-                Access::Legs(vec![*mirror, *mate])
-            }
-            _ => Access::Legs(vec![lun]),
-        }
-    }
-
-    fn write_access(&self, lun: u8) -> Access {
-        match self.row_of(lun) {
-            Some(MirrorConfig::Managed { lu, mates }) => {
-                let mode = self.mode(*lu).unwrap_or(Mode::Synchronized);
-                if lun == *lu {
-                    // Fig. 6 steps 902-904.
-                    if mode == Mode::Snapshot {
-                        Access::Legs(vec![lun])
+                        mode == Mode::Synchronized
+                    };
+                    Ok(if spread {
+                        Legs::with_mates(lun, mates)
                     } else {
-                        Access::Legs(std::iter::once(*lu).chain(mates.iter().copied()).collect())
-                    }
+                        Legs::of(&[lun])
+                    })
                 } else if mode == Mode::Snapshot {
                     // Steps 901, 905, 904.
-                    Access::Legs(vec![lun])
+                    Ok(Legs::of(&[lun]))
                 } else {
-                    // Step 906: a mate is not an independent LU outside Snapshot.
-                    Access::Refused(Sense::NOT_ACCESSIBLE)
+                    // Step 906, [0034], claim 13: a mate is not an independent LU
+                    // outside Snapshot.
+                    Err(Sense::NOT_ACCESSIBLE)
                 }
             }
             Some(MirrorConfig::Triple {
                 mirror,
                 origin,
                 mate,
-            }) if lun == *mirror => Access::Legs(vec![*origin, *mate]),
+            }) if lun == *mirror => Ok(Legs::of(&[*origin, *mate])),
             Some(MirrorConfig::Pair { mirror, mate }) => {
                 if lun == *mirror {
-                    Access::Legs(vec![*mirror, *mate])
-                } else {
+                    Ok(Legs::of(&[*mirror, *mate]))
+                } else if write {
                     // [0073]: the mate is read-only.
-                    Access::Refused(Sense::WRITE_PROTECTED)
+                    Err(Sense::WRITE_PROTECTED)
+                } else {
+                    Ok(Legs::of(&[lun]))
                 }
             }
-            _ => Access::Legs(vec![lun]),
+            _ => Ok(Legs::of(&[lun])),
         }
     }
 
@@ -340,23 +348,19 @@ impl Engine {
         }
         // Read each leg's load once: the counts move under concurrent I/O, and judging
         // the minimum and the ties from different readings could leave no leg at all.
-        let loads: Vec<(u8, u64)> = legs
-            .iter()
-            .map(|l| {
-                (
-                    *l,
-                    self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding()),
-                )
-            })
-            .collect();
-        let min = loads.iter().map(|(_, n)| *n).min().unwrap_or(0);
-        let tied: Vec<u8> = loads
-            .iter()
-            .filter(|(_, n)| *n == min)
-            .map(|(l, _)| *l)
-            .collect();
-        let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % tied.len().max(1);
-        tied.get(i).copied().unwrap_or(legs[0])
+        let mut loads = [0u64; MAX_LEGS];
+        for (slot, l) in loads.iter_mut().zip(legs) {
+            *slot = self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding());
+        }
+        let loads = &loads[..legs.len()];
+        let min = loads.iter().copied().min().unwrap_or(0);
+        let ties = loads.iter().filter(|n| **n == min).count().max(1);
+        let k = self.turn.fetch_add(1, Ordering::Relaxed) as usize % ties;
+        legs.iter()
+            .zip(loads)
+            .filter(|(_, n)| **n == min)
+            .nth(k)
+            .map_or(legs[0], |(l, _)| *l)
     }
 
     /// Execute one command addressed to `lun`.
@@ -447,10 +451,8 @@ impl Engine {
             }
             Command::Read16 { lba, blocks, .. } => {
                 let len = self.check_range(lun, lba, blocks)?;
-                let Access::Legs(legs) = self.read_access(lun) else {
-                    return Err(Sense::NOT_ACCESSIBLE);
-                };
-                let leg = self.pick(&legs);
+                let legs = self.legs(lun, false)?;
+                let leg = self.pick(legs.as_slice());
                 let mut own = Vec::new();
                 let buf: &mut [u8] = match data_in {
                     Some(b) if b.len() == len => b,
@@ -465,11 +467,7 @@ impl Engine {
             }
             Command::Write16 { lba, blocks, fua } => {
                 self.check_range(lun, lba, blocks)?;
-                let legs = match self.write_access(lun) {
-                    Access::Legs(l) => l,
-                    Access::Refused(s) => return Err(s),
-                };
-                for leg in legs {
+                for &leg in self.legs(lun, true)?.as_slice() {
                     self.leg_io(
                         leg,
                         lba,
@@ -486,14 +484,8 @@ impl Engine {
             }
             Command::SynchronizeCache16 { .. } => {
                 // Whole-LU flush: fdatasync of every leg file behind the LUN.
-                let legs = match self.write_access(lun) {
-                    Access::Legs(l) => l,
-                    Access::Refused(_) => match self.read_access(lun) {
-                        Access::Legs(l) => l,
-                        Access::Refused(s) => return Err(s),
-                    },
-                };
-                for leg in legs {
+                let legs = self.legs(lun, true).or_else(|_| self.legs(lun, false))?;
+                for &leg in legs.as_slice() {
                     self.sync(leg)?;
                 }
                 Ok(Vec::new())
@@ -503,7 +495,8 @@ impl Engine {
                     return Err(Sense::INVALID_FIELD_IN_CDB);
                 }
                 let page = self.mode_page(lun)?;
-                let protected = matches!(self.write_access(lun), Access::Refused(s) if s == Sense::WRITE_PROTECTED);
+                let protected =
+                    matches!(self.legs(lun, true), Err(s) if s == Sense::WRITE_PROTECTED);
                 let mut d = scsi::encode_mode_sense_6(&page, protected);
                 d.truncate(usize::from(alloc_len));
                 Ok(d)
