@@ -478,6 +478,11 @@ impl<B: Backend> SnapshotManager<B> {
         read(&self.lu_mode).clone()
     }
 
+    /// The LU mode table row of `vlu`, without copying the table.
+    pub fn lu_mode_entry(&self, vlu: VirtualLuId) -> Option<LuModeEntry> {
+        read(&self.lu_mode).get(vlu)
+    }
+
     pub fn mode(&self, vlu: VirtualLuId) -> Mode {
         read(&self.lu_mode).mode(vlu)
     }

@@ -63,8 +63,7 @@ impl Export for VluExport {
         self.access.read_only
             || self
                 .mgr
-                .lu_mode_table()
-                .get(self.vlu)
+                .lu_mode_entry(self.vlu)
                 .is_some_and(|e| e.write.is_none())
     }
 
