@@ -13,7 +13,8 @@
 //! ```
 //!
 //! or `array: { connect: "unix:/run/array.sock" }` (or `tcp:HOST:PORT`) to drive an
-//! `array-sim serve` daemon.
+//! `array-sim serve` daemon. A relative embedded `dir` is taken relative to `state_dir`,
+//! which host-agent adds to every plugin's parameters.
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ use crate::server::Address;
 #[serde(deny_unknown_fields)]
 struct Params {
     array: ArraySpec,
+    #[serde(default)]
+    state_dir: Option<std::path::PathBuf>,
 }
 
 /// Exactly one of the two. (A struct, not an enum: serde_yaml reads enums as YAML tags,
@@ -62,7 +65,13 @@ pub fn open(params: &str, expect: FirmwareKind) -> Result<Array, String> {
         ),
         (Some(value), None) => {
             let text = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
-            let cfg = ArrayConfig::parse(&text, "array.embedded").map_err(|e| e.to_string())?;
+            let mut cfg =
+                ArrayConfig::parse(&text, "array.embedded").map_err(|e| e.to_string())?;
+            if let (Some(dir), Some(base)) = (&cfg.dir, &p.state_dir) {
+                if dir.is_relative() {
+                    cfg.dir = Some(base.join(dir));
+                }
+            }
             if cfg.kind != expect {
                 return Err(format!(
                     "this is the {} driver, but the embedded array is of kind {}",

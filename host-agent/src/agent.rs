@@ -75,20 +75,23 @@ fn absolute(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// An embedded array's relative `dir` lives in the state directory.
-fn place_embedded_dir(params: &mut serde_yaml::Value, state_dir: &Path) {
-    let dir = params
-        .get_mut("array")
-        .and_then(|a| a.get_mut("embedded"))
-        .and_then(|e| e.get_mut("dir"));
-    if let Some(d) = dir {
-        if let Some(s) = d.as_str() {
-            let p = Path::new(s);
-            if p.is_relative() {
-                *d = serde_yaml::Value::String(state_dir.join(p).display().to_string());
-            }
+/// Every plugin's parameters get the host's state directory as `state_dir` (unless they
+/// set one), so a driver can keep its files there; what it keeps is the driver's affair.
+fn with_state_dir(params: &serde_yaml::Value, state_dir: &Path) -> serde_yaml::Value {
+    let mut params = params.clone();
+    if params.is_null() {
+        params = serde_yaml::Value::Mapping(serde_yaml::Mapping::new());
+    }
+    if let Some(m) = params.as_mapping_mut() {
+        let key = serde_yaml::Value::String("state_dir".into());
+        if !m.contains_key(&key) {
+            m.insert(
+                key,
+                serde_yaml::Value::String(state_dir.display().to_string()),
+            );
         }
     }
+    params
 }
 
 impl Agent {
@@ -124,8 +127,7 @@ impl Agent {
                 path_in(&plugin_dir, &b.plugin)
             };
             let plugin = Plugin::load(&path).map_err(err)?;
-            let mut params = b.params.clone();
-            place_embedded_dir(&mut params, &state_dir);
+            let params = with_state_dir(&b.params, &state_dir);
             let text = serde_yaml::to_string(&params).unwrap_or_default();
             let backend: Box<dyn Backend> = Box::new(plugin.open(&text).map_err(err)?);
             let desc = backend.describe().map_err(|source| AgentError::Describe {

@@ -10,6 +10,7 @@
 //!   - name: array0
 //!     plugin: stateless              # a name in plugin_dir, or a path to the .so
 //!     params: { array: { embedded: { kind: stateless, dir: array0, ... } } }
+//!                                    # the plugin also gets `state_dir: <state_dir>`
 //! virtual_lus:
 //!   - name: db                       # the export of the original data
 //!     backend: array0
