@@ -547,24 +547,27 @@ where
     let _ = writer.await;
 }
 
-/// Accept connections on a Unix socket until `shutdown`, each served by [`serve`] with
-/// its peer's credentials.
-pub async fn run_unix(
-    listener: tokio::net::UnixListener,
+/// Accept connections from `accept` until `shutdown`, each served by [`serve`]; past
+/// `limits.connections` a new connection is closed at once.
+async fn accept_loop<S, F, Fut>(
+    mut accept: F,
     exports: Arc<dyn Exports>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, Option<Peer>)>>,
+{
     tokio::pin!(shutdown);
     let slots = Arc::new(Semaphore::new(limits.connections));
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
-            accepted = listener.accept() => {
-                let Ok((s, _)) = accepted else { continue };
-                // Over the cap: dropping the stream closes it at once.
+            accepted = accept() => {
+                let Ok((s, peer)) = accepted else { continue };
+                // Over the cap: dropping the stream closes it.
                 let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                let peer = s.peer_cred().ok().map(|c| Peer { uid: c.uid(), gid: c.gid() });
                 let exports = exports.clone();
                 tokio::spawn(async move {
                     serve(s, peer, exports, limits).await;
@@ -575,28 +578,37 @@ pub async fn run_unix(
     }
 }
 
-/// Accept TCP connections until `shutdown` (no credentials: only unrestricted exports).
+/// Accept connections on a Unix socket, each with its peer's credentials (SO_PEERCRED).
+pub async fn run_unix(
+    listener: tokio::net::UnixListener,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let l = &listener;
+    let accept = move || async move {
+        let (s, _) = l.accept().await?;
+        let peer = s.peer_cred().ok().map(|c| Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+        });
+        Ok((s, peer))
+    };
+    accept_loop(accept, exports, limits, shutdown).await;
+}
+
+/// Accept TCP connections (no credentials: only unrestricted exports are offered).
 pub async fn run_tcp(
     listener: tokio::net::TcpListener,
     exports: Arc<dyn Exports>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let slots = Arc::new(Semaphore::new(limits.connections));
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => {
-                let Ok((s, _)) = accepted else { continue };
-                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                let _ = s.set_nodelay(true);
-                let exports = exports.clone();
-                tokio::spawn(async move {
-                    serve(s, None, exports, limits).await;
-                    drop(slot);
-                });
-            }
-        }
-    }
+    let l = &listener;
+    let accept = move || async move {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, None))
+    };
+    accept_loop(accept, exports, limits, shutdown).await;
 }
