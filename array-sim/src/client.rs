@@ -238,6 +238,19 @@ pub struct ArrayClient<T> {
     transport: T,
 }
 
+/// `blocks` blocks from `lba` cut into commands of at most [`MAX_TRANSFER_BLOCKS`]: each
+/// command's LBA, block count, and byte range within the whole transfer.
+fn transfers(lba: u64, blocks: u64) -> impl Iterator<Item = (u64, u32, std::ops::Range<usize>)> {
+    let max = u64::from(MAX_TRANSFER_BLOCKS);
+    let bs = BLOCK_SIZE as usize;
+    (0..blocks.div_ceil(max)).map(move |i| {
+        let first = i * max;
+        let n = (blocks - first).min(max);
+        let start = first as usize * bs;
+        (lba + first, n as u32, start..start + n as usize * bs)
+    })
+}
+
 fn lun_of(lu: LuId) -> Result<u8, BackendError> {
     u8::try_from(lu.0).map_err(|_| {
         BackendError::new(
@@ -402,38 +415,26 @@ impl<T: Transport> Backend for ArrayClient<T> {
 
     fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let lun = lun_of(lu)?;
-        let chunk = MAX_TRANSFER_BLOCKS as usize * BLOCK_SIZE as usize;
-        for (i, part) in buf.chunks_mut(chunk).enumerate() {
-            let blocks = (part.len() / BLOCK_SIZE as usize) as u32;
-            let at = lba + (i * chunk / BLOCK_SIZE as usize) as u64;
-            self.command_into(
-                lun,
-                Command::Read16 {
-                    lba: at,
-                    blocks,
-                    fua: false,
-                },
-                part,
-            )?;
+        for (at, blocks, bytes) in transfers(lba, buf.len() as u64 / u64::from(BLOCK_SIZE)) {
+            let cmd = Command::Read16 {
+                lba: at,
+                blocks,
+                fua: false,
+            };
+            self.command_into(lun, cmd, &mut buf[bytes])?;
         }
         Ok(())
     }
 
     fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         let lun = lun_of(lu)?;
-        let chunk = MAX_TRANSFER_BLOCKS as usize * BLOCK_SIZE as usize;
-        for (i, part) in data.chunks(chunk).enumerate() {
-            let blocks = (part.len() / BLOCK_SIZE as usize) as u32;
-            let at = lba + (i * chunk / BLOCK_SIZE as usize) as u64;
-            self.command(
-                lun,
-                Command::Write16 {
-                    lba: at,
-                    blocks,
-                    fua,
-                },
-                part,
-            )?;
+        for (at, blocks, bytes) in transfers(lba, data.len() as u64 / u64::from(BLOCK_SIZE)) {
+            let cmd = Command::Write16 {
+                lba: at,
+                blocks,
+                fua,
+            };
+            self.command(lun, cmd, &data[bytes])?;
         }
         Ok(())
     }
@@ -475,21 +476,38 @@ impl<T: Transport> Backend for ArrayClient<T> {
 
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
         let (lun, dest_lun) = (lun_of(src)?, lun_of(dst)?);
-        let mut at = extent.first();
-        let end = extent.last() + 1;
-        while at < end {
-            let blocks = (end - at).min(u64::from(MAX_TRANSFER_BLOCKS)) as u32;
-            self.command(
-                lun,
-                Command::ArrayCopy {
-                    lba: at,
-                    blocks,
-                    dest_lun,
-                },
-                &[],
-            )?;
-            at += u64::from(blocks);
+        for (at, blocks, _) in transfers(extent.first(), extent.count()) {
+            let cmd = Command::ArrayCopy {
+                lba: at,
+                blocks,
+                dest_lun,
+            };
+            self.command(lun, cmd, &[])?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transfers are cut at MAX_TRANSFER_BLOCKS; LBAs and byte ranges line up.
+    #[test]
+    fn transfers_cover_the_whole_range() {
+        let max = u64::from(MAX_TRANSFER_BLOCKS);
+        let t: Vec<_> = transfers(10, 2 * max + 3).collect();
+        let bs = BLOCK_SIZE as usize;
+        let m = MAX_TRANSFER_BLOCKS as usize;
+        assert_eq!(
+            t,
+            vec![
+                (10, MAX_TRANSFER_BLOCKS, 0..m * bs),
+                (10 + max, MAX_TRANSFER_BLOCKS, m * bs..2 * m * bs),
+                (10 + 2 * max, 3, 2 * m * bs..(2 * m + 3) * bs),
+            ]
+        );
+        assert_eq!(transfers(0, 0).count(), 0);
+        assert_eq!(transfers(5, 1).collect::<Vec<_>>(), vec![(5, 1, 0..bs)]);
     }
 }
