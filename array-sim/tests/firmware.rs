@@ -19,6 +19,20 @@ fn engine(yaml: &str, dir: &std::path::Path) -> Engine {
     Engine::open(&cfg, Some(dir)).unwrap()
 }
 
+/// Fig. 9's first row: mirroring LU 0 = origin LU 1 (disk d0) + mate LU 2 (disk d1).
+fn stateless() -> String {
+    format!(
+        "kind: stateless
+disks: [{{name: d0}}, {{name: d1}}]
+lus:
+  - {{lun: 1, blocks: {BLOCKS}, disk: d0}}
+  - {{lun: 2, blocks: {BLOCKS}, disk: d1}}
+mirroring:
+  - {{mirror: 0, origin: 1, mate: 2}}
+"
+    )
+}
+
 fn mode_select_array(dir: &std::path::Path) -> Engine {
     engine(
         &format!(
@@ -177,19 +191,7 @@ fn fig6_writes() {
 #[test]
 fn reads_spread_over_legs_when_synchronized() {
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(
-        &format!(
-            "kind: stateless
-disks: [{{name: d0}}, {{name: d1}}]
-lus:
-  - {{lun: 1, blocks: {BLOCKS}, disk: d0}}
-  - {{lun: 2, blocks: {BLOCKS}, disk: d1}}
-mirroring:
-  - {{mirror: 0, origin: 1, mate: 2}}
-"
-        ),
-        dir.path(),
-    );
+    let e = engine(&stateless(), dir.path());
     let mut x: u64 = 1;
     for _ in 0..10_000 {
         x = x
@@ -273,19 +275,7 @@ mirroring:
 #[test]
 fn stateless_rules() {
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(
-        &format!(
-            "kind: stateless
-disks: [{{name: d0}}, {{name: d1}}]
-lus:
-  - {{lun: 1, blocks: {BLOCKS}, disk: d0}}
-  - {{lun: 2, blocks: {BLOCKS}, disk: d1}}
-mirroring:
-  - {{mirror: 0, origin: 1, mate: 2}}
-"
-        ),
-        dir.path(),
-    );
+    let e = engine(&stateless(), dir.path());
     assert_eq!(e.luns(), vec![0, 1, 2]);
     assert_eq!(write(&e, 0, 1, 0x11).status, GOOD);
     assert_eq!((read_byte(&e, 1, 1), read_byte(&e, 2, 1)), (0x11, 0x11));
@@ -573,21 +563,8 @@ fn fault_injection() {
 
     // From the config.
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(
-        &format!(
-            "kind: stateless
-disks: [{{name: d0}}]
-lus:
-  - {{lun: 1, blocks: {BLOCKS}, disk: d0}}
-  - {{lun: 2, blocks: {BLOCKS}, disk: d0}}
-mirroring:
-  - {{mirror: 0, origin: 1, mate: 2}}
-faults:
-  - {{lun: 2, op: read, action: error, count: 1}}
-"
-        ),
-        dir.path(),
-    );
+    let cfg = stateless() + "faults:\n  - {lun: 2, op: read, action: error, count: 1}\n";
+    let e = engine(&cfg, dir.path());
     check(&read(&e, 2, 0), Sense::UNRECOVERED_READ_ERROR);
     assert_eq!(read(&e, 2, 0).status, GOOD);
 }
@@ -629,19 +606,7 @@ fn injected_delay() {
 #[test]
 fn concurrent_reads_pick_a_leg() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Arc::new(engine(
-        &format!(
-            "kind: stateless
-disks: [{{name: d0}}, {{name: d1}}]
-lus:
-  - {{lun: 1, blocks: {BLOCKS}, disk: d0}}
-  - {{lun: 2, blocks: {BLOCKS}, disk: d1}}
-mirroring:
-  - {{mirror: 0, origin: 1, mate: 2}}
-"
-        ),
-        dir.path(),
-    ));
+    let e = Arc::new(engine(&stateless(), dir.path()));
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let e = e.clone();
