@@ -173,16 +173,7 @@ impl std::fmt::Debug for PluginBackend {
 }
 
 fn to_core(e: PluginError) -> BackendError {
-    let kind = match e.kind {
-        ErrorKind::OutOfRange => BackendErrorKind::OutOfRange,
-        ErrorKind::DataProtect => BackendErrorKind::DataProtect,
-        ErrorKind::NotReady => BackendErrorKind::NotReady,
-        ErrorKind::InvalidRequest | ErrorKind::Config => BackendErrorKind::InvalidRequest,
-        ErrorKind::Unsupported => BackendErrorKind::Unsupported,
-        ErrorKind::Failed | ErrorKind::Panicked => BackendErrorKind::Failed,
-        ErrorKind::Io => BackendErrorKind::Io,
-    };
-    BackendError::new(kind, e.message.to_string())
+    BackendError::new(e.kind.to_core(), e.message.to_string())
 }
 
 impl PluginBackend {

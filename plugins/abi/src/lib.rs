@@ -43,17 +43,23 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// The errno a block client should see (Linux numbering, as NBD uses).
-    pub fn errno(self) -> i32 {
-        use hvm_core::backend::errno;
+    /// The hvm-core error kind this is on the host side.
+    pub fn to_core(self) -> hvm_core::BackendErrorKind {
+        use hvm_core::BackendErrorKind as K;
         match self {
-            ErrorKind::OutOfRange | ErrorKind::InvalidRequest | ErrorKind::Config => errno::EINVAL,
-            ErrorKind::DataProtect => errno::EPERM,
-            ErrorKind::Unsupported => errno::ENOTSUP,
-            ErrorKind::Io | ErrorKind::NotReady | ErrorKind::Failed | ErrorKind::Panicked => {
-                errno::EIO
-            }
+            ErrorKind::OutOfRange => K::OutOfRange,
+            ErrorKind::DataProtect => K::DataProtect,
+            ErrorKind::NotReady => K::NotReady,
+            ErrorKind::InvalidRequest | ErrorKind::Config => K::InvalidRequest,
+            ErrorKind::Unsupported => K::Unsupported,
+            ErrorKind::Failed | ErrorKind::Panicked => K::Failed,
+            ErrorKind::Io => K::Io,
         }
+    }
+
+    /// The errno a block client should see: hvm-core's mapping of the same kind.
+    pub fn errno(self) -> i32 {
+        hvm_core::BackendError::new(self.to_core(), "").errno()
     }
 }
 
@@ -165,4 +171,18 @@ impl RootModule for PluginModRef {
     const BASE_NAME: &'static str = "hvm_plugin";
     const NAME: &'static str = "hvm_plugin";
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvm_core::backend::errno;
+
+    #[test]
+    fn errno_follows_hvm_core() {
+        assert_eq!(ErrorKind::DataProtect.errno(), errno::EPERM);
+        assert_eq!(ErrorKind::Panicked.errno(), errno::EIO);
+        assert_eq!(ErrorKind::Config.errno(), errno::EINVAL);
+        assert_eq!(ErrorKind::Unsupported.errno(), errno::ENOTSUP);
+    }
 }
