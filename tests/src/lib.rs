@@ -73,3 +73,44 @@ pub fn binary(name: &str) -> PathBuf {
     build_artifacts();
     target_dir().join(name)
 }
+
+/// A child process, killed and reaped when dropped (a failed test leaves no daemon).
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `cmd` with its stdout piped and wait for its first line, the line daemons here
+/// print once their sockets are bound. A daemon that exits first gives an empty line.
+pub fn spawn_ready(cmd: &mut Command) -> (Running, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    (Running(child), line)
+}
+
+/// A command for an external tool the tests need; a missing tool fails the test loudly
+/// (scripts/test.sh installs them).
+pub fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{name} is not installed (scripts/test.sh installs it)"
+    );
+    Command::new(name)
+}

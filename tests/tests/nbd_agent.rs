@@ -2,37 +2,12 @@
 //! over NBD to real clients; `hvm:dirty` in Snapshot mode; config errors.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use hvm_host_agent::agent::Agent;
 use hvm_host_agent::config::Config;
-use hvm_tests::{binary, build_artifacts, target_dir, workspace};
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tool(name: &str) -> Command {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(
-        found,
-        "{name} is not installed (scripts/test.sh installs it)"
-    );
-    Command::new(name)
-}
+use hvm_tests::{binary, build_artifacts, spawn_ready, target_dir, tool, workspace};
 
 fn uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
@@ -52,19 +27,13 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn quickstart_serves_real_clients() {
     let state = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary("host-agent"))
-        .arg("--config")
-        .arg(workspace().join("host-agent/examples/quickstart.yaml"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _agent = Running(child);
+    let (_agent, line) = spawn_ready(
+        Command::new(binary("host-agent"))
+            .arg("--config")
+            .arg(workspace().join("host-agent/examples/quickstart.yaml"))
+            .arg("--state-dir")
+            .arg(state.path()),
+    );
     assert!(
         line.starts_with("host-agent: serving 6 virtual LUs"),
         "{line}"

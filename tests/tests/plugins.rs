@@ -3,10 +3,9 @@
 //! with the file and the reason while the host goes on.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use hvm_core::journal::NoLog;
 use hvm_core::{Extent, LuId, MirrorDefinition, Mode, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{LoadError, Plugin, PluginBackend};
 use hvm_plugin_abi::ThreadModel;
-use hvm_tests::{binary, plugin_path, workspace};
+use hvm_tests::{binary, plugin_path, spawn_ready, workspace, Running};
 
 const KINDS: [&str; 3] = ["stateless", "mode-select", "pre-update"];
 
@@ -39,34 +38,20 @@ fn embedded_params(kind: &str, dir: &Path) -> String {
     format!("array:\n  embedded:\n    dir: {}\n{body}", dir.display())
 }
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(kind: &str, dir: &Path) -> (Daemon, String) {
+fn start_daemon(kind: &str, dir: &Path) -> (Running, String) {
     let sock = dir.join("array.sock");
-    let mut child = Command::new(binary("array-sim"))
-        .args(["serve", "--config"])
-        .arg(example(kind))
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--dir")
-        .arg(dir.join("data"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (daemon, line) = spawn_ready(
+        Command::new(binary("array-sim"))
+            .args(["serve", "--config"])
+            .arg(example(kind))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--dir")
+            .arg(dir.join("data")),
+    );
     assert!(line.contains("listening"), "{line}");
     (
-        Daemon(child),
+        daemon,
         format!("array:\n  connect: \"unix:{}\"\n", sock.display()),
     )
 }
