@@ -1,5 +1,5 @@
-//! NBD benchmark: fio (nbd engine) over Unix sockets against hvm (one virtual LU on an
-//! embedded stateless array, in Synchronized and in Snapshot mode), nbdkit's file plugin
+//! NBD benchmark: fio (nbd engine) over Unix sockets against hvm (two virtual LUs on an
+//! embedded stateless array, one in Synchronized and one in Snapshot mode), nbdkit's file plugin
 //! and qemu-nbd, all on files of the same size in the same directory, in one run; ratios
 //! to nbdkit.
 //!
@@ -139,9 +139,11 @@ fn main() {
             .expect("qemu-nbd is required (apt-get install qemu-utils)"),
     );
 
-    // hvm: one pair on an embedded stateless array, LUs in the same directory.
+    // hvm: two pairs on an embedded stateless array, LUs in the same directory; `db`
+    // stays Synchronized, `db2` is put in Snapshot mode, so every workload runs on all
+    // four targets back to back under the same conditions.
     let cfg_text = format!(
-        "plugin_dir: {}\nlisten: {{unix: hvm.sock}}\nbackends:\n  - name: a\n    plugin: stateless\n    params:\n      array:\n        embedded:\n          kind: stateless\n          dir: array\n          disks: [{{name: d0}}]\n          lus:\n            - {{lun: 1, blocks: {BLOCKS}, disk: d0}}\n            - {{lun: 2, blocks: {BLOCKS}, disk: d0}}\n          mirroring:\n            - {{mirror: 0, origin: 1, mate: 2}}\nvirtual_lus:\n  - {{name: db, backend: a, lu: 0, snapshots: [db-snap]}}\n",
+        "plugin_dir: {}\nlisten: {{unix: hvm.sock}}\nbackends:\n  - name: a\n    plugin: stateless\n    params:\n      array:\n        embedded:\n          kind: stateless\n          dir: array\n          disks: [{{name: d0}}]\n          lus:\n            - {{lun: 1, blocks: {BLOCKS}, disk: d0}}\n            - {{lun: 2, blocks: {BLOCKS}, disk: d0}}\n            - {{lun: 4, blocks: {BLOCKS}, disk: d0}}\n            - {{lun: 5, blocks: {BLOCKS}, disk: d0}}\n          mirroring:\n            - {{mirror: 0, origin: 1, mate: 2}}\n            - {{mirror: 3, origin: 4, mate: 5}}\nvirtual_lus:\n  - {{name: db, backend: a, lu: 0, snapshots: [db-snap]}}\n  - {{name: db2, backend: a, lu: 3, snapshots: [db2-snap]}}\n",
         hvm_tests::target_dir().display()
     );
     let cfg = Config::parse(&cfg_text, "bench.yaml").expect("config");
@@ -149,7 +151,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let listeners = rt.block_on(agent.listen()).expect("listen");
     let hvm_sock = agent.socket.clone();
-    let (mgr, db) = agent.virtual_lu("db").expect("db");
+    let (mgr, db2) = agent.virtual_lu("db2").expect("db2");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::scope(|s| {
         let (agent, rt) = (&agent, &rt);
@@ -160,10 +162,17 @@ fn main() {
         });
         wait_for(&nbdkit_sock);
         wait_for(&qemu_sock);
-        let peers = [uri(&nbdkit_sock, ""), uri(&qemu_sock, "")];
-        for u in peers.iter().chain([&uri(&hvm_sock, "db")]) {
+        let targets = [
+            uri(&nbdkit_sock, ""),
+            uri(&qemu_sock, ""),
+            uri(&hvm_sock, "db"),
+            uri(&hvm_sock, "db2"),
+        ];
+        for u in &targets {
             fill(u);
         }
+        // Snapshot mode: writes are recorded in the update-location table.
+        mgr.acquire(db2).expect("acquire");
         println!(
             "NBD over Unix sockets, {} MiB, {secs} s per workload, fio nbd engine",
             SIZE >> 20
@@ -172,17 +181,8 @@ fn main() {
             "{:<36} {:>10} {:>10} {:>10} {:>6} {:>10} {:>6}",
             "workload", "nbdkit", "qemu-nbd", "hvm sync", "ratio", "hvm snap", "ratio"
         );
-        let mut rows = Vec::new();
         for (name, rw, bs, qd) in WORKLOADS {
-            let k = fio(&peers[0], rw, bs, qd, secs);
-            let q = fio(&peers[1], rw, bs, qd, secs);
-            let h = fio(&uri(&hvm_sock, "db"), rw, bs, qd, secs);
-            rows.push((name, rw, bs, qd, k, q, h));
-        }
-        // Snapshot mode: the same workloads, with the update-location table kept.
-        mgr.acquire(db).expect("acquire");
-        for (name, rw, bs, qd, k, q, h) in rows {
-            let snap = fio(&uri(&hvm_sock, "db"), rw, bs, qd, secs);
+            let [k, q, h, snap] = targets.each_ref().map(|t| fio(t, rw, bs, qd, secs));
             println!(
                 "{name:<36} {k:>10.0} {q:>10.0} {h:>10.0} {:>5.2}x {snap:>10.0} {:>5.2}x",
                 h / k,

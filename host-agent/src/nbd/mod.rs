@@ -1,4 +1,6 @@
 //! The NBD server that exports virtual LUs: [`proto`], the wire protocol, and
-//! [`server`], the handshake and transmission over any [`server::Export`].
+//! [`server`], the handshake and transmission over any [`server::Export`], with the
+//! transmission phase on worker threads (`transmission`).
 pub mod proto;
 pub mod server;
+mod transmission;

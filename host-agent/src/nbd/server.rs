@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::proto::{self as p, ProtoError};
+use super::transmission::transmission;
+pub use super::transmission::{IntoSocket, Socket};
 
 /// Errno values of NBD replies.
 pub mod errno {
@@ -107,7 +109,8 @@ impl Exports for BTreeMap<String, Arc<dyn Export>> {
 pub struct Limits {
     /// Time a client has from connecting to entering transmission.
     pub handshake: Duration,
-    /// Requests in flight per connection.
+    /// Requests run at once per connection: each has its worker thread, started when
+    /// needed (nbdkit's default is 16 threads). More requests wait in the socket.
     pub in_flight: usize,
     /// Connections served at once; more are closed as soon as they are accepted.
     pub connections: usize,
@@ -117,34 +120,41 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake: Duration::from_secs(10),
-            in_flight: 64,
+            in_flight: 16,
             connections: 256,
         }
     }
 }
 
 /// Serve one connection to its end; `peer` are its credentials on a Unix socket.
-pub async fn serve<S>(stream: S, peer: Option<Peer>, exports: Arc<dyn Exports>, limits: Limits)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let negotiated = tokio::time::timeout(
-        limits.handshake,
-        negotiate(&mut rd, &mut wr, &*exports, peer.as_ref()),
-    )
-    .await;
+pub async fn serve<S: IntoSocket>(
+    mut stream: S,
+    peer: Option<Peer>,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+) {
+    let negotiated = {
+        let (mut rd, mut wr) = tokio::io::split(&mut stream);
+        tokio::time::timeout(
+            limits.handshake,
+            negotiate(&mut rd, &mut wr, &*exports, peer.as_ref()),
+        )
+        .await
+    };
     let Ok(Ok(Some(session))) = negotiated else {
         return;
     };
-    transmission(rd, wr, session, limits).await;
+    // A client that disconnected at this point only costs a failed conversion.
+    if let Ok(socket) = stream.into_socket() {
+        transmission(socket, session, limits).await;
+    }
 }
 
-struct Session {
-    export: Arc<dyn Export>,
-    structured: bool,
+pub(super) struct Session {
+    pub(super) export: Arc<dyn Export>,
+    pub(super) structured: bool,
     /// Selected metadata contexts: (id, name).
-    contexts: Vec<(u32, &'static str)>,
+    pub(super) contexts: Vec<(u32, &'static str)>,
 }
 
 fn transmission_flags(e: &dyn Export) -> u16 {
@@ -354,199 +364,6 @@ where
     }
 }
 
-type Frame = (Vec<u8>, Vec<u8>);
-
-/// The reply to one request, built where the request ran.
-fn error_reply(s: &Session, cookie: u64, e: &ExportError) -> Frame {
-    if s.structured {
-        (
-            p::structured_error(cookie, e.errno as u32, &e.message),
-            Vec::new(),
-        )
-    } else {
-        (p::simple_reply(cookie, e.errno as u32).to_vec(), Vec::new())
-    }
-}
-
-fn ok_reply(s: &Session, cookie: u64) -> Frame {
-    if s.structured {
-        (
-            p::structured_header(cookie, p::REPLY_FLAG_DONE, p::REPLY_TYPE_NONE, 0).to_vec(),
-            Vec::new(),
-        )
-    } else {
-        (p::simple_reply(cookie, 0).to_vec(), Vec::new())
-    }
-}
-
-fn run(s: &Session, req: p::Request, payload: Vec<u8>) -> Frame {
-    let e = &s.export;
-    let inval = |m: &str| ExportError::new(errno::EINVAL, m);
-    if req.flags & !p::Request::allowed_flags(req.kind) != 0 {
-        return error_reply(s, req.cookie, &inval("unsupported flags for this command"));
-    }
-    let end = req.offset.checked_add(u64::from(req.len));
-    let in_range = end.is_some_and(|end| end <= e.size());
-    let fua = req.flags & p::CMD_FLAG_FUA != 0;
-    let writes = matches!(req.kind, p::CMD_WRITE | p::CMD_TRIM | p::CMD_WRITE_ZEROES);
-    if writes && e.read_only() {
-        return error_reply(
-            s,
-            req.cookie,
-            &ExportError::new(errno::EPERM, "read-only export"),
-        );
-    }
-    let result = match req.kind {
-        p::CMD_READ => {
-            if !in_range {
-                return error_reply(s, req.cookie, &inval("read past the end of the export"));
-            }
-            let mut buf = vec![0u8; req.len as usize];
-            match e.read(req.offset, &mut buf) {
-                Ok(()) if s.structured => {
-                    let mut h = p::structured_header(
-                        req.cookie,
-                        p::REPLY_FLAG_DONE,
-                        p::REPLY_TYPE_OFFSET_DATA,
-                        8 + req.len,
-                    )
-                    .to_vec();
-                    h.extend_from_slice(&req.offset.to_be_bytes());
-                    return (h, buf);
-                }
-                Ok(()) => return (p::simple_reply(req.cookie, 0).to_vec(), buf),
-                Err(err) => Err(err),
-            }
-        }
-        _ if !in_range && req.kind != p::CMD_FLUSH => {
-            let code = if writes { errno::ENOSPC } else { errno::EINVAL };
-            Err(ExportError::new(code, "request past the end of the export"))
-        }
-        p::CMD_WRITE => e.write(req.offset, &payload, fua),
-        p::CMD_FLUSH => e.flush(),
-        p::CMD_TRIM | p::CMD_WRITE_ZEROES => e.write_zeroes(req.offset, u64::from(req.len), fua),
-        p::CMD_BLOCK_STATUS => {
-            if !s.structured || s.contexts.is_empty() {
-                return error_reply(s, req.cookie, &inval("no metadata context was negotiated"));
-            }
-            let mut out = Vec::new();
-            for (i, (id, name)) in s.contexts.iter().enumerate() {
-                let mut extents = match e.block_status(name, req.offset, req.len) {
-                    Ok(x) => x,
-                    Err(err) => return error_reply(s, req.cookie, &err),
-                };
-                if req.flags & p::CMD_FLAG_REQ_ONE != 0 {
-                    extents.truncate(1);
-                }
-                let payload = p::block_status_payload(*id, &extents);
-                let last = i + 1 == s.contexts.len();
-                let flags = if last { p::REPLY_FLAG_DONE } else { 0 };
-                out.extend_from_slice(&p::structured_header(
-                    req.cookie,
-                    flags,
-                    p::REPLY_TYPE_BLOCK_STATUS,
-                    payload.len() as u32,
-                ));
-                out.extend_from_slice(&payload);
-            }
-            return (out, Vec::new());
-        }
-        _ => Err(inval("unknown command")),
-    };
-    match result {
-        Ok(()) => ok_reply(s, req.cookie),
-        Err(err) => error_reply(s, req.cookie, &err),
-    }
-}
-
-async fn transmission<R, W>(rd: R, mut wr: W, session: Session, limits: Limits)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    // Requests arrive back to back; read them in bulk, not one system call per header.
-    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-    let session = Arc::new(session);
-    let (tx, mut rx) = mpsc::channel::<Frame>(limits.in_flight);
-    let writer = tokio::spawn(async move {
-        // Replies that are ready together go out in one system call where they fit.
-        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some((head, data)) = next.take() {
-                out.extend_from_slice(&head);
-                if data.len() > 256 * 1024 {
-                    // A large read: write what is queued, then the data without copying.
-                    if wr.write_all(&out).await.is_err() || wr.write_all(&data).await.is_err() {
-                        return;
-                    }
-                    out.clear();
-                } else {
-                    out.extend_from_slice(&data);
-                }
-                if out.len() < 1 << 20 {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !out.is_empty() && wr.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-        let _ = wr.shutdown().await;
-    });
-    let slots = Arc::new(Semaphore::new(limits.in_flight));
-    loop {
-        let mut h = [0u8; p::REQUEST_LEN];
-        if rd.read_exact(&mut h).await.is_err() {
-            break;
-        }
-        // A bad magic means the stream cannot be trusted: hard disconnect.
-        let Ok(req) = p::Request::parse(&h) else {
-            break;
-        };
-        if req.kind == p::CMD_DISC {
-            break;
-        }
-        let mut payload = Vec::new();
-        if req.kind == p::CMD_WRITE {
-            if req.len > p::MAX_PAYLOAD {
-                // Reading it would let a client make us buffer without bound.
-                break;
-            }
-            payload = vec![0u8; req.len as usize];
-            if rd.read_exact(&mut payload).await.is_err() {
-                break;
-            }
-        } else if req.kind == p::CMD_READ && req.len > p::MAX_PAYLOAD {
-            let e = ExportError::new(errno::EINVAL, "read larger than the maximum block size");
-            if tx
-                .send(error_reply(&session, req.cookie, &e))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            continue;
-        }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let (s, tx) = (session.clone(), tx.clone());
-        // Straight onto the blocking pool; the reply goes to the writer from there, with
-        // no async task in between.
-        tokio::task::spawn_blocking(move || {
-            let frame = run(&s, req, payload);
-            drop(permit);
-            let _ = tx.blocking_send(frame);
-        });
-    }
-    // Let requests in flight finish and their replies go out, then close.
-    let _ = slots.acquire_many(limits.in_flight as u32).await;
-    drop(tx);
-    let _ = writer.await;
-}
-
 /// Accept connections from `accept` until `shutdown`, each served by [`serve`]; past
 /// `limits.connections` a new connection is closed at once.
 async fn accept_loop<S, F, Fut>(
@@ -555,7 +372,7 @@ async fn accept_loop<S, F, Fut>(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: IntoSocket,
     F: FnMut() -> Fut,
     Fut: Future<Output = std::io::Result<(S, Option<Peer>)>>,
 {

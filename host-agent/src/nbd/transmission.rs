@@ -1,0 +1,409 @@
+//! The transmission phase, on blocking threads as nbdkit runs it: each of a connection's
+//! workers takes the next request off the socket (holding the read lock), runs it through
+//! the export, and writes its reply (holding the write lock). One thread reads, runs and
+//! answers a request, with no hand-off between threads and no allocation on the way, and
+//! replies leave in completion order. Export calls block (a plugin, an array), which is
+//! why they run here and not on the async reactor; a slow export only holds its own
+//! connection's workers.
+//!
+//! Workers are started as they are needed, up to [`Limits::in_flight`] per connection:
+//! when a worker takes a request and no other worker is left waiting for the next one, it
+//! starts another. Closing is orderly: after `NBD_CMD_DISC`, end of stream or a bad
+//! request header, every request already read is still run and answered, then the socket
+//! is closed.
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::proto::{self as p};
+use super::server::{errno, ExportError, Limits, Session};
+
+/// A connection's socket once it is in the transmission phase, in blocking mode.
+pub enum Socket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Socket {
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// A stream the handshake runs on (async) that can then be handed to the workers.
+pub trait IntoSocket:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+    fn into_socket(self) -> io::Result<Socket>;
+}
+
+impl IntoSocket for tokio::net::UnixStream {
+    fn into_socket(self) -> io::Result<Socket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Socket::Unix(s))
+    }
+}
+
+impl IntoSocket for tokio::net::TcpStream {
+    fn into_socket(self) -> io::Result<Socket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Socket::Tcp(s))
+    }
+}
+
+/// Reads from the shared socket (the read lock makes one reader at a time).
+struct SocketReader(Arc<Socket>);
+
+impl Read for SocketReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &*self.0 {
+            Socket::Unix(s) => (&*s).read(buf),
+            Socket::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+fn write_vectored(s: &Socket, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    match s {
+        Socket::Unix(s) => (&*s).write_vectored(bufs),
+        Socket::Tcp(s) => (&*s).write_vectored(bufs),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Neither lock guards an invariant a panic could break half-way.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One connection in transmission; dropped (and the socket closed) when its last worker
+/// ends.
+struct Conn {
+    session: Session,
+    socket: Arc<Socket>,
+    /// Requests arrive back to back; they are read in bulk, not one system call each.
+    reader: Mutex<BufReader<SocketReader>>,
+    writer: Mutex<()>,
+    /// No more requests are taken off the socket.
+    closing: AtomicBool,
+    /// Workers running, and those of them waiting for a request.
+    workers: AtomicUsize,
+    idle: AtomicUsize,
+    limit: usize,
+    ended: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.socket.shutdown();
+        if let Some(tx) = lock(&self.ended).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Serve requests on `socket` until the client leaves; returns when every request read
+/// has been answered and the socket is closed.
+pub(super) async fn transmission(socket: Socket, session: Session, limits: Limits) {
+    let socket = Arc::new(socket);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let conn = Arc::new(Conn {
+        session,
+        reader: Mutex::new(BufReader::with_capacity(
+            256 * 1024,
+            SocketReader(socket.clone()),
+        )),
+        socket,
+        writer: Mutex::new(()),
+        closing: AtomicBool::new(false),
+        workers: AtomicUsize::new(0),
+        idle: AtomicUsize::new(0),
+        limit: limits.in_flight.max(1),
+        ended: Mutex::new(Some(tx)),
+    });
+    if !start_worker(&conn) {
+        return;
+    }
+    drop(conn);
+    let _ = rx.await;
+}
+
+/// Start one more worker if the limit allows; false if none could be started.
+fn start_worker(conn: &Arc<Conn>) -> bool {
+    if conn.workers.fetch_add(1, Ordering::SeqCst) >= conn.limit {
+        conn.workers.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    conn.idle.fetch_add(1, Ordering::SeqCst);
+    let c = conn.clone();
+    let started = std::thread::Builder::new()
+        .name("nbd-worker".into())
+        .spawn(move || worker(&c));
+    if started.is_err() {
+        // Out of threads: the workers already running go on serving.
+        conn.workers.fetch_sub(1, Ordering::SeqCst);
+        conn.idle.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+/// A worker's buffers, kept from one request to the next.
+#[derive(Default)]
+struct Scratch {
+    payload: Vec<u8>,
+    head: Vec<u8>,
+    data: Vec<u8>,
+}
+
+/// Buffers above this size are given back after the request that needed them.
+const KEEP: usize = 4 << 20;
+
+/// `v[..len]`, growing `v` when it is shorter (without clearing what it holds).
+fn sized(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    &mut v[..len]
+}
+
+/// What the read side gave a worker.
+enum Taken {
+    Request(p::Request),
+    /// A request answered without running it.
+    Reply,
+    Close,
+}
+
+fn take(conn: &Conn, s: &mut Scratch) -> Taken {
+    let mut rd = lock(&conn.reader);
+    if conn.closing.load(Ordering::SeqCst) {
+        return Taken::Close;
+    }
+    let mut h = [0u8; p::REQUEST_LEN];
+    if rd.read_exact(&mut h).is_err() {
+        return Taken::Close;
+    }
+    // A bad magic means the stream cannot be trusted: hard disconnect.
+    let Ok(req) = p::Request::parse(&h) else {
+        return Taken::Close;
+    };
+    match req.kind {
+        p::CMD_DISC => Taken::Close,
+        p::CMD_WRITE if req.len > p::MAX_PAYLOAD => {
+            // Reading it would let a client make us buffer without bound.
+            Taken::Close
+        }
+        p::CMD_WRITE => {
+            if rd
+                .read_exact(sized(&mut s.payload, req.len as usize))
+                .is_err()
+            {
+                return Taken::Close;
+            }
+            Taken::Request(req)
+        }
+        p::CMD_READ if req.len > p::MAX_PAYLOAD => {
+            let e = ExportError::new(errno::EINVAL, "read larger than the maximum block size");
+            error_reply(&conn.session, req.cookie, &e, &mut s.head);
+            Taken::Reply
+        }
+        _ => Taken::Request(req),
+    }
+}
+
+fn worker(conn: &Arc<Conn>) {
+    let mut s = Scratch::default();
+    loop {
+        let taken = take(conn, &mut s);
+        conn.idle.fetch_sub(1, Ordering::SeqCst);
+        let data = match taken {
+            Taken::Close => {
+                conn.closing.store(true, Ordering::SeqCst);
+                break;
+            }
+            Taken::Reply => 0,
+            Taken::Request(req) => {
+                // Nobody is left to take the next request: start a worker that will.
+                if conn.idle.load(Ordering::SeqCst) == 0 {
+                    start_worker(conn);
+                }
+                let payload = if req.kind == p::CMD_WRITE {
+                    &s.payload[..req.len as usize]
+                } else {
+                    &[][..]
+                };
+                run(&conn.session, &req, payload, &mut s.head, &mut s.data)
+            }
+        };
+        if send(conn, &s.head, &s.data[..data]).is_err() {
+            // The client is gone: wake the worker blocked reading, take nothing more.
+            conn.closing.store(true, Ordering::SeqCst);
+            conn.socket.shutdown();
+            break;
+        }
+        for v in [&mut s.payload, &mut s.data] {
+            if v.capacity() > KEEP {
+                *v = Vec::new();
+            }
+        }
+        conn.idle.fetch_add(1, Ordering::SeqCst);
+    }
+    conn.workers.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Write one whole reply.
+fn send(conn: &Conn, head: &[u8], data: &[u8]) -> io::Result<()> {
+    let _w = lock(&conn.writer);
+    let mut bufs = [IoSlice::new(head), IoSlice::new(data)];
+    let mut bufs = &mut bufs[..];
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match write_vectored(&conn.socket, bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The reply to a failed request, into `head`.
+fn error_reply(s: &Session, cookie: u64, e: &ExportError, head: &mut Vec<u8>) {
+    head.clear();
+    if s.structured {
+        head.extend_from_slice(&p::structured_error(cookie, e.errno as u32, &e.message));
+    } else {
+        head.extend_from_slice(&p::simple_reply(cookie, e.errno as u32));
+    }
+}
+
+fn ok_reply(s: &Session, cookie: u64, head: &mut Vec<u8>) {
+    head.clear();
+    if s.structured {
+        head.extend_from_slice(&p::structured_header(
+            cookie,
+            p::REPLY_FLAG_DONE,
+            p::REPLY_TYPE_NONE,
+            0,
+        ));
+    } else {
+        head.extend_from_slice(&p::simple_reply(cookie, 0));
+    }
+}
+
+/// Run one request: its reply's header goes to `head`; returns how many bytes of `data`
+/// follow it (a READ's data).
+fn run(
+    s: &Session,
+    req: &p::Request,
+    payload: &[u8],
+    head: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+) -> usize {
+    let e = &s.export;
+    let inval = |m: &str| ExportError::new(errno::EINVAL, m);
+    if req.flags & !p::Request::allowed_flags(req.kind) != 0 {
+        error_reply(
+            s,
+            req.cookie,
+            &inval("unsupported flags for this command"),
+            head,
+        );
+        return 0;
+    }
+    let end = req.offset.checked_add(u64::from(req.len));
+    let in_range = end.is_some_and(|end| end <= e.size());
+    let fua = req.flags & p::CMD_FLAG_FUA != 0;
+    let writes = matches!(req.kind, p::CMD_WRITE | p::CMD_TRIM | p::CMD_WRITE_ZEROES);
+    if writes && e.read_only() {
+        let err = ExportError::new(errno::EPERM, "read-only export");
+        error_reply(s, req.cookie, &err, head);
+        return 0;
+    }
+    let result = match req.kind {
+        p::CMD_READ => {
+            if !in_range {
+                error_reply(
+                    s,
+                    req.cookie,
+                    &inval("read past the end of the export"),
+                    head,
+                );
+                return 0;
+            }
+            let len = req.len as usize;
+            match e.read(req.offset, sized(data, len)) {
+                Ok(()) => {
+                    head.clear();
+                    if s.structured {
+                        head.extend_from_slice(&p::structured_header(
+                            req.cookie,
+                            p::REPLY_FLAG_DONE,
+                            p::REPLY_TYPE_OFFSET_DATA,
+                            8 + req.len,
+                        ));
+                        head.extend_from_slice(&req.offset.to_be_bytes());
+                    } else {
+                        head.extend_from_slice(&p::simple_reply(req.cookie, 0));
+                    }
+                    return len;
+                }
+                Err(err) => Err(err),
+            }
+        }
+        _ if !in_range && req.kind != p::CMD_FLUSH => {
+            let code = if writes { errno::ENOSPC } else { errno::EINVAL };
+            Err(ExportError::new(code, "request past the end of the export"))
+        }
+        p::CMD_WRITE => e.write(req.offset, payload, fua),
+        p::CMD_FLUSH => e.flush(),
+        p::CMD_TRIM | p::CMD_WRITE_ZEROES => e.write_zeroes(req.offset, u64::from(req.len), fua),
+        p::CMD_BLOCK_STATUS => {
+            block_status(s, req, head);
+            return 0;
+        }
+        _ => Err(inval("unknown command")),
+    };
+    match result {
+        Ok(()) => ok_reply(s, req.cookie, head),
+        Err(err) => error_reply(s, req.cookie, &err, head),
+    }
+    0
+}
+
+/// One block-status chunk per negotiated metadata context, the last one final.
+fn block_status(s: &Session, req: &p::Request, head: &mut Vec<u8>) {
+    if !s.structured || s.contexts.is_empty() {
+        let err = ExportError::new(errno::EINVAL, "no metadata context was negotiated");
+        error_reply(s, req.cookie, &err, head);
+        return;
+    }
+    head.clear();
+    for (i, (id, name)) in s.contexts.iter().enumerate() {
+        let mut extents = match s.export.block_status(name, req.offset, req.len) {
+            Ok(x) => x,
+            Err(err) => return error_reply(s, req.cookie, &err, head),
+        };
+        if req.flags & p::CMD_FLAG_REQ_ONE != 0 {
+            extents.truncate(1);
+        }
+        let payload = p::block_status_payload(*id, &extents);
+        let last = i + 1 == s.contexts.len();
+        let flags = if last { p::REPLY_FLAG_DONE } else { 0 };
+        head.extend_from_slice(&p::structured_header(
+            req.cookie,
+            flags,
+            p::REPLY_TYPE_BLOCK_STATUS,
+            payload.len() as u32,
+        ));
+        head.extend_from_slice(&payload);
+    }
+}
