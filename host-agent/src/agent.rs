@@ -134,6 +134,13 @@ impl Agent {
                 backend: b.name.clone(),
                 source,
             })?;
+            tracing::info!(
+                backend = %b.name,
+                plugin = %path.display(),
+                lus = desc.lus.len(),
+                mirroring = desc.mirroring.len(),
+                "backend opened"
+            );
             let mut pairs = Vec::new();
             let mut names = Vec::new();
             let mut next = 0u32;
@@ -183,6 +190,7 @@ impl Agent {
                 })?,
             );
             for (name, vlu, access) in names {
+                tracing::info!(export = %name, backend = %b.name, mode = ?mgr.mode(vlu), "virtual LU");
                 exports.insert(name.clone(), VluExport::new(mgr.clone(), vlu, access));
                 virtual_lus.insert(name, (b.name.clone(), vlu));
             }

@@ -2,6 +2,8 @@
 //!
 //! ```yaml
 //! state_dir: /var/lib/hvm            # relative: to this file; --state-dir overrides
+//! log_level: info                    # error, warn, info, debug or trace; --log-level and
+//!                                    #   RUST_LOG override
 //! plugin_dir: /usr/lib/hvm/plugins   # default: beside the host-agent binary
 //! listen:
 //!   unix: nbd.sock                   # relative: in state_dir
@@ -33,9 +35,35 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub plugin_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub log_level: LogLevel,
     pub listen: Listen,
     pub backends: Vec<BackendConfig>,
     pub virtual_lus: Vec<VirtualLuConfig>,
+}
+
+/// How much the service logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -197,5 +225,14 @@ virtual_lus:
             .unwrap_err()
             .to_string();
         assert!(e.contains("used twice"), "{e}");
+        let e = Config::parse(&format!("log_level: loud\n{OK}"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant `loud`") && e.contains("line 1"),
+            "{e}"
+        );
+        let c = Config::parse(&format!("log_level: debug\n{OK}"), "c.yaml").unwrap();
+        assert_eq!(c.log_level, LogLevel::Debug);
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hvm_host_agent::agent::Agent;
-use hvm_host_agent::config::Config;
+use hvm_host_agent::config::{Config, LogLevel};
 use hvm_plugin_abi::host::Plugin;
 
 #[derive(Parser)]
@@ -18,8 +18,20 @@ struct Cli {
     /// Where state (embedded arrays, the NBD socket) lives; overrides the config's.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Log level; overrides the config's `log_level` (RUST_LOG overrides both).
+    #[arg(long, value_enum)]
+    log_level: Option<LogLevel>,
+    /// Log lines as text or as JSON objects, on standard error.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -67,7 +79,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        (None, Some(config)) => run(&config, cli.state_dir),
+        (None, Some(config)) => run(&config, cli.state_dir, cli.log_level, cli.log_format),
         (None, None) => {
             eprintln!("host-agent: give --config FILE, or a subcommand (see --help)");
             ExitCode::from(2)
@@ -75,7 +87,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
+fn init_logging(level: LogLevel, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.as_str()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A subscriber already set (impossible here) only means these lines go elsewhere.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn run(
+    config: &std::path::Path,
+    state_dir: Option<PathBuf>,
+    log_level: Option<LogLevel>,
+    log_format: LogFormat,
+) -> ExitCode {
     let (cfg, base) = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -83,6 +114,7 @@ fn run(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(log_level.unwrap_or(cfg.log_level), log_format);
     let agent = match Agent::build(&cfg, &base, state_dir.as_deref()) {
         Ok(a) => a,
         Err(e) => {
@@ -103,16 +135,14 @@ fn run(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
     let result = rt.block_on(async {
         let listeners = agent.listen().await?;
         // Scripts and tests wait for this line: the sockets are bound.
+        let tcp = listeners.tcp.as_ref().and_then(|t| t.local_addr().ok());
         println!(
             "host-agent: serving {} virtual LUs on unix:{}{}",
             agent.virtual_lus.len(),
             agent.socket.display(),
-            agent
-                .tcp
-                .as_ref()
-                .map(|t| format!(" and tcp:{t}"))
-                .unwrap_or_default()
+            tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default()
         );
+        tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, "serving");
         agent.serve(listeners, shutdown_signal()).await;
         Ok::<(), hvm_host_agent::agent::AgentError>(())
     });

@@ -130,6 +130,77 @@ fn dirty_map_in_snapshot_mode() {
     });
 }
 
+/// TCP offers only unrestricted exports (no peer credentials), serves them to real
+/// clients, and the service logs JSON lines at the configured level.
+#[test]
+fn tcp_listener_and_json_logs() {
+    let state = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(workspace().join("host-agent/examples/quickstart.yaml"))
+        .unwrap()
+        .replace(
+            "listen:\n  unix: nbd.sock\n",
+            "log_level: debug\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n",
+        )
+        .replace(
+            "snapshots: [files-snap], save_area: 9",
+            "snapshots: [files-snap], save_area: 9, allow_uids: [0]",
+        );
+    assert!(text.contains("tcp: 127.0.0.1:0") && text.contains("allow_uids"));
+    let cfg = state.path().join("tcp.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let log = state.path().join("agent.log");
+    let (_agent, line) = spawn_ready(
+        Command::new(binary("host-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let addr = line
+        .trim()
+        .rsplit_once(" and tcp:")
+        .map(|(_, a)| a.to_string())
+        .unwrap_or_else(|| panic!("no TCP address in {line:?}"));
+    let tcp_list = run_ok(tool("nbdinfo").args(["--list", "--json", &format!("nbd://{addr}")]));
+    assert!(tcp_list.contains("\"db\""), "{tcp_list}");
+    assert!(
+        !tcp_list.contains("\"files\""),
+        "an export restricted to uids is not offered on TCP: {tcp_list}"
+    );
+    let unix_list = run_ok(tool("nbdinfo").args([
+        "--list",
+        "--json",
+        &uri(&state.path().join("nbd.sock"), ""),
+    ]));
+    if nix::unistd::getuid().is_root() {
+        assert!(unix_list.contains("\"files\""), "{unix_list}");
+    }
+    let text = run_ok(
+        tool("qemu-io")
+            .args(["-f", "raw", &format!("nbd://{addr}/logs")])
+            .args([
+                "-c",
+                "write -P 0x3c 65536 128k",
+                "-c",
+                "read -P 0x3c 65536 128k",
+            ]),
+    );
+    assert!(!text.contains("verification failed"), "{text}");
+    // Opening a refused export is logged at debug level, as JSON.
+    let _ = tool("nbdinfo").arg(format!("nbd://{addr}/files")).output();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let has = |msg: &str| lines.iter().any(|v| v["fields"]["message"] == msg);
+    assert!(has("backend opened") && has("serving"), "{logged}");
+    assert!(has("transmission"), "debug lines are logged: {logged}");
+}
+
 #[test]
 fn bad_config_is_refused_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -141,9 +141,22 @@ pub async fn serve<S: IntoSocket>(
         )
         .await
     };
-    let Ok(Ok(Some(session))) = negotiated else {
-        return;
+    let session = match negotiated {
+        Ok(Ok(Some(session))) => session,
+        Ok(Ok(None)) => {
+            tracing::debug!(?peer, "client left or was refused during the handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, deadline = ?limits.handshake, "handshake deadline passed, closing");
+            return;
+        }
     };
+    tracing::debug!(?peer, export = %session.name, structured = session.structured, "transmission");
     // A client that disconnected at this point only costs a failed conversion.
     if let Ok(socket) = stream.into_socket() {
         transmission(socket, session, limits).await;
@@ -151,6 +164,7 @@ pub async fn serve<S: IntoSocket>(
 }
 
 pub(super) struct Session {
+    pub(super) name: String,
     pub(super) export: Arc<dyn Export>,
     pub(super) structured: bool,
     /// Selected metadata contexts: (id, name).
@@ -235,6 +249,7 @@ where
                 wr.write_all(&p::export_name_reply(export.size(), flags, no_zeroes))
                     .await?;
                 return Ok(Some(Session {
+                    name,
                     export,
                     structured,
                     contexts,
@@ -282,6 +297,7 @@ where
                 wr.write_all(&reply(p::REP_ACK, &[])).await?;
                 if opt.option == p::OPT_GO {
                     return Ok(Some(Session {
+                        name: req.name,
                         export,
                         structured,
                         contexts,
@@ -382,9 +398,18 @@ async fn accept_loop<S, F, Fut>(
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = accept() => {
-                let Ok((s, peer)) = accepted else { continue };
+                let (s, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
                 // Over the cap: dropping the stream closes it.
-                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(cap = limits.connections, "connection refused: too many connections");
+                    continue;
+                };
                 let exports = exports.clone();
                 tokio::spawn(async move {
                     serve(s, peer, exports, limits).await;

@@ -277,6 +277,12 @@ fn send(conn: &Conn, head: &[u8], data: &[u8]) -> io::Result<()> {
 
 /// The reply to a failed request, into `head`.
 fn error_reply(s: &Session, cookie: u64, e: &ExportError, head: &mut Vec<u8>) {
+    // A client's own mistakes are its business; a failing array is the operator's.
+    if matches!(e.errno, errno::EINVAL | errno::EPERM | errno::ENOSPC) {
+        tracing::debug!(export = %s.name, errno = e.errno, "request refused: {}", e.message);
+    } else {
+        tracing::warn!(export = %s.name, errno = e.errno, "request failed: {}", e.message);
+    }
     head.clear();
     if s.structured {
         head.extend_from_slice(&p::structured_error(cookie, e.errno as u32, &e.message));
