@@ -34,13 +34,15 @@ pub enum AgentError {
         #[source]
         source: BackendError,
     },
-    #[error("virtual LU {name}: backend {backend} has no mirroring definition whose primary LU is {lu} (it has {available})")]
+    #[error("virtual LU {name}: backend {backend} reports no mirroring definition whose primary LU is {lu} (it has {available}); list one under the virtual LU's `mirroring`")]
     NoDefinition {
         name: String,
         backend: String,
         lu: u32,
         available: String,
     },
+    #[error("virtual LU {name}: mirroring: {reason}")]
+    Listed { name: String, reason: String },
     #[error("backend {backend}: {source}")]
     Manager {
         backend: String,
@@ -145,21 +147,30 @@ impl Agent {
             let mut names = Vec::new();
             let mut next = 0u32;
             for v in cfg.virtual_lus.iter().filter(|v| v.backend == b.name) {
-                let def = desc
-                    .mirroring
-                    .iter()
-                    .find(|d| d.primary() == LuId(v.lu))
-                    .ok_or_else(|| AgentError::NoDefinition {
+                let def = match &v.mirroring {
+                    // Listed in the config [0054]; the manager checks it against the
+                    // array's LUs and capabilities.
+                    Some(m) => m.definition(v.lu).map_err(|reason| AgentError::Listed {
                         name: v.name.clone(),
-                        backend: b.name.clone(),
-                        lu: v.lu,
-                        available: desc
-                            .mirroring
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    })?;
+                        reason,
+                    })?,
+                    None => desc
+                        .mirroring
+                        .iter()
+                        .find(|d| d.primary() == LuId(v.lu))
+                        .cloned()
+                        .ok_or_else(|| AgentError::NoDefinition {
+                            name: v.name.clone(),
+                            backend: b.name.clone(),
+                            lu: v.lu,
+                            available: desc
+                                .mirroring
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        })?,
+                };
                 let origin = VirtualLuId(next);
                 let snapshots: Vec<VirtualLuId> = (0..v.snapshots.len() as u32)
                     .map(|i| VirtualLuId(next + 1 + i))
@@ -177,7 +188,7 @@ impl Agent {
                 pairs.push(PairConfig {
                     origin,
                     snapshots,
-                    definition: def.clone(),
+                    definition: def,
                     save_area: v.save_area.map(LuId),
                 });
             }

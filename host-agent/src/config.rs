@@ -16,7 +16,11 @@
 //! virtual_lus:
 //!   - name: db                       # the export of the original data
 //!     backend: array0
-//!     lu: 0                          # the mirroring definition whose primary LU is 0
+//!     lu: 0                          # the mirroring definition whose primary LU is 0,
+//!                                    #   as the array reports it (Mode Sense, INQUIRY)
+//!     mirroring: { origin: 1, mate: 2 }  # or listed here instead [0054]: stateless
+//!                                    #   {origin, mate}, mode-select {mates: [..]},
+//!                                    #   pre-update {mate}
 //!     snapshots: [db-snap]           # the snapshot export(s)
 //!     save_area: 9                   # pre-update (E4) arrays only
 //!     read_only: false
@@ -26,6 +30,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hvm_core::{LuId, MirrorDefinition};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -89,6 +94,8 @@ pub struct VirtualLuConfig {
     pub name: String,
     pub backend: String,
     pub lu: u32,
+    #[serde(default)]
+    pub mirroring: Option<MirroringConfig>,
     pub snapshots: Vec<String>,
     #[serde(default)]
     pub save_area: Option<u32>,
@@ -98,6 +105,44 @@ pub struct VirtualLuConfig {
     pub allow_uids: Vec<u32>,
     #[serde(default)]
     pub allow_gids: Vec<u32>,
+}
+
+/// A mirroring definition row listed in the config ([0054]) for the virtual LU's `lu`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirroringConfig {
+    #[serde(default)]
+    pub origin: Option<u32>,
+    #[serde(default)]
+    pub mate: Option<u32>,
+    #[serde(default)]
+    pub mates: Option<Vec<u32>>,
+}
+
+impl MirroringConfig {
+    /// The row for primary LU `lu`, or what is wrong with it.
+    pub fn definition(&self, lu: u32) -> Result<MirrorDefinition, String> {
+        match (self.origin, self.mate, &self.mates) {
+            (Some(origin), Some(mate), None) => Ok(MirrorDefinition::Triple {
+                mirror: LuId(lu),
+                origin: LuId(origin),
+                mate: LuId(mate),
+            }),
+            (None, Some(mate), None) => Ok(MirrorDefinition::Pair {
+                mirror: LuId(lu),
+                mate: LuId(mate),
+            }),
+            (None, None, Some(mates)) if !mates.is_empty() => Ok(MirrorDefinition::Managed {
+                lu: LuId(lu),
+                mates: mates.iter().copied().map(LuId).collect(),
+            }),
+            _ => Err(
+                "expected {origin, mate} (stateless array), {mates: [..]} (Mode Select array) \
+                 or {mate} (pre-update array)"
+                    .into(),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +212,10 @@ impl Config {
                     format!("no backend named {:?}", v.backend),
                 ));
             }
+            if let Some(m) = &v.mirroring {
+                m.definition(v.lu)
+                    .map_err(|e| bad(format!("virtual_lus[{i}].mirroring"), e))?;
+            }
             for n in std::iter::once(&v.name).chain(&v.snapshots) {
                 if n.is_empty() || n.len() > 4096 || n.contains('\0') {
                     return Err(bad(
@@ -231,6 +280,26 @@ virtual_lus:
         assert!(
             e.contains("unknown variant `loud`") && e.contains("line 1"),
             "{e}"
+        );
+        let e = Config::parse(
+            &OK.replace("lu: 0,", "lu: 0, mirroring: {origin: 1},"),
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("virtual_lus[0].mirroring: expected"), "{e}");
+        let c = Config::parse(
+            &OK.replace("lu: 0,", "lu: 0, mirroring: {origin: 1, mate: 2},"),
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.virtual_lus[0].mirroring.as_ref().unwrap().definition(0),
+            Ok(MirrorDefinition::Triple {
+                mirror: LuId(0),
+                origin: LuId(1),
+                mate: LuId(2)
+            })
         );
         let c = Config::parse(&format!("log_level: debug\n{OK}"), "c.yaml").unwrap();
         assert_eq!(c.log_level, LogLevel::Debug);

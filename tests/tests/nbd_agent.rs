@@ -201,6 +201,46 @@ fn tcp_listener_and_json_logs() {
     assert!(has("transmission"), "debug lines are logged: {logged}");
 }
 
+/// A mirroring definition listed in the config [0054] is used, and checked against the
+/// array: an LU the array lacks or a row of the wrong kind is refused with the reason.
+#[test]
+fn listed_mirroring_definitions() {
+    build_artifacts();
+    let base = std::fs::read_to_string(workspace().join("host-agent/examples/quickstart.yaml"))
+        .unwrap()
+        + &format!("plugin_dir: {}\n", target_dir().display());
+    let build = |text: &str| {
+        let state = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(text, "q.yaml").unwrap();
+        Agent::build(&cfg, &workspace(), Some(state.path())).map(|a| (a, state))
+    };
+    let listed = base.replace(
+        "{ name: db, backend: stateless0, lu: 0,",
+        "{ name: db, backend: stateless0, lu: 0, mirroring: { origin: 1, mate: 2 },",
+    );
+    assert_ne!(listed, base);
+    let (agent, _state) = build(&listed).unwrap();
+    let (mgr, db) = agent.virtual_lu("db").unwrap();
+    mgr.write(db, 0, &[7u8; 4096], false).unwrap();
+    mgr.acquire(db).unwrap();
+
+    let missing = base.replace(
+        "{ name: db, backend: stateless0, lu: 0,",
+        "{ name: db, backend: stateless0, lu: 0, mirroring: { origin: 1, mate: 7 },",
+    );
+    let e = build(&missing).err().unwrap().to_string();
+    assert!(e.contains("the array has no LU 7"), "{e}");
+    let wrong_kind = base.replace(
+        "{ name: db, backend: stateless0, lu: 0,",
+        "{ name: db, backend: stateless0, lu: 0, mirroring: { mates: [2] },",
+    );
+    let e = build(&wrong_kind).err().unwrap().to_string();
+    assert!(
+        e.contains("stateless0") && e.contains("does not offer Mode Select"),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_config_is_refused_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
