@@ -80,6 +80,48 @@ impl Export for MemExport {
     }
 }
 
+/// An export whose reads at offset 0 wait until the test opens the gate: a slow backend.
+#[derive(Default)]
+struct GatedExport {
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl GatedExport {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl Export for GatedExport {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn multi_conn(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        if offset == 0 {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        buf.fill(0x6b);
+        Ok(())
+    }
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
+        Err(ExportError::new(server::errno::EPERM, "read-only"))
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+}
+
 struct Server {
     sock: PathBuf,
     dir: tempfile::TempDir,
@@ -99,6 +141,7 @@ fn start_with(limits: Limits) -> (Server, Arc<MemExport>) {
     let mut map: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
     map.insert("disk".into(), disk.clone());
     map.insert("ro".into(), MemExport::new(SIZE, true));
+    map.insert("gated".into(), gated());
     let exports: Arc<dyn Exports> = Arc::new(map);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt
@@ -111,6 +154,97 @@ fn start_with(limits: Limits) -> (Server, Arc<MemExport>) {
         std::future::pending(),
     ));
     (Server { sock, dir, _rt: rt }, disk)
+}
+
+/// The one gated export of every test server.
+fn gated() -> Arc<GatedExport> {
+    static GATED: std::sync::OnceLock<Arc<GatedExport>> = std::sync::OnceLock::new();
+    GATED.get_or_init(Arc::default).clone()
+}
+
+/// A raw client in transmission on `export`, with simple replies; reads time out so a
+/// stalled server fails the test instead of hanging it.
+fn raw_client(s: &Server, export: &str) -> UnixStream {
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut g = [0u8; 18];
+    c.read_exact(&mut g).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    let mut h = p::IHAVEOPT.to_be_bytes().to_vec();
+    h.extend_from_slice(&p::OPT_GO.to_be_bytes());
+    h.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    h.extend_from_slice(&d);
+    c.write_all(&h).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        c.read_exact(&mut vec![0u8; len]).unwrap();
+        assert!(
+            kind == p::REP_ACK || kind == p::REP_INFO,
+            "GO {export}: reply {kind:#x}"
+        );
+        if kind == p::REP_ACK {
+            return c;
+        }
+    }
+}
+
+fn send_read(c: &mut UnixStream, cookie: u64, offset: u64, len: u32) {
+    let r = p::Request {
+        flags: 0,
+        kind: p::CMD_READ,
+        cookie,
+        offset,
+        len,
+    };
+    c.write_all(&r.encode()).unwrap();
+}
+
+/// The next simple reply: (cookie, error), with `len` bytes of data read when it is 0.
+fn read_reply(c: &mut UnixStream, len: usize) -> (u64, u32, Vec<u8>) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &p::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+    let mut data = Vec::new();
+    if error == 0 {
+        data = vec![0u8; len];
+        c.read_exact(&mut data).unwrap();
+    }
+    (cookie, error, data)
+}
+
+/// A request held up in a slow export stalls neither the requests behind it on its own
+/// connection (replies go out in completion order) nor other exports.
+#[test]
+fn slow_export_stalls_nobody_else() {
+    let (s, disk) = start();
+    disk.write(8192, &[0x42; 512], false).unwrap();
+    let mut a = raw_client(&s, "gated");
+    send_read(&mut a, 1, 0, 4096); // held at the gate
+    send_read(&mut a, 2, 4096, 4096);
+    let (cookie, error, data) = read_reply(&mut a, 4096);
+    assert_eq!(
+        (cookie, error),
+        (2, 0),
+        "the later request is answered first"
+    );
+    assert!(data.iter().all(|b| *b == 0x6b));
+    let mut b = raw_client(&s, "disk");
+    send_read(&mut b, 7, 8192, 512);
+    let (cookie, error, data) = read_reply(&mut b, 512);
+    assert_eq!((cookie, error), (7, 0));
+    assert!(data.iter().all(|b| *b == 0x42));
+    gated().open();
+    let (cookie, error, _) = read_reply(&mut a, 4096);
+    assert_eq!((cookie, error), (1, 0));
 }
 
 fn uri(s: &Server, export: &str) -> String {
