@@ -186,6 +186,16 @@ fn take(conn: &Conn, s: &mut Scratch) -> Taken {
     if conn.closing.load(Ordering::SeqCst) {
         return Taken::Close;
     }
+    let taken = take_locked(conn, &mut rd, s);
+    if matches!(taken, Taken::Close) {
+        // Set before the read lock is released, so no other worker goes on to wait for
+        // a request that will never come.
+        conn.closing.store(true, Ordering::SeqCst);
+    }
+    taken
+}
+
+fn take_locked(conn: &Conn, rd: &mut BufReader<SocketReader>, s: &mut Scratch) -> Taken {
     let mut h = [0u8; p::REQUEST_LEN];
     if rd.read_exact(&mut h).is_err() {
         return Taken::Close;
@@ -224,10 +234,7 @@ fn worker(conn: &Arc<Conn>) {
         let taken = take(conn, &mut s);
         conn.idle.fetch_sub(1, Ordering::SeqCst);
         let data = match taken {
-            Taken::Close => {
-                conn.closing.store(true, Ordering::SeqCst);
-                break;
-            }
+            Taken::Close => break,
             Taken::Reply => 0,
             Taken::Request(req) => {
                 // Nobody is left to take the next request: start a worker that will.
