@@ -1,12 +1,14 @@
 //! hvm host-agent: the service that loads backend plugins, serves virtual LUs over NBD,
 //! persists hvm-core's tables and coordinates online backups.
 //!
-//! Built so far: [`plugin_check`], the `host-agent plugin check` report, and
-//! [`nbd::proto`], the NBD wire protocol. The NBD server, the config and the control path
-//! come with their issues.
+//! - [`config`]: the YAML config; [`agent`]: a configured host, its backends and
+//!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server.
+//! - [`durable`]: the tables' journal files, with group commit and activity regions.
+//! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
 pub mod config;
+pub mod durable;
 pub mod exports;
 pub mod nbd;
 
