@@ -493,6 +493,12 @@ impl<B: Backend> SnapshotManager<B> {
         Ok(lock(&pair.table).clone())
     }
 
+    /// LBAs recorded in the update-location table of the pair `vlu` belongs to.
+    pub fn recorded_lbas(&self, vlu: VirtualLuId) -> Result<u64> {
+        let (pair, _) = self.pair(vlu)?;
+        Ok(lock(&pair.table).total())
+    }
+
     /// The recorded parts of `ext` in the update-location table of the pair `vlu` belongs
     /// to (what `hvm:dirty` block status reports), without copying the whole table.
     pub fn recorded(&self, vlu: VirtualLuId, ext: Extent) -> Result<Vec<Extent>> {

@@ -1,8 +1,9 @@
 //! Putting a configured host together: load the backend plugins, open each backend, build
 //! one snapshot manager per backend with its virtual LUs, and serve them over NBD.
 //!
-//! The tables live in memory for now (`NoLog`); the durable journal comes with the
-//! control-and-durability issue.
+//! Each backend's tables live in a journal file in the state directory
+//! (`<backend>.journal`, see [`crate::durable`]), replayed on start; with
+//! `journal.durable: false` they live in memory only.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,13 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hvm_core::backend::{Backend, BackendError};
-use hvm_core::journal::NoLog;
+use hvm_core::journal::{NoLog, StateLog, Tail};
 use hvm_core::{LuId, ManagerError, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
 
 use crate::config::{Config, ConfigError};
+use crate::durable::{self, DurableError, FileJournal, Tuning};
 use crate::exports::{Access, Manager, VluExport, VluExports};
 use crate::nbd::server::{self, Exports, Limits};
+use crate::resync::{self, ResyncControl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -49,6 +52,12 @@ pub enum AgentError {
         #[source]
         source: ManagerError,
     },
+    #[error("backend {backend}: journal: {source}")]
+    Journal {
+        backend: String,
+        #[source]
+        source: DurableError,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -64,8 +73,13 @@ pub struct Agent {
     pub managers: BTreeMap<String, Arc<Manager>>,
     /// Export name -> (backend name, virtual LU).
     pub virtual_lus: BTreeMap<String, (String, VirtualLuId)>,
+    /// Journals by backend name (none when `journal.durable` is false).
+    pub journals: BTreeMap<String, Arc<FileJournal>>,
+    pub resync: Arc<ResyncControl>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// The control API's socket.
+    pub control: PathBuf,
     pub tcp: Option<String>,
 }
 
@@ -117,6 +131,11 @@ impl Agent {
         };
         let mut exports = VluExports::default();
         let mut managers = BTreeMap::new();
+        let mut journals = BTreeMap::new();
+        let tuning = Tuning {
+            region_lbas: cfg.journal.region_kib * 2,
+            compact_bytes: cfg.journal.compact_mib << 20,
+        };
         let mut virtual_lus = BTreeMap::new();
         for b in &cfg.backends {
             let err = |source| AgentError::Plugin {
@@ -192,14 +211,47 @@ impl Agent {
                     save_area: v.save_area.map(LuId),
                 });
             }
+            let jerr = |source| AgentError::Journal {
+                backend: b.name.clone(),
+                source,
+            };
+            let mut recovered = None;
+            let mut journal = None;
+            let log: Arc<dyn StateLog> = if cfg.journal.durable {
+                let path = state_dir.join(format!("{}.journal", b.name));
+                if let Some(r) = durable::recover(&path).map_err(jerr)? {
+                    if r.tail != Tail::Clean {
+                        tracing::warn!(journal = %path.display(), tail = ?r.tail, "journal ends in a torn or corrupt record; it was dropped (a crash during an append)");
+                    }
+                    tracing::info!(journal = %path.display(), records = r.records, "journal replayed");
+                    recovered = Some(r.state);
+                }
+                let capacity = pairs
+                    .iter()
+                    .map(|p| {
+                        let lbas = desc.capacity(p.definition.primary()).unwrap_or(u64::MAX);
+                        (p.origin, lbas)
+                    })
+                    .collect();
+                let j = Arc::new(FileJournal::create(&path, capacity, tuning).map_err(jerr)?);
+                journal = Some(j.clone());
+                j
+            } else {
+                Arc::new(NoLog)
+            };
             let mgr = Arc::new(
-                SnapshotManager::open(backend, pairs, Arc::new(NoLog), None).map_err(|source| {
-                    AgentError::Manager {
+                SnapshotManager::open(backend, pairs, log, recovered.as_ref()).map_err(
+                    |source| AgentError::Manager {
                         backend: b.name.clone(),
                         source,
-                    }
-                })?,
+                    },
+                )?,
             );
+            if let Some(j) = journal {
+                // The manager's checkpoint is in the new file; it replaces the old one.
+                j.commit().map_err(jerr)?;
+                journals.insert(b.name.clone(), j);
+            }
             for (name, vlu, access) in names {
                 tracing::info!(export = %name, backend = %b.name, mode = ?mgr.mode(vlu), "virtual LU");
                 exports.insert(name.clone(), VluExport::new(mgr.clone(), vlu, access));
@@ -210,8 +262,20 @@ impl Agent {
         Ok(Agent {
             exports: Arc::new(exports),
             managers,
+            journals,
+            resync: Arc::new(ResyncControl::new(
+                cfg.resync.chunk_kib << 10,
+                cfg.resync.rate_mib << 20,
+            )),
             virtual_lus,
             socket: absolute(&state_dir, &cfg.listen.unix),
+            control: match &cfg.runtime_dir {
+                Some(d) => absolute(base, d),
+                None => std::env::var_os("RUNTIME_DIRECTORY")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| state_dir.join("run")),
+            }
+            .join("control.sock"),
             tcp: cfg.listen.tcp.clone(),
             state_dir,
         })
@@ -236,6 +300,7 @@ impl Agent {
             std::fs::remove_file(&self.socket).map_err(io(&self.socket))?;
         }
         let unix = tokio::net::UnixListener::bind(&self.socket).map_err(io(&self.socket))?;
+        let control = crate::control::bind(&self.control).map_err(io(&self.control))?;
         let tcp = match &self.tcp {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -244,16 +309,31 @@ impl Agent {
             ),
             None => None,
         };
-        Ok(Listeners { unix, tcp })
+        Ok(Listeners { unix, tcp, control })
     }
 
-    /// Serve the exports on `listeners` until `shutdown` completes.
-    pub async fn serve(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    /// Serve the exports on `listeners`, and run the resync service, until `shutdown`
+    /// completes; then drain the connections (requests taken are answered), stop the
+    /// resync and write each journal as an exact checkpoint.
+    pub async fn serve(self: &Arc<Self>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let exports: Arc<dyn Exports> = self.exports.clone();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.changed().await;
         };
+        let backends: Vec<resync::Backend> = self
+            .managers
+            .iter()
+            .map(|(name, mgr)| resync::Backend {
+                name: name.clone(),
+                mgr: mgr.clone(),
+                journal: self.journals.get(name).cloned(),
+            })
+            .collect();
+        let ctl = self.resync.clone();
+        let resync = std::thread::Builder::new()
+            .name("resync".into())
+            .spawn(move || resync::run(&backends, &ctl));
         let mut tasks = vec![tokio::spawn(server::run_unix(
             listeners.unix,
             exports.clone(),
@@ -265,13 +345,36 @@ impl Agent {
                 tcp,
                 exports,
                 Limits::default(),
-                stopped(stop_rx),
+                stopped(stop_rx.clone()),
             )));
         }
+        tasks.push(tokio::spawn(crate::control::serve(
+            listeners.control,
+            self.clone(),
+            stopped(stop_rx),
+        )));
         shutdown.await;
+        tracing::info!("stopping: draining connections");
         let _ = stop_tx.send(true);
         for t in tasks {
             let _ = t.await;
+        }
+        self.resync.stop();
+        if let Ok(t) = resync {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.close();
+    }
+
+    /// Write every journal as an exact checkpoint (a clean stop).
+    pub fn close(&self) {
+        for (name, j) in &self.journals {
+            match j.compact() {
+                Ok(()) => {
+                    tracing::info!(backend = %name, journal = %j.path().display(), "journal checkpointed")
+                }
+                Err(e) => tracing::error!(backend = %name, error = %e, "journal checkpoint failed"),
+            }
         }
     }
 }
@@ -279,5 +382,6 @@ impl Agent {
 /// The bound sockets of an agent.
 pub struct Listeners {
     pub unix: tokio::net::UnixListener,
+    pub control: tokio::net::UnixListener,
     pub tcp: Option<tokio::net::TcpListener>,
 }

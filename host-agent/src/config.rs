@@ -5,6 +5,16 @@
 //! log_level: info                    # error, warn, info, debug or trace; --log-level and
 //!                                    #   RUST_LOG override
 //! plugin_dir: /usr/lib/hvm/plugins   # default: beside the host-agent binary
+//! runtime_dir: /run/hvm              # the control socket (control.sock) lives here, in a
+//!                                    #   0700 directory; default: $RUNTIME_DIRECTORY
+//!                                    #   (systemd), else <state_dir>/run
+//! journal:                           # the tables' journal files, in state_dir
+//!   durable: true                    # false: tables in memory only (lost on a crash)
+//!   region_kib: 4096                 # activity region: one flush per region per epoch
+//!   compact_mib: 64                  # compact a journal file past this size
+//! resync:
+//!   chunk_kib: 1024                  # LBAs copied per resync step
+//!   rate_mib: 0                      # bytes per second per backend; 0: unlimited
 //! listen:
 //!   unix: nbd.sock                   # relative: in state_dir
 //!   tcp: 127.0.0.1:10809             # optional; only unrestricted exports on TCP
@@ -41,10 +51,52 @@ pub struct Config {
     #[serde(default)]
     pub plugin_dir: Option<PathBuf>,
     #[serde(default)]
+    pub runtime_dir: Option<PathBuf>,
+    #[serde(default)]
     pub log_level: LogLevel,
+    #[serde(default)]
+    pub journal: JournalConfig,
+    #[serde(default)]
+    pub resync: ResyncConfig,
     pub listen: Listen,
     pub backends: Vec<BackendConfig>,
     pub virtual_lus: Vec<VirtualLuConfig>,
+}
+
+/// The tables' journal files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub durable: bool,
+    pub region_kib: u64,
+    pub compact_mib: u64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            durable: true,
+            region_kib: 4096,
+            compact_mib: 64,
+        }
+    }
+}
+
+/// The resync service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResyncConfig {
+    pub chunk_kib: u64,
+    pub rate_mib: u64,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig {
+            chunk_kib: 1024,
+            rate_mib: 0,
+        }
+    }
 }
 
 /// How much the service logs.
@@ -195,6 +247,18 @@ impl Config {
             at,
             message,
         };
+        if cfg.journal.region_kib == 0 || cfg.journal.region_kib % 4 != 0 {
+            return Err(bad(
+                "journal.region_kib".into(),
+                format!("{} is not a positive multiple of 4", cfg.journal.region_kib),
+            ));
+        }
+        if cfg.resync.chunk_kib == 0 || cfg.resync.chunk_kib > 32 * 1024 {
+            return Err(bad(
+                "resync.chunk_kib".into(),
+                format!("{} is not between 1 and 32768", cfg.resync.chunk_kib),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, b) in cfg.backends.iter().enumerate() {
             if !names.insert(b.name.as_str()) {

@@ -601,7 +601,10 @@ mod tests {
             })
             .unwrap_err();
         let why = std::error::Error::source(&e).map(ToString::to_string);
-        assert!(why.as_deref().is_some_and(|w| w.contains("restart")), "{e}: {why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("restart")),
+            "{e}: {why:?}"
+        );
     }
 
     #[test]

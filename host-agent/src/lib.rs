@@ -2,15 +2,19 @@
 //! persists hvm-core's tables and coordinates online backups.
 //!
 //! - [`config`]: the YAML config; [`agent`]: a configured host, its backends and
-//!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server.
-//! - [`durable`]: the tables' journal files, with group commit and activity regions.
+//!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server;
+//!   [`control`]: the control API.
+//! - [`durable`]: the tables' journal files, with group commit and activity regions;
+//!   [`resync`]: the resync service.
 //! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod durable;
 pub mod exports;
 pub mod nbd;
+pub mod resync;
 
 use hvm_plugin_abi::host::Plugin;
 use hvm_plugin_abi::ThreadModel;

@@ -116,7 +116,7 @@ fn run(
     };
     init_logging(log_level.unwrap_or(cfg.log_level), log_format);
     let agent = match Agent::build(&cfg, &base, state_dir.as_deref()) {
-        Ok(a) => a,
+        Ok(a) => std::sync::Arc::new(a),
         Err(e) => {
             eprintln!("host-agent: {e}");
             return ExitCode::FAILURE;
@@ -142,7 +142,7 @@ fn run(
             agent.socket.display(),
             tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default()
         );
-        tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, "serving");
+        tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, control = %agent.control.display(), "serving");
         agent.serve(listeners, shutdown_signal()).await;
         Ok::<(), hvm_host_agent::agent::AgentError>(())
     });

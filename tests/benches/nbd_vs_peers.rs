@@ -147,7 +147,7 @@ fn main() {
         hvm_tests::target_dir().display()
     );
     let cfg = Config::parse(&cfg_text, "bench.yaml").expect("config");
-    let agent = Agent::build(&cfg, d, Some(d)).expect("agent");
+    let agent = std::sync::Arc::new(Agent::build(&cfg, d, Some(d)).expect("agent"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let listeners = rt.block_on(agent.listen()).expect("listen");
     let hvm_sock = agent.socket.clone();

@@ -81,7 +81,7 @@ fn dirty_map_in_snapshot_mode() {
         .unwrap()
         + &format!("plugin_dir: {}\n", target_dir().display());
     let cfg = Config::parse(&text, "quickstart.yaml").unwrap();
-    let agent = Agent::build(&cfg, &workspace(), Some(state.path())).unwrap();
+    let agent = std::sync::Arc::new(Agent::build(&cfg, &workspace(), Some(state.path())).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listeners = rt.block_on(agent.listen()).unwrap();
     let sock = agent.socket.clone();

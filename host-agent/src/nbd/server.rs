@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use super::proto::{self as p, ProtoError};
 use super::transmission::transmission;
-pub use super::transmission::{IntoSocket, Socket};
+pub use super::transmission::{Connections, IntoSocket, Socket};
 
 /// Errno values of NBD replies.
 pub mod errno {
@@ -132,6 +132,7 @@ pub async fn serve<S: IntoSocket>(
     peer: Option<Peer>,
     exports: Arc<dyn Exports>,
     limits: Limits,
+    registry: &Connections,
 ) {
     let negotiated = {
         let (mut rd, mut wr) = tokio::io::split(&mut stream);
@@ -159,7 +160,7 @@ pub async fn serve<S: IntoSocket>(
     tracing::debug!(?peer, export = %session.name, structured = session.structured, "transmission");
     // A client that disconnected at this point only costs a failed conversion.
     if let Ok(socket) = stream.into_socket() {
-        transmission(socket, session, limits).await;
+        transmission(socket, session, limits, registry).await;
     }
 }
 
@@ -394,9 +395,13 @@ async fn accept_loop<S, F, Fut>(
 {
     tokio::pin!(shutdown);
     let slots = Arc::new(Semaphore::new(limits.connections));
+    let registry = Arc::new(Connections::default());
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections as we go.
+        while tasks.try_join_next().is_some() {}
         tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             accepted = accept() => {
                 let (s, peer) = match accepted {
                     Ok(a) => a,
@@ -410,13 +415,27 @@ async fn accept_loop<S, F, Fut>(
                     tracing::warn!(cap = limits.connections, "connection refused: too many connections");
                     continue;
                 };
-                let exports = exports.clone();
-                tokio::spawn(async move {
-                    serve(s, peer, exports, limits).await;
+                let (exports, registry) = (exports.clone(), registry.clone());
+                tasks.spawn(async move {
+                    serve(s, peer, exports, limits, &registry).await;
                     drop(slot);
                 });
             }
         }
+    }
+    // Drain: no new requests; those taken are answered, then each connection closes.
+    let open = registry.count();
+    registry.drain();
+    if open > 0 {
+        tracing::info!(connections = open, "draining NBD connections");
+    }
+    let drained = tokio::time::timeout(limits.handshake.max(Duration::from_secs(30)), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("NBD connections still open after the drain deadline; leaving them");
+        tasks.abort_all();
     }
 }
 

@@ -27,11 +27,53 @@ pub enum Socket {
 }
 
 impl Socket {
-    fn shutdown(&self) {
+    fn shutdown(&self, how: Shutdown) {
         let _ = match self {
-            Socket::Unix(s) => s.shutdown(Shutdown::Both),
-            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(how),
+            Socket::Tcp(s) => s.shutdown(how),
         };
+    }
+}
+
+/// The connections in transmission, so a service that stops can drain them: each stops
+/// taking requests, answers those it took, and closes.
+#[derive(Default)]
+pub struct Connections {
+    live: Mutex<Vec<std::sync::Weak<Conn>>>,
+    draining: AtomicBool,
+}
+
+impl Connections {
+    /// False once draining: the connection is closed instead.
+    fn add(&self, c: &Arc<Conn>) -> bool {
+        let mut live = lock(&self.live);
+        if self.draining.load(Ordering::SeqCst) {
+            return false;
+        }
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(c));
+        true
+    }
+
+    /// Stop taking requests on every connection (requests already read still run), and
+    /// refuse connections that finish their handshake from now on.
+    pub fn drain(&self) {
+        let _live = lock(&self.live);
+        self.draining.store(true, Ordering::SeqCst);
+        drop(_live);
+        for c in lock(&self.live).iter().filter_map(std::sync::Weak::upgrade) {
+            c.closing.store(true, Ordering::SeqCst);
+            // Wakes the worker waiting for the next request; replies can still be sent.
+            c.socket.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Connections still open.
+    pub fn count(&self) -> usize {
+        lock(&self.live)
+            .iter()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 }
 
@@ -84,7 +126,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One connection in transmission; dropped (and the socket closed) when its last worker
 /// ends.
-struct Conn {
+pub struct Conn {
     session: Session,
     socket: Arc<Socket>,
     /// Requests arrive back to back; they are read in bulk, not one system call each.
@@ -101,7 +143,7 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.socket.shutdown();
+        self.socket.shutdown(Shutdown::Both);
         if let Some(tx) = lock(&self.ended).take() {
             let _ = tx.send(());
         }
@@ -110,7 +152,12 @@ impl Drop for Conn {
 
 /// Serve requests on `socket` until the client leaves; returns when every request read
 /// has been answered and the socket is closed.
-pub(super) async fn transmission(socket: Socket, session: Session, limits: Limits) {
+pub(super) async fn transmission(
+    socket: Socket,
+    session: Session,
+    limits: Limits,
+    registry: &Connections,
+) {
     let socket = Arc::new(socket);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let conn = Arc::new(Conn {
@@ -127,7 +174,7 @@ pub(super) async fn transmission(socket: Socket, session: Session, limits: Limit
         limit: limits.in_flight.max(1),
         ended: Mutex::new(Some(tx)),
     });
-    if !start_worker(&conn) {
+    if !registry.add(&conn) || !start_worker(&conn) {
         return;
     }
     drop(conn);
@@ -252,7 +299,7 @@ fn worker(conn: &Arc<Conn>) {
         if send(conn, &s.head, &s.data[..data]).is_err() {
             // The client is gone: wake the worker blocked reading, take nothing more.
             conn.closing.store(true, Ordering::SeqCst);
-            conn.socket.shutdown();
+            conn.socket.shutdown(Shutdown::Both);
             break;
         }
         for v in [&mut s.payload, &mut s.data] {

@@ -1,0 +1,421 @@
+//! `hvmctl`: the administrator's command line for host-agent's control API.
+//!
+//! ```sh
+//! hvmctl status
+//! hvmctl lu list
+//! hvmctl snapshot acquire db
+//! hvmctl snapshot delete db --wait
+//! hvmctl extents db
+//! hvmctl resync pause|resume|rate 100M
+//! hvmctl backends
+//! ```
+//!
+//! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
+//! (the message says why), 2 for usage errors, 3 when the agent cannot be reached.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "hvmctl",
+    about = "control host-agent (hvm host volume manager)"
+)]
+struct Cli {
+    /// The control socket [default: $HVM_CONTROL, else /run/hvm/control.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print the agent's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The agent's version, counts and resync settings.
+    Status,
+    /// Virtual LUs.
+    Lu {
+        #[command(subcommand)]
+        command: LuCmd,
+    },
+    /// Acquire or delete a snapshot.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapCmd,
+    },
+    /// The update-location table of a virtual LU's pair.
+    Extents { vlu: String },
+    /// The resync service.
+    Resync {
+        #[command(subcommand)]
+        command: ResyncCmd,
+    },
+    /// Backends, their health and journals.
+    Backends,
+}
+
+#[derive(Subcommand)]
+enum LuCmd {
+    /// Every virtual LU with its mode and READ/WRITE destinations.
+    List,
+}
+
+#[derive(Subcommand)]
+enum SnapCmd {
+    /// Freeze the snapshot LU at this instant ([0027], [0060]).
+    Acquire { vlu: String },
+    /// Delete the snapshot; the legs resynchronise ([0031], [0061]).
+    Delete {
+        vlu: String,
+        /// Wait for resync to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResyncCmd {
+    /// Progress of every pair.
+    Status,
+    Pause,
+    Resume,
+    /// Rate limit per backend, e.g. 100M, 1G or 0 (unlimited); bytes per second.
+    Rate {
+        rate: String,
+    },
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+fn socket_path(cli: &Cli) -> PathBuf {
+    cli.socket
+        .clone()
+        .or_else(|| std::env::var_os("HVM_CONTROL").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/run/hvm/control.sock"))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if n == 0 || b.len() < i + 2 + n {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = &b[(i + 4 + n).min(b.len())..];
+    }
+    out
+}
+
+/// One request on a fresh connection.
+fn call(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Reply, String> {
+    let mut s = UnixStream::connect(sock)
+        .map_err(|e| format!("cannot reach host-agent at {}: {e}", sock.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: hvm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed reply from host-agent")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("malformed status line from host-agent")?;
+    let mut payload = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        payload = dechunk(&payload);
+    }
+    let body = serde_json::from_slice(&payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into_owned()));
+    Ok(Reply { status, body })
+}
+
+fn parse_rate(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn human(cmd: &Cmd, body: &Value) -> String {
+    match cmd {
+        Cmd::Lu { .. } => {
+            let mut rows = vec![[
+                "NAME",
+                "BACKEND",
+                "MODE",
+                "READ",
+                "WRITE",
+                "SNAPSHOT OF",
+                "SIZE",
+                "RECORDED LBAS",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for l in body.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&l["name"]),
+                    s(&l["backend"]),
+                    s(&l["mode"]),
+                    l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
+                    l["write"]
+                        .as_u64()
+                        .map_or("-".into(), |x| format!("LU {x}")),
+                    s(&l["snapshot_of"]),
+                    format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
+                    s(&l["recorded_lbas"]),
+                ]);
+            }
+            table(&rows)
+        }
+        Cmd::Extents { vlu } => {
+            let mut out = format!(
+                "{vlu}: {}, {} LBAs recorded\n",
+                s(&body["mode"]),
+                s(&body["total_lbas"])
+            );
+            let mut rows = vec![vec![
+                "FIRST LBA".to_string(),
+                "LAST LBA".into(),
+                "LBAS".into(),
+            ]];
+            for r in body["ranges"].as_array().into_iter().flatten() {
+                let (a, b) = (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0));
+                rows.push(vec![a.to_string(), b.to_string(), (b - a + 1).to_string()]);
+            }
+            out.push_str(&table(&rows));
+            out
+        }
+        Cmd::Resync {
+            command: ResyncCmd::Status,
+        } => {
+            let mut out = format!(
+                "resync: {}, rate {}\n",
+                if body["paused"] == true {
+                    "paused"
+                } else {
+                    "running"
+                },
+                match body["bytes_per_second"].as_u64() {
+                    Some(0) | None => "unlimited".to_string(),
+                    Some(r) => format!("{} MiB/s", r >> 20),
+                }
+            );
+            let mut rows = vec![[
+                "NAME",
+                "BACKEND",
+                "MODE",
+                "REMAINING LBAS",
+                "COPIED LBAS",
+                "SKIPPED LBAS",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for p in body["pairs"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&p["name"]),
+                    s(&p["backend"]),
+                    s(&p["mode"]),
+                    s(&p["remaining_lbas"]),
+                    s(&p["copied_lbas"]),
+                    s(&p["skipped_lbas"]),
+                ]);
+            }
+            out.push_str(&table(&rows));
+            out
+        }
+        Cmd::Backends => {
+            let mut rows = vec![["NAME", "HEALTH", "JOURNAL", "JOURNAL BYTES", "FLUSHES"]
+                .map(String::from)
+                .to_vec()];
+            for b in body["backends"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&b["name"]),
+                    s(&b["health"]),
+                    s(&b["journal"]["path"]),
+                    s(&b["journal"]["stats"]["file_bytes"]),
+                    s(&b["journal"]["stats"]["flushes"]),
+                ]);
+            }
+            table(&rows)
+        }
+        _ => match body.as_object() {
+            Some(m) => m.iter().map(|(k, v)| format!("{k}: {}\n", s(v))).collect(),
+            None => format!("{}\n", s(body)),
+        },
+    }
+}
+
+/// Poll resync progress of `vlu` until Synchronized, drawing a bar on stderr.
+fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
+    let mut total = None;
+    loop {
+        let r = call(sock, "GET", "/v1/resync", None)?;
+        let pair = r.body["pairs"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == vlu).cloned())
+            .ok_or_else(|| format!("{vlu} is not an origin virtual LU"))?;
+        let remaining = pair["remaining_lbas"].as_u64().unwrap_or(0);
+        let copied = pair["copied_lbas"].as_u64().unwrap_or(0);
+        let t = *total.get_or_insert(remaining + copied);
+        if !quiet && t > 0 {
+            let done = t.saturating_sub(remaining);
+            let pct = done * 100 / t;
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!("\rresync {vlu} [{bar:<25}] {pct:>3}% {done}/{t} LBAs");
+        }
+        if pair["done"] == true {
+            if !quiet {
+                eprintln!();
+            }
+            return Ok(pair);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let sock = socket_path(&cli);
+    let enc = |n: &str| {
+        n.replace('%', "%25")
+            .replace('/', "%2F")
+            .replace(' ', "%20")
+    };
+    let (method, path, body) = match &cli.command {
+        Cmd::Status => ("GET", "/v1/status".to_string(), None),
+        Cmd::Lu {
+            command: LuCmd::List,
+        } => ("GET", "/v1/lus".into(), None),
+        Cmd::Snapshot {
+            command: SnapCmd::Acquire { vlu },
+        } => ("POST", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
+        Cmd::Snapshot {
+            command: SnapCmd::Delete { vlu, .. },
+        } => ("DELETE", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
+        Cmd::Extents { vlu } => ("GET", format!("/v1/lus/{}/extents", enc(vlu)), None),
+        Cmd::Resync { command } => match command {
+            ResyncCmd::Status => ("GET", "/v1/resync".into(), None),
+            ResyncCmd::Pause => ("POST", "/v1/resync/pause".into(), None),
+            ResyncCmd::Resume => ("POST", "/v1/resync/resume".into(), None),
+            ResyncCmd::Rate { rate } => {
+                let Some(bps) = parse_rate(rate) else {
+                    eprintln!(
+                        "hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)"
+                    );
+                    return ExitCode::from(2);
+                };
+                (
+                    "PUT",
+                    "/v1/resync/rate".into(),
+                    Some(serde_json::json!({ "bytes_per_second": bps })),
+                )
+            }
+        },
+        Cmd::Backends => ("GET", "/v1/backends".into(), None),
+    };
+    let reply = match call(&sock, method, &path, body.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hvmctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if reply.status >= 400 {
+        eprintln!("hvmctl: {}", s(&reply.body["error"]));
+        return ExitCode::FAILURE;
+    }
+    let mut body = reply.body;
+    if let Cmd::Snapshot {
+        command: SnapCmd::Delete { vlu, wait: true },
+    } = &cli.command
+    {
+        match wait_resync(&sock, vlu, cli.json) {
+            Ok(p) => body["resync"] = p,
+            Err(e) => {
+                eprintln!("hvmctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if cli.json {
+        println!("{body}");
+    } else {
+        print!("{}", human(&cli.command, &body));
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100M"), Some(100 << 20));
+        assert_eq!(parse_rate("0"), Some(0));
+        assert_eq!(parse_rate("1g"), Some(1 << 30));
+        assert_eq!(parse_rate("fast"), None);
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+}

@@ -1,0 +1,407 @@
+//! The control API: HTTP/JSON on a Unix socket (`control.sock` in the runtime directory,
+//! mode 0660), curl-able:
+//!
+//! ```sh
+//! curl --unix-socket /run/hvm/control.sock http://hvm/v1/lus
+//! curl --unix-socket /run/hvm/control.sock -X POST http://hvm/v1/lus/db/snapshot
+//! ```
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/status` | version, counts, resync settings |
+//! | `GET /v1/lus` | virtual LUs: mode, READ/WRITE destinations, recorded LBAs |
+//! | `GET /v1/lus/{name}/extents` | the update-location table of the LU's pair |
+//! | `POST /v1/lus/{name}/snapshot` | acquire ([0027], [0060]); repeating it is a no-op |
+//! | `DELETE /v1/lus/{name}/snapshot` | delete ([0031], [0061]); resync starts; a repeat while it runs is a no-op |
+//! | `GET /v1/resync` | progress of every pair |
+//! | `POST /v1/resync/pause`, `/v1/resync/resume` | pause or resume the resync service |
+//! | `PUT /v1/resync/rate` `{"bytes_per_second": N}` | rate limit per backend, 0: none |
+//! | `GET /v1/backends` | backends, their health and journals |
+//! | `GET /metrics` | Prometheus text format |
+//!
+//! Errors are `{"error": "..."}` with 404 (no such LU), 409 (the strategy's precondition
+//! does not hold, e.g. acquire while Re-synchronizing), 400 (bad request) or 500.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use hvm_core::{ManagerError, Mode, VirtualLuId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::agent::Agent;
+use crate::exports::Manager;
+
+type Shared = Arc<Agent>;
+
+/// An error reply.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let code = match e {
+            ManagerError::NotSynchronized { .. }
+            | ManagerError::NotSnapshot { .. }
+            | ManagerError::NotResynchronizing { .. }
+            | ManagerError::NotAnOrigin(..) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Serialize)]
+pub struct LuView {
+    pub name: String,
+    pub backend: String,
+    pub vlu: u32,
+    pub mode: String,
+    pub read: Option<u32>,
+    pub write: Option<u32>,
+    /// The export this is the snapshot of, for snapshot LUs.
+    pub snapshot_of: Option<String>,
+    pub size_bytes: u64,
+    pub recorded_lbas: u64,
+}
+
+#[derive(Serialize)]
+pub struct ResyncView {
+    pub name: String,
+    pub backend: String,
+    pub mode: String,
+    pub remaining_lbas: u64,
+    pub copied_lbas: u64,
+    pub skipped_lbas: u64,
+    pub done: bool,
+}
+
+#[derive(Deserialize)]
+struct Rate {
+    bytes_per_second: u64,
+}
+
+fn lookup(agent: &Agent, name: &str) -> ApiResult<(String, Arc<Manager>, VirtualLuId)> {
+    let (backend, _) = agent.virtual_lus.get(name).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no virtual LU named {name:?}"),
+        )
+    })?;
+    let (mgr, vlu) = agent.virtual_lu(name).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no virtual LU named {name:?}"),
+        )
+    })?;
+    Ok((backend.clone(), mgr, vlu))
+}
+
+fn name_of(agent: &Agent, backend: &str, vlu: VirtualLuId) -> String {
+    agent
+        .virtual_lus
+        .iter()
+        .find(|(_, (b, v))| b == backend && *v == vlu)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_else(|| vlu.to_string())
+}
+
+/// Every virtual LU, as `GET /v1/lus` shows it.
+pub fn lus(agent: &Agent) -> Vec<LuView> {
+    let mut out = Vec::new();
+    for (name, (backend, vlu)) in &agent.virtual_lus {
+        let Some(mgr) = agent.managers.get(backend) else {
+            continue;
+        };
+        let entry = mgr.lu_mode_entry(*vlu);
+        let key = mgr
+            .virtual_lus()
+            .into_iter()
+            .find(|(v, _)| v == vlu)
+            .map(|(_, k)| k)
+            .unwrap_or(*vlu);
+        let recorded = mgr.recorded_lbas(*vlu).unwrap_or(0);
+        out.push(LuView {
+            name: name.clone(),
+            backend: backend.clone(),
+            vlu: vlu.0,
+            mode: mgr.mode(*vlu).to_string(),
+            read: entry.and_then(|e| e.read).map(|l| l.0),
+            write: entry.and_then(|e| e.write).map(|l| l.0),
+            snapshot_of: (key != *vlu).then(|| name_of(agent, backend, key)),
+            size_bytes: mgr.capacity_bytes(*vlu).unwrap_or(0),
+            recorded_lbas: recorded,
+        });
+    }
+    out
+}
+
+/// Resync progress of every pair.
+pub fn resync_views(agent: &Agent) -> Vec<ResyncView> {
+    let mut out = Vec::new();
+    for (name, (backend, vlu)) in &agent.virtual_lus {
+        let Some(mgr) = agent.managers.get(backend) else {
+            continue;
+        };
+        let Ok(p) = mgr.resync_progress(*vlu) else {
+            continue; // a snapshot LU: its pair is listed under the origin
+        };
+        out.push(ResyncView {
+            name: name.clone(),
+            backend: backend.clone(),
+            mode: mgr.mode(*vlu).to_string(),
+            remaining_lbas: p.remaining,
+            copied_lbas: p.copied,
+            skipped_lbas: p.skipped,
+            done: p.done,
+        });
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn status(State(a): State<Shared>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backends": a.managers.len(),
+        "virtual_lus": a.virtual_lus.len(),
+        "nbd_socket": a.socket,
+        "resync": { "paused": a.resync.paused(), "bytes_per_second": a.resync.rate() },
+    }))
+}
+
+async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
+    Json(lus(&a))
+}
+
+async fn extents(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (_, mgr, vlu) = lookup(&a, &name)?;
+    let t = mgr.update_location_table(vlu)?;
+    let ranges: Vec<[u64; 2]> = t.iter().map(|e| [e.first(), e.last()]).collect();
+    Ok(Json(json!({
+        "name": name,
+        "mode": mgr.mode(vlu).to_string(),
+        "total_lbas": t.total(),
+        "ranges": ranges,
+    })))
+}
+
+async fn acquire(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (_, mgr, vlu) = lookup(&a, &name)?;
+    blocking(move || {
+        // A repeat of a request that already took effect is not an error.
+        if mgr.mode(vlu) == Mode::Snapshot {
+            return Ok(Json(
+                json!({ "name": name, "mode": "Snapshot", "changed": false }),
+            ));
+        }
+        mgr.acquire(vlu)?;
+        tracing::info!(vlu = %name, "snapshot acquired");
+        Ok(Json(
+            json!({ "name": name, "mode": "Snapshot", "changed": true }),
+        ))
+    })
+    .await
+}
+
+async fn delete(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (_, mgr, vlu) = lookup(&a, &name)?;
+    let ctl = a.resync.clone();
+    blocking(move || {
+        // A repeat while the resync it started runs is not an error; from Synchronized
+        // there is no snapshot to delete ([0031]).
+        let mode = mgr.mode(vlu);
+        if mode == Mode::Resynchronizing && mgr.resync_progress(vlu).is_ok() {
+            return Ok(Json(
+                json!({ "name": name, "mode": mode.to_string(), "changed": false }),
+            ));
+        }
+        mgr.delete(vlu)?;
+        ctl.wake();
+        tracing::info!(vlu = %name, "snapshot deleted; resync started");
+        Ok(Json(
+            json!({ "name": name, "mode": mgr.mode(vlu).to_string(), "changed": true }),
+        ))
+    })
+    .await
+}
+
+async fn resync(State(a): State<Shared>) -> Json<serde_json::Value> {
+    Json(json!({
+        "paused": a.resync.paused(),
+        "bytes_per_second": a.resync.rate(),
+        "pairs": resync_views(&a),
+    }))
+}
+
+async fn pause(State(a): State<Shared>) -> Json<serde_json::Value> {
+    a.resync.set_paused(true);
+    Json(json!({ "paused": true }))
+}
+
+async fn resume(State(a): State<Shared>) -> Json<serde_json::Value> {
+    a.resync.set_paused(false);
+    Json(json!({ "paused": false }))
+}
+
+async fn rate(State(a): State<Shared>, Json(r): Json<Rate>) -> Json<serde_json::Value> {
+    a.resync.set_rate(r.bytes_per_second);
+    Json(json!({ "bytes_per_second": r.bytes_per_second }))
+}
+
+async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
+    let a2 = a.clone();
+    let list = tokio::task::spawn_blocking(move || {
+        a2.managers
+            .iter()
+            .map(|(name, mgr)| {
+                let health = match mgr.backend().describe() {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("failing: {e}"),
+                };
+                json!({
+                    "name": name,
+                    "strategy_capabilities": format!("{:?}", mgr.capabilities()),
+                    "health": health,
+                    "journal": a2.journals.get(name).map(|j| json!({
+                        "path": j.path(),
+                        "stats": j.stats(),
+                    })),
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    Json(json!({ "backends": list }))
+}
+
+/// Prometheus text exposition.
+pub fn metrics_text(a: &Agent) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP hvm_recorded_lbas LBAs recorded in the update-location table of a pair.\n# TYPE hvm_recorded_lbas gauge");
+    for l in lus(a).iter().filter(|l| l.snapshot_of.is_none()) {
+        let _ = writeln!(
+            out,
+            "hvm_recorded_lbas{{vlu=\"{}\",backend=\"{}\",mode=\"{}\"}} {}",
+            l.name, l.backend, l.mode, l.recorded_lbas
+        );
+    }
+    let _ = writeln!(out, "# HELP hvm_resync_copied_lbas LBAs written back by resync since the last delete.\n# TYPE hvm_resync_copied_lbas counter");
+    for r in resync_views(a) {
+        let _ = writeln!(
+            out,
+            "hvm_resync_copied_lbas{{vlu=\"{}\",backend=\"{}\"}} {}",
+            r.name, r.backend, r.copied_lbas
+        );
+    }
+    let _ = writeln!(out, "# HELP hvm_journal_flushes Journal flushes (fdatasync).\n# TYPE hvm_journal_flushes counter");
+    for (name, j) in &a.journals {
+        let _ = writeln!(
+            out,
+            "hvm_journal_flushes{{backend=\"{name}\"}} {}",
+            j.stats().flushes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP hvm_journal_bytes Size of the journal file.\n# TYPE hvm_journal_bytes gauge"
+    );
+    for (name, j) in &a.journals {
+        let _ = writeln!(
+            out,
+            "hvm_journal_bytes{{backend=\"{name}\"}} {}",
+            j.stats().file_bytes
+        );
+    }
+    let _ = writeln!(out, "# HELP hvm_resync_paused 1 when the resync service is paused.\n# TYPE hvm_resync_paused gauge\nhvm_resync_paused {}", u8::from(a.resync.paused()));
+    out
+}
+
+async fn metrics(State(a): State<Shared>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics_text(&a),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see GET /v1/status".into(),
+    )
+}
+
+/// The API's routes.
+pub fn router(agent: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/lus", get(list))
+        .route("/v1/lus/{name}/extents", get(extents))
+        .route("/v1/lus/{name}/snapshot", post(acquire).delete(delete))
+        .route("/v1/resync", get(resync))
+        .route("/v1/resync/pause", post(pause))
+        .route("/v1/resync/resume", post(resume))
+        .route("/v1/resync/rate", put(rate))
+        .route("/v1/backends", get(backends))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(agent)
+}
+
+/// Bind the control socket: in a 0700 directory, the socket itself 0660.
+pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path)?;
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// Serve the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    agent: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if let Err(e) = axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "control API stopped");
+    }
+}
