@@ -469,6 +469,8 @@ fn fio_nbd_engine_verifies_clean() {
             "--output-format=terse",
         ])
         .arg(format!("--uri={}", uri(&s, "disk")))
+        // fio leaves its verify state file in its working directory.
+        .current_dir(s.dir.path())
         .output()
         .unwrap();
     assert!(
