@@ -58,10 +58,9 @@ impl Connections {
     /// Stop taking requests on every connection (requests already read still run), and
     /// refuse connections that finish their handshake from now on.
     pub fn drain(&self) {
-        let _live = lock(&self.live);
+        let live = lock(&self.live);
         self.draining.store(true, Ordering::SeqCst);
-        drop(_live);
-        for c in lock(&self.live).iter().filter_map(std::sync::Weak::upgrade) {
+        for c in live.iter().filter_map(std::sync::Weak::upgrade) {
             c.closing.store(true, Ordering::SeqCst);
             // Wakes the worker waiting for the next request; replies can still be sent.
             c.socket.shutdown(Shutdown::Read);
@@ -317,7 +316,6 @@ fn send(conn: &Conn, head: &[u8], data: &[u8]) -> io::Result<()> {
     let _w = lock(&conn.writer);
     let mut bufs = [IoSlice::new(head), IoSlice::new(data)];
     let mut bufs = &mut bufs[..];
-    IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         match write_vectored(&conn.socket, bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
