@@ -73,6 +73,8 @@ pub struct Agent {
     pub managers: BTreeMap<String, Arc<Manager>>,
     /// Export name -> (backend name, virtual LU).
     pub virtual_lus: BTreeMap<String, (String, VirtualLuId)>,
+    /// Snapshot export name -> the export it is the snapshot of.
+    pub snapshot_of: BTreeMap<String, String>,
     /// Journals by backend name (none when `journal.durable` is false).
     pub journals: BTreeMap<String, Arc<FileJournal>>,
     pub resync: Arc<ResyncControl>,
@@ -137,6 +139,7 @@ impl Agent {
             compact_bytes: cfg.journal.compact_mib << 20,
         };
         let mut virtual_lus = BTreeMap::new();
+        let mut snapshot_of = BTreeMap::new();
         for b in &cfg.backends {
             let err = |source| AgentError::Plugin {
                 backend: b.name.clone(),
@@ -203,6 +206,7 @@ impl Agent {
                 names.push((v.name.clone(), origin, access.clone()));
                 for (n, id) in v.snapshots.iter().zip(&snapshots) {
                     names.push((n.clone(), *id, access.clone()));
+                    snapshot_of.insert(n.clone(), v.name.clone());
                 }
                 pairs.push(PairConfig {
                     origin,
@@ -268,6 +272,7 @@ impl Agent {
                 cfg.resync.rate_mib << 20,
             )),
             virtual_lus,
+            snapshot_of,
             socket: absolute(&state_dir, &cfg.listen.unix),
             control: match &cfg.runtime_dir {
                 Some(d) => absolute(base, d),

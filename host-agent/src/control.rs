@@ -93,29 +93,13 @@ struct Rate {
     bytes_per_second: u64,
 }
 
-fn lookup(agent: &Agent, name: &str) -> ApiResult<(String, Arc<Manager>, VirtualLuId)> {
-    let (backend, _) = agent.virtual_lus.get(name).ok_or_else(|| {
+fn lookup(agent: &Agent, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
+    agent.virtual_lu(name).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("no virtual LU named {name:?}"),
         )
-    })?;
-    let (mgr, vlu) = agent.virtual_lu(name).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no virtual LU named {name:?}"),
-        )
-    })?;
-    Ok((backend.clone(), mgr, vlu))
-}
-
-fn name_of(agent: &Agent, backend: &str, vlu: VirtualLuId) -> String {
-    agent
-        .virtual_lus
-        .iter()
-        .find(|(_, (b, v))| b == backend && *v == vlu)
-        .map(|(n, _)| n.clone())
-        .unwrap_or_else(|| vlu.to_string())
+    })
 }
 
 /// Every virtual LU, as `GET /v1/lus` shows it.
@@ -126,12 +110,6 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
             continue;
         };
         let entry = mgr.lu_mode_entry(*vlu);
-        let key = mgr
-            .virtual_lus()
-            .into_iter()
-            .find(|(v, _)| v == vlu)
-            .map(|(_, k)| k)
-            .unwrap_or(*vlu);
         let recorded = mgr.recorded_lbas(*vlu).unwrap_or(0);
         out.push(LuView {
             name: name.clone(),
@@ -140,7 +118,7 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
             mode: mgr.mode(*vlu).to_string(),
             read: entry.and_then(|e| e.read).map(|l| l.0),
             write: entry.and_then(|e| e.write).map(|l| l.0),
-            snapshot_of: (key != *vlu).then(|| name_of(agent, backend, key)),
+            snapshot_of: agent.snapshot_of.get(name).cloned(),
             size_bytes: mgr.capacity_bytes(*vlu).unwrap_or(0),
             recorded_lbas: recorded,
         });
@@ -197,7 +175,7 @@ async fn extents(
     State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, mgr, vlu) = lookup(&a, &name)?;
+    let (mgr, vlu) = lookup(&a, &name)?;
     let t = mgr.update_location_table(vlu)?;
     let ranges: Vec<[u64; 2]> = t.iter().map(|e| [e.first(), e.last()]).collect();
     Ok(Json(json!({
@@ -212,7 +190,7 @@ async fn acquire(
     State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, mgr, vlu) = lookup(&a, &name)?;
+    let (mgr, vlu) = lookup(&a, &name)?;
     blocking(move || {
         // A repeat of a request that already took effect is not an error.
         if mgr.mode(vlu) == Mode::Snapshot {
@@ -233,7 +211,7 @@ async fn delete(
     State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, mgr, vlu) = lookup(&a, &name)?;
+    let (mgr, vlu) = lookup(&a, &name)?;
     let ctl = a.resync.clone();
     blocking(move || {
         // A repeat while the resync it started runs is not an error; from Synchronized
