@@ -93,7 +93,8 @@ fn origins(mgr: &Manager) -> Vec<VirtualLuId> {
 /// Run until [`ResyncControl::stop`].
 pub fn run(backends: &[Backend], ctl: &ResyncControl) {
     let mut last_sync = Instant::now();
-    let mut failing: Vec<(String, VirtualLuId)> = Vec::new();
+    // Pairs whose last step failed, as (backend index, origin): logged once per streak.
+    let mut failing: std::collections::BTreeSet<(usize, VirtualLuId)> = Default::default();
     while !ctl.stop.load(Ordering::SeqCst) {
         if last_sync.elapsed() >= Duration::from_secs(1) {
             for b in backends {
@@ -110,7 +111,7 @@ pub fn run(backends: &[Backend], ctl: &ResyncControl) {
             continue;
         }
         let mut busy = false;
-        for b in backends {
+        for (i, b) in backends.iter().enumerate() {
             for vlu in origins(&b.mgr) {
                 if b.mgr.mode(vlu) != Mode::Resynchronizing {
                     continue;
@@ -119,7 +120,7 @@ pub fn run(backends: &[Backend], ctl: &ResyncControl) {
                 let before = b.mgr.resync_progress(vlu).map(|p| p.copied).unwrap_or(0);
                 match b.mgr.resync_step(vlu, ctl.chunk_lbas) {
                     Ok(p) => {
-                        failing.retain(|f| f != &(b.name.clone(), vlu));
+                        failing.remove(&(i, vlu));
                         busy |= !p.done;
                         if p.done {
                             tracing::info!(backend = %b.name, vlu = vlu.0, copied_lbas = p.copied, skipped_lbas = p.skipped, "resync finished; Synchronized");
@@ -135,9 +136,8 @@ pub fn run(backends: &[Backend], ctl: &ResyncControl) {
                     }
                     Err(e) => {
                         // Logged once per failure streak; retried after a pause.
-                        if !failing.contains(&(b.name.clone(), vlu)) {
+                        if failing.insert((i, vlu)) {
                             tracing::warn!(backend = %b.name, vlu = vlu.0, error = %e, "resync step failed; retrying");
-                            failing.push((b.name.clone(), vlu));
                         }
                     }
                 }
