@@ -16,9 +16,13 @@
 //!
 //! Mode changes, E4 saves and invalidations are always durable before `append` returns;
 //! removals and clears are written with the next flush (losing one costs a redundant
-//! copy). The journal keeps the exact state it describes, and compacts itself into a
-//! checkpoint of that state when the file grows past `compact_bytes`; a checkpoint is
-//! exact, so the regions start afresh after it. A failure to write the journal fails the
+//! copy). The journal keeps the exact state its records describe, and compacts itself
+//! into a checkpoint of that state when the file grows past `compact_bytes`; a checkpoint
+//! is exact, so the regions start afresh after it. That state repeats the manager's tables
+//! on purpose: taken from the manager instead, a compaction under the journal's lock would
+//! need the manager's locks, and would be consistent with the records only as long as no
+//! manager path appends while holding one. The copy costs one table update per record that
+//! is appended (a write to an already recorded range appends nothing). A failure to write the journal fails the
 //! append, and every later one: the data write that needed it fails with it.
 //!
 //! On start, [`recover`] replays the file, [`FileJournal::create`] opens the next one (the
