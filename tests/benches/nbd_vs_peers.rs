@@ -7,22 +7,15 @@
 //! `HVM_BENCH_SECONDS` sets the time per workload (default 5).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hvm_host_agent::agent::Agent;
 use hvm_host_agent::config::Config;
+use hvm_tests::Running;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
 const SIZE: u64 = BLOCKS * 512;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_for(sock: &Path) {
     for _ in 0..200 {
@@ -119,7 +112,7 @@ fn main() {
         p
     };
     let (nbdkit_sock, qemu_sock) = (d.join("nbdkit.sock"), d.join("qemu.sock"));
-    let _nbdkit = Proc(
+    let _nbdkit = Running(
         Command::new("nbdkit")
             .args(["--foreground", "--unix"])
             .arg(&nbdkit_sock)
@@ -129,7 +122,7 @@ fn main() {
             .spawn()
             .expect("nbdkit is required (apt-get install nbdkit)"),
     );
-    let _qemu = Proc(
+    let _qemu = Running(
         Command::new("qemu-nbd")
             .args(["-f", "raw", "--persistent", "--shared=16", "-k"])
             .arg(&qemu_sock)
