@@ -400,7 +400,30 @@ impl<B: Backend> SnapshotManager<B> {
 
     fn restore_pair(&self, pair: &Pair, recovered: Option<&JournalState>) -> Result<()> {
         let key = pair.key();
-        let journal_mode = recovered.and_then(|s| s.lu_mode.get(key)).map(|e| e.mode);
+        let journal_entry = recovered.and_then(|s| s.lu_mode.get(key));
+        if let Some(entry) = journal_entry {
+            // Virtual LU ids come from the config's order. A journal written for another
+            // config would route this LU to another pair's LUs: refuse rather than
+            // guess (the data on the array is untouched either way).
+            let expected = pair
+                .rows(entry.mode)
+                .into_iter()
+                .find(|(vlu, _)| *vlu == key)
+                .map(|(_, e)| e);
+            if entry.mode != Mode::Undefined && expected != Some(entry) {
+                return Err(ManagerError::Config {
+                    origin: key,
+                    reason: format!(
+                        "the journal routes it as {entry:?}, but this pair ({}) would route it as \
+                         {expected:?}: the virtual LUs changed since the journal was written. Put \
+                         the config back, or move the journal aside to start again (pairs that \
+                         were not Synchronized then need a full resync)",
+                        pair.cfg.definition
+                    ),
+                });
+            }
+        }
+        let journal_mode = journal_entry.map(|e| e.mode);
         let journal_table = recovered.and_then(|s| s.tables.get(&key));
         let mode = match &pair.cfg.definition {
             MirrorDefinition::Managed { lu, .. } => {

@@ -421,6 +421,34 @@ fn restart_in_snapshot_keeps_recorded_ranges() {
     }
 }
 
+/// A journal written for another pair (the config's virtual LUs reordered or remapped)
+/// is refused rather than routing the LU to the wrong array LUs.
+#[test]
+fn a_journal_of_another_pair_is_refused() {
+    let s = setup(Kind::E2, CAP_LBAS, false);
+    s.mgr.acquire(ORIGIN).unwrap();
+    s.mgr.write(ORIGIN, 0, &[1; 512], false).unwrap();
+    let state = replay(&s.log.bytes()).unwrap().state;
+    let array = s.array.clone();
+    drop(s);
+    let mut other = common::pair_config(Kind::E2);
+    let MirrorDefinition::Triple { origin, mate, .. } = &mut other.definition else {
+        panic!("E2 uses triples");
+    };
+    std::mem::swap(origin, mate);
+    let err = SnapshotManager::open(
+        array,
+        vec![other],
+        Arc::new(hvm_core::journal::NoLog),
+        Some(&state),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::Config { .. }) && err.to_string().contains("journal"),
+        "{err}"
+    );
+}
+
 #[test]
 fn definitions_are_checked_against_the_array() {
     let array = Arc::new(common::array(Kind::E2, 8, 8, false));
