@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: real NBD clients for the NBD server's tests (qemu-io,
-# qemu-img; nbdinfo; fio's nbd engine). A test that needs a tool fails loudly when it is
+# qemu-img; nbdinfo; fio's nbd engine), systemd-analyze for the unit file. A test that needs a tool fails loudly when it is
 # missing; this list is how a fresh machine gets them.
-PACKAGES=(qemu-utils libnbd-bin fio)
+PACKAGES=(qemu-utils libnbd-bin fio systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -8,17 +8,18 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hvm_core::backend::{Backend, BackendError};
 use hvm_core::journal::{NoLog, StateLog, Tail};
 use hvm_core::{LuId, ManagerError, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LogLevel};
 use crate::durable::{self, DurableError, FileJournal, Tuning};
 use crate::exports::{Access, Manager, VluExport, VluExports};
 use crate::nbd::server::{self, Exports, Limits};
+use crate::reload::{self, Live, ReloadReport};
 use crate::resync::{self, ResyncControl};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +84,18 @@ pub struct Agent {
     /// The control API's socket.
     pub control: PathBuf,
     pub tcp: Option<String>,
+    /// The config in effect: the file's at start, with what reloads applied since.
+    pub config: Mutex<Config>,
+    /// The file a reload reads (none: reloading is refused).
+    pub config_file: Option<PathBuf>,
+    /// Sets the log level, when the log level is the config's to set (no `--log-level`,
+    /// no `RUST_LOG`); installed by the binary that set up logging.
+    pub log_level: OnceLock<LogHook>,
+    pub last_reload: Mutex<Option<ReloadReport>>,
 }
+
+/// Applies a new log level; an error says why it cannot.
+pub type LogHook = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
 
 fn absolute(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -283,7 +295,91 @@ impl Agent {
             .join("control.sock"),
             tcp: cfg.listen.tcp.clone(),
             state_dir,
+            config: Mutex::new(cfg.clone()),
+            config_file: None,
+            log_level: OnceLock::new(),
+            last_reload: Mutex::new(None),
         })
+    }
+
+    /// Reload the config file: apply what may change live, report the rest (see
+    /// [`crate::reload`]). The report is also kept for `GET /v1/status`.
+    pub fn reload(&self) -> ReloadReport {
+        let mut report = ReloadReport {
+            file: self
+                .config_file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            ..ReloadReport::default()
+        };
+        match &self.config_file {
+            None => report.error = Some("no config file to reload".into()),
+            Some(file) => match Config::load(file) {
+                Err(e) => report.error = Some(e.to_string()),
+                Ok((new, _)) => self.apply(&new, &mut report),
+            },
+        }
+        match &report.error {
+            Some(e) => tracing::error!(error = %e, "reload: the config was not changed"),
+            None => {
+                tracing::info!(applied = ?report.applied, "config reloaded");
+                for path in &report.needs_restart {
+                    tracing::warn!(change = %path, "reload: this change takes effect only after a restart");
+                }
+                for why in &report.not_applied {
+                    tracing::warn!(change = %why, "reload: not applied");
+                }
+            }
+        }
+        *self
+            .last_reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
+        report
+    }
+
+    fn apply(&self, new: &Config, report: &mut ReloadReport) {
+        let mut current = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let plan = reload::plan(&current, new);
+        for change in &plan.live {
+            let applied = match change {
+                Live::LogLevel(level) => match self.log_level.get() {
+                    Some(set) => set(*level),
+                    None => Err("logging was not set up by this process".into()),
+                },
+                Live::ResyncRate(bps) => {
+                    self.resync.set_rate(*bps);
+                    Ok(())
+                }
+                Live::ResyncChunk(bytes) => {
+                    self.resync.set_chunk(*bytes);
+                    Ok(())
+                }
+                Live::Access {
+                    exports, access, ..
+                } => {
+                    for name in exports {
+                        self.exports.set_access(name, access.clone());
+                    }
+                    Ok(())
+                }
+            };
+            match applied {
+                Ok(()) => report.applied.push(change.path()),
+                Err(why) => report.not_applied.push(format!("{}: {why}", change.path())),
+            }
+        }
+        report.needs_restart = plan.restart;
+        let level = current.log_level;
+        *current = reload::effective(&current, new);
+        if !report.applied.iter().any(|p| p == "log_level") {
+            current.log_level = level;
+        }
     }
 
     /// The manager and virtual LU behind an export name.

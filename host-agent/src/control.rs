@@ -8,7 +8,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /v1/status` | version, counts, resync settings |
+//! | `GET /v1/status` | version, counts, resync settings, the last reload |
 //! | `GET /v1/lus` | virtual LUs: mode, READ/WRITE destinations, recorded LBAs |
 //! | `GET /v1/lus/{name}/extents` | the update-location table of the LU's pair |
 //! | `POST /v1/lus/{name}/snapshot` | acquire ([0027], [0060]); repeating it is a no-op |
@@ -17,6 +17,7 @@
 //! | `POST /v1/resync/pause`, `/v1/resync/resume` | pause or resume the resync service |
 //! | `PUT /v1/resync/rate` `{"bytes_per_second": N}` | rate limit per backend, 0: none |
 //! | `GET /v1/backends` | backends, their health and journals |
+//! | `POST /v1/reload` | reload the config file, as SIGHUP does (see [`crate::reload`]); 422 if it is not valid |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Errors are `{"error": "..."}` with 404 (no such LU), 409 (the strategy's precondition
@@ -163,8 +164,22 @@ async fn status(State(a): State<Shared>) -> Json<serde_json::Value> {
         "backends": a.managers.len(),
         "virtual_lus": a.virtual_lus.len(),
         "nbd_socket": a.socket,
-        "resync": { "paused": a.resync.paused(), "bytes_per_second": a.resync.rate() },
+        "resync": {
+            "paused": a.resync.paused(),
+            "bytes_per_second": a.resync.rate(),
+            "chunk_bytes": a.resync.chunk(),
+        },
+        "config_file": a.config_file,
+        "last_reload": *a.last_reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
     }))
+}
+
+async fn reload(State(a): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
+    let report = blocking(move || Ok(a.reload())).await?;
+    match &report.error {
+        Some(e) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.clone())),
+        None => Ok(Json(json!(report))),
+    }
 }
 
 async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
@@ -350,6 +365,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/resync/resume", post(resume))
         .route("/v1/resync/rate", put(rate))
         .route("/v1/backends", get(backends))
+        .route("/v1/reload", post(reload))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(agent)

@@ -3,7 +3,7 @@
 //! write), and `hvm:dirty` block status reports the update-location table.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use hvm_core::backend::Backend;
 use hvm_core::{Extent, ManagerError, Mode, SnapshotManager, VirtualLuId, SECTOR_SIZE};
@@ -40,12 +40,25 @@ impl Access {
 pub struct VluExport {
     mgr: Arc<Manager>,
     vlu: VirtualLuId,
-    access: Access,
+    /// Replaced by a config reload; a connection reads it when it opens the export.
+    access: RwLock<Access>,
 }
 
 impl VluExport {
     pub fn new(mgr: Arc<Manager>, vlu: VirtualLuId, access: Access) -> Self {
-        VluExport { mgr, vlu, access }
+        VluExport {
+            mgr,
+            vlu,
+            access: RwLock::new(access),
+        }
+    }
+
+    fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
+        self.access.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn allows(&self, peer: Option<&Peer>) -> bool {
+        self.available() && self.access().allows(peer)
     }
 
     /// Accessible now: a virtual LU in Undefined mode is neither listed nor opened.
@@ -60,7 +73,7 @@ impl Export for VluExport {
     }
 
     fn read_only(&self) -> bool {
-        self.access.read_only
+        self.access().read_only
             || self
                 .mgr
                 .lu_mode_entry(self.vlu)
@@ -138,19 +151,29 @@ impl VluExports {
     pub fn insert(&mut self, name: String, export: VluExport) {
         self.exports.insert(name, Arc::new(export));
     }
+
+    /// New access rules for export `name`, for connections opened from now on. False if
+    /// there is no such export.
+    pub fn set_access(&self, name: &str, access: Access) -> bool {
+        let Some(e) = self.exports.get(name) else {
+            return false;
+        };
+        *e.access.write().unwrap_or_else(PoisonError::into_inner) = access;
+        true
+    }
 }
 
 impl Exports for VluExports {
     fn names(&self, peer: Option<&Peer>) -> Vec<String> {
         self.exports
             .iter()
-            .filter(|(_, e)| e.available() && e.access.allows(peer))
+            .filter(|(_, e)| e.allows(peer))
             .map(|(n, _)| n.clone())
             .collect()
     }
 
     fn get(&self, name: &str, peer: Option<&Peer>) -> Option<Arc<dyn Export>> {
         let e = self.exports.get(name)?;
-        (e.available() && e.access.allows(peer)).then(|| e.clone() as Arc<dyn Export>)
+        e.allows(peer).then(|| e.clone() as Arc<dyn Export>)
     }
 }

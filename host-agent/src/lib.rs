@@ -6,6 +6,7 @@
 //!   [`control`]: the control API.
 //! - [`durable`]: the tables' journal files, with group commit and activity regions;
 //!   [`resync`]: the resync service.
+//! - [`reload`]: what a SIGHUP may change live; [`notify`]: systemd's sd_notify.
 //! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
@@ -14,6 +15,8 @@ pub mod control;
 pub mod durable;
 pub mod exports;
 pub mod nbd;
+pub mod notify;
+pub mod reload;
 pub mod resync;
 
 use hvm_plugin_abi::host::Plugin;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hvm_host_agent::agent::Agent;
+use hvm_host_agent::agent::{Agent, LogHook};
 use hvm_host_agent::config::{Config, LogLevel};
+use hvm_host_agent::notify::notify;
 use hvm_plugin_abi::host::Plugin;
 
 #[derive(Parser)]
@@ -87,18 +88,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: LogLevel, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A subscriber already set (impossible here) only means these lines go elsewhere.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+/// Set up logging on standard error. Returns the hook that changes the level on a
+/// reload, which refuses when `--log-level` or `RUST_LOG` decided the level.
+fn init_logging(level: LogLevel, overridden: bool, format: LogFormat) -> LogHook {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{reload, EnvFilter, Layer};
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let by_env = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level.as_str()));
+    let (filter, handle) = reload::Layer::new(filter);
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    // A subscriber already set (impossible here) only means these lines go elsewhere.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
+    Box::new(move |level: LogLevel| {
+        if by_env {
+            return Err("RUST_LOG overrides the config's log_level".into());
+        }
+        if overridden {
+            return Err("--log-level overrides the config's log_level".into());
+        }
+        handle
+            .reload(EnvFilter::new(level.as_str()))
+            .map_err(|e| e.to_string())
+    })
 }
 
 fn run(
@@ -114,9 +137,17 @@ fn run(
             return ExitCode::from(2);
         }
     };
-    init_logging(log_level.unwrap_or(cfg.log_level), log_format);
+    let hook = init_logging(
+        log_level.unwrap_or(cfg.log_level),
+        log_level.is_some(),
+        log_format,
+    );
     let agent = match Agent::build(&cfg, &base, state_dir.as_deref()) {
-        Ok(a) => std::sync::Arc::new(a),
+        Ok(mut a) => {
+            a.config_file = Some(config.to_path_buf());
+            let _ = a.log_level.set(hook);
+            std::sync::Arc::new(a)
+        }
         Err(e) => {
             eprintln!("host-agent: {e}");
             return ExitCode::FAILURE;
@@ -143,7 +174,16 @@ fn run(
             tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default()
         );
         tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, control = %agent.control.display(), "serving");
-        agent.serve(listeners, shutdown_signal()).await;
+        let status = format!("serving {} virtual LUs", agent.virtual_lus.len());
+        notify(&format!("READY=1\nSTATUS={status}"));
+        let reloads = tokio::spawn(reload_on_sighup(agent.clone(), status));
+        agent
+            .serve(listeners, async {
+                shutdown_signal().await;
+                notify("STOPPING=1\nSTATUS=draining connections");
+            })
+            .await;
+        reloads.abort();
         Ok::<(), hvm_host_agent::agent::AgentError>(())
     });
     match result {
@@ -152,6 +192,38 @@ fn run(
             eprintln!("host-agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// On each SIGHUP: reload the config (see `hvm_host_agent::reload`), telling the service
+/// manager around it.
+async fn reload_on_sighup(agent: std::sync::Arc<Agent>, status: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGHUP; reload through the control API");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            hvm_host_agent::notify::monotonic_usec()
+        ));
+        let a = agent.clone();
+        let report = tokio::task::spawn_blocking(move || a.reload()).await;
+        let line = match report {
+            Ok(r) if r.error.is_some() => "reload failed; config unchanged".to_string(),
+            Ok(r) if !r.needs_restart.is_empty() => {
+                format!(
+                    "reloaded; {} change(s) need a restart",
+                    r.needs_restart.len()
+                )
+            }
+            _ => "reloaded".to_string(),
+        };
+        notify(&format!("READY=1\nSTATUS={status}; {line}"));
     }
 }
 

@@ -19,7 +19,7 @@ pub struct ResyncControl {
     paused: AtomicBool,
     /// Bytes per second per backend; 0: unlimited.
     rate: AtomicU64,
-    chunk_lbas: u64,
+    chunk_lbas: AtomicU64,
     stop: AtomicBool,
     wake: (Mutex<u64>, Condvar),
 }
@@ -29,7 +29,7 @@ impl ResyncControl {
         ResyncControl {
             paused: AtomicBool::new(false),
             rate: AtomicU64::new(rate),
-            chunk_lbas: (chunk_bytes / SECTOR_SIZE).max(1),
+            chunk_lbas: AtomicU64::new((chunk_bytes / SECTOR_SIZE).max(1)),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(0), Condvar::new()),
         }
@@ -51,6 +51,16 @@ impl ResyncControl {
     pub fn set_rate(&self, bytes_per_second: u64) {
         self.rate.store(bytes_per_second, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// Bytes copied per resync step.
+    pub fn chunk(&self) -> u64 {
+        self.chunk_lbas.load(Ordering::SeqCst) * SECTOR_SIZE
+    }
+
+    pub fn set_chunk(&self, bytes: u64) {
+        self.chunk_lbas
+            .store((bytes / SECTOR_SIZE).max(1), Ordering::SeqCst);
     }
 
     /// Look for work now (a snapshot was just deleted).
@@ -118,7 +128,10 @@ pub fn run(backends: &[Backend], ctl: &ResyncControl) {
                 }
                 let started = Instant::now();
                 let before = b.mgr.resync_progress(vlu).map(|p| p.copied).unwrap_or(0);
-                match b.mgr.resync_step(vlu, ctl.chunk_lbas) {
+                match b
+                    .mgr
+                    .resync_step(vlu, ctl.chunk_lbas.load(Ordering::SeqCst))
+                {
                     Ok(p) => {
                         failing.remove(&(i, vlu));
                         busy |= !p.done;

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: build the workspace's artifacts
 //! (plugin shared libraries, daemons) once, find them, and start processes.
 
+pub mod agent;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -8,6 +8,7 @@
 //! hvmctl extents db
 //! hvmctl resync pause|resume|rate 100M
 //! hvmctl backends
+//! hvmctl reload
 //! ```
 //!
 //! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
@@ -61,6 +62,9 @@ enum Cmd {
     },
     /// Backends, their health and journals.
     Backends,
+    /// Reload the agent's config file, as SIGHUP does: apply what may change live and
+    /// list what needs a restart.
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -295,6 +299,23 @@ fn human(cmd: &Cmd, body: &Value) -> String {
             }
             table(&rows)
         }
+        Cmd::Reload => {
+            let list = |k: &str| {
+                let items: Vec<String> = body[k].as_array().into_iter().flatten().map(s).collect();
+                if items.is_empty() {
+                    "none".to_string()
+                } else {
+                    items.join(", ")
+                }
+            };
+            format!(
+                "reloaded {}\napplied:       {}\nneeds restart: {}\nnot applied:   {}\n",
+                s(&body["file"]),
+                list("applied"),
+                list("needs_restart"),
+                list("not_applied")
+            )
+        }
         _ => match body.as_object() {
             Some(m) => m.iter().map(|(k, v)| format!("{k}: {}\n", s(v))).collect(),
             None => format!("{}\n", s(body)),
@@ -369,6 +390,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Backends => ("GET", "/v1/backends".into(), None),
+        Cmd::Reload => ("POST", "/v1/reload".into(), None),
     };
     let reply = match call(&sock, method, &path, body.as_ref()) {
         Ok(r) => r,
