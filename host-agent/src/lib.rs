@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: the YAML config; [`agent`]: a configured host, its backends and
 //!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server;
-//!   [`control`]: the control API.
+//!   [`control`]: the control API; [`ctl`]: its client side, for hvmctl.
+//! - [`demo`]: `hvmctl demo`, the whole online backup against a real host-agent.
 //! - [`durable`]: the tables' journal files, with group commit and activity regions;
 //!   [`resync`]: the resync service.
 //! - [`reload`]: what a SIGHUP may change live; [`notify`]: systemd's sd_notify.
@@ -12,6 +13,8 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod ctl;
+pub mod demo;
 pub mod durable;
 pub mod exports;
 pub mod nbd;

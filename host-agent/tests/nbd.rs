@@ -517,3 +517,28 @@ fn connection_cap_and_handshake_deadline() {
     d.read_exact(&mut g).unwrap();
     assert_eq!(g, p::greeting());
 }
+
+#[test]
+fn own_client_writes_reads_flushes_and_is_refused_cleanly() {
+    use hvm_host_agent::nbd::client::{Client, ClientError};
+    let (s, disk) = start();
+    let mut c = Client::connect(&s.sock, "disk").unwrap();
+    assert_eq!(c.size(), SIZE as u64);
+    assert!(!c.read_only());
+    c.write(8192, &[0x5a; 65536], true).unwrap();
+    c.flush().unwrap();
+    let mut back = vec![0u8; 65536];
+    c.read(8192, &mut back).unwrap();
+    assert!(back.iter().all(|b| *b == 0x5a));
+    assert_eq!(disk.data.lock().unwrap()[8192], 0x5a);
+    // Past the end: the server's error reply, not a broken connection.
+    let e = c.read(SIZE as u64, &mut back).unwrap_err();
+    assert!(matches!(e, ClientError::Command { op: "read", .. }), "{e}");
+    c.read(0, &mut back[..512]).unwrap();
+    c.disconnect();
+
+    let ro = Client::connect(&s.sock, "ro").unwrap();
+    assert!(ro.read_only());
+    let e = Client::connect(&s.sock, "nope").err().unwrap();
+    assert!(e.to_string().contains("refused"), "{e}");
+}

@@ -9,18 +9,17 @@
 //! hvmctl resync pause|resume|rate 100M
 //! hvmctl backends
 //! hvmctl reload
+//! hvmctl demo            # the whole online backup on embedded arrays
 //! ```
 //!
 //! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
 //! (the message says why), 2 for usage errors, 3 when the agent cannot be reached.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use hvm_host_agent::ctl::{call, wait_resync};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -65,6 +64,20 @@ enum Cmd {
     /// Reload the agent's config file, as SIGHUP does: apply what may change live and
     /// list what needs a restart.
     Reload,
+    /// The whole online backup on embedded arrays of all three kinds, against a
+    /// host-agent it starts (beside hvmctl, with the plugins) in a temporary directory:
+    /// writer, quiesce, snapshot, resume, copy, verify, delete, resync, verify.
+    Demo {
+        /// Work in this directory and keep it (default: a temporary one, removed).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of each virtual LU, MiB.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=8192))]
+        size_mib: u64,
+        /// Seconds the writer runs before the snapshot.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,66 +111,11 @@ enum ResyncCmd {
     },
 }
 
-struct Reply {
-    status: u16,
-    body: Value,
-}
-
 fn socket_path(cli: &Cli) -> PathBuf {
     cli.socket
         .clone()
         .or_else(|| std::env::var_os("HVM_CONTROL").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/run/hvm/control.sock"))
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
-        if n == 0 || b.len() < i + 2 + n {
-            break;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + n]);
-        b = &b[(i + 4 + n).min(b.len())..];
-    }
-    out
-}
-
-/// One request on a fresh connection.
-fn call(
-    sock: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<Reply, String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("cannot reach host-agent at {}: {e}", sock.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: hvm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("malformed reply from host-agent")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("malformed status line from host-agent")?;
-    let mut payload = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        payload = dechunk(&payload);
-    }
-    let body = serde_json::from_slice(&payload)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into_owned()));
-    Ok(Reply { status, body })
 }
 
 fn parse_rate(s: &str) -> Option<u64> {
@@ -323,34 +281,6 @@ fn human(cmd: &Cmd, body: &Value) -> String {
     }
 }
 
-/// Poll resync progress of `vlu` until Synchronized, drawing a bar on stderr.
-fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
-    let mut total = None;
-    loop {
-        let r = call(sock, "GET", "/v1/resync", None)?;
-        let pair = r.body["pairs"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == vlu).cloned())
-            .ok_or_else(|| format!("{vlu} is not an origin virtual LU"))?;
-        let remaining = pair["remaining_lbas"].as_u64().unwrap_or(0);
-        let copied = pair["copied_lbas"].as_u64().unwrap_or(0);
-        let t = *total.get_or_insert(remaining + copied);
-        if !quiet && t > 0 {
-            let done = t.saturating_sub(remaining);
-            let pct = done * 100 / t;
-            let bar = "#".repeat((pct / 4) as usize);
-            eprint!("\rresync {vlu} [{bar:<25}] {pct:>3}% {done}/{t} LBAs");
-        }
-        if pair["done"] == true {
-            if !quiet {
-                eprintln!();
-            }
-            return Ok(pair);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
@@ -359,6 +289,26 @@ fn main() -> ExitCode {
             .replace('/', "%2F")
             .replace(' ', "%20")
     };
+    if let Cmd::Demo {
+        dir,
+        size_mib,
+        warmup,
+    } = &cli.command
+    {
+        let opts = hvm_host_agent::demo::Options {
+            dir: dir.clone(),
+            size_mib: *size_mib,
+            warmup: std::time::Duration::from_secs_f64(warmup.clamp(0.0, 3600.0)),
+            quiet: cli.json,
+        };
+        return match hvm_host_agent::demo::run(&opts) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvmctl demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (method, path, body) = match &cli.command {
         Cmd::Status => ("GET", "/v1/status".to_string(), None),
         Cmd::Lu {
@@ -391,6 +341,7 @@ fn main() -> ExitCode {
         },
         Cmd::Backends => ("GET", "/v1/backends".into(), None),
         Cmd::Reload => ("POST", "/v1/reload".into(), None),
+        Cmd::Demo { .. } => unreachable!("handled above"),
     };
     let reply = match call(&sock, method, &path, body.as_ref()) {
         Ok(r) => r,
@@ -434,10 +385,5 @@ mod tests {
         assert_eq!(parse_rate("0"), Some(0));
         assert_eq!(parse_rate("1g"), Some(1 << 30));
         assert_eq!(parse_rate("fast"), None);
-    }
-
-    #[test]
-    fn chunked_bodies() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
     }
 }

@@ -1,0 +1,217 @@
+//! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one
+//! request at a time) over a Unix socket: what `hvmctl demo` uses to write to a virtual
+//! LU and to copy a snapshot export, without depending on an external tool.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use super::proto::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("NBD socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("NBD handshake: {0}")]
+    Handshake(String),
+    #[error("NBD {op} at offset {offset}, {len} bytes: the server replied errno {errno}")]
+    Command {
+        op: &'static str,
+        offset: u64,
+        len: usize,
+        errno: u32,
+    },
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// One connection to one export.
+pub struct Client {
+    stream: UnixStream,
+    size: u64,
+    flags: u16,
+    cookie: u64,
+}
+
+fn handshake(msg: impl Into<String>) -> ClientError {
+    ClientError::Handshake(msg.into())
+}
+
+impl Client {
+    /// Connect to `socket` and open `export`.
+    pub fn connect(socket: &Path, export: &str) -> Result<Client> {
+        let mut s = UnixStream::connect(socket)?;
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello)?;
+        if u64::from_be_bytes(hello[..8].try_into().unwrap_or_default()) != NBDMAGIC
+            || u64::from_be_bytes(hello[8..16].try_into().unwrap_or_default()) != IHAVEOPT
+        {
+            return Err(handshake("not a newstyle NBD server"));
+        }
+        let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
+        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(handshake("the server is not fixed newstyle"));
+        }
+        let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+        let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+        s.write_all(&client_flags.to_be_bytes())?;
+
+        // NBD_OPT_GO: the export name, no information requests.
+        let mut data = Vec::with_capacity(6 + export.len());
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = Vec::with_capacity(16 + data.len());
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        s.write_all(&opt)?;
+
+        let mut export_info = None;
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head)?;
+            let magic = u64::from_be_bytes(head[..8].try_into().unwrap_or_default());
+            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
+            if magic != REPLY_MAGIC || len > 64 << 10 {
+                return Err(handshake("malformed option reply"));
+            }
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body)?;
+            match kind {
+                REP_ACK => break,
+                REP_INFO if body.len() >= 12 && body[..2] == INFO_EXPORT.to_be_bytes() => {
+                    let size = u64::from_be_bytes(body[2..10].try_into().unwrap_or_default());
+                    let flags = u16::from_be_bytes([body[10], body[11]]);
+                    export_info = Some((size, flags));
+                }
+                REP_INFO => {}
+                k if k & REP_ERR != 0 => {
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    return Err(handshake(format!(
+                        "export {export:?} refused (reply {k:#x}){}",
+                        if text.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {text}")
+                        }
+                    )));
+                }
+                k => return Err(handshake(format!("unexpected option reply {k:#x}"))),
+            }
+        }
+        let (size, flags) =
+            export_info.ok_or_else(|| handshake("the server sent no export information"))?;
+        Ok(Client {
+            stream: s,
+            size,
+            flags,
+            cookie: 0,
+        })
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.flags & FLAG_READ_ONLY != 0
+    }
+
+    /// The next request's header.
+    fn header(&mut self, cmd: u16, flags: u16, offset: u64, len: u32) -> [u8; 28] {
+        self.cookie += 1;
+        let mut req = [0u8; 28];
+        req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req[4..6].copy_from_slice(&flags.to_be_bytes());
+        req[6..8].copy_from_slice(&cmd.to_be_bytes());
+        req[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        req[16..24].copy_from_slice(&offset.to_be_bytes());
+        req[24..28].copy_from_slice(&len.to_be_bytes());
+        req
+    }
+
+    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<u32> {
+        let req = self.header(cmd, flags, offset, len);
+        if data.is_empty() {
+            self.stream.write_all(&req)?;
+        } else {
+            let bufs = [std::io::IoSlice::new(&req), std::io::IoSlice::new(data)];
+            let total = req.len() + data.len();
+            let n = self.stream.write_vectored(&bufs)?;
+            if n < total {
+                // Short vectored write: send the rest plainly.
+                let mut all = Vec::with_capacity(total);
+                all.extend_from_slice(&req);
+                all.extend_from_slice(data);
+                self.stream.write_all(&all[n..])?;
+            }
+        }
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply)?;
+        let magic = u32::from_be_bytes(reply[..4].try_into().unwrap_or_default());
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap_or_default());
+        if magic != SIMPLE_REPLY_MAGIC || cookie != self.cookie {
+            return Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "malformed reply from the NBD server",
+            )));
+        }
+        Ok(u32::from_be_bytes(
+            reply[4..8].try_into().unwrap_or_default(),
+        ))
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let errno = self.request(CMD_READ, 0, offset, buf.len() as u32, &[])?;
+        if errno != 0 {
+            return Err(ClientError::Command {
+                op: "read",
+                offset,
+                len: buf.len(),
+                errno,
+            });
+        }
+        self.stream.read_exact(buf)?;
+        Ok(())
+    }
+
+    /// Write `data` at `offset`; with `fua`, durable when it returns.
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        let errno = self.request(CMD_WRITE, flags, offset, data.len() as u32, data)?;
+        if errno != 0 {
+            return Err(ClientError::Command {
+                op: "write",
+                offset,
+                len: data.len(),
+                errno,
+            });
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&mut self) -> Result<()> {
+        let errno = self.request(CMD_FLUSH, 0, 0, 0, &[])?;
+        if errno != 0 {
+            return Err(ClientError::Command {
+                op: "flush",
+                offset: 0,
+                len: 0,
+                errno,
+            });
+        }
+        Ok(())
+    }
+
+    /// Say goodbye (NBD_CMD_DISC has no reply).
+    pub fn disconnect(mut self) {
+        let req = self.header(CMD_DISC, 0, 0, 0);
+        let _ = self.stream.write_all(&req);
+    }
+}
