@@ -309,8 +309,15 @@ fn sigkill_during_writes_and_resync_loses_nothing() {
         a.json(&["snapshot", "acquire", t.vlu]);
         let fuse = Fuse::mount(&out.join("mnt"), &uri);
         let mut fio = fio_write(&fuse.file(), offset, round, &out);
+        // The random moment is counted from fio's first recorded write, so a slow start
+        // (a debug build, a busy machine) cannot leave a round with nothing written.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while recorded(&a, t.vlu).0 == 0 {
+            assert!(Instant::now() < deadline, "round {round}: fio never wrote");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let phase = if in_resync {
-            std::thread::sleep(rng.millis(300, 800));
+            std::thread::sleep(rng.millis(200, 700));
             a.json(&["resync", "rate", "1M"]);
             a.json(&["snapshot", "delete", t.vlu]);
             std::thread::sleep(rng.millis(50, 500));
@@ -320,7 +327,7 @@ fn sigkill_during_writes_and_resync_loses_nothing() {
             }
             m
         } else {
-            std::thread::sleep(rng.millis(150, 1500));
+            std::thread::sleep(rng.millis(100, 1400));
             "Snapshot".to_string()
         };
         a.signal(Signal::SIGKILL);
