@@ -110,7 +110,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
     move |source| DemoError::Io { what, source }
 }
 
-fn config(size_mib: u64, plugin_dir: &Path) -> String {
+/// The demo's config: one embedded array of each kind with LUs of `size_mib`, the
+/// plugins in `plugin_dir`. The crash test uses it too.
+pub fn config(size_mib: u64, plugin_dir: &Path) -> String {
     let b = size_mib * 2048;
     format!(
         "# Written by hvmctl demo: one embedded array of each kind.

@@ -17,52 +17,6 @@ use hvm_host_agent::config::Config;
 const BLOCKS: u64 = 1 << 20; // 512 MiB
 const SIZE: u64 = BLOCKS * 512;
 
-fn fio(uri: &str, secs: f64) -> f64 {
-    let out = std::process::Command::new("fio")
-        .args([
-            "--name=b",
-            "--ioengine=nbd",
-            "--time_based",
-            "--output-format=json",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--size={SIZE}"))
-        .arg(format!("--runtime={secs}"))
-        .output()
-        .unwrap_or_else(|e| panic!("fio is required (apt-get install fio): {e}"));
-    assert!(
-        out.status.success(),
-        "fio: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let start = out.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
-    v["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
-}
-
-fn fill(uri: &str) {
-    let out = std::process::Command::new("fio")
-        .args([
-            "--name=fill",
-            "--ioengine=nbd",
-            "--rw=write",
-            "--bs=1m",
-            "--iodepth=4",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--size={SIZE}"))
-        .output()
-        .expect("fio");
-    assert!(
-        out.status.success(),
-        "fill: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An agent with one pair on its own embedded stateless array, in `dir`.
 fn agent(dir: &Path, durable: bool, region_kib: u64) -> Arc<Agent> {
     let text = format!(
@@ -131,7 +85,7 @@ fn main() {
         .collect();
     // Written once before timing, so no run pays for the files' block allocation.
     for u in &uris {
-        fill(u);
+        hvm_tests::fio_fill(u, SIZE);
     }
     println!(
         "4k random write, QD16, Snapshot mode, {} MiB LU, {secs} s x {rounds} rounds per target (fio nbd engine)",
@@ -144,7 +98,7 @@ fn main() {
             let u = &uris[i];
             // Each run starts with no dirty pages left by the one before.
             let _ = std::process::Command::new("sync").status();
-            iops[i].push(fio(u, secs));
+            iops[i].push(hvm_tests::fio_nbd(u, "randwrite", "4k", 16, SIZE, secs));
         }
     }
     // The median: one run disturbed by the host (writeback, a neighbour) moves it least.

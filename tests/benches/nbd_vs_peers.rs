@@ -35,58 +35,6 @@ const WORKLOADS: [(&str, &str, &str, u32); 4] = [
     ("1 MiB sequential write, QD4 (MB/s)", "write", "1m", 4),
 ];
 
-fn fio(uri: &str, rw: &str, bs: &str, qd: u32, secs: f64) -> f64 {
-    let out = Command::new("fio")
-        .args([
-            "--name=b",
-            "--ioengine=nbd",
-            "--time_based",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={qd}"))
-        .arg(format!("--size={SIZE}"))
-        .arg(format!("--runtime={secs}"))
-        .output()
-        .unwrap_or_else(|e| panic!("fio is required (apt-get install fio): {e}"));
-    assert!(
-        out.status.success(),
-        "fio: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The nbd engine may print a line before the JSON document.
-    let start = out.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
-    let j = &v["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
-    if bs == "4k" {
-        j["iops"].as_f64().unwrap_or(0.0)
-    } else {
-        j["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6
-    }
-}
-
-fn fill(uri: &str) {
-    let out = Command::new("fio")
-        .args([
-            "--name=fill",
-            "--ioengine=nbd",
-            "--rw=write",
-            "--bs=1m",
-            "--iodepth=4",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--size={SIZE}"))
-        .output()
-        .expect("fio");
-    assert!(
-        out.status.success(),
-        "fill: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
 }
@@ -162,7 +110,7 @@ fn main() {
             uri(&hvm_sock, "db2"),
         ];
         for u in &targets {
-            fill(u);
+            hvm_tests::fio_fill(u, SIZE);
         }
         // Snapshot mode: writes are recorded in the update-location table.
         mgr.acquire(db2).expect("acquire");
@@ -175,7 +123,9 @@ fn main() {
             "workload", "nbdkit", "qemu-nbd", "hvm sync", "ratio", "hvm snap", "ratio"
         );
         for (name, rw, bs, qd) in WORKLOADS {
-            let [k, q, h, snap] = targets.each_ref().map(|t| fio(t, rw, bs, qd, secs));
+            let [k, q, h, snap] = targets
+                .each_ref()
+                .map(|t| hvm_tests::fio_nbd(t, rw, bs, qd, SIZE, secs));
             println!(
                 "{name:<36} {k:>10.0} {q:>10.0} {h:>10.0} {:>5.2}x {snap:>10.0} {:>5.2}x",
                 h / k,

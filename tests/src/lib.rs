@@ -116,3 +116,59 @@ pub fn tool(name: &str) -> Command {
     );
     Command::new(name)
 }
+
+/// fio's nbd engine on `uri` for `secs` seconds (benchmarks): IOPS for 4k blocks, MB/s
+/// otherwise.
+pub fn fio_nbd(uri: &str, rw: &str, bs: &str, qd: u32, size: u64, secs: f64) -> f64 {
+    let out = tool("fio")
+        .args([
+            "--name=b",
+            "--ioengine=nbd",
+            "--time_based",
+            "--output-format=json",
+        ])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={qd}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--runtime={secs}"))
+        .output()
+        .unwrap_or_else(|e| panic!("run fio: {e}"));
+    assert!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The nbd engine may print a line before the JSON document.
+    let start = out.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout[start..]).unwrap_or_else(|e| panic!("fio JSON: {e}"));
+    let j = &v["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
+    if bs == "4k" {
+        j["iops"].as_f64().unwrap_or(0.0)
+    } else {
+        j["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6
+    }
+}
+
+/// Write all `size` bytes of `uri` once (benchmarks: no timed run pays for allocation).
+pub fn fio_fill(uri: &str, size: u64) {
+    let out = tool("fio")
+        .args([
+            "--name=fill",
+            "--ioengine=nbd",
+            "--rw=write",
+            "--bs=1m",
+            "--iodepth=4",
+        ])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--size={size}"))
+        .output()
+        .unwrap_or_else(|e| panic!("run fio: {e}"));
+    assert!(
+        out.status.success(),
+        "fill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -20,44 +20,16 @@ use hvm_tests::agent::Agent;
 use hvm_tests::tool;
 use nix::sys::signal::Signal;
 
-/// Blocks per LU (32 MiB).
-const LU_BLOCKS: u64 = 65536;
-const LU_BYTES: u64 = LU_BLOCKS * 512;
+/// Bytes per LU (32 MiB).
+const LU_BYTES: u64 = 32 << 20;
 /// fio writes an 8 MiB window per round, so what a round dirties is a part of the LU.
 const WINDOW: u64 = 8 << 20;
 
 fn config(dir: &Path) -> PathBuf {
-    let b = LU_BLOCKS;
-    let text = format!(
-        "log_level: warn
-listen: {{ unix: nbd.sock }}
-journal: {{ durable: true, region_kib: 1024 }}
-backends:
-  - name: stateless0
-    plugin: stateless
-    params: {{ array: {{ embedded: {{ kind: stateless, dir: stateless0,
-      disks: [{{ name: d0 }}, {{ name: d1 }}],
-      lus: [{{ lun: 1, blocks: {b}, disk: d0 }}, {{ lun: 2, blocks: {b}, disk: d1 }}],
-      mirroring: [{{ mirror: 0, origin: 1, mate: 2 }}] }} }} }}
-  - name: modeselect0
-    plugin: mode-select
-    params: {{ array: {{ embedded: {{ kind: mode-select, dir: modeselect0,
-      disks: [{{ name: d0 }}, {{ name: d1 }}],
-      lus: [{{ lun: 1, blocks: {b}, disk: d0 }}, {{ lun: 4, blocks: {b}, disk: d1 }}],
-      mirroring: [{{ lu: 1, mates: [4] }}] }} }} }}
-  - name: preupdate0
-    plugin: pre-update
-    params: {{ array: {{ embedded: {{ kind: pre-update, dir: preupdate0,
-      disks: [{{ name: d0 }}, {{ name: d1 }}],
-      lus: [{{ lun: 0, blocks: {b}, disk: d0 }}, {{ lun: 1, blocks: {b}, disk: d1 }},
-            {{ lun: 9, blocks: {b}, disk: d0 }}],
-      mirroring: [{{ mirror: 0, mate: 1 }}] }} }} }}
-virtual_lus:
-  - {{ name: db, backend: stateless0, lu: 0, snapshots: [db-snap] }}
-  - {{ name: logs, backend: modeselect0, lu: 1, snapshots: [logs-snap] }}
-  - {{ name: files, backend: preupdate0, lu: 0, snapshots: [files-snap], save_area: 9 }}
-"
-    );
+    // hvmctl demo's arrays, with 1 MiB activity regions so a crash's tracked ranges
+    // stay close to what was written.
+    let text = hvm_host_agent::demo::config(LU_BYTES >> 20, &hvm_tests::target_dir())
+        + "journal: { durable: true, region_kib: 1024 }\n";
     let path = dir.join("crash.yaml");
     std::fs::write(&path, text).unwrap();
     path
