@@ -3,6 +3,7 @@
 //! write), and `hvm:dirty` block status reports the update-location table.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use hvm_core::backend::Backend;
@@ -42,6 +43,9 @@ pub struct VluExport {
     vlu: VirtualLuId,
     /// Replaced by a config reload; a connection reads it when it opens the export.
     access: RwLock<Access>,
+    /// `access.read_only`, read on every write request without taking the lock; a
+    /// reload that sets it refuses writes on open connections too.
+    read_only: AtomicBool,
 }
 
 impl VluExport {
@@ -49,6 +53,7 @@ impl VluExport {
         VluExport {
             mgr,
             vlu,
+            read_only: AtomicBool::new(access.read_only),
             access: RwLock::new(access),
         }
     }
@@ -73,7 +78,7 @@ impl Export for VluExport {
     }
 
     fn read_only(&self) -> bool {
-        self.access().read_only
+        self.read_only.load(Ordering::Relaxed)
             || self
                 .mgr
                 .lu_mode_entry(self.vlu)
@@ -158,6 +163,7 @@ impl VluExports {
         let Some(e) = self.exports.get(name) else {
             return false;
         };
+        e.read_only.store(access.read_only, Ordering::Relaxed);
         *e.access.write().unwrap_or_else(PoisonError::into_inner) = access;
         true
     }

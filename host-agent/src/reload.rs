@@ -4,8 +4,9 @@
 //! - `log_level` (unless `--log-level` or `RUST_LOG` overrides it);
 //! - `resync.rate_mib` and `resync.chunk_kib` (a rate set through the control API stays
 //!   until the file's value changes);
-//! - a virtual LU's `read_only`, `allow_uids` and `allow_gids`, for new connections
-//!   (connections already open keep what they negotiated, as with nbdkit).
+//! - a virtual LU's `allow_uids` and `allow_gids`, for new connections (connections
+//!   already open keep their export), and `read_only`, which from then on also refuses
+//!   writes on open connections.
 //!
 //! Everything else needs a restart: the state, plugin and runtime directories, the
 //! journal settings, the listening sockets, the backends, and which virtual LUs exist and
