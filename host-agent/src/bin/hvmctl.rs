@@ -281,6 +281,23 @@ fn human(cmd: &Cmd, body: &Value) -> String {
     }
 }
 
+/// `hvmctl demo`: it starts its own host-agent, so it needs no control socket.
+fn demo(dir: Option<PathBuf>, size_mib: u64, warmup: f64, quiet: bool) -> ExitCode {
+    let opts = hvm_host_agent::demo::Options {
+        dir,
+        size_mib,
+        warmup: std::time::Duration::from_secs_f64(warmup.clamp(0.0, 3600.0)),
+        quiet,
+    };
+    match hvm_host_agent::demo::run(&opts) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hvmctl demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
@@ -289,26 +306,6 @@ fn main() -> ExitCode {
             .replace('/', "%2F")
             .replace(' ', "%20")
     };
-    if let Cmd::Demo {
-        dir,
-        size_mib,
-        warmup,
-    } = &cli.command
-    {
-        let opts = hvm_host_agent::demo::Options {
-            dir: dir.clone(),
-            size_mib: *size_mib,
-            warmup: std::time::Duration::from_secs_f64(warmup.clamp(0.0, 3600.0)),
-            quiet: cli.json,
-        };
-        return match hvm_host_agent::demo::run(&opts) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("hvmctl demo: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     let (method, path, body) = match &cli.command {
         Cmd::Status => ("GET", "/v1/status".to_string(), None),
         Cmd::Lu {
@@ -341,7 +338,11 @@ fn main() -> ExitCode {
         },
         Cmd::Backends => ("GET", "/v1/backends".into(), None),
         Cmd::Reload => ("POST", "/v1/reload".into(), None),
-        Cmd::Demo { .. } => unreachable!("handled above"),
+        Cmd::Demo {
+            dir,
+            size_mib,
+            warmup,
+        } => return demo(dir.clone(), *size_mib, *warmup, cli.json),
     };
     let reply = match call(&sock, method, &path, body.as_ref()) {
         Ok(r) => r,
