@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hvm_core::backend::{Backend, BackendError};
@@ -15,7 +16,8 @@ use hvm_core::journal::{NoLog, StateLog, Tail};
 use hvm_core::{LuId, ManagerError, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
 
-use crate::config::{Config, ConfigError, LogLevel};
+use crate::config::{Config, ConfigError, CoordinationConfig, LogLevel};
+use crate::coord::server::Service;
 use crate::durable::{self, DurableError, FileJournal, Tuning};
 use crate::exports::{Access, Manager, VluExport, VluExports};
 use crate::nbd::server::{self, Exports, Limits};
@@ -59,6 +61,8 @@ pub enum AgentError {
         #[source]
         source: DurableError,
     },
+    #[error(transparent)]
+    Coordination(#[from] crate::coord::server::ServiceError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -84,6 +88,8 @@ pub struct Agent {
     /// The control API's socket.
     pub control: PathBuf,
     pub tcp: Option<String>,
+    /// The NBD TCP listener's bound address, once bound.
+    pub tcp_bound: OnceLock<String>,
     /// The config in effect: the file's at start, with what reloads applied since.
     pub config: Mutex<Config>,
     /// The file a reload reads (none: reloading is refused).
@@ -92,6 +98,10 @@ pub struct Agent {
     /// no `RUST_LOG`); installed by the binary that set up logging.
     pub log_level: OnceLock<LogHook>,
     pub last_reload: Mutex<Option<ReloadReport>>,
+    /// Bytes read through snapshot exports since start.
+    pub snapshot_reads: Arc<AtomicU64>,
+    /// The agent-to-agent backup service's config, its paths made absolute.
+    pub coordination: Option<CoordinationConfig>,
 }
 
 /// Applies a new log level; an error says why it cannot.
@@ -152,6 +162,7 @@ impl Agent {
         };
         let mut virtual_lus = BTreeMap::new();
         let mut snapshot_of = BTreeMap::new();
+        let snapshot_reads = Arc::new(AtomicU64::new(0));
         for b in &cfg.backends {
             let err = |source| AgentError::Plugin {
                 backend: b.name.clone(),
@@ -270,7 +281,11 @@ impl Agent {
             }
             for (name, vlu, access) in names {
                 tracing::info!(export = %name, backend = %b.name, mode = ?mgr.mode(vlu), "virtual LU");
-                exports.insert(name.clone(), VluExport::new(mgr.clone(), vlu, access));
+                let mut export = VluExport::new(mgr.clone(), vlu, access);
+                if snapshot_of.contains_key(&name) {
+                    export = export.counting_reads(snapshot_reads.clone());
+                }
+                exports.insert(name.clone(), export);
                 virtual_lus.insert(name, (b.name.clone(), vlu));
             }
             managers.insert(b.name.clone(), mgr);
@@ -294,11 +309,22 @@ impl Agent {
             }
             .join("control.sock"),
             tcp: cfg.listen.tcp.clone(),
+            tcp_bound: OnceLock::new(),
             state_dir,
             config: Mutex::new(cfg.clone()),
             config_file: None,
             log_level: OnceLock::new(),
             last_reload: Mutex::new(None),
+            snapshot_reads,
+            coordination: cfg.coordination.clone().map(|mut c| {
+                c.cert = absolute(base, &c.cert);
+                c.key = absolute(base, &c.key);
+                c.token_file = absolute(base, &c.token_file);
+                if let Some(b) = &mut c.backup {
+                    b.target_root = absolute(base, &b.target_root);
+                }
+                c
+            }),
         })
     }
 
@@ -388,8 +414,9 @@ impl Agent {
         Some((self.managers.get(backend)?.clone(), *vlu))
     }
 
-    /// Bind the configured sockets (a stale Unix socket file is replaced).
-    pub async fn listen(&self) -> Result<Listeners, AgentError> {
+    /// Bind the configured sockets (a stale Unix socket file is replaced); load the
+    /// coordination service's TLS files and token.
+    pub async fn listen(self: &Arc<Self>) -> Result<Listeners, AgentError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| AgentError::Io { path, source }
@@ -410,7 +437,26 @@ impl Agent {
             ),
             None => None,
         };
-        Ok(Listeners { unix, tcp, control })
+        if let Some(a) = tcp.as_ref().and_then(|t| t.local_addr().ok()) {
+            let _ = self.tcp_bound.set(a.to_string());
+        }
+        let coordination = match &self.coordination {
+            Some(c) => {
+                let svc = Arc::new(Service::new(self.clone(), c.clone())?);
+                let listener = svc.bind().await?;
+                if let Ok(a) = listener.local_addr() {
+                    tracing::info!(address = %a, roles = ?c.roles, "coordination service listening (TLS)");
+                }
+                Some((listener, svc))
+            }
+            None => None,
+        };
+        Ok(Listeners {
+            unix,
+            tcp,
+            control,
+            coordination,
+        })
     }
 
     /// Serve the exports on `listeners`, and run the resync service, until `shutdown`
@@ -449,6 +495,9 @@ impl Agent {
                 stopped(stop_rx.clone()),
             )));
         }
+        if let Some((listener, svc)) = listeners.coordination {
+            tasks.push(tokio::spawn(svc.run(listener, stopped(stop_rx.clone()))));
+        }
         tasks.push(tokio::spawn(crate::control::serve(
             listeners.control,
             self.clone(),
@@ -485,4 +534,6 @@ pub struct Listeners {
     pub unix: tokio::net::UnixListener,
     pub control: tokio::net::UnixListener,
     pub tcp: Option<tokio::net::TcpListener>,
+    /// The coordination service's TLS listener.
+    pub coordination: Option<(tokio::net::TcpListener, Arc<Service>)>,
 }

@@ -36,6 +36,21 @@
 //!     read_only: false
 //!     allow_uids: []                 # SO_PEERCRED checks; empty: anyone who can
 //!     allow_gids: []                 #   reach the socket
+//! coordination:                      # optional: the agent-to-agent service that
+//!                                    #   `hvmctl backup run` drives (see `coord`)
+//!   listen: 0.0.0.0:7430             # TCP, TLS only
+//!   cert: tls/db1.pem                # this agent's certificate chain and key (PEM);
+//!   key: tls/db1-key.pem             #   `hvmctl tls init` makes a CA and them
+//!   token_file: tls/token            # the shared token every request must carry
+//!   roles: [database]                # database and/or backup
+//!   freeze:                          # database role: the bounded freeze
+//!     deadline_ms: 10000             # quiesce start to snapshot; past it all is thawed
+//!     hooks:                         # quiesced in this order, resumed in reverse
+//!       - command: { pre: "sync", post: "true" }    # sh -c, HVM_* in the environment
+//!       - fsfreeze: /srv/pgdata                      # a mount point
+//!       - postgresql: { connect: "host=/run/postgresql user=postgres" }
+//!   backup:                          # backup role
+//!     target_root: /srv/backups      # backups are written only under this directory
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -60,7 +75,82 @@ pub struct Config {
     pub resync: ResyncConfig,
     pub listen: Listen,
     pub backends: Vec<BackendConfig>,
+    #[serde(default)]
     pub virtual_lus: Vec<VirtualLuConfig>,
+    #[serde(default)]
+    pub coordination: Option<CoordinationConfig>,
+}
+
+/// The agent-to-agent backup service.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    pub listen: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub token_file: PathBuf,
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub freeze: FreezeConfig,
+    #[serde(default)]
+    pub backup: Option<BackupRoleConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Database,
+    Backup,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FreezeConfig {
+    pub deadline_ms: u64,
+    pub hooks: Vec<HookConfig>,
+}
+
+impl Default for FreezeConfig {
+    fn default() -> Self {
+        FreezeConfig {
+            deadline_ms: 10_000,
+            hooks: Vec::new(),
+        }
+    }
+}
+
+/// One quiesce hook: exactly one of the fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    #[serde(default)]
+    pub command: Option<CommandHook>,
+    #[serde(default)]
+    pub fsfreeze: Option<PathBuf>,
+    #[serde(default)]
+    pub postgresql: Option<PostgresHook>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandHook {
+    #[serde(default)]
+    pub pre: Option<String>,
+    #[serde(default)]
+    pub post: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresHook {
+    /// A libpq-style connection string (`host=/run/postgresql port=5432 user=postgres`).
+    pub connect: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRoleConfig {
+    pub target_root: PathBuf,
 }
 
 /// The tables' journal files.
@@ -292,6 +382,47 @@ impl Config {
                         format!("virtual_lus[{i}]"),
                         format!("export name {n:?} is used twice"),
                     ));
+                }
+            }
+        }
+        if let Some(c) = &cfg.coordination {
+            if c.roles.is_empty() {
+                return Err(bad(
+                    "coordination.roles".into(),
+                    "expected at least one of database, backup".into(),
+                ));
+            }
+            if c.roles.contains(&Role::Backup) && c.backup.is_none() {
+                return Err(bad(
+                    "coordination.backup".into(),
+                    "the backup role needs `backup: { target_root: DIR }`".into(),
+                ));
+            }
+            if c.freeze.deadline_ms == 0 {
+                return Err(bad(
+                    "coordination.freeze.deadline_ms".into(),
+                    "expected a positive number of milliseconds".into(),
+                ));
+            }
+            for (i, h) in c.freeze.hooks.iter().enumerate() {
+                let set = [
+                    h.command.is_some(),
+                    h.fsfreeze.is_some(),
+                    h.postgresql.is_some(),
+                ];
+                if set.iter().filter(|b| **b).count() != 1 {
+                    return Err(bad(
+                        format!("coordination.freeze.hooks[{i}]"),
+                        "expected exactly one of command, fsfreeze, postgresql".into(),
+                    ));
+                }
+                if let Some(cmd) = &h.command {
+                    if cmd.pre.is_none() && cmd.post.is_none() {
+                        return Err(bad(
+                            format!("coordination.freeze.hooks[{i}].command"),
+                            "expected pre, post or both".into(),
+                        ));
+                    }
                 }
             }
         }

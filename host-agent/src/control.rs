@@ -170,6 +170,8 @@ async fn status(State(a): State<Shared>) -> Json<serde_json::Value> {
             "chunk_bytes": a.resync.chunk(),
         },
         "config_file": a.config_file,
+        "snapshot_read_bytes": a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
+        "coordination": a.coordination.as_ref().map(|c| json!({ "listen": c.listen, "roles": c.roles })),
         "last_reload": *a.last_reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
     }))
 }
@@ -335,6 +337,7 @@ pub fn metrics_text(a: &Agent) -> String {
             j.stats().file_bytes
         );
     }
+    let _ = writeln!(out, "# HELP hvm_snapshot_read_bytes Bytes read through snapshot exports.\n# TYPE hvm_snapshot_read_bytes counter\nhvm_snapshot_read_bytes {}", a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed));
     let _ = writeln!(out, "# HELP hvm_resync_paused 1 when the resync service is paused.\n# TYPE hvm_resync_paused gauge\nhvm_resync_paused {}", u8::from(a.resync.paused()));
     out
 }

@@ -3,12 +3,13 @@
 //! write), and `hvm:dirty` block status reports the update-location table.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use hvm_core::backend::Backend;
 use hvm_core::{Extent, ManagerError, Mode, SnapshotManager, VirtualLuId, SECTOR_SIZE};
 
+use crate::gate::Gate;
 use crate::nbd::proto::STATE_DIRTY;
 use crate::nbd::server::{Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
 
@@ -46,6 +47,11 @@ pub struct VluExport {
     /// `access.read_only`, read on every write request without taking the lock; a
     /// reload that sets it refuses writes on open connections too.
     read_only: AtomicBool,
+    /// Every write passes it; closing it holds writes for a consistency group's instant.
+    pub gate: Gate,
+    /// Bytes read through this export, when it is a snapshot export: what the database
+    /// host did for a backup that pulled the snapshot over NBD.
+    snapshot_reads: Option<Arc<AtomicU64>>,
 }
 
 impl VluExport {
@@ -55,7 +61,15 @@ impl VluExport {
             vlu,
             read_only: AtomicBool::new(access.read_only),
             access: RwLock::new(access),
+            gate: Gate::default(),
+            snapshot_reads: None,
         }
+    }
+
+    /// Count the bytes read through this (snapshot) export in `counter`.
+    pub fn counting_reads(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.snapshot_reads = Some(counter);
+        self
     }
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
@@ -92,10 +106,15 @@ impl Export for VluExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
-        self.mgr.read(self.vlu, offset, buf).map_err(export_error)
+        self.mgr.read(self.vlu, offset, buf).map_err(export_error)?;
+        if let Some(c) = &self.snapshot_reads {
+            c.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        let _pass = self.gate.enter();
         self.mgr
             .write(self.vlu, offset, data, fua)
             .map_err(export_error)
@@ -155,6 +174,11 @@ pub struct VluExports {
 impl VluExports {
     pub fn insert(&mut self, name: String, export: VluExport) {
         self.exports.insert(name, Arc::new(export));
+    }
+
+    /// The export named `name`.
+    pub fn export(&self, name: &str) -> Option<&Arc<VluExport>> {
+        self.exports.get(name)
     }
 
     /// New access rules for export `name`, for connections opened from now on. False if

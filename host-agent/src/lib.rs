@@ -4,6 +4,8 @@
 //! - [`config`]: the YAML config; [`agent`]: a configured host, its backends and
 //!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server;
 //!   [`control`]: the control API; [`ctl`]: its client side, for hvmctl.
+//! - [`coord`]: backup coordination across hosts (`hvmctl backup run`), agent to agent
+//!   over TLS; [`gate`]: the write gate behind a consistency group's instant.
 //! - [`demo`]: `hvmctl demo`, the whole online backup against a real host-agent.
 //! - [`durable`]: the tables' journal files, with group commit and activity regions;
 //!   [`resync`]: the resync service.
@@ -13,10 +15,12 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod coord;
 pub mod ctl;
 pub mod demo;
 pub mod durable;
 pub mod exports;
+pub mod gate;
 pub mod nbd;
 pub mod notify;
 pub mod reload;

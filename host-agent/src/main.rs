@@ -167,11 +167,18 @@ fn run(
         let listeners = agent.listen().await?;
         // Scripts and tests wait for this line: the sockets are bound.
         let tcp = listeners.tcp.as_ref().and_then(|t| t.local_addr().ok());
+        let coord = listeners
+            .coordination
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
         println!(
-            "host-agent: serving {} virtual LUs on unix:{}{}",
+            "host-agent: serving {} virtual LUs on unix:{}{}{}",
             agent.virtual_lus.len(),
             agent.socket.display(),
-            tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default()
+            tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default(),
+            coord
+                .map(|c| format!(", coordination on tls:{c}"))
+                .unwrap_or_default()
         );
         tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, control = %agent.control.display(), "serving");
         let status = format!("serving {} virtual LUs", agent.virtual_lus.len());

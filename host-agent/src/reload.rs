@@ -76,6 +76,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     restart(old.runtime_dir != new.runtime_dir, "runtime_dir");
     restart(old.journal != new.journal, "journal");
     restart(old.listen != new.listen, "listen");
+    restart(old.coordination != new.coordination, "coordination");
     for b in &old.backends {
         match new.backends.iter().find(|n| n.name == b.name) {
             None => p.restart.push(format!("backends[{}] (removed)", b.name)),

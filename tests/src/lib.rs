@@ -2,6 +2,7 @@
 //! (plugin shared libraries, daemons) once, find them, and start processes.
 
 pub mod agent;
+pub mod backup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -10,15 +10,22 @@
 //! hvmctl backends
 //! hvmctl reload
 //! hvmctl demo            # the whole online backup on embedded arrays
+//! hvmctl tls init /etc/hvm/tls --host db1 --host bk1
+//! hvmctl backup run --db db1:7430 --backup bk1:7430 --vlu pg --target pg-monday
+//! hvmctl backup verify /srv/backups/pg-monday
+//! hvmctl backup restore /srv/backups/pg-monday --vlu pg --to /dev/sdx
 //! ```
 //!
 //! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
-//! (the message says why), 2 for usage errors, 3 when the agent cannot be reached.
+//! (the message says why), 2 for usage errors, 3 when the agent cannot be reached, 4 when
+//! a backup's freeze deadline passed (everything was thawed and rolled back).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hvm_host_agent::coord::console::{self, Via};
+use hvm_host_agent::coord::{copy, tls, Code, Peer};
 use hvm_host_agent::ctl::{call, wait_resync};
 use serde_json::Value;
 
@@ -77,6 +84,93 @@ enum Cmd {
         /// Seconds the writer runs before the snapshot.
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
+    },
+    /// Online backup across hosts: console, database host and backup host.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCmd,
+    },
+    /// Certificates and the token for the agents' coordination service.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCmd,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct PeerArgs {
+    /// The CA certificate the agents' certificates are signed by [default: $HVM_CA,
+    /// else /etc/hvm/tls/ca.pem].
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The shared token [default: $HVM_TOKEN_FILE, else /etc/hvm/tls/token].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Quiesce the database host, snapshot the virtual LUs at one instant, resume; copy
+    /// on the backup host; delete the snapshots (resync starts).
+    Run {
+        /// The database host's coordination address, HOST:PORT.
+        #[arg(long)]
+        db: String,
+        /// The backup host's coordination address, HOST:PORT.
+        #[arg(long)]
+        backup: String,
+        /// A virtual LU to back up; several make one consistency group.
+        #[arg(long = "vlu", required = true)]
+        vlus: Vec<String>,
+        /// The backup directory, relative to the backup host's target_root; new.
+        #[arg(long)]
+        target: String,
+        /// Where the backup host reads the snapshot.
+        #[arg(long, value_enum, default_value_t = Via::Auto)]
+        via: Via,
+        /// The database host's NBD TCP address, if not its listen.tcp.
+        #[arg(long)]
+        db_nbd: Option<String>,
+        /// A freeze deadline shorter than the database host's configured one.
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// Wait for the resync after the snapshot is deleted.
+        #[arg(long)]
+        wait_resync: bool,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Delete the snapshots of virtual LUs on a database host (finishing a failed run by
+    /// hand).
+    Delete {
+        #[arg(long)]
+        db: String,
+        #[arg(long = "vlu", required = true)]
+        vlus: Vec<String>,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Check every file of a backup directory against its manifest.
+    Verify { dir: PathBuf },
+    /// Write a virtual LU's image from a backup directory to a file or block device,
+    /// after checking it against the manifest.
+    Restore {
+        dir: PathBuf,
+        #[arg(long)]
+        vlu: Option<String>,
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Make a CA, a certificate and key for each host (signed by the CA) and a token.
+    Init {
+        dir: PathBuf,
+        /// A name (DNS or IP) an agent is reached by; one certificate each.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
     },
 }
 
@@ -298,6 +392,163 @@ fn demo(dir: Option<PathBuf>, size_mib: u64, warmup: f64, quiet: bool) -> ExitCo
     }
 }
 
+fn peer(address: &str, a: &PeerArgs) -> Result<Peer, String> {
+    let env_or = |v: &Option<PathBuf>, var: &str, default: &str| {
+        v.clone()
+            .or_else(|| std::env::var_os(var).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(default))
+    };
+    let ca = env_or(&a.ca, "HVM_CA", "/etc/hvm/tls/ca.pem");
+    let token = env_or(&a.token_file, "HVM_TOKEN_FILE", "/etc/hvm/tls/token");
+    Ok(Peer {
+        address: address.to_string(),
+        tls: tls::client_config(&ca).map_err(|e| e.to_string())?,
+        token: tls::read_token(&token).map_err(|e| e.to_string())?,
+    })
+}
+
+fn bar(json: bool) -> impl FnMut(&str, u64, u64) {
+    let draw = !json && hvm_host_agent::ctl::bars();
+    let mut last = String::new();
+    move |label: &str, done: u64, total: u64| {
+        if draw && (done == total || done % (64 << 20) == 0) {
+            if last != label && !last.is_empty() {
+                eprintln!();
+            }
+            last = label.to_string();
+            hvm_host_agent::ctl::progress(label, done, total, "bytes");
+        }
+    }
+}
+
+fn backup(cmd: &BackupCmd, json: bool) -> ExitCode {
+    let print = |v: &serde_json::Value, human: String| {
+        if json {
+            println!("{v}");
+        } else {
+            print!("{human}");
+        }
+    };
+    match cmd {
+        BackupCmd::Run {
+            db,
+            backup,
+            vlus,
+            target,
+            via,
+            db_nbd,
+            deadline_ms,
+            wait_resync,
+            peer: p,
+        } => {
+            let (db, backup) = match (peer(db, p), peer(backup, p)) {
+                (Ok(d), Ok(b)) => (d, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("hvmctl backup run: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let o = console::Options {
+                db,
+                backup,
+                vlus: vlus.clone(),
+                target: target.clone(),
+                via: *via,
+                db_nbd: db_nbd.clone(),
+                deadline_ms: *deadline_ms,
+                wait_resync: *wait_resync,
+                human: !json,
+            };
+            let r = console::run(&o);
+            if json {
+                println!("{}", r.value);
+            }
+            match r.error {
+                None => ExitCode::SUCCESS,
+                Some(e) => {
+                    eprintln!("hvmctl backup run: {e}");
+                    if r.value["error"]["code"] == serde_json::json!(Code::Timeout) {
+                        ExitCode::from(4)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+        BackupCmd::Delete { db, vlus, peer: p } => {
+            let db = match peer(db, p) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("hvmctl backup delete: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match console::delete(&db, vlus) {
+                Ok(v) => {
+                    let lines = v["vlus"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|x| format!("{}: {}\n", s(&x["vlu"]), s(&x["mode"])))
+                        .collect();
+                    print(&v, lines);
+                    ExitCode::SUCCESS
+                }
+                Err(f) => {
+                    eprintln!("hvmctl backup delete: {f}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BackupCmd::Verify { dir } => match copy::verify(dir, &mut bar(json)) {
+            Ok(v) => {
+                if !json && hvm_host_agent::ctl::bars() {
+                    eprintln!();
+                }
+                let n = v["files"].as_array().map_or(0, Vec::len);
+                print(
+                    &v,
+                    format!(
+                        "{}: backup {} of {}: {n} files match the manifest\n",
+                        dir.display(),
+                        s(&v["id"]),
+                        s(&v["created"])
+                    ),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hvmctl backup verify: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        BackupCmd::Restore { dir, vlu, to } => {
+            match copy::restore(dir, vlu.as_deref(), to, &mut bar(json)) {
+                Ok(v) => {
+                    if !json && hvm_host_agent::ctl::bars() {
+                        eprintln!();
+                    }
+                    print(
+                        &v,
+                        format!(
+                            "restored {} ({} bytes, SHA-256 {}) to {}\n",
+                            s(&v["vlu"]),
+                            s(&v["size"]),
+                            s(&v["sha256"]),
+                            to.display()
+                        ),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("hvmctl backup restore: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
@@ -343,6 +594,23 @@ fn main() -> ExitCode {
             size_mib,
             warmup,
         } => return demo(dir.clone(), *size_mib, *warmup, cli.json),
+        Cmd::Backup { command } => return backup(command, cli.json),
+        Cmd::Tls {
+            command: TlsCmd::Init { dir, hosts },
+        } => {
+            return match tls::init(dir, hosts) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("hvmctl tls init: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     };
     let reply = match call(&sock, method, &path, body.as_ref()) {
         Ok(r) => r,

@@ -1,6 +1,7 @@
 //! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one
-//! request at a time) over a Unix socket: what `hvmctl demo` uses to write to a virtual
-//! LU and to copy a snapshot export, without depending on an external tool.
+//! request at a time) over a Unix socket or TCP: what `hvmctl demo` uses to write to a
+//! virtual LU and to copy a snapshot export, and what a backup host uses to pull a
+//! database host's snapshot export, without depending on an external tool.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -25,9 +26,13 @@ pub enum ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// A connected byte stream (Unix socket or TCP).
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 /// One connection to one export.
 pub struct Client {
-    stream: UnixStream,
+    stream: Box<dyn Stream>,
     size: u64,
     flags: u16,
     cookie: u64,
@@ -40,7 +45,18 @@ fn handshake(msg: impl Into<String>) -> ClientError {
 impl Client {
     /// Connect to `socket` and open `export`.
     pub fn connect(socket: &Path, export: &str) -> Result<Client> {
-        let mut s = UnixStream::connect(socket)?;
+        Client::open(Box::new(UnixStream::connect(socket)?), export)
+    }
+
+    /// Connect to `addr` (`HOST:PORT`) over TCP and open `export`.
+    pub fn connect_tcp(addr: &str, export: &str) -> Result<Client> {
+        let s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Client::open(Box::new(s), export)
+    }
+
+    /// Do the handshake on a connected stream and open `export`.
+    pub fn open(mut s: Box<dyn Stream>, export: &str) -> Result<Client> {
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello)?;
         if u64::from_be_bytes(hello[..8].try_into().unwrap_or_default()) != NBDMAGIC

@@ -1,0 +1,363 @@
+//! The database role: the bounded freeze around a consistency group's snapshot, and
+//! deleting the snapshots afterwards (resync starts) [0063]-[0070].
+//!
+//! Order: every hook quiesces (in config order); the group's write gates close, every
+//! virtual LU's snapshot is acquired, the gates open (one instant, see [`crate::gate`]);
+//! every hook resumes (in reverse). The deadline runs from the first quiesce to the
+//! snapshot: past it, the hooks are resumed at once, and a snapshot that was taken or is
+//! still being taken is deleted, so the database is never left frozen and no snapshot
+//! of a failed run remains.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvm_core::{Mode, Strategy, VirtualLuId};
+use serde_json::{json, Value};
+
+use super::hooks::{Files, Hook, Outcome};
+use super::{unix_ms, Code, Failure};
+use crate::agent::Agent;
+use crate::config::FreezeConfig;
+use crate::exports::Manager;
+
+/// How long a timed-out run waits for an acquire still in progress on the array, to roll
+/// it back before answering.
+const LATE_ACQUIRE_WAIT: Duration = Duration::from_secs(5);
+
+struct Member {
+    name: String,
+    snapshot: String,
+    backend: String,
+    mgr: Arc<Manager>,
+    vlu: VirtualLuId,
+    snap_vlu: VirtualLuId,
+}
+
+fn resolve(agent: &Agent, vlus: &[String]) -> Result<Vec<Member>, Failure> {
+    if vlus.is_empty() {
+        return Err(Failure::new(Code::BadRequest, "no virtual LU named"));
+    }
+    let mut out = Vec::new();
+    for name in vlus {
+        let bad = |m: String| Failure::new(Code::BadRequest, m);
+        if out.iter().any(|m: &Member| &m.name == name) {
+            return Err(bad(format!("{name} is named twice")));
+        }
+        let (backend, vlu) = agent
+            .virtual_lus
+            .get(name)
+            .ok_or_else(|| bad(format!("no virtual LU named {name}")))?;
+        if agent.snapshot_of.contains_key(name) {
+            return Err(bad(format!(
+                "{name} is a snapshot export; name the virtual LU it is the snapshot of"
+            )));
+        }
+        let snapshot = agent
+            .snapshot_of
+            .iter()
+            .find(|(_, of)| *of == name)
+            .map(|(s, _)| s.clone())
+            .ok_or_else(|| bad(format!("{name} has no snapshot export configured")))?;
+        let (mgr, snap_vlu) = agent
+            .virtual_lu(&snapshot)
+            .ok_or_else(|| bad(format!("{snapshot}: not found")))?;
+        out.push(Member {
+            name: name.clone(),
+            snapshot,
+            backend: backend.clone(),
+            mgr,
+            vlu: *vlu,
+            snap_vlu,
+        });
+    }
+    Ok(out)
+}
+
+/// Close the group's gates, acquire every snapshot, open the gates. On any failure the
+/// snapshots acquired are deleted again. Returns the instant (ms since the epoch).
+fn acquire_group(agent: &Agent, group: &[Member], deadline: Instant) -> Result<u64, String> {
+    let gates: Vec<_> = group
+        .iter()
+        .filter_map(|m| agent.exports.export(&m.name).cloned())
+        .collect();
+    let mut closed = Vec::new();
+    let open_all = |closed: &[Arc<crate::exports::VluExport>]| {
+        for e in closed {
+            e.gate.open();
+        }
+    };
+    for e in &gates {
+        if !e.gate.close(deadline) {
+            open_all(&closed);
+            return Err("writes in flight did not complete before the deadline".into());
+        }
+        closed.push(e.clone());
+    }
+    let mut acquired: Vec<&Member> = Vec::new();
+    let mut result = Ok(());
+    for m in group {
+        match m.mgr.acquire(m.vlu) {
+            Ok(()) => acquired.push(m),
+            Err(e) => {
+                result = Err(format!("acquiring the snapshot of {}: {e}", m.name));
+                break;
+            }
+        }
+    }
+    let instant = unix_ms();
+    open_all(&closed);
+    if let Err(e) = result {
+        rollback(agent, acquired.into_iter());
+        return Err(e);
+    }
+    Ok(instant)
+}
+
+/// Delete the snapshots of `members` that are in Snapshot mode; resync starts.
+fn rollback<'a>(agent: &Agent, members: impl Iterator<Item = &'a Member>) -> Vec<String> {
+    let mut done = Vec::new();
+    for m in members {
+        if m.mgr.mode(m.vlu) == Mode::Snapshot {
+            match m.mgr.delete(m.vlu) {
+                Ok(()) => done.push(m.name.clone()),
+                Err(e) => {
+                    tracing::error!(vlu = %m.name, error = %e, "rolling back a snapshot failed")
+                }
+            }
+        }
+    }
+    agent.resync.wake();
+    done
+}
+
+fn step(name: String, since: Instant) -> Value {
+    json!({ "step": name, "ms": since.elapsed().as_secs_f64() * 1000.0 })
+}
+
+/// The `snapshot` operation.
+pub async fn snapshot(
+    agent: Arc<Agent>,
+    cfg: FreezeConfig,
+    id: String,
+    vlus: Vec<String>,
+    deadline_ms: Option<u64>,
+    vars: std::collections::BTreeMap<String, String>,
+) -> Result<Value, Failure> {
+    let group = Arc::new(resolve(&agent, &vlus)?);
+    for m in group.iter() {
+        let mode = m.mgr.mode(m.vlu);
+        if mode != Mode::Synchronized {
+            return Err(Failure::new(
+                Code::Failed,
+                format!(
+                    "{} is {mode}; a snapshot is taken only from Synchronized ([0027]){}",
+                    m.name,
+                    if mode == Mode::Resynchronizing {
+                        ": wait for the resync to end"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    let deadline_ms = deadline_ms.map_or(cfg.deadline_ms, |d| d.min(cfg.deadline_ms));
+    let mut env: Vec<(String, String)> = vec![
+        ("HVM_BACKUP_ID".into(), id.clone()),
+        ("HVM_VLUS".into(), vlus.join(" ")),
+        ("HVM_DEADLINE_MS".into(), deadline_ms.to_string()),
+    ];
+    for (k, v) in vars {
+        let k = k.to_ascii_uppercase();
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.is_empty() {
+            env.push((format!("HVM_{k}"), v));
+        }
+    }
+    let label = format!("hvm {id}");
+    let mut hooks: Vec<Hook> = cfg.hooks.iter().map(Hook::new).collect();
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(deadline_ms);
+    let mut steps = Vec::new();
+    let mut started = 0usize;
+    let mut current = String::new();
+    let mut acquire: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
+    let work = async {
+        for h in hooks.iter_mut() {
+            started += 1;
+            current = format!("quiesce {}", h.name());
+            let t = Instant::now();
+            h.quiesce(&env, &label)
+                .await
+                .map_err(|e| format!("{current}: {e}"))?;
+            steps.push(step(current.clone(), t));
+        }
+        current = format!("snapshot of {}", vlus.join(", "));
+        let t = Instant::now();
+        let (a, g) = (agent.clone(), group.clone());
+        let task = acquire.insert(tokio::task::spawn_blocking(move || {
+            acquire_group(&a, &g, deadline)
+        }));
+        let instant = task
+            .await
+            .map_err(|e| format!("{current}: {e}"))?
+            .map_err(|e| format!("{current}: {e}"))?;
+        steps.push(step(current.clone(), t));
+        Ok::<u64, String>(instant)
+    };
+    let result = tokio::time::timeout_at(deadline.into(), work).await;
+    let outcome = match &result {
+        Ok(Ok(_)) => Outcome::Ok,
+        Ok(Err(_)) => Outcome::Failed,
+        Err(_) => Outcome::Timeout,
+    };
+    // Thaw first, whatever happened: the database must not wait for the rollback.
+    let mut files = Files::new();
+    let mut resume_errors = Vec::new();
+    for h in hooks[..started].iter_mut().rev() {
+        let t = Instant::now();
+        match h.resume(&env, outcome).await {
+            Ok(f) => files.extend(f),
+            Err(e) => resume_errors.push(format!("resume {}: {e}", h.name())),
+        }
+        steps.push(step(format!("resume {}", h.name()), t));
+    }
+    let freeze_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let fail = |code: Code, message: String, rolled_back: Vec<String>, steps: Vec<Value>| {
+        tracing::error!(backup = %id, %message, "backup snapshot failed");
+        Failure::new(code, message).with(json!({
+            "steps": steps,
+            "freeze_ms": freeze_ms,
+            "thawed": hooks[..started].iter().map(Hook::name).collect::<Vec<_>>(),
+            "rolled_back": rolled_back,
+        }))
+    };
+    let rollback_all = |agent: Arc<Agent>, group: Arc<Vec<Member>>| async move {
+        tokio::task::spawn_blocking(move || rollback(&agent, group.iter()))
+            .await
+            .unwrap_or_default()
+    };
+    match result {
+        Err(_) => {
+            // The acquire may still be running on the array: wait a little for it, then
+            // delete whatever it took. If it is still running, roll back when it ends.
+            let mut rolled = Vec::new();
+            if let Some(mut task) = acquire {
+                match tokio::time::timeout(LATE_ACQUIRE_WAIT, &mut task).await {
+                    Ok(_) => rolled = rollback_all(agent.clone(), group.clone()).await,
+                    Err(_) => {
+                        let (a, g) = (agent.clone(), group.clone());
+                        tokio::spawn(async move {
+                            let _ = task.await;
+                            let rolled = rollback_all(a, g).await;
+                            tracing::warn!(?rolled, "a late acquire ended; rolled back");
+                        });
+                        resume_errors.push(
+                            "the array had not finished the acquire; it is rolled back when it does"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            let mut msg = format!(
+                "the freeze deadline of {deadline_ms} ms passed during {current}; everything was thawed"
+            );
+            for e in &resume_errors {
+                msg.push_str("; ");
+                msg.push_str(e);
+            }
+            Err(fail(Code::Timeout, msg, rolled, steps))
+        }
+        Ok(Err(e)) => {
+            let mut msg = e;
+            for r in &resume_errors {
+                msg.push_str("; ");
+                msg.push_str(r);
+            }
+            Err(fail(Code::Failed, msg, Vec::new(), steps))
+        }
+        Ok(Ok(_)) if !resume_errors.is_empty() => {
+            let rolled = rollback_all(agent.clone(), group.clone()).await;
+            Err(fail(Code::Failed, resume_errors.join("; "), rolled, steps))
+        }
+        Ok(Ok(instant)) => {
+            let snapshots: Vec<Value> = group
+                .iter()
+                .map(|m| {
+                    let strategy = m.mgr.strategy(m.vlu).ok();
+                    // E1/E2: the snapshot is a real LU, frozen on the array, that a
+                    // backup host can read directly. E4's is host-side (saved
+                    // pre-update data plus the mate), so only its export has it.
+                    let array_lu = match strategy {
+                        Some(Strategy::ModeSelect | Strategy::VirtualLuRouting) => m
+                            .mgr
+                            .lu_mode_entry(m.snap_vlu)
+                            .and_then(|e| e.read)
+                            .map(|lu| lu.0),
+                        _ => None,
+                    };
+                    json!({
+                        "vlu": m.name,
+                        "export": m.snapshot,
+                        "backend": m.backend,
+                        "size": m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
+                        "strategy": strategy.map(|s| format!("{s:?}")),
+                        "array_lu": array_lu,
+                    })
+                })
+                .collect();
+            tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
+            Ok(json!({
+                "instant_unix_ms": instant,
+                "freeze_ms": freeze_ms,
+                "deadline_ms": deadline_ms,
+                "steps": steps,
+                "snapshots": snapshots,
+                "files": files,
+                "nbd_tcp": agent.tcp_bound.get(),
+            }))
+        }
+    }
+}
+
+/// The `delete` operation: each virtual LU's snapshot is deleted and resync starts.
+pub fn delete(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+    let group = resolve(agent, vlus)?;
+    let mut out = Vec::new();
+    for m in &group {
+        let mode = m.mgr.mode(m.vlu);
+        let changed = match mode {
+            Mode::Snapshot => {
+                m.mgr.delete(m.vlu).map_err(|e| {
+                    Failure::new(
+                        Code::Failed,
+                        format!("deleting the snapshot of {}: {e}", m.name),
+                    )
+                })?;
+                true
+            }
+            _ => false,
+        };
+        out.push(
+            json!({ "vlu": m.name, "mode": m.mgr.mode(m.vlu).to_string(), "changed": changed }),
+        );
+    }
+    agent.resync.wake();
+    Ok(json!({ "vlus": out }))
+}
+
+/// The `resync` operation: progress of each virtual LU.
+pub fn resync(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+    let group = resolve(agent, vlus)?;
+    let mut out = Vec::new();
+    for m in &group {
+        let p = m.mgr.resync_progress(m.vlu).ok();
+        out.push(json!({
+            "vlu": m.name,
+            "mode": m.mgr.mode(m.vlu).to_string(),
+            "remaining_lbas": p.as_ref().map_or(0, |p| p.remaining),
+            "copied_lbas": p.as_ref().map_or(0, |p| p.copied),
+            "done": m.mgr.mode(m.vlu) == Mode::Synchronized,
+        }));
+    }
+    Ok(json!({ "vlus": out }))
+}

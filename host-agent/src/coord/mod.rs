@@ -1,0 +1,330 @@
+//! Backup coordination across hosts (EP 1 148 416 [0063]-[0071]): the management console
+//! (`hvmctl backup run`), the database host (quiesce hooks, a consistency group's
+//! snapshot, all inside a bounded freeze) and the backup host (copies the snapshot
+//! straight from the array through its own plugin, or pulls the database host's snapshot
+//! export over NBD, and writes an image and a manifest).
+//!
+//! Agents serve this on a TCP port with TLS only ([`tls`]). The protocol is one JSON
+//! request line per connection, `{"token", "id", "op"}`, answered by zero or more
+//! `{"progress": ...}` lines and one `{"ok": ...}` or `{"error": ...}` line. A request
+//! without the shared token is refused before anything else is looked at. Every request
+//! carries an id: a retried request (the same id and operation) is not done again; it
+//! waits for and gets the first one's answer.
+//!
+//! - [`server`]: the listener, authentication and the id table;
+//! - [`freeze`]: the database role: hooks, the group snapshot, delete and resync;
+//! - [`hooks`]: command, `fsfreeze` and PostgreSQL hooks;
+//! - [`copy`]: the backup role's copy, the manifest, `verify` and `restore`;
+//! - [`console`]: `hvmctl backup run`.
+
+pub mod console;
+pub mod copy;
+pub mod freeze;
+pub mod hooks;
+pub mod server;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One request: the first and only line a client sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub token: String,
+    /// Chosen by the client; a retry carries the same id.
+    pub id: String,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// The agent's roles and version; checks the token.
+    Hello,
+    /// Database role: quiesce, snapshot the virtual LUs at one instant, resume.
+    Snapshot {
+        vlus: Vec<String>,
+        /// Shorter than the configured deadline, if given; never longer.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+        /// Extra `HVM_*` variables for command hooks.
+        #[serde(default)]
+        vars: BTreeMap<String, String>,
+    },
+    /// Database role: delete the snapshots (resync starts). Deleting what is already
+    /// deleted is not an error.
+    Delete { vlus: Vec<String> },
+    /// Database role: resync progress.
+    Resync { vlus: Vec<String> },
+    /// Database role: counters (bytes read through snapshot exports).
+    Counters,
+    /// Backup role: copy snapshots into a directory under `target_root`.
+    Copy(CopyRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    /// A directory relative to the backup host's `target_root`; it must not exist yet.
+    pub target: String,
+    pub lus: Vec<CopyLu>,
+    /// Small files written beside the images (the PostgreSQL backup label).
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Recorded in the manifest as given (database host, freeze, instant).
+    #[serde(default)]
+    pub info: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyLu {
+    pub vlu: String,
+    pub size: u64,
+    pub source: Source,
+}
+
+/// Where the backup host reads a snapshot from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// The real LU on the array, through the backup host's own backend of that name (as
+    /// over a SAN): the database host does no work for the copy.
+    Array { backend: String, lu: u32 },
+    /// The database host's snapshot export over NBD (`HOST:PORT`).
+    Nbd { address: String, export: String },
+}
+
+/// One reply line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Line {
+    Progress { done: u64, total: u64 },
+    Ok(Value),
+    Error(Failure),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// No token or the wrong one; nothing was done.
+    Unauthorized,
+    /// The request was malformed or names something that does not exist.
+    BadRequest,
+    /// The operation is one of a role this agent does not have.
+    NotMyRole,
+    /// The freeze's deadline passed; everything was thawed and rolled back.
+    Timeout,
+    /// A step failed; the detail says which and what was undone.
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+    #[serde(default)]
+    pub detail: Value,
+}
+
+impl Failure {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+            detail: Value::Null,
+        }
+    }
+
+    pub fn with(mut self, detail: Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Where and how the console reaches an agent.
+#[derive(Clone)]
+pub struct Peer {
+    /// `HOST:PORT`; HOST is also the name its certificate must carry.
+    pub address: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub token: String,
+}
+
+impl Peer {
+    pub fn host(&self) -> &str {
+        match self.address.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => &self.address,
+        }
+    }
+
+    /// Send `op` as request `id`; `progress` sees each progress line. Retries a
+    /// connection that fails before an answer, with the same id, up to `retries` times.
+    pub fn call(
+        &self,
+        id: &str,
+        op: &Op,
+        retries: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Value, Failure> {
+        let mut attempt = 0;
+        loop {
+            match self.call_once(id, op, progress) {
+                Err(CallError::Transport(e)) if attempt < retries => {
+                    attempt += 1;
+                    tracing::warn!(peer = %self.address, error = %e, attempt, "retrying with the same request id");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(CallError::Transport(e)) => {
+                    return Err(Failure::new(
+                        Code::Failed,
+                        format!("agent {}: {e}", self.address),
+                    ))
+                }
+                Err(CallError::Reply(f)) => return Err(f),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+
+    fn call_once(
+        &self,
+        id: &str,
+        op: &Op,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Value, CallError> {
+        let t = |e: &dyn std::fmt::Display| CallError::Transport(e.to_string());
+        let name = tls::server_name(self.host()).map_err(|e| t(&e))?;
+        let tcp = std::net::TcpStream::connect(&self.address).map_err(|e| t(&e))?;
+        tcp.set_nodelay(true).map_err(|e| t(&e))?;
+        let conn = rustls::ClientConnection::new(self.tls.clone(), name).map_err(|e| t(&e))?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let req = Request {
+            token: self.token.clone(),
+            id: id.to_string(),
+            op: op.clone(),
+        };
+        let mut line = serde_json::to_string(&req).map_err(|e| t(&e))?;
+        line.push('\n');
+        s.write_all(line.as_bytes()).map_err(|e| t(&e))?;
+        s.flush().map_err(|e| t(&e))?;
+        let mut r = BufReader::new(s);
+        loop {
+            let mut buf = String::new();
+            if r.read_line(&mut buf).map_err(|e| t(&e))? == 0 {
+                return Err(CallError::Transport(
+                    "the connection closed before an answer".into(),
+                ));
+            }
+            match serde_json::from_str::<Line>(&buf) {
+                Ok(Line::Progress { done, total }) => progress(done, total),
+                Ok(Line::Ok(v)) => return Ok(v),
+                Ok(Line::Error(f)) => return Err(CallError::Reply(f)),
+                Err(e) => return Err(CallError::Transport(format!("a malformed answer: {e}"))),
+            }
+        }
+    }
+}
+
+enum CallError {
+    /// The answer did not arrive: the request may or may not have been done.
+    Transport(String),
+    Reply(Failure),
+}
+
+/// A fresh request id: time and randomness, unique enough across consoles.
+pub fn new_id() -> String {
+    let mut raw = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}-{}",
+        now.as_millis(),
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `secs` since the epoch as an RFC 3339 UTC time.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_392_000 + 3661), "2026-11-23T01:01:01Z");
+    }
+
+    #[test]
+    fn wire_format() {
+        let r: Request = serde_json::from_str(
+            r#"{"token":"t","id":"1","op":{"type":"snapshot","vlus":["db"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.op,
+            Op::Snapshot {
+                vlus: vec!["db".into()],
+                deadline_ms: None,
+                vars: BTreeMap::new()
+            }
+        );
+        let l = serde_json::to_string(&Line::Progress { done: 1, total: 2 }).unwrap();
+        assert_eq!(l, r#"{"progress":{"done":1,"total":2}}"#);
+        let src: Source = serde_json::from_str(r#"{"array":{"backend":"a","lu":2}}"#).unwrap();
+        assert_eq!(
+            src,
+            Source::Array {
+                backend: "a".into(),
+                lu: 2
+            }
+        );
+    }
+}

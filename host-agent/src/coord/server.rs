@@ -1,0 +1,340 @@
+//! The agent-to-agent service: a TLS listener, the token check, the id table that makes
+//! a retried request answer once, and the dispatch to the roles' operations.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::{copy, freeze, tls, Code, Failure, Line, Op, Request};
+use crate::agent::Agent;
+use crate::config::{CoordinationConfig, Role};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 1 << 20;
+/// Ids remembered for retries.
+const REMEMBERED: usize = 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Entry {
+    fingerprint: String,
+    progress: watch::Receiver<(u64, u64)>,
+    done: watch::Receiver<Option<Line>>,
+}
+
+pub struct Service {
+    agent: Arc<Agent>,
+    cfg: CoordinationConfig,
+    token: String,
+    acceptor: TlsAcceptor,
+    ops: Mutex<(BTreeMap<String, Entry>, VecDeque<String>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("coordination: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("coordination.listen {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Compare without an early exit, so the time taken says nothing about the token.
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+impl Service {
+    /// Load the TLS files and the token; `cfg`'s paths are absolute.
+    pub fn new(agent: Arc<Agent>, cfg: CoordinationConfig) -> Result<Service, ServiceError> {
+        let server = tls::server_config(&cfg.cert, &cfg.key)?;
+        let token = tls::read_token(&cfg.token_file)?;
+        Ok(Service {
+            agent,
+            cfg,
+            token,
+            acceptor: TlsAcceptor::from(server),
+            ops: Mutex::new((BTreeMap::new(), VecDeque::new())),
+        })
+    }
+
+    pub async fn bind(&self) -> Result<TcpListener, ServiceError> {
+        TcpListener::bind(&self.cfg.listen)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                addr: self.cfg.listen.clone(),
+                source,
+            })
+    }
+
+    fn target_root(&self) -> Option<PathBuf> {
+        self.cfg.backup.as_ref().map(|b| b.target_root.clone())
+    }
+
+    /// Serve until `shutdown`; connections being served finish on their own.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let svc = self.clone();
+                        tokio::spawn(async move { svc.connection(stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "coordination: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "coordination: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "coordination: TLS handshake timed out");
+                return;
+            }
+        };
+        let (rd, mut wr) = tokio::io::split(tls);
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            BufReader::new(rd.take(MAX_REQUEST)).read_line(&mut line),
+        )
+        .await;
+        let reply = |l: &Line| {
+            let mut s = serde_json::to_string(l).unwrap_or_else(|_| "{}".into());
+            s.push('\n');
+            s
+        };
+        let request = match read {
+            Ok(Ok(_)) if line.ends_with('\n') => self.check(&line, peer),
+            _ => Err(Failure::new(
+                Code::BadRequest,
+                "expected one JSON request line (at most 1 MiB) within 10 s",
+            )),
+        };
+        let req = match request {
+            Ok(r) => r,
+            Err(f) => {
+                let _ = wr.write_all(reply(&Line::Error(f)).as_bytes()).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
+        let (mut progress, mut done) = self.start(req);
+        let mut last = (0, 0);
+        loop {
+            let finished = done.borrow_and_update().clone();
+            if let Some(l) = finished {
+                let _ = wr.write_all(reply(&l).as_bytes()).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            tokio::select! {
+                _ = done.changed() => {}
+                _ = progress.changed() => {
+                    let p = *progress.borrow_and_update();
+                    if p != last {
+                        last = p;
+                        let l = Line::Progress { done: p.0, total: p.1 };
+                        if wr.write_all(reply(&l).as_bytes()).await.is_err() {
+                            // The client went away; the operation goes on, and a retry
+                            // with its id gets the answer.
+                            return;
+                        }
+                    }
+                    // At most a few progress lines a second.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Authenticate and parse; nothing is looked at before the token matches.
+    fn check(&self, line: &str, peer: SocketAddr) -> Result<Request, Failure> {
+        let v: Value = serde_json::from_str(line).map_err(|_| {
+            Failure::new(Code::Unauthorized, "expected a JSON request with a token")
+        })?;
+        let token = v.get("token").and_then(Value::as_str).unwrap_or("");
+        if !same(token, &self.token) {
+            tracing::warn!(%peer, "coordination: a request without the right token was refused");
+            return Err(Failure::new(
+                Code::Unauthorized,
+                "the token is missing or wrong",
+            ));
+        }
+        let req: Request = serde_json::from_value(v)
+            .map_err(|e| Failure::new(Code::BadRequest, format!("malformed request: {e}")))?;
+        if req.id.is_empty() || req.id.len() > 128 {
+            return Err(Failure::new(
+                Code::BadRequest,
+                "the request id must be 1-128 characters",
+            ));
+        }
+        let need = match &req.op {
+            Op::Hello => None,
+            Op::Snapshot { .. } | Op::Delete { .. } | Op::Resync { .. } | Op::Counters => {
+                Some(Role::Database)
+            }
+            Op::Copy(_) => Some(Role::Backup),
+        };
+        if let Some(role) = need {
+            if !self.cfg.roles.contains(&role) {
+                return Err(Failure::new(
+                    Code::NotMyRole,
+                    format!(
+                        "this agent's roles are {:?}; the operation needs {role:?}",
+                        self.cfg.roles
+                    ),
+                ));
+            }
+        }
+        tracing::info!(%peer, id = %req.id, op = ?std::mem::discriminant(&req.op), "coordination request");
+        Ok(req)
+    }
+
+    /// Start the request's operation, or join the one already started under its id.
+    fn start(
+        self: &Arc<Self>,
+        req: Request,
+    ) -> (watch::Receiver<(u64, u64)>, watch::Receiver<Option<Line>>) {
+        let mutating = matches!(
+            req.op,
+            Op::Snapshot { .. } | Op::Delete { .. } | Op::Copy(_)
+        );
+        let fingerprint = serde_json::to_string(&req.op).unwrap_or_default();
+        let (ptx, prx) = watch::channel((0, 0));
+        let (dtx, drx) = watch::channel(None);
+        if mutating {
+            let mut ops = self.ops.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = ops.0.get(&req.id) {
+                if e.fingerprint == fingerprint {
+                    tracing::info!(id = %req.id, "a retried request: answering with the first one's result");
+                    return (e.progress.clone(), e.done.clone());
+                }
+                let _ = dtx.send(Some(Line::Error(Failure::new(
+                    Code::BadRequest,
+                    format!("request id {} was used for a different operation", req.id),
+                ))));
+                return (prx, drx);
+            }
+            ops.0.insert(
+                req.id.clone(),
+                Entry {
+                    fingerprint,
+                    progress: prx.clone(),
+                    done: drx.clone(),
+                },
+            );
+            ops.1.push_back(req.id.clone());
+            while ops.1.len() > REMEMBERED {
+                if let Some(old) = ops.1.pop_front() {
+                    ops.0.remove(&old);
+                }
+            }
+        }
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let line = match svc.execute(req, ptx).await {
+                Ok(v) => Line::Ok(v),
+                Err(f) => Line::Error(f),
+            };
+            let _ = dtx.send(Some(line));
+        });
+        (prx, drx)
+    }
+
+    async fn execute(
+        &self,
+        req: Request,
+        progress: watch::Sender<(u64, u64)>,
+    ) -> Result<Value, Failure> {
+        let agent = self.agent.clone();
+        let blocking = |f: Box<dyn FnOnce() -> Result<Value, Failure> + Send>| async move {
+            tokio::task::spawn_blocking(f)
+                .await
+                .unwrap_or_else(|e| Err(Failure::new(Code::Failed, e.to_string())))
+        };
+        match req.op {
+            Op::Hello => Ok(json!({
+                "roles": self.cfg.roles,
+                "version": env!("CARGO_PKG_VERSION"),
+                "virtual_lus": agent.virtual_lus.keys().collect::<Vec<_>>(),
+                "backends": agent.managers.keys().collect::<Vec<_>>(),
+            })),
+            Op::Snapshot {
+                vlus,
+                deadline_ms,
+                vars,
+            } => {
+                freeze::snapshot(
+                    agent,
+                    self.cfg.freeze.clone(),
+                    req.id,
+                    vlus,
+                    deadline_ms,
+                    vars,
+                )
+                .await
+            }
+            Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
+            Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
+            Op::Counters => Ok(json!({
+                "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
+            })),
+            Op::Copy(c) => {
+                let root = self
+                    .target_root()
+                    .ok_or_else(|| Failure::new(Code::NotMyRole, "no backup.target_root"))?;
+                let id = req.id;
+                blocking(Box::new(move || {
+                    copy::copy(&agent, &root, &id, &c, &mut |d, t| {
+                        progress.send_replace((d, t));
+                    })
+                }))
+                .await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same("0123456789abcdef", "0123456789abcdef"));
+        assert!(!same("0123456789abcdef", "0123456789abcdeF"));
+        assert!(!same("0123456789abcdef", "0123456789abcde"));
+        assert!(!same("", "x"));
+        assert!(same("", ""));
+    }
+}

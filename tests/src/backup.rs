@@ -1,0 +1,214 @@
+//! Two hosts and an array for the backup coordination tests: an `array-sim` daemon (the
+//! array both hosts reach, as over a SAN), a database host's agent with virtual LUs and a
+//! backup host's agent with its own plugin for the same array, TLS certificates and a
+//! token from `hvmctl tls init`.
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::agent::Agent;
+use crate::{binary, spawn_ready, Running};
+
+pub struct Hosts {
+    pub dir: PathBuf,
+    pub array: Running,
+    pub db: Agent,
+    pub backup: Agent,
+    /// Coordination addresses, `127.0.0.1:PORT`.
+    pub db_addr: String,
+    pub backup_addr: String,
+    /// The database host's NBD TCP address.
+    pub db_nbd: String,
+    pub tls: PathBuf,
+    pub target_root: PathBuf,
+}
+
+/// What the hosts look like.
+pub struct Setup<'a> {
+    /// Bytes per virtual LU (a multiple of 512).
+    pub lu_bytes: u64,
+    /// Virtual LUs (two pairs: `a` on LUs 1/2, `b` on LUs 4/5), or `pg` alone.
+    pub names: &'a [&'a str],
+    /// YAML for `coordination.freeze` on the database host (indented by 4).
+    pub freeze: &'a str,
+}
+
+fn coordination_address(line: &str) -> String {
+    line.rsplit_once("coordination on tls:")
+        .map(|(_, a)| a.trim().to_string())
+        .unwrap_or_else(|| panic!("no coordination address in {line:?}"))
+}
+
+impl Hosts {
+    pub fn start(dir: &Path, s: &Setup<'_>) -> Hosts {
+        let blocks = s.lu_bytes / 512;
+        let tls = dir.join("tls");
+        let out = Command::new(binary("hvmctl"))
+            .args(["tls", "init"])
+            .arg(&tls)
+            .args(["--host", "127.0.0.1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tls init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let mut lus = String::new();
+        let mut mirroring = String::new();
+        for i in 0..s.names.len() as u32 {
+            let (m, o, t) = (3 * i, 3 * i + 1, 3 * i + 2);
+            lus.push_str(&format!(
+                "  - {{lun: {o}, blocks: {blocks}, disk: d0}}\n  - {{lun: {t}, blocks: {blocks}, disk: d1}}\n"
+            ));
+            mirroring.push_str(&format!("  - {{mirror: {m}, origin: {o}, mate: {t}}}\n"));
+        }
+        let array_cfg = dir.join("array.yaml");
+        std::fs::write(
+            &array_cfg,
+            format!(
+                "kind: stateless\ndir: {}\ndisks: [{{name: d0}}, {{name: d1}}]\nlus:\n{lus}mirroring:\n{mirroring}",
+                dir.join("array").display()
+            ),
+        )
+        .unwrap();
+        let sock = dir.join("array.sock");
+        let (array, line) = spawn_ready(
+            Command::new(binary("array-sim"))
+                .args(["serve", "--config"])
+                .arg(&array_cfg)
+                .arg("--listen")
+                .arg(format!("unix:{}", sock.display())),
+        );
+        assert!(line.contains("listening"), "array-sim: {line:?}");
+        let backend = format!(
+            "backends:\n  - name: array0\n    plugin: stateless\n    params: {{ array: {{ connect: \"unix:{}\" }} }}\n",
+            sock.display()
+        );
+        let coordination = |roles: &str, extra: &str| {
+            format!(
+                "coordination:\n  listen: 127.0.0.1:0\n  cert: {t}/127.0.0.1.pem\n  key: {t}/127.0.0.1-key.pem\n  token_file: {t}/token\n  roles: [{roles}]\n{extra}",
+                t = tls.display()
+            )
+        };
+        let mut vlus = String::from("virtual_lus:\n");
+        for (i, n) in s.names.iter().enumerate() {
+            vlus.push_str(&format!(
+                "  - {{ name: {n}, backend: array0, lu: {}, snapshots: [{n}-snap] }}\n",
+                3 * i
+            ));
+        }
+        let plugin_dir = crate::target_dir();
+        let db_cfg = dir.join("db.yaml");
+        std::fs::write(
+            &db_cfg,
+            format!(
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n{backend}{vlus}{}",
+                plugin_dir.display(),
+                coordination("database", &format!("  freeze:\n{}", s.freeze))
+            ),
+        )
+        .unwrap();
+        let target_root = dir.join("backups");
+        let bk_cfg = dir.join("backup.yaml");
+        std::fs::write(
+            &bk_cfg,
+            format!(
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n{backend}{}",
+                plugin_dir.display(),
+                coordination(
+                    "backup",
+                    &format!("  backup:\n    target_root: {}\n", target_root.display())
+                )
+            ),
+        )
+        .unwrap();
+        let db_state = dir.join("db");
+        let (proc, line) = spawn_ready(&mut Agent::command(&db_cfg, &db_state));
+        assert!(
+            line.starts_with("host-agent: serving"),
+            "db agent: {line:?}"
+        );
+        let db_addr = coordination_address(&line);
+        let db_nbd = line
+            .split(" and tcp:")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap()
+            .to_string();
+        let db = Agent {
+            proc,
+            state: db_state,
+        };
+        let bk_state = dir.join("bk");
+        let (proc, line) = spawn_ready(&mut Agent::command(&bk_cfg, &bk_state));
+        assert!(
+            line.starts_with("host-agent: serving"),
+            "backup agent: {line:?}"
+        );
+        let backup_addr = coordination_address(&line);
+        let backup = Agent {
+            proc,
+            state: bk_state,
+        };
+        Hosts {
+            dir: dir.to_path_buf(),
+            array,
+            db,
+            backup,
+            db_addr,
+            backup_addr,
+            db_nbd,
+            tls,
+            target_root,
+        }
+    }
+
+    /// `hvmctl backup ARGS` with this set-up's CA and token.
+    pub fn hvmctl(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(binary("hvmctl"));
+        c.arg("--json").args(args);
+        if args.get(1).is_some_and(|a| *a == "run" || *a == "delete") {
+            c.arg("--ca")
+                .arg(self.tls.join("ca.pem"))
+                .arg("--token-file")
+                .arg(self.tls.join("token"));
+        }
+        c.output().unwrap()
+    }
+
+    /// `hvmctl backup run` of `vlus` into `target`, with extra arguments.
+    pub fn run(&self, vlus: &[&str], target: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+        let mut args = vec![
+            "backup",
+            "run",
+            "--db",
+            &self.db_addr,
+            "--backup",
+            &self.backup_addr,
+            "--target",
+            target,
+        ];
+        for v in vlus {
+            args.extend(["--vlu", v]);
+        }
+        args.extend(extra);
+        let out = self.hvmctl(&args);
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out, v)
+    }
+
+    /// The database host's `snapshot_read_bytes` counter.
+    pub fn db_snapshot_reads(&self) -> u64 {
+        self.db.json(&["status"])["snapshot_read_bytes"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// The files of the array's real LU `lun`.
+    pub fn lu_file(&self, lun: u32) -> PathBuf {
+        self.dir.join(format!("array/lu{lun}.img"))
+    }
+}

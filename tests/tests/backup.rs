@@ -1,0 +1,574 @@
+//! Backup coordination across hosts (issue 8, EP 1 148 416 [0063]-[0071]): a console
+//! (`hvmctl backup run`), a database host's agent and a backup host's agent, TLS with a
+//! shared token, an array-sim daemon both hosts reach.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvm_host_agent::coord::{tls, Code, Op, Peer};
+use hvm_host_agent::nbd::client::Client;
+use hvm_tests::backup::{Hosts, Setup};
+use hvm_tests::{binary, tool};
+
+const LU: u64 = 16 << 20;
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = LU / BLOCK as u64;
+
+/// Writes generation n to block n % BLOCKS of `a`, then to the same block of `b`, for
+/// n = 1, 2, ...: each write to b depends on the write to a before it, and the next write
+/// to a on it. Returns the last generation written to both.
+fn writer(
+    hosts: &Hosts,
+    stop: Arc<AtomicBool>,
+    last: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let sock = hosts.db.state.join("nbd.sock");
+    std::thread::spawn(move || {
+        let mut a = Client::connect(&sock, "a").unwrap();
+        let mut b = Client::connect(&sock, "b").unwrap();
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            let block = n.to_le_bytes().repeat(BLOCK / 8);
+            let at = (n % BLOCKS) * BLOCK as u64;
+            a.write(at, &block, false).unwrap();
+            b.write(at, &block, false).unwrap();
+            last.store(n, Ordering::SeqCst);
+        }
+        a.flush().unwrap();
+        b.flush().unwrap();
+    })
+}
+
+/// The generation in each block of an image (every block must be one generation).
+fn generations(image: &Path) -> Vec<u64> {
+    let data = std::fs::read(image).unwrap();
+    assert_eq!(data.len() as u64, LU);
+    data.chunks(BLOCK)
+        .enumerate()
+        .map(|(i, b)| {
+            let g = u64::from_le_bytes(b[..8].try_into().unwrap());
+            assert!(b.chunks(8).all(|w| w == &b[..8]), "block {i} is torn");
+            g
+        })
+        .collect()
+}
+
+/// Every write up to the image's newest generation is in it, and none after it.
+fn assert_prefix(name: &str, gens: &[u64]) -> u64 {
+    let max = *gens.iter().max().unwrap();
+    for (k, g) in gens.iter().enumerate() {
+        let k = k as u64;
+        // The largest n <= max with n % BLOCKS == k, or 0.
+        let expect = if max >= k && (k != 0 || max >= BLOCKS) {
+            let n = max - (max + BLOCKS - k) % BLOCKS;
+            if n == 0 {
+                0
+            } else {
+                n
+            }
+        } else {
+            0
+        };
+        assert_eq!(
+            *g, expect,
+            "{name}: block {k} holds generation {g}, expected {expect} (newest {max})"
+        );
+    }
+    max
+}
+
+fn start(dir: &Path, freeze: &str) -> Hosts {
+    Hosts::start(
+        dir,
+        &Setup {
+            lu_bytes: LU,
+            names: &["a", "b"],
+            freeze,
+        },
+    )
+}
+
+fn restore(hosts: &Hosts, backup: &Path, vlu: &str) -> std::path::PathBuf {
+    let to = hosts.dir.join(format!("restored-{vlu}.img"));
+    let out = hosts.hvmctl(&[
+        "backup",
+        "restore",
+        backup.to_str().unwrap(),
+        "--vlu",
+        vlu,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    to
+}
+
+#[test]
+fn consistency_group_backup_from_the_array_while_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_file = dir.path().join("hooks.log");
+    let hosts = start(
+        dir.path(),
+        &format!(
+            "    deadline_ms: 5000\n    hooks:\n      - command: {{ pre: \"echo pre $HVM_BACKUP_ID $HVM_VLUS $HVM_TARGET >> {l}\", post: \"echo post $HVM_OUTCOME >> {l}\" }}\n",
+            l = log_file.display()
+        ),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicU64::new(0));
+    let w = writer(&hosts, stop.clone(), last.clone());
+    while last.load(Ordering::SeqCst) < 2000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = hosts.db_snapshot_reads();
+    let (out, v) = hosts.run(&["a", "b"], "monday", &["--wait-resync"]);
+    assert!(
+        out.status.success(),
+        "backup run: {}\n{v}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written_during = last.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let final_gen = last.load(Ordering::SeqCst);
+
+    // Each step was reported with its duration; the copy came from the array.
+    let steps: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.iter().any(|s| s.starts_with("quiesce command")),
+        "{steps:?}"
+    );
+    assert!(
+        steps.contains(&"snapshot of a, b")
+            && steps.contains(&"copy")
+            && steps.contains(&"delete snapshot")
+            && steps.contains(&"resync"),
+        "{steps:?}"
+    );
+    for l in v["copy"]["lus"].as_array().unwrap() {
+        assert!(
+            l["source"]
+                .as_str()
+                .unwrap()
+                .starts_with("array: backend array0"),
+            "{l}"
+        );
+    }
+    // [0071]: the database host read none of the copied bytes.
+    assert_eq!(
+        hosts.db_snapshot_reads(),
+        before,
+        "the database host served snapshot reads"
+    );
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        log.contains("pre ") && log.contains(" a b monday") && log.contains("post ok"),
+        "{log:?}"
+    );
+
+    // The backup holds one instant of both virtual LUs: every write acknowledged before
+    // it and none after, with b's writes depending on a's.
+    let backup = hosts.target_root.join("monday");
+    let ga = generations(&restore(&hosts, &backup, "a"));
+    let gb = generations(&restore(&hosts, &backup, "b"));
+    let (ma, mb) = (assert_prefix("a", &ga), assert_prefix("b", &gb));
+    assert!(
+        ma == mb || ma == mb + 1,
+        "not one instant: a up to {ma}, b up to {mb}"
+    );
+    assert!(
+        mb >= 2000,
+        "the snapshot missed writes acknowledged before it ({mb})"
+    );
+    assert!(
+        final_gen > ma && written_during > ma,
+        "no writes went on after the snapshot"
+    );
+    println!("snapshot at generation a={ma} b={mb}; writer reached {final_gen}");
+
+    // verify passes, and fails on a changed byte.
+    let out = hosts.hvmctl(&["backup", "verify", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = backup.join("a.img");
+    let mut data = std::fs::read(&img).unwrap();
+    data[12345] ^= 1;
+    std::fs::write(&img, &data).unwrap();
+    let out = hosts.hvmctl(&["backup", "verify", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a.img: SHA-256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = hosts.hvmctl(&[
+        "backup",
+        "restore",
+        backup.to_str().unwrap(),
+        "--vlu",
+        "a",
+        "--to",
+        dir.path().join("x.img").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a corrupt image was restored");
+    assert!(!dir.path().join("x.img").exists());
+
+    // After the resync the legs are identical again.
+    for (o, m) in [(1, 2), (4, 5)] {
+        assert!(
+            std::fs::read(hosts.lu_file(o)).unwrap() == std::fs::read(hosts.lu_file(m)).unwrap(),
+            "LU {o} and LU {m} differ after resync"
+        );
+    }
+    // A second run into the same directory is refused before anything is frozen... and
+    // leaves no snapshot behind.
+    let (out, v) = hosts.run(&["a"], "monday", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(v["error"]["step"], "copy", "{v}");
+    assert_eq!(v["error"]["clean"], true, "{v}");
+    assert!(hosts.db.mode("a") != "Snapshot");
+}
+
+#[test]
+fn backup_over_nbd_and_the_read_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = start(dir.path(), "    deadline_ms: 5000\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicU64::new(0));
+    let w = writer(&hosts, stop.clone(), last.clone());
+    while last.load(Ordering::SeqCst) < 500 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = hosts.db_snapshot_reads();
+    let (out, v) = hosts.run(&["a"], "nbd", &["--via", "nbd"]);
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    assert!(
+        out.status.success(),
+        "backup run: {}\n{v}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        v["copy"]["lus"][0]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("nbd: "),
+        "{v}"
+    );
+    // Pulling over NBD is the database host's work: the counter sees every byte.
+    assert_eq!(hosts.db_snapshot_reads() - before, LU);
+    let g = generations(&restore(&hosts, &hosts.target_root.join("nbd"), "a"));
+    assert!(assert_prefix("a", &g) >= 500);
+    // --via array on a stateless array works; the manifest names the instant.
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(hosts.target_root.join("nbd/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["format"], "hvm-backup/1");
+    assert!(m["info"]["instant_unix_ms"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["lus"][0]["size"], LU);
+}
+
+/// One raw request line over TLS; the reply's last line.
+fn raw(hosts: &Hosts, addr: &str, line: &str) -> serde_json::Value {
+    let cfg = tls::client_config(&hosts.tls.join("ca.pem")).unwrap();
+    let conn = rustls_connection(cfg);
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = hvm_host_agent::coord::tls::stream(conn, tcp);
+    s.write_all(line.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let mut last = String::new();
+    for l in BufReader::new(s).lines() {
+        match l {
+            Ok(l) => last = l,
+            Err(_) => break,
+        }
+    }
+    serde_json::from_str(&last).unwrap()
+}
+
+fn rustls_connection(
+    cfg: Arc<hvm_host_agent::coord::tls::ClientConfig>,
+) -> hvm_host_agent::coord::tls::ClientConnection {
+    hvm_host_agent::coord::tls::ClientConnection::new(cfg, tls::server_name("127.0.0.1").unwrap())
+        .unwrap()
+}
+
+#[test]
+fn unauthenticated_requests_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = start(dir.path(), "    deadline_ms: 5000\n");
+    let snap = r#""op":{"type":"snapshot","vlus":["a"]}"#;
+    for line in [
+        format!("{{\"id\":\"1\",{snap}}}\n"),
+        format!("{{\"token\":\"not-the-token-at-all\",\"id\":\"1\",{snap}}}\n"),
+        format!("{{\"token\":\"\",\"id\":\"1\",{snap}}}\n"),
+        "this is not JSON\n".to_string(),
+    ] {
+        let v = raw(&hosts, &hosts.db_addr, &line);
+        assert_eq!(v["error"]["code"], "unauthorized", "{line}: {v}");
+    }
+    // The copy operation on the backup host likewise.
+    let v = raw(
+        &hosts,
+        &hosts.backup_addr,
+        r#"{"token":"wrong-token-wrong-token","id":"2","op":{"type":"copy","target":"x","lus":[]}}
+"#,
+    );
+    assert_eq!(v["error"]["code"], "unauthorized");
+    assert!(!hosts.target_root.join("x").exists());
+    // Plain TCP without TLS gets nothing.
+    let mut plain = std::net::TcpStream::connect(&hosts.db_addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let _ = plain.write_all(format!("{{\"token\":\"x\",\"id\":\"1\",{snap}}}\n").as_bytes());
+    let mut buf = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("\"ok\""));
+    // hvmctl with a wrong token: refused, exit 1.
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let out = Command::new(binary("hvmctl"))
+        .args([
+            "backup",
+            "run",
+            "--db",
+            &hosts.db_addr,
+            "--backup",
+            &hosts.backup_addr,
+            "--vlu",
+            "a",
+            "--target",
+            "t",
+        ])
+        .arg("--ca")
+        .arg(hosts.tls.join("ca.pem"))
+        .arg("--token-file")
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A client that does not trust the CA does not talk to the agent at all.
+    let other = dir.path().join("other");
+    assert!(Command::new(binary("hvmctl"))
+        .args(["tls", "init"])
+        .arg(&other)
+        .args(["--host", "127.0.0.1"])
+        .status()
+        .unwrap()
+        .success());
+    let out = Command::new(binary("hvmctl"))
+        .args([
+            "backup",
+            "delete",
+            "--db",
+            &hosts.db_addr,
+            "--vlu",
+            "a",
+            "--ca",
+        ])
+        .arg(other.join("ca.pem"))
+        .arg("--token-file")
+        .arg(hosts.tls.join("token"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Nothing changed: both virtual LUs are Synchronized, no backup directory.
+    assert_eq!(hosts.db.mode("a"), "Synchronized");
+    assert_eq!(hosts.db.mode("b"), "Synchronized");
+    assert!(!hosts.target_root.join("t").exists());
+
+    // With the token: a request retried with the same id is done once.
+    let peer = Peer {
+        address: hosts.db_addr.clone(),
+        tls: tls::client_config(&hosts.tls.join("ca.pem")).unwrap(),
+        token: tls::read_token(&hosts.tls.join("token")).unwrap(),
+    };
+    let op = Op::Snapshot {
+        vlus: vec!["a".into()],
+        deadline_ms: None,
+        vars: Default::default(),
+    };
+    let first = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();
+    let again = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        first["instant_unix_ms"], again["instant_unix_ms"],
+        "a retry took a second snapshot"
+    );
+    // A new id while the snapshot exists is refused by the precondition ([0027]).
+    let e = peer.call("other-id", &op, 0, &mut |_, _| {}).unwrap_err();
+    assert_eq!(e.code, Code::Failed);
+    assert!(e.message.contains("Synchronized"), "{e}");
+    // The same id for a different operation is refused.
+    let e = peer
+        .call(
+            "same-id",
+            &Op::Delete {
+                vlus: vec!["a".into()],
+            },
+            0,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::BadRequest);
+    let d = peer
+        .call(
+            "del-1",
+            &Op::Delete {
+                vlus: vec!["a".into()],
+            },
+            0,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(d["vlus"][0]["changed"], true);
+    let d = peer
+        .call(
+            "del-1",
+            &Op::Delete {
+                vlus: vec!["a".into()],
+            },
+            0,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(
+        d["vlus"][0]["changed"], true,
+        "the retry got the first answer"
+    );
+    // A database operation on the backup host is refused by role.
+    let bpeer = Peer {
+        address: hosts.backup_addr.clone(),
+        ..peer
+    };
+    let e = bpeer.call("x", &op, 0, &mut |_, _| {}).unwrap_err();
+    assert_eq!(e.code, Code::NotMyRole);
+}
+
+/// A filesystem of its own (ext4 on a loop device) to freeze.
+struct Mounted {
+    dir: std::path::PathBuf,
+    dev: String,
+}
+
+impl Mounted {
+    fn new(work: &Path) -> Mounted {
+        let img = work.join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let ok = |c: &mut Command| {
+            let o = c.output().unwrap();
+            assert!(
+                o.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        ok(tool("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        let dev = ok(tool("losetup").args(["--find", "--show"]).arg(&img));
+        let dir = work.join("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        ok(tool("mount").arg(&dev).arg(&dir));
+        Mounted { dir, dev }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
+        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+#[test]
+fn a_hanging_hook_ends_at_the_deadline_thawed_and_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Mounted::new(dir.path());
+    let marker = dir.path().join("post-ran");
+    let freeze = format!(
+        "    deadline_ms: 1500\n    hooks:\n      - fsfreeze: {}\n      - command: {{ pre: \"sleep 600\", post: \"echo $HVM_OUTCOME > {}\" }}\n",
+        fs.dir.display(),
+        marker.display()
+    );
+    let hosts = start(dir.path(), &freeze);
+    let t = Instant::now();
+    let (out, v) = hosts.run(&["a", "b"], "hang", &[]);
+    let took = t.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "expected the timeout status: {}\n{v}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v["error"]["code"], "timeout", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sleep 600"),
+        "{v}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the run took {took:?} for a 1.5 s deadline"
+    );
+    // Thawed: a write to the filesystem completes (a frozen one would block).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probe = fs.dir.join("probe");
+    std::thread::spawn(move || {
+        let r = std::fs::write(&probe, b"x").and_then(|()| std::fs::File::open(&probe)?.sync_all());
+        let _ = tx.send(r.is_ok());
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "the filesystem is still frozen"
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "timeout");
+    // The hanging hook was killed, and no snapshot remains.
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "^sleep 600$"])
+        .output()
+        .unwrap();
+    assert!(
+        sleeping.stdout.is_empty(),
+        "the hook's process is still running"
+    );
+    assert_eq!(hosts.db.mode("a"), "Synchronized");
+    assert_eq!(hosts.db.mode("b"), "Synchronized");
+    assert!(!hosts.target_root.join("hang").exists());
+    assert!(
+        v["error"]["detail"]["thawed"].as_array().unwrap().len() == 2,
+        "{v}"
+    );
+    drop(fs);
+}
