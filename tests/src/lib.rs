@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

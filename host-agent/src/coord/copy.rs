@@ -208,36 +208,60 @@ pub fn copy(
     let mut done = 0u64;
     let mut entries = Vec::new();
     let mut reports = Vec::new();
-    let mut buf = vec![0u8; CHUNK];
     for lu in &req.lus {
         let (mut reader, source) = open_source(agent, &lu.source, lu.size)?;
         let file = format!("{}.img", lu.vlu);
         let path = dir.join(&file);
         let tmp = dir.join(format!("{file}.partial"));
         let io = |e: std::io::Error| failed(format!("{}: {e}", tmp.display()));
-        let mut out = std::fs::File::create(&tmp).map_err(io)?;
-        let mut hash = Sha256::new();
+        let out = std::fs::File::create(&tmp).map_err(io)?;
         let t = Instant::now();
-        let mut at = 0u64;
-        while at < lu.size {
-            let n = (lu.size - at).min(CHUNK as u64) as usize;
-            reader
-                .read(at, &mut buf[..n])
-                .map_err(|e| failed(format!("reading {} at {at}: {e}", lu.vlu)))?;
-            hash.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io)?;
-            at += n as u64;
-            done += n as u64;
-            progress(done, total);
-        }
-        out.sync_all().map_err(io)?;
-        drop(out);
+        // Read on this thread; hash and write on another, so the two overlap.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let hashed = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || {
+                let mut out = out;
+                let mut hash = Sha256::new();
+                for chunk in rx {
+                    hash.update(&chunk);
+                    out.write_all(&chunk)?;
+                    let _ = back_tx.send(chunk);
+                }
+                out.sync_all()?;
+                Ok::<_, std::io::Error>(hash)
+            });
+            let mut at = 0u64;
+            let mut read_result = Ok(());
+            while at < lu.size {
+                let n = (lu.size - at).min(CHUNK as u64) as usize;
+                let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+                buf.resize(n, 0);
+                if let Err(e) = reader.read(at, &mut buf) {
+                    read_result = Err(failed(format!("reading {} at {at}: {e}", lu.vlu)));
+                    break;
+                }
+                if tx.send(buf).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                at += n as u64;
+                done += n as u64;
+                progress(done, total);
+            }
+            drop(tx);
+            let written = writer
+                .join()
+                .map_err(|_| failed("the image writer panicked"))?
+                .map_err(io);
+            read_result?;
+            written
+        })?;
         if let Reader::Nbd(c) = reader {
             c.disconnect();
         }
         std::fs::rename(&tmp, &path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
         let secs = t.elapsed().as_secs_f64();
-        let sha = hex(hash.finalize());
+        let sha = hex(hashed.finalize());
         reports.push(json!({
             "vlu": lu.vlu, "file": file, "size": lu.size, "sha256": sha, "source": source,
             "seconds": secs, "mib_per_s": lu.size as f64 / (1 << 20) as f64 / secs.max(1e-9),

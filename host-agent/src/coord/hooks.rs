@@ -1,6 +1,6 @@
 //! Quiesce hooks on the database host: a command (pre and post), `fsfreeze` of a mount
-//! point, and PostgreSQL (a checkpoint and `pg_backup_start` on a held connection, then
-//! `pg_backup_stop`, whose backup label goes next to the copy).
+//! point, and PostgreSQL (`pg_backup_start` with an immediate checkpoint on a held
+//! connection, then `pg_backup_stop`, whose backup label goes next to the copy).
 //!
 //! A hook's `quiesce` may be abandoned at the freeze's deadline (its future dropped);
 //! the hook remembers enough to undo it, and `resume` always undoes whatever may have
@@ -133,7 +133,10 @@ async fn fsfreeze(flag: &str, path: &PathBuf) -> Result<(), String> {
 fn pg(e: tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("PostgreSQL: {}: {}", db.code().code(), db.message()),
-        None => format!("PostgreSQL: {e}"),
+        None => match std::error::Error::source(&e) {
+            Some(cause) => format!("PostgreSQL: {e}: {cause}"),
+            None => format!("PostgreSQL: {e}"),
+        },
     }
 }
 
@@ -210,8 +213,8 @@ impl Hook {
                     started: false,
                     version,
                 });
-                // The checkpoint here makes the one pg_backup_start asks for quick.
-                s.client.batch_execute("CHECKPOINT").await.map_err(pg)?;
+                // fast => true: pg_backup_start runs its checkpoint now, at full speed,
+                // instead of spreading it over checkpoint_completion_target.
                 s.started = true;
                 let sql = if s.version >= 150_000 {
                     "SELECT pg_backup_start($1, true)::text"

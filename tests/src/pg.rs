@@ -1,0 +1,323 @@
+//! A real PostgreSQL cluster on an hvm virtual LU: the export mounted as a file by
+//! nbdfuse, a loop device on it, ext4 on that, the data directory in it (there is no nbd
+//! kernel module here). PostgreSQL runs as the `postgres` user, as Debian's package sets
+//! it up.
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tool;
+
+fn ok(c: &mut Command) -> String {
+    let o = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{c:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// PostgreSQL's server binaries (Debian: /usr/lib/postgresql/<major>/bin, the newest).
+pub fn bindir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.retain(|p| p.join("postgres").exists() && p.join("pgbench").exists());
+    found.sort();
+    found
+        .pop()
+        .expect("PostgreSQL is not installed (scripts/test.sh installs Debian's postgresql)")
+}
+
+/// A directory the postgres user owns (and every parent it can traverse).
+pub fn postgres_dir(p: &Path) {
+    std::fs::create_dir_all(p).unwrap();
+    let mut a = p.to_path_buf();
+    while let Some(parent) = a.parent() {
+        if parent == Path::new("/") || parent.as_os_str().is_empty() {
+            break;
+        }
+        if let Ok(md) = std::fs::metadata(parent) {
+            let mode = md.permissions().mode();
+            if mode & 0o001 == 0 {
+                let _ =
+                    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode | 0o711));
+            }
+        }
+        a = parent.to_path_buf();
+    }
+    ok(tool("chown").args(["postgres:postgres"]).arg(p));
+}
+
+/// An export as a mounted ext4 filesystem: nbdfuse, a loop device, mount.
+pub struct Mounted {
+    fuse_dir: PathBuf,
+    fuse: Option<Child>,
+    pub dev: String,
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    /// Mount export `export` of the NBD Unix socket `sock`; `mkfs` makes a new ext4 first.
+    pub fn export(work: &Path, sock: &Path, export: &str, mkfs: bool) -> Mounted {
+        let fuse_dir = work.join(format!("fuse-{export}"));
+        std::fs::create_dir_all(&fuse_dir).unwrap();
+        let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
+        let fuse = tool("nbdfuse")
+            .arg(&fuse_dir)
+            .arg(&uri)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let file = fuse_dir.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) == 0 {
+            assert!(Instant::now() < deadline, "nbdfuse never mounted {uri}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut m = Mounted::file(work, &file, export, mkfs);
+        m.fuse_dir = fuse_dir;
+        m.fuse = Some(fuse);
+        m
+    }
+
+    /// Mount the filesystem in an image file.
+    pub fn file(work: &Path, file: &Path, name: &str, mkfs: bool) -> Mounted {
+        let dev = ok(tool("losetup").args(["--find", "--show"]).arg(file));
+        if mkfs {
+            ok(tool("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&dev));
+        }
+        let dir = work.join(format!("mnt-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        ok(tool("mount").arg(&dev).arg(&dir));
+        Mounted {
+            fuse_dir: PathBuf::new(),
+            fuse: None,
+            dev,
+            dir,
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
+        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+        if let Some(mut f) = self.fuse.take() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.fuse_dir)
+                .output();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while f.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+}
+
+/// A PostgreSQL cluster in `data`, listening only on a Unix socket in `sock`.
+pub struct Cluster {
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    running: bool,
+}
+
+impl Cluster {
+    pub fn new(data: &Path, sock: &Path, port: u16, log: &Path) -> Cluster {
+        postgres_dir(sock);
+        std::fs::write(log, b"").unwrap();
+        ok(tool("chown").args(["postgres:postgres"]).arg(log));
+        Cluster {
+            bin: bindir(),
+            data: data.to_path_buf(),
+            sock: sock.to_path_buf(),
+            port,
+            log: log.to_path_buf(),
+            running: false,
+        }
+    }
+
+    fn as_postgres(&self, prog: &str) -> Command {
+        let mut c = tool("runuser");
+        c.args(["-u", "postgres", "--"]).arg(self.bin.join(prog));
+        c
+    }
+
+    pub fn initdb(&self) {
+        postgres_dir(&self.data);
+        ok(self
+            .as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-instructions", "-D"])
+            .arg(&self.data));
+    }
+
+    pub fn start(&mut self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c shared_buffers=64MB -c max_wal_size=96MB -c min_wal_size=32MB",
+            self.port,
+            self.sock.display()
+        );
+        ok(self
+            .as_postgres("pg_ctl")
+            .args(["-w", "-t", "120", "-D"])
+            .arg(&self.data)
+            .args(["-l"])
+            .arg(&self.log)
+            .args(["-o", &opts, "start"]));
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            ok(self
+                .as_postgres("pg_ctl")
+                .args(["-w", "-m", "fast", "-D"])
+                .arg(&self.data)
+                .arg("stop"));
+            self.running = false;
+        }
+    }
+
+    /// libpq connection parameters (the PostgreSQL hook's `connect`).
+    pub fn connect(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.sock.display(),
+            self.port
+        )
+    }
+
+    pub fn psql(&self, sql: &str) -> String {
+        ok(tool("psql")
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.sock)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ]))
+    }
+
+    /// pgbench with these connection arguments and `args`.
+    pub fn pgbench(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("pgbench"));
+        c.arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres");
+        c
+    }
+
+    pub fn pgbench_init(&self, scale: u32) {
+        ok(&mut self.pgbench(&["-i", "-q", "-s", &scale.to_string()]));
+    }
+
+    /// pgbench's invariants: the sums of balances in accounts, tellers and branches and
+    /// of the history deltas are one number. Returns (that sum, history rows).
+    pub fn pgbench_invariants(&self) -> (i64, i64) {
+        let out = self.psql(
+            "SELECT (SELECT coalesce(sum(abalance),0) FROM pgbench_accounts), \
+                    (SELECT coalesce(sum(tbalance),0) FROM pgbench_tellers), \
+                    (SELECT coalesce(sum(bbalance),0) FROM pgbench_branches), \
+                    (SELECT coalesce(sum(delta),0) FROM pgbench_history), \
+                    (SELECT count(*) FROM pgbench_history)",
+        );
+        let v: Vec<i64> = out.split('|').map(|x| x.trim().parse().unwrap()).collect();
+        assert_eq!(v.len(), 5, "{out}");
+        assert!(
+            v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
+            "pgbench invariants broken: accounts {}, tellers {}, branches {}, history {}",
+            v[0],
+            v[1],
+            v[2],
+            v[3]
+        );
+        (v[0], v[4])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self
+                .as_postgres("pg_ctl")
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .output();
+        }
+    }
+}
+
+/// A pgbench run in the background; `finish` waits and returns its output, failing
+/// the test if pgbench reported an error or aborted a client.
+pub struct Bench(Child);
+
+impl Bench {
+    pub fn start(c: &Cluster, clients: u32, secs: u32) -> Bench {
+        let child = c
+            .pgbench(&[
+                "-n",
+                "-c",
+                &clients.to_string(),
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "-P",
+                "5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Bench(child)
+    }
+
+    /// pgbench's output and its TPS.
+    pub fn finish(self) -> (String, f64) {
+        let out = self.0.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench failed:\n{text}");
+        assert!(
+            !text.contains("error") && !text.contains("aborted"),
+            "pgbench reported errors:\n{text}"
+        );
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0);
+        (text, tps)
+    }
+}
