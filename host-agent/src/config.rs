@@ -443,6 +443,55 @@ virtual_lus:
 ";
 
     #[test]
+    fn the_backup_examples_parse() {
+        for (name, text) in [
+            (
+                "backup-db-host.yaml",
+                include_str!("../examples/backup-db-host.yaml"),
+            ),
+            (
+                "backup-backup-host.yaml",
+                include_str!("../examples/backup-backup-host.yaml"),
+            ),
+        ] {
+            let c = Config::parse(text, name).unwrap();
+            assert!(c.coordination.is_some(), "{name}");
+        }
+        let db = Config::parse(include_str!("../examples/backup-db-host.yaml"), "db").unwrap();
+        let hooks = &db.coordination.unwrap().freeze.hooks;
+        assert!(hooks[0].postgresql.is_some() && hooks[1].fsfreeze.is_some());
+    }
+
+    #[test]
+    fn coordination_errors() {
+        let with = |c: &str| Config::parse(&format!("{OK}coordination:\n{c}"), "c.yaml");
+        let base = "  listen: 127.0.0.1:0\n  cert: c\n  key: k\n  token_file: t\n";
+        let e = with(&format!("{base}  roles: [backup]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("coordination.backup: the backup role needs"),
+            "{e}"
+        );
+        let e = with(&format!("{base}  roles: []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("coordination.roles"), "{e}");
+        let e = with(&format!("{base}  roles: [database]\n  freeze:\n    hooks:\n      - {{ fsfreeze: /a, command: {{ pre: x }} }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("coordination.freeze.hooks[0]: expected exactly one"),
+            "{e}"
+        );
+        let e = with(&format!("{base}  roles: [dba]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `dba`"), "{e}");
+        assert!(with(&format!("{base}  roles: [database]\n")).is_ok());
+    }
+
+    #[test]
     fn parses() {
         let c = Config::parse(OK, "c.yaml").unwrap();
         assert_eq!(c.virtual_lus[0].snapshots, vec!["db-snap".to_string()]);

@@ -321,3 +321,40 @@ impl Bench {
         (text, tps)
     }
 }
+
+/// The whole set-up of the PostgreSQL backup tests and benchmark: two hosts and an array
+/// ([`crate::backup::Hosts`]), virtual LU `pg` mounted as ext4 on the database host, a
+/// cluster on it with pgbench's tables, and the database host's freeze hooks set to
+/// PostgreSQL and then fsfreeze of that mount. Fields drop in order: the cluster stops,
+/// the filesystem is unmounted, then the agents and the array stop.
+pub struct Deployment {
+    pub cluster: Cluster,
+    pub fs: Mounted,
+    pub hosts: crate::backup::Hosts,
+}
+
+impl Deployment {
+    pub fn start(work: &Path, lu_bytes: u64, scale: u32, deadline_ms: u64) -> Deployment {
+        let sock = work.join("pg-sock");
+        let port = 25432;
+        let freeze = format!(
+            "    deadline_ms: {deadline_ms}\n    hooks:\n      - postgresql: {{ connect: \"host={} port={port} user=postgres dbname=postgres\" }}\n      - fsfreeze: {}\n",
+            sock.display(),
+            work.join("mnt-pg").display()
+        );
+        let hosts = crate::backup::Hosts::start(
+            work,
+            &crate::backup::Setup {
+                lu_bytes,
+                names: &["pg"],
+                freeze: &freeze,
+            },
+        );
+        let fs = Mounted::export(work, &hosts.db.state.join("nbd.sock"), "pg", true);
+        let mut cluster = Cluster::new(&fs.dir.join("data"), &sock, port, &work.join("live.log"));
+        cluster.initdb();
+        cluster.start();
+        cluster.pgbench_init(scale);
+        Deployment { cluster, fs, hosts }
+    }
+}

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use hvm_tests::backup::{Hosts, Setup};
-use hvm_tests::pg::{Bench, Cluster, Mounted};
+use hvm_tests::pg::{Bench, Cluster, Deployment, Mounted};
 
 const LU: u64 = 512 << 20;
 
@@ -16,29 +15,9 @@ const LU: u64 = 512 << 20;
 fn postgresql_backed_up_online_and_restored() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
-    let sock = work.join("pg-sock");
-    let mnt_name = "pg";
-    // The hooks are known before the agent starts: PostgreSQL's socket and the mount.
-    let port = 25432;
-    let freeze = format!(
-        "    deadline_ms: 20000\n    hooks:\n      - postgresql: {{ connect: \"host={} port={port} user=postgres dbname=postgres\" }}\n      - fsfreeze: {}\n",
-        sock.display(),
-        work.join(format!("mnt-{mnt_name}")).display()
-    );
-    let hosts = Hosts::start(
-        work,
-        &Setup {
-            lu_bytes: LU,
-            names: &["pg"],
-            freeze: &freeze,
-        },
-    );
-    let fs = Mounted::export(work, &hosts.db.state.join("nbd.sock"), mnt_name, true);
-    let mut live = Cluster::new(&fs.dir.join("data"), &sock, port, &work.join("live.log"));
-    live.initdb();
-    live.start();
-    live.pgbench_init(5);
-
+    let d = Deployment::start(work, LU, 5, 20_000);
+    let hosts = &d.hosts;
+    let mut live = d.cluster;
     let bench = Bench::start(&live, 4, 25);
     std::thread::sleep(Duration::from_secs(4));
     let (out, v) = hosts.run(&["pg"], "pg-backup", &["--wait-resync"]);
@@ -76,7 +55,7 @@ fn postgresql_backed_up_online_and_restored() {
     // The live database: its invariants hold, then stop it and check the legs.
     let (live_sum, live_rows) = live.pgbench_invariants();
     live.stop();
-    drop(fs);
+    drop(d.fs);
     let out = hosts.db.json(&["resync", "status"]);
     assert!(
         out["pairs"][0]["mode"] == "Synchronized" || out["pairs"][0]["done"] == true,
@@ -121,7 +100,7 @@ fn postgresql_backed_up_online_and_restored() {
     let mut restored = Cluster::new(
         &rfs.dir.join("data"),
         &work.join("restored-sock"),
-        port + 1,
+        live.port + 1,
         &work.join("restored.log"),
     );
     restored.start();

@@ -36,6 +36,8 @@ pub struct Service {
     token: String,
     acceptor: TlsAcceptor,
     ops: Mutex<(BTreeMap<String, Entry>, VecDeque<String>)>,
+    /// One freeze at a time: two groups' gates must not open each other's.
+    freeze: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,7 @@ impl Service {
             token,
             acceptor: TlsAcceptor::from(server),
             ops: Mutex::new((BTreeMap::new(), VecDeque::new())),
+            freeze: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -294,6 +297,7 @@ impl Service {
                 deadline_ms,
                 vars,
             } => {
+                let _one = self.freeze.lock().await;
                 freeze::snapshot(
                     agent,
                     self.cfg.freeze.clone(),
