@@ -113,7 +113,7 @@ fn main() {
         freeze.last().copied().unwrap_or(0.0)
     );
     println!(
-        "  of which, mean: pg_backup_start {:.1} ms, fsfreeze {:.1} ms, snapshot {:.2} ms",
+        "  of which, mean: pg_backup_start {:.1} ms (transactions go on), writes frozen (fsfreeze to thaw) {:.1} ms, snapshot {:.2} ms",
         mean(&pg),
         mean(&fsf),
         mean(&snap)

@@ -68,6 +68,20 @@ pub enum Op {
     Copy(CopyRequest),
 }
 
+impl Op {
+    /// The operation's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::Snapshot { .. } => "snapshot",
+            Op::Delete { .. } => "delete",
+            Op::Resync { .. } => "resync",
+            Op::Counters => "counters",
+            Op::Copy(_) => "copy",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CopyRequest {

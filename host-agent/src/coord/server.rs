@@ -153,6 +153,7 @@ impl Service {
         };
         let (mut progress, mut done) = self.start(req);
         let mut last = (0, 0);
+        let mut sent = std::time::Instant::now();
         loop {
             let finished = done.borrow_and_update().clone();
             if let Some(l) = finished {
@@ -164,8 +165,10 @@ impl Service {
                 _ = done.changed() => {}
                 _ = progress.changed() => {
                     let p = *progress.borrow_and_update();
-                    if p != last {
+                    // At most five progress lines a second; the answer is never held.
+                    if p != last && sent.elapsed() >= Duration::from_millis(200) {
                         last = p;
+                        sent = std::time::Instant::now();
                         let l = Line::Progress { done: p.0, total: p.1 };
                         if wr.write_all(reply(&l).as_bytes()).await.is_err() {
                             // The client went away; the operation goes on, and a retry
@@ -173,8 +176,6 @@ impl Service {
                             return;
                         }
                     }
-                    // At most a few progress lines a second.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
@@ -219,7 +220,7 @@ impl Service {
                 ));
             }
         }
-        tracing::info!(%peer, id = %req.id, op = ?std::mem::discriminant(&req.op), "coordination request");
+        tracing::info!(%peer, id = %req.id, op = req.op.name(), "coordination request");
         Ok(req)
     }
 
