@@ -200,6 +200,27 @@ impl Hosts {
         (out, v)
     }
 
+    /// `hvmctl backup restore` of `vlu` (the only one if `None`) from `backup` to `to`,
+    /// expecting success.
+    pub fn restore(&self, backup: &Path, vlu: Option<&str>, to: &Path) {
+        let mut args = vec![
+            "backup",
+            "restore",
+            backup.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+        ];
+        if let Some(v) = vlu {
+            args.extend(["--vlu", v]);
+        }
+        let out = self.hvmctl(&args);
+        assert!(
+            out.status.success(),
+            "restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The database host's `snapshot_read_bytes` counter.
     pub fn db_snapshot_reads(&self) -> u64 {
         self.db.json(&["status"])["snapshot_read_bytes"]

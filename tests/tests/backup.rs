@@ -96,20 +96,7 @@ fn start(dir: &Path, freeze: &str) -> Hosts {
 
 fn restore(hosts: &Hosts, backup: &Path, vlu: &str) -> std::path::PathBuf {
     let to = hosts.dir.join(format!("restored-{vlu}.img"));
-    let out = hosts.hvmctl(&[
-        "backup",
-        "restore",
-        backup.to_str().unwrap(),
-        "--vlu",
-        vlu,
-        "--to",
-        to.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hosts.restore(backup, Some(vlu), &to);
     to
 }
 
@@ -425,38 +412,16 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
     assert_eq!(e.code, Code::Failed);
     assert!(e.message.contains("Synchronized"), "{e}");
     // The same id for a different operation is refused.
+    let delete = Op::Delete {
+        vlus: vec!["a".into()],
+    };
     let e = peer
-        .call(
-            "same-id",
-            &Op::Delete {
-                vlus: vec!["a".into()],
-            },
-            0,
-            &mut |_, _| {},
-        )
+        .call("same-id", &delete, 0, &mut |_, _| {})
         .unwrap_err();
     assert_eq!(e.code, Code::BadRequest);
-    let d = peer
-        .call(
-            "del-1",
-            &Op::Delete {
-                vlus: vec!["a".into()],
-            },
-            0,
-            &mut |_, _| {},
-        )
-        .unwrap();
+    let d = peer.call("del-1", &delete, 0, &mut |_, _| {}).unwrap();
     assert_eq!(d["vlus"][0]["changed"], true);
-    let d = peer
-        .call(
-            "del-1",
-            &Op::Delete {
-                vlus: vec!["a".into()],
-            },
-            0,
-            &mut |_, _| {},
-        )
-        .unwrap();
+    let d = peer.call("del-1", &delete, 0, &mut |_, _| {}).unwrap();
     assert_eq!(
         d["vlus"][0]["changed"], true,
         "the retry got the first answer"

@@ -82,18 +82,7 @@ fn postgresql_backed_up_online_and_restored() {
 
     // Restore into a new image, mount it, start a cluster on it: it recovers.
     let img = work.join("restored.img");
-    let out = hosts.hvmctl(&[
-        "backup",
-        "restore",
-        backup.to_str().unwrap(),
-        "--to",
-        img.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hosts.restore(&backup, None, &img);
     let rfs = Mounted::file(work, &img, "restored", false);
     // The snapshot copied the live cluster's lock file; it names a live postmaster.
     let _ = std::fs::remove_file(rfs.dir.join("data/postmaster.pid"));
