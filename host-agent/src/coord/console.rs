@@ -115,11 +115,7 @@ pub fn run(o: &Options) -> Report {
             Ok(m) => (true, m.clone()),
             Err(m) => (false, m.clone()),
         };
-        let error = format!(
-            "{step} failed: {}: {}; {msg}",
-            code_name(&f.code),
-            f.message
-        );
+        let error = format!("{step} failed: {f}; {msg}");
         out["ok"] = json!(false);
         out["steps"] = json!(r.steps);
         out["error"] = json!({ "step": step, "code": f.code, "message": f.message, "detail": f.detail, "clean": cleaned, "cleanup": msg });
@@ -369,16 +365,6 @@ pub fn run(o: &Options) -> Report {
     Report {
         value: out,
         error: None,
-    }
-}
-
-fn code_name(c: &Code) -> &'static str {
-    match c {
-        Code::Unauthorized => "unauthorized",
-        Code::BadRequest => "bad request",
-        Code::NotMyRole => "wrong role",
-        Code::Timeout => "timeout",
-        Code::Failed => "failed",
     }
 }
 

@@ -258,23 +258,22 @@ pub async fn snapshot(
                     }
                 }
             }
-            let mut msg = format!(
+            let msg = format!(
                 "the freeze deadline of {deadline_ms} ms passed during {current}; everything was thawed"
             );
-            for e in &resume_errors {
-                msg.push_str("; ");
-                msg.push_str(e);
-            }
-            Err(fail(Code::Timeout, msg, rolled, steps))
+            Err(fail(
+                Code::Timeout,
+                joined(msg, &resume_errors),
+                rolled,
+                steps,
+            ))
         }
-        Ok(Err(e)) => {
-            let mut msg = e;
-            for r in &resume_errors {
-                msg.push_str("; ");
-                msg.push_str(r);
-            }
-            Err(fail(Code::Failed, msg, Vec::new(), steps))
-        }
+        Ok(Err(e)) => Err(fail(
+            Code::Failed,
+            joined(e, &resume_errors),
+            Vec::new(),
+            steps,
+        )),
         Ok(Ok(_)) if !resume_errors.is_empty() => {
             let rolled = rollback_all(agent.clone(), group.clone()).await;
             Err(fail(Code::Failed, resume_errors.join("; "), rolled, steps))
@@ -317,6 +316,14 @@ pub async fn snapshot(
             }))
         }
     }
+}
+
+/// `lead`, then what else went wrong, as one message.
+fn joined(lead: String, more: &[String]) -> String {
+    std::iter::once(lead)
+        .chain(more.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The `delete` operation: each virtual LU's snapshot is deleted and resync starts.

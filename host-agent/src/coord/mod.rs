@@ -162,9 +162,21 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Code::Unauthorized => "unauthorized",
+            Code::BadRequest => "bad request",
+            Code::NotMyRole => "wrong role",
+            Code::Timeout => "timeout",
+            Code::Failed => "failed",
+        })
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.code, self.message)
+        write!(f, "{}: {}", self.code, self.message)
     }
 }
 
