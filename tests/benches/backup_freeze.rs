@@ -62,14 +62,11 @@ fn main() {
         }
         for v in runner.join().expect("backup runner") {
             freeze.push(v["freeze_ms"].as_f64().unwrap_or(0.0));
+            let all = hvm_tests::backup::steps(&v);
             let step = |name: &str| {
-                v["steps"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|s| s["step"].as_str().is_some_and(|n| n.starts_with(name)))
-                    .and_then(|s| s["ms"].as_f64())
-                    .unwrap_or(0.0)
+                all.iter()
+                    .find(|(n, _)| n.starts_with(name))
+                    .map_or(0.0, |(_, ms)| *ms)
             };
             parts.push((
                 step("quiesce postgresql"),

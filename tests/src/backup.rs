@@ -10,6 +10,21 @@ use std::process::{Command, Output};
 use crate::agent::Agent;
 use crate::{binary, spawn_ready, Running};
 
+/// The steps of a `hvmctl backup run --json` report: name and milliseconds.
+pub fn steps(report: &serde_json::Value) -> Vec<(&str, f64)> {
+    report["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect()
+}
+
 pub struct Hosts {
     pub dir: PathBuf,
     pub array: Running,

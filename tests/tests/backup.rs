@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use hvm_host_agent::coord::{tls, Code, Op, Peer};
 use hvm_host_agent::nbd::client::Client;
-use hvm_tests::backup::{Hosts, Setup};
-use hvm_tests::{binary, tool};
+use hvm_tests::backup::{steps, Hosts, Setup};
+use hvm_tests::binary;
+use hvm_tests::pg::Mounted;
 
 const LU: u64 = 16 << 20;
 const BLOCK: usize = 4096;
@@ -131,12 +132,7 @@ fn consistency_group_backup_from_the_array_while_writes_go_on() {
     let final_gen = last.load(Ordering::SeqCst);
 
     // Each step was reported with its duration; the copy came from the array.
-    let steps: Vec<&str> = v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps: Vec<&str> = steps(&v).into_iter().map(|(n, _)| n).collect();
     assert!(
         steps.iter().any(|s| s.starts_with("quiesce command")),
         "{steps:?}"
@@ -435,49 +431,16 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
     assert_eq!(e.code, Code::NotMyRole);
 }
 
-/// A filesystem of its own (ext4 on a loop device) to freeze.
-struct Mounted {
-    dir: std::path::PathBuf,
-    dev: String,
-}
-
-impl Mounted {
-    fn new(work: &Path) -> Mounted {
-        let img = work.join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let ok = |c: &mut Command| {
-            let o = c.output().unwrap();
-            assert!(
-                o.status.success(),
-                "{c:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            String::from_utf8_lossy(&o.stdout).trim().to_string()
-        };
-        ok(tool("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-        let dev = ok(tool("losetup").args(["--find", "--show"]).arg(&img));
-        let dir = work.join("mnt");
-        std::fs::create_dir_all(&dir).unwrap();
-        ok(tool("mount").arg(&dev).arg(&dir));
-        Mounted { dir, dev }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
-        let _ = Command::new("umount").arg(&self.dir).output();
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
-    }
-}
-
 #[test]
 fn a_hanging_hook_ends_at_the_deadline_thawed_and_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
-    let fs = Mounted::new(dir.path());
+    // A filesystem of its own to freeze: ext4 on a loop device.
+    let img = dir.path().join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let fs = Mounted::file(dir.path(), &img, "frozen", true);
     let marker = dir.path().join("post-ran");
     let freeze = format!(
         "    deadline_ms: 1500\n    hooks:\n      - fsfreeze: {}\n      - command: {{ pre: \"sleep 600\", post: \"echo $HVM_OUTCOME > {}\" }}\n",

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use hvm_tests::backup::steps;
 use hvm_tests::pg::{Bench, Cluster, Deployment, Mounted};
 
 const LU: u64 = 512 << 20;
@@ -41,12 +42,7 @@ fn postgresql_backed_up_online_and_restored() {
             .starts_with("array:"),
         "{v}"
     );
-    let steps: Vec<&str> = v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps: Vec<&str> = steps(&v).into_iter().map(|(n, _)| n).collect();
     assert!(
         steps.contains(&"quiesce postgresql") && steps.contains(&"resume postgresql"),
         "{steps:?}"

@@ -62,6 +62,14 @@ impl Run<'_> {
         self.steps.push(json!({ "step": name, "ms": ms }));
     }
 
+    /// The steps an agent reported (`{"steps": [{"step", "ms"}]}`).
+    fn agent_steps(&mut self, reply: &Value) {
+        for s in reply["steps"].as_array().into_iter().flatten() {
+            let name = s["step"].as_str().unwrap_or("?").to_string();
+            self.step(&name, s["ms"].as_f64().unwrap_or(0.0), "");
+        }
+    }
+
     /// Delete the snapshots: what every failure after a snapshot does.
     fn cleanup(&mut self) -> Result<String, String> {
         let t = Instant::now();
@@ -151,13 +159,7 @@ pub fn run(o: &Options) -> Report {
     let snap = match snap {
         Ok(v) => v,
         Err(f) => {
-            for s in f.detail["steps"].as_array().into_iter().flatten() {
-                r.step(
-                    s["step"].as_str().unwrap_or("?"),
-                    s["ms"].as_f64().unwrap_or(0.0),
-                    "",
-                );
-            }
+            r.agent_steps(&f.detail);
             // The database host rolled back what it did; if no answer came at all, a
             // snapshot may exist: delete to be sure.
             let cleanup = if f.detail.is_null() {
@@ -171,13 +173,7 @@ pub fn run(o: &Options) -> Report {
             return fail(&mut r, out, "snapshot", &f, cleanup);
         }
     };
-    for s in snap["steps"].as_array().into_iter().flatten() {
-        r.step(
-            s["step"].as_str().unwrap_or("?"),
-            s["ms"].as_f64().unwrap_or(0.0),
-            "",
-        );
-    }
+    r.agent_steps(&snap);
     let freeze_ms = snap["freeze_ms"].as_f64().unwrap_or(0.0);
     r.say(&format!(
         "  {:<40} {:>10}  (deadline {} ms)",
