@@ -166,7 +166,8 @@ fn run(
     let result = rt.block_on(async {
         let listeners = agent.listen().await?;
         // Scripts and tests wait for this line: the sockets are bound.
-        let tcp = listeners.tcp.as_ref().and_then(|t| t.local_addr().ok());
+        // listen() recorded the TCP listener's bound address.
+        let tcp = agent.tcp_bound.get();
         let coord = listeners
             .coordination
             .as_ref()
