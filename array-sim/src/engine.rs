@@ -28,6 +28,7 @@ use hvm_core::LuId;
 use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig};
 use crate::disk::{Disk, DiskStats};
 use crate::fault::{FaultOp, FaultRule, Faults, Injected};
+use crate::mirror::{Intent, IntentError, RangeLocks, WriteIntents};
 use crate::scsi::{self, Command, Sense, CHECK_CONDITION, GOOD};
 
 pub const BLOCK_SIZE: u32 = 512;
@@ -87,6 +88,8 @@ pub enum EngineError {
     Fault(String),
     #[error("the array config names no directory for its LU files")]
     NoDirectory,
+    #[error(transparent)]
+    Intent(#[from] IntentError),
 }
 
 struct Lu {
@@ -113,6 +116,10 @@ pub struct Engine {
     modes: Mutex<BTreeMap<u8, Mode>>,
     turn: AtomicU64,
     faults: Faults,
+    /// Overlapping mirrored writes and copies between legs, one at a time.
+    locks: RangeLocks,
+    /// Mirrored writes not yet on every leg, kept across the death of the process.
+    intents: WriteIntents,
     pub counters: EngineCounters,
 }
 
@@ -218,6 +225,17 @@ impl Engine {
                 Err(source) => return Err(EngineError::Io { path, source }),
             }
         }
+        let (intents, pending) = WriteIntents::open(&dir)?;
+        for (slot, i) in &pending {
+            repair(&lus, i).map_err(|message| {
+                EngineError::Intent(IntentError::Corrupt {
+                    path: dir.join(crate::mirror::INTENT_FILE),
+                    slot: *slot,
+                    message,
+                })
+            })?;
+        }
+        intents.clear(&dir)?;
         Ok(Engine {
             kind: cfg.kind,
             dir,
@@ -227,6 +245,8 @@ impl Engine {
             modes: Mutex::new(modes),
             turn: AtomicU64::new(0),
             faults: Faults::new(&cfg.faults).map_err(EngineError::Fault)?,
+            locks: RangeLocks::default(),
+            intents,
             counters: EngineCounters::default(),
         })
     }
@@ -467,7 +487,20 @@ impl Engine {
             }
             Command::Write16 { lba, blocks, fua } => {
                 self.check_range(lun, lba, blocks)?;
-                for &leg in self.legs(lun, true)?.as_slice() {
+                let legs = self.legs(lun, true)?;
+                let legs = legs.as_slice();
+                // A write to several legs is one unit: see `mirror`.
+                let (_locked, _in_flight) = if legs.len() > 1 {
+                    let locked = self.locks.lock(legs[0], lba, u64::from(blocks));
+                    let slot = self
+                        .intents
+                        .begin(legs, lba, blocks)
+                        .map_err(|_| Sense::WRITE_ERROR)?;
+                    (locked, Some(slot))
+                } else {
+                    (Vec::new(), None)
+                };
+                for &leg in legs {
                     self.leg_io(
                         leg,
                         lba,
@@ -641,6 +674,9 @@ impl Engine {
             let n = (end - at).min(chunk);
             let b = &mut buf[..(n * u64::from(BLOCK_SIZE)) as usize];
             let len = b.len();
+            // A mirrored write to these blocks lands either before the read or after the
+            // write, never between them.
+            let _locked = self.locks.lock(from, at, n);
             self.leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
             self.leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
             self.counters
@@ -719,6 +755,34 @@ impl Engine {
         d.extend_from_slice(&related);
         d
     }
+}
+
+/// Make the legs of an unfinished mirrored write agree: its first leg's blocks are copied
+/// to the others.
+fn repair(lus: &BTreeMap<u8, Lu>, i: &Intent) -> Result<(), String> {
+    let end = i.lba.checked_add(u64::from(i.blocks));
+    let mut files = Vec::new();
+    for leg in &i.legs {
+        let lu = lus
+            .get(leg)
+            .ok_or_else(|| format!("leg LU {leg} is not an LU of this array"))?;
+        if end.is_none_or(|e| e > lu.blocks) || i.blocks > MAX_TRANSFER_BLOCKS {
+            return Err(format!(
+                "blocks {}+{} are outside LU {leg} ({} blocks)",
+                i.lba, i.blocks, lu.blocks
+            ));
+        }
+        files.push(&lu.file);
+    }
+    let mut buf = vec![0u8; i.blocks as usize * BLOCK_SIZE as usize];
+    let off = i.lba * u64::from(BLOCK_SIZE);
+    let failed = |e: std::io::Error| format!("repairing blocks {}+{}: {e}", i.lba, i.blocks);
+    files[0].read_exact_at(&mut buf, off).map_err(failed)?;
+    for f in &files[1..] {
+        f.write_all_at(&buf, off).map_err(failed)?;
+        f.sync_data().map_err(failed)?;
+    }
+    Ok(())
 }
 
 fn load_modes(text: &str, path: &Path, modes: &mut BTreeMap<u8, Mode>) -> Result<(), EngineError> {

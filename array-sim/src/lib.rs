@@ -6,6 +6,7 @@
 //! - [`disk`]: disk units with counters and a service-time model.
 //! - [`fault`]: fault injection.
 //! - [`engine`]: the firmware of the three kinds over LU files.
+//! - [`mirror`]: what keeps a mirror's legs identical (range locks, write intents).
 //! - [`proto`] and [`server`]: the daemon's wire format and server.
 //! - [`client`]: the transport (in-process or socket) and `ArrayClient`, which implements
 //!   hvm-core's `Backend`; the driver plugins are built on it.
@@ -17,6 +18,7 @@ pub mod disk;
 pub mod driver;
 pub mod engine;
 pub mod fault;
+pub mod mirror;
 pub mod proto;
 pub mod scsi;
 pub mod server;
