@@ -8,6 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
+use hvm_core::array_backup::{
+    Area, BackupCapabilities, BackupOp, BackupReply, PairState, PairStatus,
+};
 use hvm_core::backend::{
     Backend, BackendDescription, BackendError, BackendErrorKind, Capabilities, LuInfo,
 };
@@ -299,8 +302,15 @@ impl<T: Transport> ArrayClient<T> {
         if r.status == GOOD {
             return Ok(r.data);
         }
+        // A backup function's refusal carries its reason as text.
+        let reason = match std::str::from_utf8(&r.data) {
+            Ok(t) if !t.is_empty() => format!(": {t}"),
+            _ => String::new(),
+        };
         Err(match r.sense {
-            Some(s) => BackendError::new(s.backend_error_kind(), format!("{}: {s}", what())),
+            Some(s) => {
+                BackendError::new(s.backend_error_kind(), format!("{}: {s}{reason}", what()))
+            }
             None => BackendError::new(
                 BackendErrorKind::Io,
                 format!("{}: status {:#04x} without sense data", what(), r.status),
@@ -486,6 +496,123 @@ impl<T: Transport> Backend for ArrayClient<T> {
         }
         Ok(())
     }
+
+    /// The array offers the backup functions when INQUIRY lists the pair page (C1h).
+    fn backup_capabilities(&self) -> BackupCapabilities {
+        let cmd = Command::Inquiry {
+            evpd: true,
+            page: 0,
+            alloc_len: 64,
+        };
+        let luns = self.report_luns().unwrap_or_default();
+        let Some(&lun) = luns.first() else {
+            return BackupCapabilities::default();
+        };
+        match self.command(lun, cmd, &[]) {
+            Ok(d) if d.len() > 4 && d[4..].contains(&scsi::VPD_PAIR) => BackupCapabilities::ALL,
+            _ => BackupCapabilities::default(),
+        }
+    }
+
+    fn backup(&self, op: &BackupOp) -> Result<BackupReply, BackendError> {
+        let bad = |what: &str| BackendError::new(BackendErrorKind::Io, what.to_string());
+        match op {
+            // Fig. 5: command code, split bit, parameter count, parameters.
+            BackupOp::PairSplit { lu, areas } | BackupOp::PairResync { lu, areas } => {
+                let split = matches!(op, BackupOp::PairSplit { .. });
+                let params = u16::try_from(areas.len())
+                    .map_err(|_| bad("more than 65535 areas in one pair split command"))?;
+                let mut data = Vec::with_capacity(areas.len() * scsi::PAIR_SPLIT_PARAM_LEN);
+                for a in areas {
+                    data.extend_from_slice(&a.start.to_be_bytes());
+                    data.extend_from_slice(&a.blocks.to_be_bytes());
+                }
+                self.command(
+                    lun_of(LuId(*lu))?,
+                    Command::PairSplit { split, params },
+                    &data,
+                )?;
+                Ok(BackupReply::Done)
+            }
+            // Step 43: the Inquiry of pairing.
+            BackupOp::PairStatus { lu } => {
+                let lun = lun_of(LuId(*lu))?;
+                let cmd = Command::Inquiry {
+                    evpd: true,
+                    page: scsi::VPD_PAIR,
+                    alloc_len: u16::MAX,
+                };
+                let d = self.command(lun, cmd, &[])?;
+                decode_pair_page(lun, d.get(4..).unwrap_or(&[]))
+                    .ok_or_else(|| bad("malformed pair page (VPD C1h)"))?
+                    .map(BackupReply::Pair)
+                    .ok_or_else(|| {
+                        BackendError::new(
+                            BackendErrorKind::InvalidRequest,
+                            format!("LU {lun} is not paired"),
+                        )
+                    })
+            }
+            _ => {
+                let body = serde_json::to_vec(op).map_err(|e| bad(&e.to_string()))?;
+                let param_len = u32::try_from(body.len()).map_err(|_| bad("request too long"))?;
+                // Addressed to the operation's LU when it names one.
+                let lun = match op {
+                    BackupOp::PairCreate { primary: l, .. }
+                    | BackupOp::PairDelete { lu: l }
+                    | BackupOp::Ccopy { lu: l, .. }
+                    | BackupOp::Cow { lu: l, .. }
+                    | BackupOp::Attribute { lu: l, .. } => lun_of(LuId(*l))?,
+                    _ => 0,
+                };
+                let d = self.command(lun, Command::Backup { param_len }, &body)?;
+                serde_json::from_slice(&d)
+                    .map_err(|e| bad(&format!("malformed backup function answer: {e}")))
+            }
+        }
+    }
+}
+
+/// The VPD C1h body: `None` if malformed, `Some(None)` for an unpaired LU.
+fn decode_pair_page(lun: u8, d: &[u8]) -> Option<Option<PairStatus>> {
+    if d.len() < 42 {
+        return None;
+    }
+    if d[0] == 0 {
+        return Some(None);
+    }
+    let be = |i: usize| {
+        d.get(i..i + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let (primary, secondary) = if d[0] == 1 { (lun, d[1]) } else { (d[1], lun) };
+    let state = match d[2] {
+        0 => PairState::Forming,
+        1 => PairState::Duplex,
+        2 => PairState::Split,
+        3 => PairState::Resyncing,
+        _ => return None,
+    };
+    let n = usize::from(u16::from_be_bytes([d[40], d[41]]));
+    let mut split_areas = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = 42 + i * 16;
+        split_areas.push(Area {
+            start: be(at)?,
+            blocks: be(at + 8)?,
+        });
+    }
+    Some(Some(PairStatus {
+        primary: u32::from(primary),
+        secondary: u32::from(secondary),
+        state,
+        blocks_per_bit: u32::from_be_bytes(d[4..8].try_into().ok()?),
+        units: be(8)?,
+        split_units: be(16)?,
+        diff_units: be(24)?,
+        copied_bytes: be(32)?,
+        split_areas,
+    }))
 }
 
 #[cfg(test)]

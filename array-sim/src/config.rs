@@ -18,6 +18,18 @@
 //! `stateless` `{ mirror, origin, mate }` (Fig. 9; the mirroring LU has no storage and
 //! is not listed under `lus`), `pre-update` `{ mirror, mate }` (Fig. 14; both are listed
 //! under `lus`: the mirroring LU's own file is one leg, the mate's the other).
+//!
+//! The array-side backup functions of EP 1 058 190 (see [`crate::backup`]) are turned on
+//! by a `backup` section, on the mode-select and pre-update kinds (the stateless kind
+//! keeps no state at all, [0051]); they work on LUs outside the mirroring rows:
+//!
+//! ```yaml
+//! backup:
+//!   blocks_per_bit: 8        # n blocks per bit of the bitmaps ([0020]); default 1
+//!   devices:                 # sequential backup devices, files of records
+//!     - { name: tape0, file: tape0.rec }   # relative to the array's directory
+//!   work: [12, 13]           # LUs whose attribute starts as "work" ([0102])
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -77,6 +89,32 @@ pub struct ArrayConfig {
     pub mirroring: Vec<MirrorConfig>,
     #[serde(default)]
     pub faults: Vec<FaultRule>,
+    #[serde(default)]
+    pub backup: Option<BackupConfig>,
+}
+
+/// The array-side backup functions (EP 1 058 190).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    #[serde(default = "one")]
+    pub blocks_per_bit: u32,
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+    #[serde(default)]
+    pub work: Vec<u8>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A backup device: a file of records (a tape).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub file: PathBuf,
 }
 
 /// A config that cannot be used.
@@ -197,6 +235,33 @@ impl ArrayConfig {
                 if lus.contains_key(&m) {
                     return Err(format!(
                         "LU {m} is a mirroring LU made of two others; it must not be listed under lus"
+                    ));
+                }
+            }
+        }
+        if let Some(b) = &self.backup {
+            if self.kind == FirmwareKind::Stateless {
+                return Err("backup: the stateless kind keeps no state ([0051]); pairs and copy jobs need a mode-select or pre-update array".into());
+            }
+            if b.blocks_per_bit == 0 {
+                return Err("backup.blocks_per_bit must be at least 1".into());
+            }
+            let mut names = BTreeSet::new();
+            for d in &b.devices {
+                if d.name.is_empty() || !names.insert(d.name.as_str()) {
+                    return Err(format!(
+                        "backup.devices: the name {:?} is empty or used twice",
+                        d.name
+                    ));
+                }
+            }
+            for lun in &b.work {
+                if !lus.contains_key(lun) {
+                    return Err(format!("backup.work: LU {lun} is not listed under lus"));
+                }
+                if used.contains(lun) {
+                    return Err(format!(
+                        "backup.work: LU {lun} is in a mirroring row; working volumes are plain LUs"
                     ));
                 }
             }

@@ -22,9 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hvm_core::array_backup::Area;
 use hvm_core::mode::{self, MirrorPage, Mode};
 use hvm_core::LuId;
 
+use crate::backup::{Firmware, Refusal};
 use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig};
 use crate::disk::{Disk, DiskStats};
 use crate::fault::{FaultOp, FaultRule, Faults, Injected};
@@ -92,10 +94,50 @@ pub enum EngineError {
     Intent(#[from] IntentError),
 }
 
-struct Lu {
-    blocks: u64,
+pub(crate) struct Lu {
+    pub(crate) blocks: u64,
     file: File,
     disk: Arc<Disk>,
+}
+
+/// The LU files and the locks over them; shared with the array's background copies.
+pub(crate) struct Store {
+    pub(crate) lus: BTreeMap<u8, Lu>,
+    /// Overlapping mirrored writes and copies between legs, one at a time.
+    pub(crate) locks: RangeLocks,
+}
+
+impl Store {
+    /// One I/O on the file of `leg`, counted on its disk.
+    pub(crate) fn leg_io(
+        &self,
+        leg: u8,
+        lba: u64,
+        f: impl FnOnce(&File, u64) -> std::io::Result<()>,
+        write: bool,
+        bytes: usize,
+    ) -> Result<(), Sense> {
+        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
+        let _busy = lu.disk.begin(write, bytes as u64);
+        f(&lu.file, lba * u64::from(BLOCK_SIZE)).map_err(|_| Sense::INTERNAL_FAILURE)
+    }
+
+    pub(crate) fn read(&self, lun: u8, lba: u64, buf: &mut [u8]) -> Result<(), Sense> {
+        let len = buf.len();
+        self.leg_io(lun, lba, |f, off| f.read_exact_at(buf, off), false, len)
+            .map_err(|_| Sense::UNRECOVERED_READ_ERROR)
+    }
+
+    pub(crate) fn write(&self, lun: u8, lba: u64, data: &[u8]) -> Result<(), Sense> {
+        self.leg_io(
+            lun,
+            lba,
+            |f, off| f.write_all_at(data, off),
+            true,
+            data.len(),
+        )
+        .map_err(|_| Sense::WRITE_ERROR)
+    }
 }
 
 /// Counters of array-side work, for showing what did not pass through a host.
@@ -103,23 +145,26 @@ struct Lu {
 pub struct EngineCounters {
     pub commands: AtomicU64,
     pub copied_bytes: AtomicU64,
+    /// Bytes hosts read and wrote.
+    pub host_read_bytes: AtomicU64,
+    pub host_write_bytes: AtomicU64,
 }
 
 pub struct Engine {
     kind: FirmwareKind,
     dir: PathBuf,
-    /// LUs with storage.
-    lus: BTreeMap<u8, Lu>,
+    /// LUs with storage, and their locks.
+    store: Arc<Store>,
     disks: Vec<Arc<Disk>>,
     rows: Vec<MirrorConfig>,
     /// Mode Select kind: the mode of each mirrored LU (Fig. 2).
     modes: Mutex<BTreeMap<u8, Mode>>,
     turn: AtomicU64,
     faults: Faults,
-    /// Overlapping mirrored writes and copies between legs, one at a time.
-    locks: RangeLocks,
     /// Mirrored writes not yet on every leg, kept across the death of the process.
     intents: WriteIntents,
+    /// The array-side backup functions, when the config turns them on.
+    backup: Option<Arc<Firmware>>,
     pub counters: EngineCounters,
 }
 
@@ -236,17 +281,48 @@ impl Engine {
             })?;
         }
         intents.clear(&dir)?;
+        let store = Arc::new(Store {
+            lus,
+            locks: RangeLocks::default(),
+        });
+        let backup = match &cfg.backup {
+            None => None,
+            Some(b) => {
+                let in_rows: std::collections::BTreeSet<u8> = cfg
+                    .mirroring
+                    .iter()
+                    .flat_map(|r| match r {
+                        MirrorConfig::Managed { lu, mates } => {
+                            std::iter::once(*lu).chain(mates.iter().copied()).collect()
+                        }
+                        MirrorConfig::Triple {
+                            mirror,
+                            origin,
+                            mate,
+                        } => vec![*mirror, *origin, *mate],
+                        MirrorConfig::Pair { mirror, mate } => vec![*mirror, *mate],
+                    })
+                    .collect();
+                let plain = store
+                    .lus
+                    .iter()
+                    .filter(|(l, _)| !in_rows.contains(l))
+                    .map(|(l, lu)| (*l, lu.blocks))
+                    .collect();
+                Some(Firmware::open(b, &dir, plain, store.clone()).map_err(EngineError::Fault)?)
+            }
+        };
         Ok(Engine {
             kind: cfg.kind,
             dir,
-            lus,
             disks: disks.into_values().collect(),
             rows: cfg.mirroring.clone(),
             modes: Mutex::new(modes),
             turn: AtomicU64::new(0),
             faults: Faults::new(&cfg.faults).map_err(EngineError::Fault)?,
-            locks: RangeLocks::default(),
+            store,
             intents,
+            backup,
             counters: EngineCounters::default(),
         })
     }
@@ -258,7 +334,7 @@ impl Engine {
     /// Every LUN a host can address: LUs with storage and the stateless kind's mirroring
     /// LUs.
     pub fn luns(&self) -> Vec<u8> {
-        let mut v: Vec<u8> = self.lus.keys().copied().collect();
+        let mut v: Vec<u8> = self.store.lus.keys().copied().collect();
         for row in &self.rows {
             if let MirrorConfig::Triple { mirror, .. } = row {
                 v.push(*mirror);
@@ -270,12 +346,12 @@ impl Engine {
 
     /// Capacity of `lun` in blocks.
     pub fn capacity(&self, lun: u8) -> Option<u64> {
-        if let Some(lu) = self.lus.get(&lun) {
+        if let Some(lu) = self.store.lus.get(&lun) {
             return Some(lu.blocks);
         }
         self.rows.iter().find_map(|row| match row {
             MirrorConfig::Triple { mirror, origin, .. } if *mirror == lun => {
-                self.lus.get(origin).map(|l| l.blocks)
+                self.store.lus.get(origin).map(|l| l.blocks)
             }
             _ => None,
         })
@@ -290,7 +366,7 @@ impl Engine {
 
     /// Disk statistics of the disk `lun` lives on.
     pub fn lu_disk_stats(&self, lun: u8) -> Option<DiskStats> {
-        self.lus.get(&lun).map(|l| l.disk.stats())
+        self.store.lus.get(&lun).map(|l| l.disk.stats())
     }
 
     /// The mode the array holds for `lun` (Mode Select kind).
@@ -370,7 +446,11 @@ impl Engine {
         // the minimum and the ties from different readings could leave no leg at all.
         let mut loads = [0u64; MAX_LEGS];
         for (slot, l) in loads.iter_mut().zip(legs) {
-            *slot = self.lus.get(l).map_or(u64::MAX, |lu| lu.disk.outstanding());
+            *slot = self
+                .store
+                .lus
+                .get(l)
+                .map_or(u64::MAX, |lu| lu.disk.outstanding());
         }
         let loads = &loads[..legs.len()];
         let min = loads.iter().copied().min().unwrap_or(0);
@@ -413,8 +493,10 @@ impl Engine {
             Ok(c) => c,
             Err(s) => return Outcome::Reply(Response::check(s)),
         };
-        if !matches!(cmd, Command::ReportLuns { .. } | Command::Inquiry { .. })
-            && self.capacity(lun).is_none()
+        if !matches!(
+            cmd,
+            Command::ReportLuns { .. } | Command::Inquiry { .. } | Command::Backup { .. }
+        ) && self.capacity(lun).is_none()
         {
             return Outcome::Reply(Response::check(Sense::LUN_NOT_SUPPORTED));
         }
@@ -434,10 +516,90 @@ impl Engine {
             Injected::Delay(d) => std::thread::sleep(d),
             Injected::Drop => return Outcome::Drop,
         }
+        if let Some(r) = self.backup_command(lun, cmd, data_out) {
+            return Outcome::Reply(r);
+        }
         Outcome::Reply(match self.dispatch(lun, cmd, data_out, data_in) {
             Ok(data) => Response::good(data),
             Err(s) => Response::check(s),
         })
+    }
+
+    /// The backup commands, and the host I/O the backup functions take part in: their
+    /// refusals carry the reason as data-in text.
+    fn backup_command(&self, lun: u8, cmd: Command, data_out: &[u8]) -> Option<Response> {
+        let refused = |r: Refusal| Response {
+            status: CHECK_CONDITION,
+            sense: Some(r.sense),
+            data: r.message.into_bytes(),
+        };
+        let Some(fw) = &self.backup else {
+            return match cmd {
+                Command::Backup { .. } | Command::PairSplit { .. } => Some(refused(Refusal {
+                    sense: Sense::INVALID_OPCODE,
+                    message:
+                        "this array has no backup functions (its config has no `backup` section)"
+                            .into(),
+                })),
+                _ => None,
+            };
+        };
+        match cmd {
+            Command::Backup { .. } => {
+                let op = match serde_json::from_slice(data_out) {
+                    Ok(op) => op,
+                    Err(e) => {
+                        return Some(refused(Refusal {
+                            sense: Sense::INVALID_FIELD_IN_PARAMETERS,
+                            message: format!("the backup function's parameters: {e}"),
+                        }))
+                    }
+                };
+                let host = (
+                    self.counters.host_read_bytes.load(Ordering::Relaxed),
+                    self.counters.host_write_bytes.load(Ordering::Relaxed),
+                );
+                Some(match fw.execute(op, host) {
+                    Ok(reply) => Response::good(serde_json::to_vec(&reply).unwrap_or_default()),
+                    Err(r) => refused(r),
+                })
+            }
+            Command::PairSplit { split, .. } => {
+                let areas: Vec<Area> = data_out
+                    .chunks_exact(scsi::PAIR_SPLIT_PARAM_LEN)
+                    .map(|p| Area {
+                        start: u64::from_be_bytes(p[..8].try_into().unwrap_or([0; 8])),
+                        blocks: u64::from_be_bytes(p[8..].try_into().unwrap_or([0; 8])),
+                    })
+                    .collect();
+                Some(match fw.fig5(lun, split, &areas) {
+                    Ok(()) => Response::good(Vec::new()),
+                    Err(r) => refused(r),
+                })
+            }
+            Command::Read16 { .. } => fw.check_read(lun).err().map(refused),
+            Command::Write16 { lba, blocks, fua } => {
+                if self.check_range(lun, lba, blocks).is_err() {
+                    return None; // the usual path answers
+                }
+                match fw.host_write(lun, lba, data_out) {
+                    Ok(false) => None,
+                    Ok(true) => {
+                        self.counters
+                            .host_write_bytes
+                            .fetch_add(data_out.len() as u64, Ordering::Relaxed);
+                        if fua {
+                            if let Err(s) = self.sync(lun) {
+                                return Some(Response::check(s));
+                            }
+                        }
+                        Some(Response::good(Vec::new()))
+                    }
+                    Err(r) => Some(refused(r)),
+                }
+            }
+            _ => None,
+        }
     }
 
     fn dispatch(
@@ -471,6 +633,9 @@ impl Engine {
             }
             Command::Read16 { lba, blocks, .. } => {
                 let len = self.check_range(lun, lba, blocks)?;
+                self.counters
+                    .host_read_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
                 let legs = self.legs(lun, false)?;
                 let leg = self.pick(legs.as_slice());
                 let mut own = Vec::new();
@@ -487,11 +652,14 @@ impl Engine {
             }
             Command::Write16 { lba, blocks, fua } => {
                 self.check_range(lun, lba, blocks)?;
+                self.counters
+                    .host_write_bytes
+                    .fetch_add(data_out.len() as u64, Ordering::Relaxed);
                 let legs = self.legs(lun, true)?;
                 let legs = legs.as_slice();
                 // A write to several legs is one unit: see `mirror`.
                 let (_locked, _in_flight) = if legs.len() > 1 {
-                    let locked = self.locks.lock(legs[0], lba, u64::from(blocks));
+                    let locked = self.store.locks.lock(legs[0], lba, u64::from(blocks));
                     let slot = self
                         .intents
                         .begin(legs, lba, blocks)
@@ -556,6 +724,8 @@ impl Engine {
                 }
                 Ok(Vec::new())
             }
+            // Answered by `backup_command`.
+            Command::Backup { .. } | Command::PairSplit { .. } => Err(Sense::INVALID_OPCODE),
         }
     }
 
@@ -582,13 +752,11 @@ impl Engine {
         write: bool,
         bytes: usize,
     ) -> Result<(), Sense> {
-        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
-        let _busy = lu.disk.begin(write, bytes as u64);
-        f(&lu.file, lba * u64::from(BLOCK_SIZE)).map_err(|_| Sense::INTERNAL_FAILURE)
+        self.store.leg_io(leg, lba, f, write, bytes)
     }
 
     fn sync(&self, leg: u8) -> Result<(), Sense> {
-        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
+        let lu = self.store.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
         lu.file.sync_data().map_err(|_| Sense::INTERNAL_FAILURE)
     }
 
@@ -676,7 +844,7 @@ impl Engine {
             let len = b.len();
             // A mirrored write to these blocks lands either before the read or after the
             // write, never between them.
-            let _locked = self.locks.lock(from, at, n);
+            let _locked = self.store.locks.lock(from, at, n);
             self.leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
             self.leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
             self.counters
@@ -714,8 +882,13 @@ impl Engine {
             return Err(Sense::LUN_NOT_SUPPORTED);
         }
         let body = match page {
+            0x00 if self.backup.is_some() => vec![0x00, scsi::VPD_PAIRING, scsi::VPD_PAIR],
             0x00 => vec![0x00, scsi::VPD_PAIRING],
             scsi::VPD_PAIRING => self.pairing(lun),
+            scsi::VPD_PAIR => match &self.backup {
+                Some(fw) => fw.pair_page(lun),
+                None => return Err(Sense::INVALID_FIELD_IN_CDB),
+            },
             _ => return Err(Sense::INVALID_FIELD_IN_CDB),
         };
         let mut d = vec![0x00, page];

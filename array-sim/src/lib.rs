@@ -6,12 +6,15 @@
 //! - [`disk`]: disk units with counters and a service-time model.
 //! - [`fault`]: fault injection.
 //! - [`engine`]: the firmware of the three kinds over LU files.
+//! - [`backup`] and [`tape`]: the array-side backup functions of EP 1 058 190 and the
+//!   backup device's medium.
 //! - [`mirror`]: what keeps a mirror's legs identical (range locks, write intents).
 //! - [`proto`] and [`server`]: the daemon's wire format and server.
 //! - [`client`]: the transport (in-process or socket) and `ArrayClient`, which implements
 //!   hvm-core's `Backend`; the driver plugins are built on it.
 //! - [`driver`]: the parameters the three driver plugins share (embedded or connect).
 
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod disk;
@@ -22,3 +25,4 @@ pub mod mirror;
 pub mod proto;
 pub mod scsi;
 pub mod server;
+pub mod tape;

@@ -18,6 +18,14 @@
 //! | REPORT LUNS | A0h | 12: allocation length bytes 6-9 | in: 8-byte header, 8 bytes a LUN |
 //! | ARRAY COPY (vendor) | C1h | 16: LBA bytes 2-9, blocks bytes 10-13, destination LUN byte 14 | — |
 //! | SET FAULT (vendor) | C2h | 16: parameter list length bytes 10-13 | out: fault rule |
+//! | BACKUP FUNCTION (vendor) | C3h | 16: parameter list length bytes 10-13 | out: a JSON `BackupOp`; in: a JSON `BackupReply`, or on CHECK CONDITION the reason as text |
+//! | PAIR SPLIT / RESYNC (vendor, EP 1 058 190 Fig. 5) | C4h | 16: split request bit 0 of byte 1 (1 split, 0 resync), parameter list number bytes 2-3 | out: per parameter, head block address (8 bytes) and block number (8 bytes) |
+//!
+//! INQUIRY VPD page C1h (pair, step 43 of EP 1 058 190): role (0 none, 1 user volume,
+//! 2 secondary volume), partner LUN, state (0 forming, 1 duplex, 2 split, 3 resyncing), a
+//! reserved byte, blocks per bit (4 bytes), units, split units, difference units and bytes
+//! copied between the volumes (8 bytes each), the number of split areas (2 bytes) and the
+//! areas (start and blocks, 8 bytes each).
 //!
 //! Sense codes used (fixed format, response code 70h):
 //!
@@ -34,6 +42,7 @@
 //! | read error (also injected) | MEDIUM ERROR (3h) | 11h/00h |
 //! | write error (also injected) | MEDIUM ERROR | 0Ch/00h |
 //! | internal failure (a file I/O error) | HARDWARE ERROR (4h) | 44h/00h |
+//! | backup function refused (the reason follows as data-in text) | ILLEGAL REQUEST, or NOT READY for a working volume | 80h/01h-0Ah |
 
 use std::fmt;
 
@@ -56,6 +65,8 @@ pub const SA_READ_CAPACITY_16: u8 = 0x10;
 pub const REPORT_LUNS: u8 = 0xa0;
 pub const VENDOR_ARRAY_COPY: u8 = 0xc1;
 pub const VENDOR_SET_FAULT: u8 = 0xc2;
+pub const VENDOR_BACKUP: u8 = 0xc3;
+pub const VENDOR_PAIR_SPLIT: u8 = 0xc4;
 
 /// Bytes of a READ CAPACITY(16) answer.
 pub const READ_CAPACITY_16_LEN: usize = 32;
@@ -63,6 +74,10 @@ pub const READ_CAPACITY_16_LEN: usize = 32;
 pub const MODE_HEADER_6_LEN: usize = 4;
 /// Vendor VPD page of INQUIRY that describes the array's mirroring (pairing).
 pub const VPD_PAIRING: u8 = 0xc0;
+/// Vendor VPD page of INQUIRY that describes the pair of a volume (EP 1 058 190).
+pub const VPD_PAIR: u8 = 0xc1;
+/// Bytes of one Fig. 5 parameter.
+pub const PAIR_SPLIT_PARAM_LEN: usize = 16;
 
 /// Sense keys used by array-sim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,6 +133,14 @@ impl Sense {
     pub const UNRECOVERED_READ_ERROR: Sense = Sense::new(SenseKey::MediumError, 0x11, 0x00);
     pub const WRITE_ERROR: Sense = Sense::new(SenseKey::MediumError, 0x0c, 0x00);
     pub const INTERNAL_FAILURE: Sense = Sense::new(SenseKey::HardwareError, 0x44, 0x00);
+    /// A backup function refused: the volume is not in a state for it.
+    pub const BACKUP_STATE: Sense = Sense::new(SenseKey::IllegalRequest, 0x80, 0x01);
+    /// A backup function refused: its parameters are wrong.
+    pub const BACKUP_PARAMETERS: Sense = Sense::new(SenseKey::IllegalRequest, 0x80, 0x02);
+    /// A backup function refused: a resource (device, working volume) is busy or missing.
+    pub const BACKUP_RESOURCE: Sense = Sense::new(SenseKey::IllegalRequest, 0x80, 0x03);
+    /// Host access to a working volume ([0123]).
+    pub const WORKING_VOLUME: Sense = Sense::new(SenseKey::NotReady, 0x80, 0x04);
 
     /// Fixed-format sense data, 18 bytes.
     pub fn encode(self) -> [u8; 18] {
@@ -230,6 +253,16 @@ pub enum Command {
     SetFault {
         param_len: u32,
     },
+    /// An array-side backup function; its JSON request is `param_len` bytes of data-out.
+    Backup {
+        param_len: u32,
+    },
+    /// EP 1 058 190 Fig. 5: split (`split`) or resync the areas that follow as `params`
+    /// parameters of data-out; none means the whole volume.
+    PairSplit {
+        split: bool,
+        params: u16,
+    },
 }
 
 fn be64(b: &[u8]) -> u64 {
@@ -248,7 +281,7 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
         TEST_UNIT_READY | INQUIRY | MODE_SELECT_6 | MODE_SENSE_6 => Some(6),
         REPORT_LUNS => Some(12),
         READ_16 | WRITE_16 | SYNCHRONIZE_CACHE_16 | SERVICE_ACTION_IN_16 | VENDOR_ARRAY_COPY
-        | VENDOR_SET_FAULT => Some(16),
+        | VENDOR_SET_FAULT | VENDOR_BACKUP | VENDOR_PAIR_SPLIT => Some(16),
         _ => None,
     }
 }
@@ -305,6 +338,13 @@ impl Command {
             VENDOR_SET_FAULT => Command::SetFault {
                 param_len: be32(&c[10..]),
             },
+            VENDOR_BACKUP => Command::Backup {
+                param_len: be32(&c[10..]),
+            },
+            VENDOR_PAIR_SPLIT => Command::PairSplit {
+                split: c[1] & 1 == 1,
+                params: u16::from_be_bytes([c[2], c[3]]),
+            },
             _ => return Err(Sense::INVALID_OPCODE),
         })
     }
@@ -358,6 +398,14 @@ impl Command {
                 dest_lun,
             } => sixteen(VENDOR_ARRAY_COPY, 0, lba, blocks, dest_lun),
             Command::SetFault { param_len } => sixteen(VENDOR_SET_FAULT, 0, 0, param_len, 0),
+            Command::Backup { param_len } => sixteen(VENDOR_BACKUP, 0, 0, param_len, 0),
+            Command::PairSplit { split, params } => {
+                let mut c = vec![0u8; 16];
+                c[0] = VENDOR_PAIR_SPLIT;
+                c[1] = u8::from(split);
+                c[2..4].copy_from_slice(&params.to_be_bytes());
+                c
+            }
         }
     }
 
@@ -367,6 +415,8 @@ impl Command {
             Command::Write16 { blocks, .. } => u64::from(blocks) * u64::from(block_size),
             Command::ModeSelect6 { param_len } => u64::from(param_len),
             Command::SetFault { param_len } => u64::from(param_len),
+            Command::Backup { param_len } => u64::from(param_len),
+            Command::PairSplit { params, .. } => u64::from(params) * PAIR_SPLIT_PARAM_LEN as u64,
             _ => 0,
         }
     }
@@ -537,6 +587,9 @@ mod tests {
                 }
             }),
             any::<u32>().prop_map(|param_len| Command::SetFault { param_len }),
+            any::<u32>().prop_map(|param_len| Command::Backup { param_len }),
+            (any::<bool>(), any::<u16>())
+                .prop_map(|(split, params)| Command::PairSplit { split, params }),
         ]
     }
 

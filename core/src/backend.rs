@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use crate::lba::Extent;
 use crate::tables::{LuId, MirrorDefinition};
 
@@ -153,6 +154,21 @@ pub trait Backend: Send + Sync {
     /// Copy the blocks of `extent` from `src` to `dst` inside the array ([0049]).
     /// Only called when `Capabilities::array_copy` is set.
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError>;
+
+    /// Which array-side backup functions of EP 1 058 190 the array offers (none unless a
+    /// driver says so).
+    fn backup_capabilities(&self) -> BackupCapabilities {
+        BackupCapabilities::default()
+    }
+
+    /// Run one array-side backup operation.
+    fn backup(&self, op: &BackupOp) -> Result<BackupReply, BackendError> {
+        let _ = op;
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            "this array offers no array-side backup functions",
+        ))
+    }
 }
 
 macro_rules! forward_backend {
@@ -178,6 +194,12 @@ macro_rules! forward_backend {
             }
             fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
                 (**self).copy(src, dst, extent)
+            }
+            fn backup_capabilities(&self) -> BackupCapabilities {
+                (**self).backup_capabilities()
+            }
+            fn backup(&self, op: &BackupOp) -> Result<BackupReply, BackendError> {
+                (**self).backup(op)
             }
         }
     )*};

@@ -11,6 +11,7 @@
 //!
 //! No sockets and no async runtime live here; the service builds on this.
 
+pub mod array_backup;
 pub mod backend;
 pub mod journal;
 pub mod lba;
