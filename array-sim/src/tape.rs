@@ -234,9 +234,6 @@ mod tests {
         let mut w = TapeWriter::create(&p, 7).unwrap();
         w.record(100, &[1u8; 1024]).unwrap();
         w.record(3, &[2u8; 512]).unwrap();
-        // Unfinished: no trailer.
-        let e = Tape::open(&p).unwrap_err().to_string();
-        assert!(e.contains("without a trailer"), "{e}");
         w.finish().unwrap();
         let t = Tape::open(&p).unwrap();
         assert_eq!(t.source_lun, 7);
@@ -248,8 +245,12 @@ mod tests {
         let img = std::fs::read(&out).unwrap();
         assert_eq!(&img[3 * 512..4 * 512], &[2u8; 512][..]);
         assert_eq!(&img[100 * 512..102 * 512], &[1u8; 1024][..]);
-        // One flipped data byte.
+        // Unfinished: no trailer.
         let mut bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - RECORD_HEADER]).unwrap();
+        let e = Tape::open(&p).unwrap_err().to_string();
+        assert!(e.contains("without a trailer"), "{e}");
+        // One flipped data byte.
         bytes[16 + RECORD_HEADER + 5] ^= 1;
         std::fs::write(&p, &bytes).unwrap();
         let e = Tape::open(&p).unwrap_err().to_string();
