@@ -267,11 +267,7 @@ fn the_driver_reports_the_functions_and_an_array_without_them_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let (_e, c) = array(dir.path(), "");
     assert_eq!(c.backup_capabilities(), BackupCapabilities::ALL);
-    let plain = ArrayConfig::parse(
-        config("").split("backup:").next().unwrap(),
-        "p.yaml",
-    )
-    .unwrap();
+    let plain = ArrayConfig::parse(config("").split("backup:").next().unwrap(), "p.yaml").unwrap();
     let d2 = tempfile::tempdir().unwrap();
     let c2 = ArrayClient::new(Arc::new(Engine::open(&plain, Some(d2.path())).unwrap()));
     assert_eq!(c2.backup_capabilities(), BackupCapabilities::default());

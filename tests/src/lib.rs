@@ -72,6 +72,28 @@ pub fn plugin_path(name: &str) -> PathBuf {
     target_dir().join(format!("libhvm_plugin_{}.so", name.replace('-', "_")))
 }
 
+/// The plugin built against the interface before the array-side backup functions
+/// (`plugins/test-fixtures/old-plugin`, its own workspace), built once per process.
+pub fn old_plugin_path() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let fixture = workspace().join("plugins/test-fixtures/old-plugin");
+            let target = target_dir().join("old-plugin");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .arg("build")
+                .arg("--manifest-path")
+                .arg(fixture.join("Cargo.toml"))
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .expect("run cargo build for the old plugin");
+            assert!(status.success(), "cargo build of the old plugin failed");
+            target.join("debug/libhvm_plugin_test_old.so")
+        })
+        .clone()
+}
+
 /// A binary of the workspace (`array-sim`, `host-agent`).
 pub fn binary(name: &str) -> PathBuf {
     build_artifacts();

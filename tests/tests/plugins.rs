@@ -334,3 +334,25 @@ fn loads_by_name_from_a_plugin_directory() {
         "{msg}"
     );
 }
+
+/// A plugin built against a frozen copy of the plugin interface (its own workspace, so
+/// its copy is the package `hvm-plugin-abi` as abi_stable requires) loads into today's
+/// host and works: the guard for the next change of the interface. Without a driver for
+/// them it offers no array-side backup functions.
+#[test]
+fn a_plugin_built_against_the_frozen_interface_still_loads() {
+    let p = Plugin::load(&hvm_tests::old_plugin_path()).unwrap();
+    let b = p.open("").unwrap();
+    let d = b.describe().unwrap();
+    assert_eq!(d.lus.len(), 1);
+    b.write(LuId(0), 7, &[0x5a; 512], false).unwrap();
+    assert_eq!(read1(&b, 0, 7), 0x5a);
+    assert_eq!(
+        b.backup_capabilities(),
+        hvm_core::array_backup::BackupCapabilities::default()
+    );
+    let e = b
+        .backup(&hvm_core::array_backup::BackupOp::Counters)
+        .unwrap_err();
+    assert_eq!(e.kind, BackendErrorKind::Unsupported, "{e}");
+}
