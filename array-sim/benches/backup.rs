@@ -100,7 +100,7 @@ fn main() {
     std::fs::copy(dir.join("lu10.img"), dir.join("copy.img")).expect("raw copy");
     let raw = t.elapsed();
 
-    println!("resync after an area split, {} MiB volume, 8 blocks per bit, the same 4 KiB random write load (0.5 s over the whole volume) during the split", BLOCKS * BS as u64 >> 20);
+    println!("resync after an area split, {} MiB volume, 8 blocks per bit, the same 4 KiB random write load (0.5 s over the whole volume) during the split", (BLOCKS * BS as u64) >> 20);
     println!(
         "{:>8} {:>12} {:>12} {:>12} {:>10}",
         "split", "diff units", "copied MiB", "resync ms", "vs raw copy"
@@ -163,7 +163,7 @@ fn main() {
     println!();
     println!(
         "host write latency during a backup of the whole {} MiB volume to a device",
-        BLOCKS * BS as u64 >> 20
+        (BLOCKS * BS as u64) >> 20
     );
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>8}",
