@@ -646,7 +646,8 @@ impl Engine {
                         &mut own
                     }
                 };
-                self.leg_io(leg, lba, |f, off| f.read_exact_at(buf, off), false, len)
+                self.store
+                    .leg_io(leg, lba, |f, off| f.read_exact_at(buf, off), false, len)
                     .map_err(|_| Sense::UNRECOVERED_READ_ERROR)?;
                 Ok(own)
             }
@@ -669,14 +670,15 @@ impl Engine {
                     (Vec::new(), None)
                 };
                 for &leg in legs {
-                    self.leg_io(
-                        leg,
-                        lba,
-                        |f, off| f.write_all_at(data_out, off),
-                        true,
-                        data_out.len(),
-                    )
-                    .map_err(|_| Sense::WRITE_ERROR)?;
+                    self.store
+                        .leg_io(
+                            leg,
+                            lba,
+                            |f, off| f.write_all_at(data_out, off),
+                            true,
+                            data_out.len(),
+                        )
+                        .map_err(|_| Sense::WRITE_ERROR)?;
                     if fua {
                         self.sync(leg)?;
                     }
@@ -742,17 +744,6 @@ impl Engine {
             return Err(Sense::INVALID_FIELD_IN_CDB);
         }
         Ok(blocks as usize * BLOCK_SIZE as usize)
-    }
-
-    fn leg_io(
-        &self,
-        leg: u8,
-        lba: u64,
-        f: impl FnOnce(&File, u64) -> std::io::Result<()>,
-        write: bool,
-        bytes: usize,
-    ) -> Result<(), Sense> {
-        self.store.leg_io(leg, lba, f, write, bytes)
     }
 
     fn sync(&self, leg: u8) -> Result<(), Sense> {
@@ -845,8 +836,10 @@ impl Engine {
             // A mirrored write to these blocks lands either before the read or after the
             // write, never between them.
             let _locked = self.store.locks.lock(from, at, n);
-            self.leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
-            self.leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
+            self.store
+                .leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
+            self.store
+                .leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
             self.counters
                 .copied_bytes
                 .fetch_add(b.len() as u64, Ordering::Relaxed);
