@@ -140,10 +140,22 @@ fn fio_write(file: &Path, offset: u64, round: u32, out: &Path) -> Child {
         .arg(format!("--offset={offset}"))
         .arg(format!("--size={WINDOW}"))
         .arg(format!("--verify_pattern={}", pattern(round)))
+        .arg("--output=fio.txt")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Whether a 4 KiB block of the fio window at `offset` of the leg file `leg` starts with
+/// `marker` (fio's pattern starts every block it writes).
+fn window_has(leg: &Path, offset: u64, marker: &str) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(leg).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; WINDOW as usize];
+    f.read_exact(&mut buf).unwrap();
+    buf.chunks(4096).any(|b| b.starts_with(marker.as_bytes()))
 }
 
 /// The offsets of the writes fio saw complete, from its completion-latency log (a write
@@ -283,9 +295,16 @@ fn sigkill_during_writes_and_resync_loses_nothing() {
         let mut fio = fio_write(&fuse.file(), offset, round, &out);
         // The random moment is counted from fio's first recorded write, so a slow start
         // (a debug build, a busy machine) cannot leave a round with nothing written.
+        // Recording comes before the write is issued, and the first write to each region
+        // waits for its journal record to be synced, so a write is known to have reached
+        // the array only when the round's pattern is in the leg's file.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while recorded(&a, t.vlu).0 == 0 {
-            assert!(Instant::now() < deadline, "round {round}: fio never wrote");
+        let marker = format!("hvm-crash-{round:03}");
+        while recorded(&a, t.vlu).0 == 0 || !window_has(&state.join(t.legs[0]), offset, &marker) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no write of fio reached the array in 60 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let phase = if in_resync {
@@ -309,7 +328,8 @@ fn sigkill_during_writes_and_resync_loses_nothing() {
         let offsets = acked(&out);
         assert!(
             !offsets.is_empty(),
-            "round {round}: fio completed no write before the kill"
+            "round {round}: fio completed no write before the kill; its output:\n{}",
+            std::fs::read_to_string(out.join("fio.txt")).unwrap_or_default()
         );
 
         let a = Agent::start_config(&cfg, &state);
