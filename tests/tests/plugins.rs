@@ -335,6 +335,70 @@ fn loads_by_name_from_a_plugin_directory() {
     );
 }
 
+/// Interface 0.1.1's addition: the array-side backup functions cross the boundary, and
+/// a plugin of 0.1.0 loads beside plugins of today in one process, in either order.
+#[test]
+fn backup_functions_cross_the_plugin_boundary_beside_an_old_plugin() {
+    use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply, PairState};
+    let old = Plugin::load(&hvm_tests::old_plugin_path()).unwrap();
+    assert_eq!(old.interface, "0.1.0");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(
+        hvm_tests::workspace().join("array-sim/examples/ep1058190-backup.yaml"),
+    )
+    .unwrap();
+    let body: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("dir:"))
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    let params = format!(
+        "array:\n  embedded:\n    dir: {}\n{body}",
+        dir.path().display()
+    );
+    let p = Plugin::load(&plugin_path("mode-select")).unwrap();
+    assert_eq!(
+        p.interface,
+        hvm_plugin_abi::host::Plugin::interface_version()
+    );
+    assert_ne!(p.interface, old.interface);
+    let b = p.open(&params).unwrap();
+    assert_eq!(b.backup_capabilities(), BackupCapabilities::ALL);
+    b.write(LuId(10), 0, &[7; 4096], false).unwrap();
+    assert_eq!(
+        b.backup(&BackupOp::PairCreate {
+            primary: 10,
+            secondary: 11
+        })
+        .unwrap(),
+        BackupReply::Done
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match b.backup(&BackupOp::PairStatus { lu: 10 }).unwrap() {
+            BackupReply::Pair(s) if s.state == PairState::Duplex => break,
+            BackupReply::Pair(_) => {}
+            r => panic!("{r:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never duplex");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(read1(&b, 11, 0), 7);
+    // The array's refusal comes back as the error's message, with the kind it maps to.
+    let e = b
+        .backup(&BackupOp::PairCreate {
+            primary: 10,
+            secondary: 1,
+        })
+        .unwrap_err();
+    assert!(e.message.contains("plain LU"), "{e}");
+    // And the old plugin, loaded again after today's, still works.
+    let again = Plugin::load(&hvm_tests::old_plugin_path()).unwrap();
+    let ob = again.open("").unwrap();
+    ob.write(LuId(0), 1, &[3; 512], false).unwrap();
+    assert_eq!(read1(&ob, 0, 1), 3);
+}
+
 /// A plugin built against a frozen copy of the plugin interface (its own workspace, so
 /// its copy is the package `hvm-plugin-abi` as abi_stable requires) loads into today's
 /// host and works: the guard for the next change of the interface. Without a driver for

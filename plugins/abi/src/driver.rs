@@ -3,14 +3,17 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use std::sync::Arc;
+
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RErr, ROk, RResult, RSlice, RSliceMut, RVec};
+use abi_stable::std_types::{RErr, ROk, RResult, RSlice, RSliceMut, RSome, RStr, RString, RVec};
+use hvm_core::array_backup::{BackupCapabilities, BackupOp};
 use hvm_core::backend::{Backend, BackendError, BackendErrorKind};
 use hvm_core::{Extent, LuId, MirrorDefinition};
 
 use crate::{
-    BackendBox, BackendObj, BackendObj_TO, Capabilities, Description, ErrorKind, LuInfo, MirrorRow,
-    PluginError,
+    backup_bits, BackendBox, BackendObj, BackendObj_TO, BackupObj, BackupObj_TO, Capabilities,
+    Description, ErrorKind, LuInfo, MirrorRow, Opened, PluginError,
 };
 
 /// Run `f`, turning a panic into an error. Unwinding must not cross the plugin boundary.
@@ -164,8 +167,76 @@ pub fn boxed<B: Backend + 'static>(backend: B) -> BackendBox {
     BackendObj_TO::from_value(Adapter(backend), TD_Opaque)
 }
 
-/// Define a plugin's root module. `open` is a `fn(&str) -> Result<BackendBox,
-/// PluginError>` taking the plugin's YAML parameters; it runs under [`guard`].
+/// A `Backend`'s array-side backup functions as a plugin object.
+pub struct BackupAdapter<B>(pub B);
+
+impl<B: Backend> BackupObj for BackupAdapter<B> {
+    fn capabilities(&self) -> RResult<u64, PluginError> {
+        guard(|| Ok(bits_from_core(self.0.backup_capabilities())))
+    }
+
+    fn backup(&self, op: RStr<'_>) -> RResult<RString, PluginError> {
+        guard(|| {
+            let op: BackupOp = serde_json::from_str(op.as_str()).map_err(|e| {
+                PluginError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("this plugin does not know the backup operation {op}: {e}"),
+                )
+            })?;
+            let reply = self.0.backup(&op).map_err(error_from_core)?;
+            serde_json::to_string(&reply)
+                .map(RString::from)
+                .map_err(|e| PluginError::new(ErrorKind::Io, format!("encode the reply: {e}")))
+        })
+    }
+}
+
+/// hvm-core's backup capabilities as [`backup_bits`].
+pub fn bits_from_core(c: BackupCapabilities) -> u64 {
+    use backup_bits::*;
+    [
+        (c.pairs, PAIRS),
+        (c.ccopy, CCOPY),
+        (c.auto, AUTO),
+        (c.area_split, AREA_SPLIT),
+        (c.cow, COW),
+        (c.pool, POOL),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |bits, (_, bit)| bits | bit)
+}
+
+/// [`backup_bits`] as hvm-core's backup capabilities; unknown bits are ignored.
+pub fn bits_to_core(bits: u64) -> BackupCapabilities {
+    use backup_bits::*;
+    BackupCapabilities {
+        pairs: bits & PAIRS != 0,
+        ccopy: bits & CCOPY != 0,
+        auto: bits & AUTO != 0,
+        area_split: bits & AREA_SPLIT != 0,
+        cow: bits & COW != 0,
+        pool: bits & POOL != 0,
+    }
+}
+
+/// A backend and its backup functions, sharing the one backend, for
+/// [`PluginMod::open_with_backup`](crate::PluginMod).
+pub fn opened<B: Backend + 'static>(backend: B) -> Opened {
+    let backend = Arc::new(backend);
+    Opened {
+        backup: RSome(BackupObj_TO::from_value(
+            BackupAdapter(Arc::clone(&backend)),
+            TD_Opaque,
+        )),
+        backend: boxed(backend),
+    }
+}
+
+/// Define a plugin's root module. `open` is a `fn(&str) -> Result<B, PluginError>`, `B`
+/// an `hvm_core::Backend`, taking the plugin's YAML parameters; it runs under [`guard`].
+/// The module exports it twice: as `open` for hosts of interface 0.1.0 and as
+/// `open_with_backup`, which also hands over the backend's array-side backup functions.
 ///
 /// ```ignore
 /// hvm_plugin_abi::export_plugin! {
@@ -193,7 +264,12 @@ macro_rules! export_plugin {
         extern "C" fn __hvm_plugin_open(
             params: ::abi_stable::std_types::RStr<'_>,
         ) -> ::abi_stable::std_types::RResult<$crate::BackendBox, $crate::PluginError> {
-            $crate::driver::guard(|| $open(params.as_str()))
+            $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::boxed))
+        }
+        extern "C" fn __hvm_plugin_open_with_backup(
+            params: ::abi_stable::std_types::RStr<'_>,
+        ) -> ::abi_stable::std_types::RResult<$crate::Opened, $crate::PluginError> {
+            $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::opened))
         }
         #[::abi_stable::export_root_module]
         pub fn get_library() -> $crate::PluginModRef {
@@ -204,6 +280,7 @@ macro_rules! export_plugin {
                 capabilities: __hvm_plugin_capabilities,
                 thread_model: __hvm_plugin_thread_model,
                 open: __hvm_plugin_open,
+                open_with_backup: __hvm_plugin_open_with_backup,
             }
             .leak_into_prefix()
         }

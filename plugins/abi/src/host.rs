@@ -7,11 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
-use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr};
+use abi_stable::std_types::{RNone, RResult, RSlice, RSliceMut, RStr};
+use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo};
 use hvm_core::{Extent, LuId, MirrorDefinition};
 
-use crate::{BackendBox, Capabilities, ErrorKind, PluginError, PluginModRef, ThreadModel};
+use crate::driver::bits_to_core;
+use crate::{
+    v1, BackendBox, BackupBox, Capabilities, ErrorKind, Opened, PluginError, PluginModRef,
+    ThreadModel,
+};
 
 /// Why a plugin could not be used; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +36,24 @@ pub enum LoadError {
     Open { path: PathBuf, error: PluginError },
 }
 
+/// A plugin's root module, as the interface version it was built against lays it out.
+#[derive(Clone, Copy)]
+enum Module {
+    Current(PluginModRef),
+    V1(v1::PluginModRef),
+}
+
 /// A loaded plugin: its root module and what it declares.
 #[derive(Clone)]
 pub struct Plugin {
     pub path: PathBuf,
     pub name: String,
     pub version: String,
+    /// The plugin interface it was built against (`0.1.0` has no backup functions).
+    pub interface: String,
     pub capabilities: Capabilities,
     pub thread_model: ThreadModel,
-    module: PluginModRef,
+    module: Module,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -118,16 +132,41 @@ impl Plugin {
         };
         // Per file, not RootModule::load_from_file: that caches one library per root
         // module type, and a host loads several plugins of this one interface.
-        let module = lib_header_from_path(path)
-            .map_err(lib)?
-            .init_root_module::<PluginModRef>()
-            .map_err(lib)?;
+        let header = lib_header_from_path(path).map_err(lib)?;
+        let module = match header.init_root_module::<PluginModRef>() {
+            Ok(m) => Module::Current(m),
+            // Built against interface 0.1.0, whose root module has fewer fields: check it
+            // against that layout instead.
+            Err(LibraryError::AbiInstability(_))
+                if header.version_strings().version.as_str() == v1::VERSION =>
+            {
+                Module::V1(header.init_root_module::<v1::PluginModRef>().map_err(lib)?)
+            }
+            Err(e) => return Err(lib(e)),
+        };
+        let (name, version, capabilities, thread_model, interface) = match module {
+            Module::Current(m) => (
+                m.name(),
+                m.version(),
+                m.capabilities(),
+                m.thread_model(),
+                PluginModRef::VERSION_STRINGS.version.as_str(),
+            ),
+            Module::V1(m) => (
+                m.name(),
+                m.version(),
+                m.capabilities(),
+                m.thread_model(),
+                v1::VERSION,
+            ),
+        };
         Ok(Plugin {
             path: path.to_path_buf(),
-            name: module.name()().to_string(),
-            version: module.version()().to_string(),
-            capabilities: module.capabilities()(),
-            thread_model: module.thread_model()(),
+            name: name().to_string(),
+            version: version().to_string(),
+            interface: interface.to_string(),
+            capabilities: capabilities(),
+            thread_model: thread_model(),
             module,
         })
     }
@@ -139,9 +178,24 @@ impl Plugin {
 
     /// Open a backend with the plugin's YAML parameters.
     pub fn open(&self, params: &str) -> Result<PluginBackend, LoadError> {
-        match self.module.open()(RStr::from_str(params)) {
-            RResult::ROk(obj) => Ok(PluginBackend {
-                obj,
+        let params = RStr::from_str(params);
+        let opened = match self.module {
+            Module::Current(m) => match m.open_with_backup() {
+                Some(open) => open(params),
+                None => m.open()(params).map(|backend| Opened {
+                    backend,
+                    backup: RNone,
+                }),
+            },
+            Module::V1(m) => m.open()(params).map(|backend| Opened {
+                backend,
+                backup: RNone,
+            }),
+        };
+        match opened {
+            RResult::ROk(o) => Ok(PluginBackend {
+                obj: o.backend,
+                backup: o.backup.into_option(),
                 serialize: (self.thread_model == ThreadModel::SerializeAll).then(|| Mutex::new(())),
                 failed: AtomicBool::new(false),
                 plugin: self.name.clone(),
@@ -158,6 +212,8 @@ impl Plugin {
 /// service: every call answers `Failed` and the host keeps serving other backends.
 pub struct PluginBackend {
     obj: BackendBox,
+    /// The array-side backup functions; `None` for a plugin of interface 0.1.0.
+    backup: Option<BackupBox>,
     serialize: Option<Mutex<()>>,
     failed: AtomicBool,
     plugin: String,
@@ -181,10 +237,7 @@ impl PluginBackend {
         self.failed.load(Ordering::SeqCst)
     }
 
-    fn call<T>(
-        &self,
-        f: impl FnOnce(&BackendBox) -> RResult<T, PluginError>,
-    ) -> Result<T, BackendError> {
+    fn call<T>(&self, f: impl FnOnce() -> RResult<T, PluginError>) -> Result<T, BackendError> {
         if self.is_failed() {
             return Err(BackendError::new(
                 BackendErrorKind::Failed,
@@ -195,7 +248,7 @@ impl PluginBackend {
             .serialize
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-        match f(&self.obj) {
+        match f() {
             RResult::ROk(v) => Ok(v),
             RResult::RErr(e) => {
                 if e.kind == ErrorKind::Panicked {
@@ -209,7 +262,7 @@ impl PluginBackend {
 
 impl Backend for PluginBackend {
     fn describe(&self) -> Result<BackendDescription, BackendError> {
-        let d = self.call(|o| o.describe())?;
+        let d = self.call(|| self.obj.describe())?;
         let id = LuId;
         let mut mirroring = Vec::new();
         for r in d.mirroring.iter() {
@@ -258,26 +311,66 @@ impl Backend for PluginBackend {
     }
 
     fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.call(|o| o.read(lu.0, lba, RSliceMut::from_mut_slice(buf)))
+        self.call(|| self.obj.read(lu.0, lba, RSliceMut::from_mut_slice(buf)))
     }
 
     fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.call(|o| o.write(lu.0, lba, RSlice::from_slice(data), fua))
+        self.call(|| self.obj.write(lu.0, lba, RSlice::from_slice(data), fua))
     }
 
     fn flush(&self, lu: LuId) -> Result<(), BackendError> {
-        self.call(|o| o.flush(lu.0))
+        self.call(|| self.obj.flush(lu.0))
     }
 
     fn mode_sense(&self, lu: LuId) -> Result<Vec<u8>, BackendError> {
-        self.call(|o| o.mode_sense(lu.0)).map(|v| v.into_vec())
+        self.call(|| self.obj.mode_sense(lu.0))
+            .map(|v| v.into_vec())
     }
 
     fn mode_select(&self, lu: LuId, page: &[u8]) -> Result<(), BackendError> {
-        self.call(|o| o.mode_select(lu.0, RSlice::from_slice(page)))
+        self.call(|| self.obj.mode_select(lu.0, RSlice::from_slice(page)))
     }
 
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
-        self.call(|o| o.copy(src.0, dst.0, extent.first(), extent.last()))
+        self.call(|| self.obj.copy(src.0, dst.0, extent.first(), extent.last()))
+    }
+
+    fn backup_capabilities(&self) -> BackupCapabilities {
+        match &self.backup {
+            Some(b) => self
+                .call(|| b.capabilities())
+                .map(bits_to_core)
+                .unwrap_or_default(),
+            None => BackupCapabilities::default(),
+        }
+    }
+
+    fn backup(&self, op: &BackupOp) -> Result<BackupReply, BackendError> {
+        let Some(b) = &self.backup else {
+            return Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!(
+                    "plugin {} was built against plugin interface {}, which has no array-side backup functions",
+                    self.plugin,
+                    v1::VERSION
+                ),
+            ));
+        };
+        let op = serde_json::to_string(op).map_err(|e| {
+            BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                format!("encode {op:?}: {e}"),
+            )
+        })?;
+        let reply = self.call(|| b.backup(RStr::from_str(&op)))?;
+        serde_json::from_str(&reply).map_err(|e| {
+            BackendError::new(
+                BackendErrorKind::Io,
+                format!(
+                    "plugin {}: malformed backup reply {reply}: {e}",
+                    self.plugin
+                ),
+            )
+        })
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! Three parts, as abi_stable's examples lay them out:
 //!
-//! - The interface ([`PluginMod`], [`BackendObj`], and the StableAbi types): the root
-//!   module is a prefix type, so fields added later go after [`PluginMod::open`] (the last
-//!   prefix field) and plugins built before still load; the host reads such a field with
-//!   the prefix accessor, which answers `None` for an old plugin.
+//! - The interface ([`PluginMod`], [`BackendObj`], [`BackupObj`], and the StableAbi
+//!   types): the root module is a prefix type, so fields are added after
+//!   [`PluginMod::open`] (the last prefix field). Interface 0.1.1 added
+//!   `open_with_backup`, which also hands over the array-side backup functions.
+//!   abi_stable's own check refuses a library whose root module has fewer fields than
+//!   the host's, so the host checks a 0.1.0 plugin against the frozen [`v1`] layout and
+//!   opens it with `open`: plugins built before still load, without backup functions.
 //! - The driver side ([`driver`]): wraps any `hvm_core::Backend` as a [`BackendBox`],
 //!   catching panics at the boundary so a panicking driver returns an error instead of
 //!   unwinding into the host.
@@ -18,7 +21,7 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
-use abi_stable::std_types::{RBox, RResult, RSlice, RSliceMut, RStr, RString, RVec};
+use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 use abi_stable::{declare_root_module_statics, package_version_strings, sabi_trait, StableAbi};
 
 pub mod driver;
@@ -151,6 +154,44 @@ pub trait BackendObj: Send + Sync {
 /// An opened backend, owned by the host.
 pub type BackendBox = BackendObj_TO<'static, RBox<()>>;
 
+/// Bits of [`BackupObj::capabilities`]: the array-side backup functions of EP 1 058 190
+/// (hvm-core's `BackupCapabilities`). Unknown bits are ignored, so later interfaces can
+/// add functions.
+pub mod backup_bits {
+    pub const PAIRS: u64 = 1;
+    pub const CCOPY: u64 = 1 << 1;
+    pub const AUTO: u64 = 1 << 2;
+    pub const AREA_SPLIT: u64 = 1 << 3;
+    pub const COW: u64 = 1 << 4;
+    pub const POOL: u64 = 1 << 5;
+}
+
+/// The array-side backup functions of a backend (interface 0.1.1 and later). Operations
+/// and replies cross the boundary as JSON of hvm-core's `BackupOp` and `BackupReply`:
+/// those enums grow new operations and fields, and serde's tagged form lets an older
+/// plugin answer "unknown operation" instead of the host and plugin disagreeing on a
+/// layout.
+#[sabi_trait]
+pub trait BackupObj: Send + Sync {
+    /// The functions offered, as [`backup_bits`].
+    fn capabilities(&self) -> RResult<u64, PluginError>;
+    /// Run one operation (`BackupOp` as JSON), answering `BackupReply` as JSON.
+    #[sabi(last_prefix_field)]
+    fn backup(&self, op: RStr<'_>) -> RResult<RString, PluginError>;
+}
+
+/// A backend's backup functions, owned by the host.
+pub type BackupBox = BackupObj_TO<'static, RBox<()>>;
+
+/// What [`PluginMod::open_with_backup`] opens: the backend, and its backup functions
+/// when the plugin has any.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct Opened {
+    pub backend: BackendBox,
+    pub backup: ROption<BackupBox>,
+}
+
 /// The root module every plugin exports with `#[export_root_module]`.
 #[repr(C)]
 #[derive(StableAbi)]
@@ -164,6 +205,11 @@ pub struct PluginMod {
     /// Open a backend from the plugin's YAML parameters (the `params` of the host config).
     #[sabi(last_prefix_field)]
     pub open: extern "C" fn(params: RStr<'_>) -> RResult<BackendBox, PluginError>,
+    /// Interface 0.1.1: open a backend with its array-side backup functions. Plugins of
+    /// interface 0.1.0 do not have it; the host loads them through [`v1`] and opens
+    /// them with `open`.
+    #[sabi(missing_field(option))]
+    pub open_with_backup: extern "C" fn(params: RStr<'_>) -> RResult<Opened, PluginError>,
 }
 
 impl RootModule for PluginModRef {
@@ -171,6 +217,42 @@ impl RootModule for PluginModRef {
     const BASE_NAME: &'static str = "hvm_plugin";
     const NAME: &'static str = "hvm_plugin";
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// The root module as interface 0.1.0 laid it out, kept so this host still loads plugins
+/// built against it.
+///
+/// abi_stable checks a library against the host's root module and refuses one with
+/// fewer fields than the host's type (a newer library with more fields is fine, an
+/// older one is not). So the host first checks a plugin against today's
+/// [`PluginMod`](crate::PluginMod); when that fails for a plugin that declares 0.1.0,
+/// it is checked against this frozen prefix (same type name, same fields) instead.
+/// Never change it.
+pub mod v1 {
+    use super::*;
+
+    #[repr(C)]
+    #[derive(StableAbi)]
+    #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+    #[sabi(missing_field(panic))]
+    pub struct PluginMod {
+        pub name: extern "C" fn() -> RStr<'static>,
+        pub version: extern "C" fn() -> RStr<'static>,
+        pub capabilities: extern "C" fn() -> Capabilities,
+        pub thread_model: extern "C" fn() -> ThreadModel,
+        #[sabi(last_prefix_field)]
+        pub open: extern "C" fn(params: RStr<'_>) -> RResult<BackendBox, PluginError>,
+    }
+
+    /// The interface version of [`PluginMod`] as it was frozen.
+    pub const VERSION: &str = "0.1.0";
+
+    impl RootModule for PluginModRef {
+        declare_root_module_statics! {PluginModRef}
+        const BASE_NAME: &'static str = "hvm_plugin";
+        const NAME: &'static str = "hvm_plugin";
+        const VERSION_STRINGS: VersionStrings = VersionStrings::new(VERSION);
+    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,10 @@
 //! host or reached over a socket; see `array_sim::driver` for its parameters.
 
 use array_sim::config::FirmwareKind;
-use hvm_plugin_abi::{BackendBox, Capabilities, ErrorKind, PluginError, ThreadModel};
+use hvm_plugin_abi::{Capabilities, ErrorKind, PluginError, ThreadModel};
 
-fn open(params: &str) -> Result<BackendBox, PluginError> {
+fn open(params: &str) -> Result<array_sim::driver::Array, PluginError> {
     array_sim::driver::open(params, FirmwareKind::ModeSelect)
-        .map(hvm_plugin_abi::driver::boxed)
         .map_err(|e| PluginError::new(ErrorKind::Config, e))
 }
 

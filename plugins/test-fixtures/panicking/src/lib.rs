@@ -4,7 +4,7 @@
 
 use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo};
 use hvm_core::{Extent, LuId};
-use hvm_plugin_abi::{BackendBox, Capabilities, ErrorKind, PluginError, ThreadModel};
+use hvm_plugin_abi::{Capabilities, ErrorKind, PluginError, ThreadModel};
 
 struct Panicky;
 
@@ -42,11 +42,11 @@ impl Backend for Panicky {
     }
 }
 
-fn open(params: &str) -> Result<BackendBox, PluginError> {
+fn open(params: &str) -> Result<Panicky, PluginError> {
     if params.trim() == "fail" {
         return Err(PluginError::new(ErrorKind::Config, "asked to fail"));
     }
-    Ok(hvm_plugin_abi::driver::boxed(Panicky))
+    Ok(Panicky)
 }
 
 hvm_plugin_abi::export_plugin! {
