@@ -17,6 +17,7 @@
 //! | `POST /v1/resync/pause`, `/v1/resync/resume` | pause or resume the resync service |
 //! | `PUT /v1/resync/rate` `{"bytes_per_second": N}` | rate limit per backend, 0: none |
 //! | `GET /v1/backends` | backends, their health and journals |
+//! | `POST /v1/backends/{name}/backup` `BackupOp` | an array-side backup function of EP 1 058 190 (pair, CCOPY, AUTO, COW, pool); answers `BackupReply`; a CCOPY or COW without ranges covers the whole LU |
 //! | `POST /v1/reload` | reload the config file, as SIGHUP does (see [`crate::reload`]); 422 if it is not valid |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -31,7 +32,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use hvm_core::{ManagerError, Mode, VirtualLuId};
+use hvm_core::array_backup::{Area, BackupOp, BackupReply};
+use hvm_core::{Backend, BackendError, BackendErrorKind, ManagerError, Mode, VirtualLuId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -285,6 +287,7 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
                 json!({
                     "name": name,
                     "strategy_capabilities": format!("{:?}", mgr.capabilities()),
+                    "backup": mgr.backend().backup_capabilities(),
                     "health": health,
                     "journal": a2.journals.get(name).map(|j| json!({
                         "path": j.path(),
@@ -297,6 +300,76 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
     .await
     .unwrap_or_default();
     Json(json!({ "backends": list }))
+}
+
+/// The HTTP status of a backend's refusal: 501 when the array lacks the function, 409
+/// when it refuses it in the present state (a volume that is not a split secondary, a
+/// busy device), 400 for a request it cannot parse.
+fn backend_status(e: &BackendError) -> StatusCode {
+    match e.kind {
+        BackendErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        BackendErrorKind::InvalidRequest | BackendErrorKind::DataProtect => StatusCode::CONFLICT,
+        BackendErrorKind::OutOfRange => StatusCode::BAD_REQUEST,
+        BackendErrorKind::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A CCOPY or COW request without ranges covers the whole LU.
+fn whole_lu(backend: &dyn Backend, op: &mut BackupOp) -> ApiResult<()> {
+    let (BackupOp::Ccopy { lu, ranges, .. } | BackupOp::Cow { lu, ranges, .. }) = op else {
+        return Ok(());
+    };
+    if !ranges.is_empty() {
+        return Ok(());
+    }
+    let d = backend
+        .describe()
+        .map_err(|e| ApiError(backend_status(&e), e.message))?;
+    let blocks = d
+        .lus
+        .iter()
+        .find(|l| l.id.0 == *lu)
+        .map(|l| l.capacity_lbas)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("the array has no LU {lu}")))?;
+    ranges.push(Area { start: 0, blocks });
+    Ok(())
+}
+
+async fn array_backup(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+    Json(mut op): Json<BackupOp>,
+) -> ApiResult<Json<BackupReply>> {
+    let mgr = a
+        .managers
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backend named {name:?}")))?;
+    blocking(move || {
+        let backend = mgr.backend();
+        if !backend.backup_capabilities().any() {
+            return Err(ApiError(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("{name}: no array-side backup functions (its array has no `backup` section, or its plugin was built before plugin interface 0.1.1)"),
+            ));
+        }
+        whole_lu(backend, &mut op)?;
+        match op {
+            BackupOp::PairStatus { .. }
+            | BackupOp::Job { .. }
+            | BackupOp::Counters
+            | BackupOp::Devices => {
+                tracing::debug!(backend = %name, ?op, "array-side backup query");
+            }
+            _ => tracing::info!(backend = %name, ?op, "array-side backup operation"),
+        }
+        backend
+            .backup(&op)
+            .map(Json)
+            .map_err(|e| ApiError(backend_status(&e), format!("{name}: {}", e.message)))
+    })
+    .await
 }
 
 /// Prometheus text exposition.
@@ -368,6 +441,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/resync/resume", post(resume))
         .route("/v1/resync/rate", put(rate))
         .route("/v1/backends", get(backends))
+        .route("/v1/backends/{name}/backup", post(array_backup))
         .route("/v1/reload", post(reload))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -13,6 +13,7 @@
 //! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
+pub mod arrayctl;
 pub mod config;
 pub mod control;
 pub mod coord;
@@ -48,7 +49,15 @@ pub fn plugin_check(plugin: &Plugin) -> String {
         plugin.name,
         plugin.version,
         plugin.path.display(),
-        Plugin::interface_version(),
+        if plugin.interface == Plugin::interface_version() {
+            plugin.interface.clone()
+        } else {
+            format!(
+                "{} (this host's is {}; no array-side backup functions)",
+                plugin.interface,
+                Plugin::interface_version()
+            )
+        },
         if caps.is_empty() { "none".into() } else { caps.join(", ") },
         match plugin.thread_model {
             ThreadModel::Parallel => "parallel",

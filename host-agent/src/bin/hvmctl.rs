@@ -14,16 +14,25 @@
 //! hvmctl backup run --db db1:7430 --backup bk1:7430 --vlu pg --target pg-monday
 //! hvmctl backup verify /srv/backups/pg-monday
 //! hvmctl backup restore /srv/backups/pg-monday --vlu pg --to /dev/sdx
+//! hvmctl pair create|split|resync|delete|status|wait ...   # array-side, EP 1 058 190
+//! hvmctl backup ccopy|auto|cow|job ...
+//! hvmctl volume attribute LU user|work
+//! hvmctl device list|restore ...
+//! hvmctl array counters
 //! ```
 //!
 //! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
 //! (the message says why), 2 for usage errors, 3 when the agent cannot be reached, 4 when
-//! a backup's freeze deadline passed (everything was thawed and rolled back).
+//! a deadline passed: a backup's freeze deadline (everything was thawed and rolled back)
+//! or `pair wait --timeout`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hvm_host_agent::arrayctl::{
+    self, ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd,
+};
 use hvm_host_agent::coord::console::{self, Via};
 use hvm_host_agent::coord::{copy, tls, Code, Peer};
 use hvm_host_agent::ctl::{call, wait_resync};
@@ -95,6 +104,27 @@ enum Cmd {
         #[command(subcommand)]
         command: TlsCmd,
     },
+    /// Pairs inside an array (EP 1 058 190): create, split (whole or by area), resync,
+    /// delete, status, wait.
+    Pair {
+        #[command(subcommand)]
+        command: PairCmd,
+    },
+    /// A volume's user/work attribute in the array's working-volume pool.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCmd,
+    },
+    /// An array's backup devices, and restoring a backup medium.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+    },
+    /// An array's counters.
+    Array {
+        #[command(subcommand)]
+        command: ArrayCmd,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -161,6 +191,17 @@ enum BackupCmd {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Array-side: copy ranges of a split secondary volume to a backup device inside
+    /// the array; no data passes through a host ([0029]-[0030]).
+    Ccopy(CopyArgs),
+    /// Array-side: split the user volume's pair, copy the secondary to a backup device
+    /// and resync, in one command ([0037]-[0040]).
+    Auto(CopyArgs),
+    /// Array-side: back up the user volume while it is written, saving the old data of a
+    /// block to a working volume before its first write ([0062]-[0122]).
+    Cow(CowArgs),
+    /// Array-side: the state of a copy job.
+    Job(JobArgs),
 }
 
 #[derive(Subcommand)]
@@ -337,13 +378,32 @@ fn human(cmd: &Cmd, body: &Value) -> String {
             out
         }
         Cmd::Backends => {
-            let mut rows = vec![["NAME", "HEALTH", "JOURNAL", "JOURNAL BYTES", "FLUSHES"]
-                .map(String::from)
-                .to_vec()];
+            let mut rows = vec![[
+                "NAME",
+                "HEALTH",
+                "ARRAY-SIDE BACKUP",
+                "JOURNAL",
+                "JOURNAL BYTES",
+                "FLUSHES",
+            ]
+            .map(String::from)
+            .to_vec()];
             for b in body["backends"].as_array().into_iter().flatten() {
+                let backup: Vec<&str> = b["backup"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, on)| **on == Value::Bool(true))
+                    .map(|(k, _)| k.as_str())
+                    .collect();
                 rows.push(vec![
                     s(&b["name"]),
                     s(&b["health"]),
+                    if backup.is_empty() {
+                        "-".into()
+                    } else {
+                        backup.join(",")
+                    },
                     s(&b["journal"]["path"]),
                     s(&b["journal"]["stats"]["file_bytes"]),
                     s(&b["journal"]["stats"]["flushes"]),
@@ -421,7 +481,7 @@ fn bar(json: bool) -> impl FnMut(&str, u64, u64) {
     }
 }
 
-fn backup(cmd: &BackupCmd, json: bool) -> ExitCode {
+fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
     let print = |v: &serde_json::Value, human: String| {
         if json {
             println!("{v}");
@@ -430,6 +490,10 @@ fn backup(cmd: &BackupCmd, json: bool) -> ExitCode {
         }
     };
     match cmd {
+        BackupCmd::Ccopy(a) => arrayctl::copy(sock, json, CopyKind::Ccopy, a),
+        BackupCmd::Auto(a) => arrayctl::copy(sock, json, CopyKind::Auto, a),
+        BackupCmd::Cow(a) => arrayctl::cow(sock, json, a),
+        BackupCmd::Job(a) => arrayctl::job(sock, json, a),
         BackupCmd::Run {
             db,
             backup,
@@ -594,7 +658,11 @@ fn main() -> ExitCode {
             size_mib,
             warmup,
         } => return demo(dir.clone(), *size_mib, *warmup, cli.json),
-        Cmd::Backup { command } => return backup(command, cli.json),
+        Cmd::Backup { command } => return backup(&sock, command, cli.json),
+        Cmd::Pair { command } => return arrayctl::pair(&sock, cli.json, command),
+        Cmd::Volume { command } => return arrayctl::volume(&sock, cli.json, command),
+        Cmd::Device { command } => return arrayctl::device(&sock, cli.json, command),
+        Cmd::Array { command } => return arrayctl::array(&sock, cli.json, command),
         Cmd::Tls {
             command: TlsCmd::Init { dir, hosts },
         } => {
