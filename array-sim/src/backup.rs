@@ -91,6 +91,8 @@ fn io_err(s: Sense, what: &str) -> Refusal {
 const STEP_BLOCKS: u64 = 256;
 /// Finished jobs remembered for status.
 const KEPT_JOBS: usize = 256;
+/// Blocks a resync or initial copy handles under one range lock (512 KiB).
+const SYNC_BATCH_BLOCKS: u64 = 1024;
 
 /// A bitmap with one bit per unit.
 #[derive(Clone, Debug)]
@@ -128,16 +130,21 @@ impl Bitmap {
         (0..self.units).filter(|u| self.get(*u))
     }
 
-    /// The set units as runs `(first, count)`.
-    fn runs(&self) -> Vec<(u64, u64)> {
+    /// The set units among `first..first + count` as runs `(first, count)`.
+    fn runs_in(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for u in self.ones() {
+        for u in (first..(first + count).min(self.units)).filter(|u| self.get(*u)) {
             match out.last_mut() {
                 Some((f, n)) if *f + *n == u => *n += 1,
                 _ => out.push((u, 1)),
             }
         }
         out
+    }
+
+    /// The set units as runs `(first, count)`.
+    fn runs(&self) -> Vec<(u64, u64)> {
+        self.runs_in(0, self.units)
     }
 }
 
@@ -553,49 +560,63 @@ impl Firmware {
         r
     }
 
+    /// Copy in batches of whole units (at most [`SYNC_BATCH_BLOCKS`] under one range
+    /// lock): the marked units of a batch go in one read and one write per run of
+    /// consecutive units, so a resync costs I/Os per run, not per unit. Only units whose
+    /// difference bit is set are copied ([0031]).
     fn sync(&self, primary: u8, todo: &Bitmap) -> Result<(), Refusal> {
+        let batch = (SYNC_BATCH_BLOCKS / self.n).max(1);
         let mut buf = Vec::new();
-        for u in todo.ones() {
-            let (root, secondary, blocks) = {
-                let st = self.lock();
-                let Some(i) = st.pair_of_primary(primary) else {
-                    return Ok(()); // deleted meanwhile
+        for (run, len) in todo.runs() {
+            let mut u0 = run;
+            while u0 < run + len {
+                let k = batch.min(run + len - u0);
+                let (root, secondary, cap) = {
+                    let st = self.lock();
+                    let Some(i) = st.pair_of_primary(primary) else {
+                        return Ok(()); // deleted meanwhile
+                    };
+                    let cap = self.plain.get(&primary).copied().unwrap_or(0);
+                    (st.root(primary), st.pairs[i].secondary, cap)
                 };
-                let cap = self.plain.get(&primary).copied().unwrap_or(0);
-                (st.root(primary), st.pairs[i].secondary, cap)
-            };
-            let first = u * self.n;
-            let count = self.n.min(blocks.saturating_sub(first));
-            if count == 0 {
-                continue;
-            }
-            let _locked = self.store.locks.lock(root, first, self.n);
-            let dirty = {
-                let st = self.lock();
-                st.pair_of_primary(primary)
-                    .is_some_and(|i| st.pairs[i].diff.get(u))
-            };
-            if dirty {
-                buf.resize((count * u64::from(BLOCK_SIZE)) as usize, 0);
-                self.store
-                    .read(primary, first, &mut buf)
-                    .map_err(|s| io_err(s, "reading the user volume"))?;
-                self.store
-                    .write(secondary, first, &buf)
-                    .map_err(|s| io_err(s, "writing the secondary volume"))?;
-                self.propagate(secondary, first, &buf)?;
+                let first = u0 * self.n;
+                if first >= cap {
+                    break;
+                }
+                let _locked = self.store.locks.lock(root, first, k * self.n);
+                let dirty = {
+                    let st = self.lock();
+                    st.pair_of_primary(primary)
+                        .map(|i| st.pairs[i].diff.runs_in(u0, k))
+                        .unwrap_or_default()
+                };
+                let mut copied = 0u64;
+                for (d, dn) in dirty {
+                    let lba = d * self.n;
+                    let blocks = (dn * self.n).min(cap - lba);
+                    buf.resize((blocks * u64::from(BLOCK_SIZE)) as usize, 0);
+                    self.store
+                        .read(primary, lba, &mut buf)
+                        .map_err(|s| io_err(s, "reading the user volume"))?;
+                    self.store
+                        .write(secondary, lba, &buf)
+                        .map_err(|s| io_err(s, "writing the secondary volume"))?;
+                    self.propagate(secondary, lba, &buf)?;
+                    copied += buf.len() as u64;
+                }
                 self.counters
                     .pair_copy_bytes
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            }
-            let mut st = self.lock();
-            if let Some(i) = st.pair_of_primary(primary) {
-                let p = &mut st.pairs[i];
-                p.diff.put(u, false);
-                p.split.put(u, false);
-                if dirty {
-                    p.copied_bytes += buf.len() as u64;
+                    .fetch_add(copied, Ordering::Relaxed);
+                let mut st = self.lock();
+                if let Some(i) = st.pair_of_primary(primary) {
+                    let p = &mut st.pairs[i];
+                    for u in u0..u0 + k {
+                        p.diff.put(u, false);
+                        p.split.put(u, false);
+                    }
+                    p.copied_bytes += copied;
                 }
+                u0 += k;
             }
         }
         Ok(())
