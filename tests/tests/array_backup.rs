@@ -133,6 +133,21 @@ impl Writer {
     }
 }
 
+/// `hvmctl device restore` of the array's medium file `medium` into a new file; its
+/// report and the restored bytes.
+fn restore(s: &Setup, medium: &str) -> (Value, Vec<u8>) {
+    let to = s.dir.path().join(format!("{medium}.restored"));
+    let _ = std::fs::remove_file(&to);
+    let r = s.agent.json(&[
+        "device",
+        "restore",
+        s.data.join(medium).to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    (r, std::fs::read(&to).unwrap())
+}
+
 fn counters(a: &Agent) -> Value {
     a.json(&["array", "counters"])
 }
@@ -206,16 +221,9 @@ fn pair_split_ccopy_restore_resync_through_hvmctl() {
     assert_eq!(job["state"], "done");
 
     // The medium restores to exactly the frozen image.
-    let restored = s.dir.path().join("restored.img");
-    let r = a.json(&[
-        "device",
-        "restore",
-        s.data.join("tape0.rec").to_str().unwrap(),
-        "--to",
-        restored.to_str().unwrap(),
-    ]);
+    let (r, restored) = restore(&s, "tape0.rec");
     assert_eq!(r["blocks"], 16384, "{r}");
-    assert!(std::fs::read(&restored).unwrap() == frozen);
+    assert!(restored == frozen);
 
     // pairevtwait's timeout: exit status 4.
     let m = fails(
@@ -252,8 +260,10 @@ fn auto_and_cow_backups_through_hvmctl() {
     let m = fails(a, &["backup", "auto", "10", "--device", "tape0"], 1);
     assert!(m.contains("pair"), "{m}");
 
-    // [0037]-[0040]: one command splits, copies the whole secondary and resyncs.
+    // [0037]-[0040]: one command splits, copies the whole secondary and resyncs. The
+    // writer stops first, so the medium must hold the user volume as it is.
     a.json(&["pair", "create", "10", "11", "--wait"]);
+    writer.stop();
     let before = counters(a);
     let j = a.json(&["backup", "auto", "10", "--device", "tape0", "--wait"]);
     assert_eq!(j["state"], "done", "{j}");
@@ -263,15 +273,9 @@ fn auto_and_cow_backups_through_hvmctl() {
     assert_eq!(delta(&before, &after, "host_read_bytes"), 0);
     let p = a.json(&["pair", "wait", "10", "--state", "duplex", "--timeout", "60"]);
     assert_eq!(p["state"], "duplex");
-    let restored = s.dir.path().join("auto.img");
-    let r = a.json(&[
-        "device",
-        "restore",
-        s.data.join("tape0.rec").to_str().unwrap(),
-        "--to",
-        restored.to_str().unwrap(),
-    ]);
+    let (r, restored) = restore(&s, "tape0.rec");
     assert_eq!(r["blocks"], BLOCKS, "{r}");
+    assert!(restored == read_lu(&arr, 10, BLOCKS));
     a.json(&["pair", "delete", "10"]);
 
     // [0103]: LU 21 joins the pool; LU 20 is already a working volume. A working volume
@@ -283,6 +287,8 @@ fn auto_and_cow_backups_through_hvmctl() {
 
     // [0062]-[0097]: a COW backup of the live user volume; the writer's writes to blocks
     // not yet copied save the old data first.
+    let writer = Writer::start(&s.sock, 10);
+    writer.wait_for(50);
     let before = counters(a);
     let j = a.json(&["backup", "cow", "10", "--device", "tape1", "--wait"]);
     assert_eq!(j["state"], "done", "{j}");
