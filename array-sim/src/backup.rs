@@ -799,34 +799,7 @@ impl Firmware {
 
     /// INQUIRY VPD page C1h (step 43).
     pub(crate) fn pair_page(&self, lun: u8) -> Vec<u8> {
-        let mut d = vec![0u8; 4];
-        let Ok(s) = self.pair_status(lun) else {
-            d.extend_from_slice(&[0u8; 44]);
-            return d;
-        };
-        let primary = s.primary == u32::from(lun);
-        d[0] = if primary { 1 } else { 2 };
-        d[1] = if primary {
-            s.secondary as u8
-        } else {
-            s.primary as u8
-        };
-        d[2] = match s.state {
-            PairState::Forming => 0,
-            PairState::Duplex => 1,
-            PairState::Split => 2,
-            PairState::Resyncing => 3,
-        };
-        d.extend_from_slice(&s.blocks_per_bit.to_be_bytes());
-        for v in [s.units, s.split_units, s.diff_units, s.copied_bytes] {
-            d.extend_from_slice(&v.to_be_bytes());
-        }
-        d.extend_from_slice(&(s.split_areas.len().min(1000) as u16).to_be_bytes());
-        for a in s.split_areas.iter().take(1000) {
-            d.extend_from_slice(&a.start.to_be_bytes());
-            d.extend_from_slice(&a.blocks.to_be_bytes());
-        }
-        d
+        crate::scsi::encode_pair_page(lun, self.pair_status(lun).ok().as_ref())
     }
 }
 

@@ -8,9 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use hvm_core::array_backup::{
-    Area, BackupCapabilities, BackupOp, BackupReply, PairState, PairStatus,
-};
+use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use hvm_core::backend::{
     Backend, BackendDescription, BackendError, BackendErrorKind, Capabilities, LuInfo,
 };
@@ -523,10 +521,7 @@ impl<T: Transport> Backend for ArrayClient<T> {
                 let params = u16::try_from(areas.len())
                     .map_err(|_| bad("more than 65535 areas in one pair split command"))?;
                 let mut data = Vec::with_capacity(areas.len() * scsi::PAIR_SPLIT_PARAM_LEN);
-                for a in areas {
-                    data.extend_from_slice(&a.start.to_be_bytes());
-                    data.extend_from_slice(&a.blocks.to_be_bytes());
-                }
+                scsi::encode_areas(&mut data, areas);
                 self.command(
                     lun_of(LuId(*lu))?,
                     Command::PairSplit { split, params },
@@ -543,7 +538,7 @@ impl<T: Transport> Backend for ArrayClient<T> {
                     alloc_len: u16::MAX,
                 };
                 let d = self.command(lun, cmd, &[])?;
-                decode_pair_page(lun, d.get(4..).unwrap_or(&[]))
+                scsi::decode_pair_page(lun, d.get(4..).unwrap_or(&[]))
                     .ok_or_else(|| bad("malformed pair page (VPD C1h)"))?
                     .map(BackupReply::Pair)
                     .ok_or_else(|| {
@@ -571,48 +566,6 @@ impl<T: Transport> Backend for ArrayClient<T> {
             }
         }
     }
-}
-
-/// The VPD C1h body: `None` if malformed, `Some(None)` for an unpaired LU.
-fn decode_pair_page(lun: u8, d: &[u8]) -> Option<Option<PairStatus>> {
-    if d.len() < 42 {
-        return None;
-    }
-    if d[0] == 0 {
-        return Some(None);
-    }
-    let be = |i: usize| {
-        d.get(i..i + 8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-    };
-    let (primary, secondary) = if d[0] == 1 { (lun, d[1]) } else { (d[1], lun) };
-    let state = match d[2] {
-        0 => PairState::Forming,
-        1 => PairState::Duplex,
-        2 => PairState::Split,
-        3 => PairState::Resyncing,
-        _ => return None,
-    };
-    let n = usize::from(u16::from_be_bytes([d[40], d[41]]));
-    let mut split_areas = Vec::with_capacity(n);
-    for i in 0..n {
-        let at = 42 + i * 16;
-        split_areas.push(Area {
-            start: be(at)?,
-            blocks: be(at + 8)?,
-        });
-    }
-    Some(Some(PairStatus {
-        primary: u32::from(primary),
-        secondary: u32::from(secondary),
-        state,
-        blocks_per_bit: u32::from_be_bytes(d[4..8].try_into().ok()?),
-        units: be(8)?,
-        split_units: be(16)?,
-        diff_units: be(24)?,
-        copied_bytes: be(32)?,
-        split_areas,
-    }))
 }
 
 #[cfg(test)]

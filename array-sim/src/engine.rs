@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hvm_core::array_backup::Area;
 use hvm_core::mode::{self, MirrorPage, Mode};
 use hvm_core::LuId;
 
@@ -565,14 +564,7 @@ impl Engine {
                 })
             }
             Command::PairSplit { split, .. } => {
-                let areas: Vec<Area> = data_out
-                    .chunks_exact(scsi::PAIR_SPLIT_PARAM_LEN)
-                    .map(|p| Area {
-                        start: u64::from_be_bytes(p[..8].try_into().unwrap_or([0; 8])),
-                        blocks: u64::from_be_bytes(p[8..].try_into().unwrap_or([0; 8])),
-                    })
-                    .collect();
-                Some(match fw.fig5(lun, split, &areas) {
+                Some(match fw.fig5(lun, split, &scsi::decode_areas(data_out)) {
                     Ok(()) => Response::good(Vec::new()),
                     Err(r) => refused(r),
                 })

@@ -46,6 +46,7 @@
 
 use std::fmt;
 
+use hvm_core::array_backup::{Area, PairState, PairStatus};
 use hvm_core::BackendErrorKind;
 
 /// SCSI status GOOD.
@@ -484,10 +485,127 @@ pub fn encode_mode_select_6(page: &[u8]) -> Vec<u8> {
     d
 }
 
+/// Fig. 5's parameters, and the split areas of the pair page: per area the start block
+/// and the number of blocks, 8 bytes each, big-endian.
+pub fn encode_areas(d: &mut Vec<u8>, areas: &[Area]) {
+    for a in areas {
+        d.extend_from_slice(&a.start.to_be_bytes());
+        d.extend_from_slice(&a.blocks.to_be_bytes());
+    }
+}
+
+/// The whole areas in `d` (a trailing partial one is ignored).
+pub fn decode_areas(d: &[u8]) -> Vec<Area> {
+    d.chunks_exact(PAIR_SPLIT_PARAM_LEN)
+        .map(|p| Area {
+            start: be64(p),
+            blocks: be64(&p[8..]),
+        })
+        .collect()
+}
+
+/// Split areas listed at most by the pair page.
+const PAIR_PAGE_AREAS: usize = 1000;
+/// Bytes of the pair page before its areas.
+const PAIR_PAGE_HEADER: usize = 42;
+
+/// The body of VPD page C1h for `lun` (step 43): role (0 unpaired, 1 user volume, 2
+/// secondary), the other volume, state (0 forming, 1 duplex, 2 split, 3 resyncing), a
+/// reserved byte, blocks per bit (4 bytes), then units, split units, different units and
+/// copied bytes (8 each), the number of split areas (2) and the areas.
+pub fn encode_pair_page(lun: u8, pair: Option<&PairStatus>) -> Vec<u8> {
+    let mut d = vec![0u8; 4];
+    let Some(s) = pair else {
+        d.resize(PAIR_PAGE_HEADER + 2, 0);
+        return d;
+    };
+    let primary = s.primary == u32::from(lun);
+    d[0] = if primary { 1 } else { 2 };
+    d[1] = if primary { s.secondary } else { s.primary } as u8;
+    d[2] = match s.state {
+        PairState::Forming => 0,
+        PairState::Duplex => 1,
+        PairState::Split => 2,
+        PairState::Resyncing => 3,
+    };
+    d.extend_from_slice(&s.blocks_per_bit.to_be_bytes());
+    for v in [s.units, s.split_units, s.diff_units, s.copied_bytes] {
+        d.extend_from_slice(&v.to_be_bytes());
+    }
+    let areas = &s.split_areas[..s.split_areas.len().min(PAIR_PAGE_AREAS)];
+    d.extend_from_slice(&(areas.len() as u16).to_be_bytes());
+    encode_areas(&mut d, areas);
+    d
+}
+
+/// A pair page body of `lun`: `None` if malformed, `Some(None)` for an unpaired LU.
+pub fn decode_pair_page(lun: u8, d: &[u8]) -> Option<Option<PairStatus>> {
+    if d.len() < PAIR_PAGE_HEADER {
+        return None;
+    }
+    if d[0] == 0 {
+        return Some(None);
+    }
+    let (primary, secondary) = if d[0] == 1 { (lun, d[1]) } else { (d[1], lun) };
+    let state = match d[2] {
+        0 => PairState::Forming,
+        1 => PairState::Duplex,
+        2 => PairState::Split,
+        3 => PairState::Resyncing,
+        _ => return None,
+    };
+    let n = usize::from(u16::from_be_bytes([d[40], d[41]]));
+    let areas = d.get(PAIR_PAGE_HEADER..PAIR_PAGE_HEADER + n * PAIR_SPLIT_PARAM_LEN)?;
+    Some(Some(PairStatus {
+        primary: u32::from(primary),
+        secondary: u32::from(secondary),
+        state,
+        blocks_per_bit: be32(&d[4..]),
+        units: be64(&d[8..]),
+        split_units: be64(&d[16..]),
+        diff_units: be64(&d[24..]),
+        copied_bytes: be64(&d[32..]),
+        split_areas: decode_areas(areas),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pair_pages_round_trip() {
+        let s = PairStatus {
+            primary: 10,
+            secondary: 11,
+            state: PairState::Split,
+            blocks_per_bit: 8,
+            units: 4096,
+            split_units: 2048,
+            diff_units: 3,
+            split_areas: vec![
+                Area {
+                    start: 0,
+                    blocks: 16384,
+                },
+                Area {
+                    start: 20000,
+                    blocks: 8,
+                },
+            ],
+            copied_bytes: 1 << 24,
+        };
+        for lun in [10, 11] {
+            let d = encode_pair_page(lun, Some(&s));
+            assert_eq!(decode_pair_page(lun, &d), Some(Some(s.clone())));
+            assert_eq!(decode_pair_page(lun, &d[..d.len() - 1]), None, "cut area");
+        }
+        assert_eq!(decode_pair_page(3, &encode_pair_page(3, None)), Some(None));
+        let mut bad = encode_pair_page(10, Some(&s));
+        bad[2] = 9;
+        assert_eq!(decode_pair_page(10, &bad), None, "unknown state");
+    }
 
     #[test]
     fn sense_round_trip_and_layout() {
