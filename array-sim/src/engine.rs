@@ -108,7 +108,7 @@ pub(crate) struct Store {
 
 impl Store {
     /// One I/O on the file of `leg`, counted on its disk.
-    pub(crate) fn leg_io(
+    fn leg_io(
         &self,
         leg: u8,
         lba: u64,
@@ -638,9 +638,7 @@ impl Engine {
                         &mut own
                     }
                 };
-                self.store
-                    .leg_io(leg, lba, |f, off| f.read_exact_at(buf, off), false, len)
-                    .map_err(|_| Sense::UNRECOVERED_READ_ERROR)?;
+                self.store.read(leg, lba, buf)?;
                 Ok(own)
             }
             Command::Write16 { lba, blocks, fua } => {
@@ -662,15 +660,7 @@ impl Engine {
                     (Vec::new(), None)
                 };
                 for &leg in legs {
-                    self.store
-                        .leg_io(
-                            leg,
-                            lba,
-                            |f, off| f.write_all_at(data_out, off),
-                            true,
-                            data_out.len(),
-                        )
-                        .map_err(|_| Sense::WRITE_ERROR)?;
+                    self.store.write(leg, lba, data_out)?;
                     if fua {
                         self.sync(leg)?;
                     }
@@ -824,14 +814,11 @@ impl Engine {
         while at < end {
             let n = (end - at).min(chunk);
             let b = &mut buf[..(n * u64::from(BLOCK_SIZE)) as usize];
-            let len = b.len();
             // A mirrored write to these blocks lands either before the read or after the
             // write, never between them.
             let _locked = self.store.locks.lock(from, at, n);
-            self.store
-                .leg_io(from, at, |f, off| f.read_exact_at(b, off), false, len)?;
-            self.store
-                .leg_io(to, at, |f, off| f.write_all_at(b, off), true, len)?;
+            self.store.read(from, at, b)?;
+            self.store.write(to, at, b)?;
             self.counters
                 .copied_bytes
                 .fetch_add(b.len() as u64, Ordering::Relaxed);
