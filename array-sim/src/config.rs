@@ -75,6 +75,23 @@ pub enum MirrorConfig {
     Pair { mirror: u8, mate: u8 },
 }
 
+impl MirrorConfig {
+    /// Every LU the row names (a stateless row's mirroring LU included).
+    pub fn lus(&self) -> Vec<u8> {
+        match self {
+            MirrorConfig::Managed { lu, mates } => {
+                std::iter::once(*lu).chain(mates.iter().copied()).collect()
+            }
+            MirrorConfig::Triple {
+                mirror,
+                origin,
+                mate,
+            } => vec![*mirror, *origin, *mate],
+            MirrorConfig::Pair { mirror, mate } => vec![*mirror, *mate],
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArrayConfig {
@@ -200,14 +217,12 @@ impl ArrayConfig {
                             crate::engine::MAX_LEGS - 1
                         ));
                     }
-                    (std::iter::once(*lu).chain(mates.iter().copied()).collect(), None)
+                    (row.lus(), None)
                 }
                 (FirmwareKind::Stateless, MirrorConfig::Triple { mirror, origin, mate }) => {
                     (vec![*origin, *mate], Some(*mirror))
                 }
-                (FirmwareKind::PreUpdate, MirrorConfig::Pair { mirror, mate }) => {
-                    (vec![*mirror, *mate], None)
-                }
+                (FirmwareKind::PreUpdate, MirrorConfig::Pair { .. }) => (row.lus(), None),
                 (kind, row) => {
                     return Err(format!(
                         "mirroring row {row:?} does not fit a {kind:?} array (mode-select: {{lu, mates}}, stateless: {{mirror, origin, mate}}, pre-update: {{mirror, mate}})"

@@ -287,21 +287,8 @@ impl Engine {
         let backup = match &cfg.backup {
             None => None,
             Some(b) => {
-                let in_rows: std::collections::BTreeSet<u8> = cfg
-                    .mirroring
-                    .iter()
-                    .flat_map(|r| match r {
-                        MirrorConfig::Managed { lu, mates } => {
-                            std::iter::once(*lu).chain(mates.iter().copied()).collect()
-                        }
-                        MirrorConfig::Triple {
-                            mirror,
-                            origin,
-                            mate,
-                        } => vec![*mirror, *origin, *mate],
-                        MirrorConfig::Pair { mirror, mate } => vec![*mirror, *mate],
-                    })
-                    .collect();
+                let in_rows: std::collections::BTreeSet<u8> =
+                    cfg.mirroring.iter().flat_map(MirrorConfig::lus).collect();
                 let plain = store
                     .lus
                     .iter()
