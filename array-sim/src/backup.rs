@@ -439,21 +439,31 @@ impl Firmware {
     /// unsaved" blocks of the write to each copy's working volume. Runs under the range
     /// lock, so neither the copy process nor another write can touch these blocks.
     fn save_before_write(&self, lun: u8, lba: u64, blocks: u64) -> Result<(), Refusal> {
-        // (job, work volume, block, slot) to save.
-        let plan: Vec<(u32, u8, u64, u64)> = {
+        // Runs (job, work volume, first block, first slot, blocks) to save: consecutive
+        // blocks of one job go to consecutive slots, in either saving mode, so a run is
+        // one read and one write.
+        let plan: Vec<(u32, u8, u64, u64, u64)> = {
             let mut st = self.lock();
-            let mut plan = Vec::new();
+            let mut plan: Vec<(u32, u8, u64, u64, u64)> = Vec::new();
             for c in st.infos.iter_mut().filter(|c| c.source == lun) {
                 let Some(work) = c.work else { continue };
                 for b in lba..lba + blocks {
-                    if c.states[b as usize] == CopyState::Unsaved {
-                        let slot = if c.same_block {
-                            b
-                        } else {
-                            c.next_slot += 1;
-                            c.next_slot - 1
-                        };
-                        plan.push((c.job, work, b, slot));
+                    if c.states[b as usize] != CopyState::Unsaved {
+                        continue;
+                    }
+                    let slot = if c.same_block {
+                        b
+                    } else {
+                        c.next_slot += 1;
+                        c.next_slot - 1
+                    };
+                    match plan.last_mut() {
+                        Some((job, _, first, at, n))
+                            if *job == c.job && *first + *n == b && *at + *n == slot =>
+                        {
+                            *n += 1;
+                        }
+                        _ => plan.push((c.job, work, b, slot, 1)),
                     }
                 }
             }
@@ -462,26 +472,31 @@ impl Firmware {
         if plan.is_empty() {
             return Ok(());
         }
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for &(_, work, b, slot) in &plan {
+        let mut buf = Vec::new();
+        let mut saved = 0;
+        for &(_, work, b, slot, n) in &plan {
+            buf.resize((n * u64::from(BLOCK_SIZE)) as usize, 0);
             self.store
                 .read(lun, b, &mut buf)
-                .map_err(|s| io_err(s, "reading the block to save"))?;
+                .map_err(|s| io_err(s, "reading the blocks to save"))?;
             self.store
                 .write(work, slot, &buf)
                 .map_err(|s| io_err(s, "saving to the working volume"))?;
+            saved += n;
         }
         self.counters
             .saved_bytes
-            .fetch_add(plan.len() as u64 * u64::from(BLOCK_SIZE), Ordering::Relaxed);
+            .fetch_add(saved * u64::from(BLOCK_SIZE), Ordering::Relaxed);
         let mut st = self.lock();
-        for &(job, _, b, slot) in &plan {
+        for &(job, _, first, at, n) in &plan {
             if let Some(c) = st.infos.iter_mut().find(|c| c.job == job) {
-                c.states[b as usize] = CopyState::Saved;
-                c.slots.insert(b, slot);
+                for i in 0..n {
+                    c.states[(first + i) as usize] = CopyState::Saved;
+                    c.slots.insert(first + i, at + i);
+                }
             }
             if let Some(j) = st.jobs.get_mut(&job) {
-                j.status.saved_blocks += 1;
+                j.status.saved_blocks += n;
             }
         }
         Ok(())
