@@ -901,7 +901,7 @@ impl Firmware {
         auto: bool,
     ) -> Result<u32, Refusal> {
         let total = self.check_ranges(lun, &ranges)?;
-        let (source, primary, job, path, areas) = if auto {
+        let (source, primary, job, path) = if auto {
             // Step 91: the user volume must have a secondary; step 94 otherwise.
             let (primary, secondary) = {
                 let st = self.lock();
@@ -924,7 +924,7 @@ impl Firmware {
             let path = self.device(&st, device)?;
             st.hold(secondary);
             let job = self.new_job(&mut st, "auto", lun, device, total);
-            (secondary, Some(primary), job, path, ranges.clone())
+            (secondary, Some(primary), job, path)
         } else {
             let mut st = self.lock();
             let path = self.device(&st, device)?;
@@ -950,7 +950,7 @@ impl Firmware {
             }
             st.hold(lun);
             let job = self.new_job(&mut st, "ccopy", lun, device, total);
-            (lun, None, job, path, Vec::new())
+            (lun, None, job, path)
         };
         let fw = Arc::clone(self);
         let dev = device.to_string();
@@ -964,7 +964,7 @@ impl Firmware {
             if let (Ok(()), Some(primary)) = (&r, primary) {
                 // Step 95: resync the areas this job split.
                 let blocks = fw.plain[&primary];
-                r = fw.units_of(&areas, blocks).and_then(|m| {
+                r = fw.units_of(&ranges, blocks).and_then(|m| {
                     {
                         let mut st = fw.lock();
                         if let Some(i) = st.pair_of_primary(primary) {
