@@ -155,6 +155,31 @@ pub trait Backend: Send + Sync {
     /// Only called when `Capabilities::array_copy` is set.
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError>;
 
+    /// Write zeroes to `blocks` blocks of `lu` from block `lba` (NBD WRITE_ZEROES and
+    /// TRIM, SCSI WRITE SAME). With `unmap` the storage may deallocate the blocks instead
+    /// (a punched hole, a discard); they read back as zeroes either way, so mirrored legs
+    /// stay identical. The default writes zero-filled buffers.
+    fn write_zeroes(
+        &self,
+        lu: LuId,
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        let _ = unmap;
+        write_zeroes_by_writing(self, lu, lba, blocks, fua)
+    }
+
+    /// Who the storage behind `lu` is, as a stable text (a VPD 83h designator, a file's
+    /// device, inode and size, an NBD export, an RBD image id): the same storage gives the
+    /// same text after a restart, other storage a different one. `None` when the driver
+    /// cannot tell.
+    fn identity(&self, lu: LuId) -> Result<Option<String>, BackendError> {
+        let _ = lu;
+        Ok(None)
+    }
+
     /// Which array-side backup functions of EP 1 058 190 the array offers (none unless a
     /// driver says so).
     fn backup_capabilities(&self) -> BackupCapabilities {
@@ -169,6 +194,31 @@ pub trait Backend: Send + Sync {
             "this array offers no array-side backup functions",
         ))
     }
+}
+
+/// Zero `blocks` blocks of `lu` from `lba` by writing zero-filled buffers of at most
+/// 1 MiB: [`Backend::write_zeroes`] for storage that has no faster way.
+pub fn write_zeroes_by_writing<B: Backend + ?Sized>(
+    backend: &B,
+    lu: LuId,
+    lba: u64,
+    blocks: u64,
+    fua: bool,
+) -> Result<(), BackendError> {
+    const CHUNK_BLOCKS: u64 = 2048;
+    let zero = vec![0u8; (blocks.min(CHUNK_BLOCKS) * crate::SECTOR_SIZE) as usize];
+    let mut done = 0;
+    while done < blocks {
+        let n = (blocks - done).min(CHUNK_BLOCKS);
+        backend.write(
+            lu,
+            lba + done,
+            &zero[..(n * crate::SECTOR_SIZE) as usize],
+            fua,
+        )?;
+        done += n;
+    }
+    Ok(())
 }
 
 macro_rules! forward_backend {
@@ -195,6 +245,12 @@ macro_rules! forward_backend {
             fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
                 (**self).copy(src, dst, extent)
             }
+            fn write_zeroes(&self, lu: LuId, lba: u64, blocks: u64, unmap: bool, fua: bool) -> Result<(), BackendError> {
+                (**self).write_zeroes(lu, lba, blocks, unmap, fua)
+            }
+            fn identity(&self, lu: LuId) -> Result<Option<String>, BackendError> {
+                (**self).identity(lu)
+            }
             fn backup_capabilities(&self) -> BackupCapabilities {
                 (**self).backup_capabilities()
             }
@@ -210,6 +266,26 @@ forward_backend!(Arc<B>, Box<B>, &B);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_zeroes_by_default_writes_zero_buffers_in_chunks() {
+        let mut mock = MockBackend::new();
+        let mut seq = mockall::Sequence::new();
+        for (lba, blocks) in [(7u64, 2048u64), (2055, 2048), (4103, 4)] {
+            mock.expect_write()
+                .withf(move |lu, at, data, fua| {
+                    *lu == LuId(3)
+                        && *at == lba
+                        && data.len() as u64 == blocks * 512
+                        && data.iter().all(|b| *b == 0)
+                        && *fua
+                })
+                .times(1)
+                .in_sequence(&mut seq)
+                .returning(|_, _, _, _| Ok(()));
+        }
+        write_zeroes_by_writing(&mock, LuId(3), 7, 4100, true).unwrap();
+    }
 
     #[test]
     fn errno_mapping() {

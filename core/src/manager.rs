@@ -120,6 +120,13 @@ impl ManagerError {
 
 type Result<T, E = ManagerError> = std::result::Result<T, E>;
 
+/// What a write puts on the blocks: the client's bytes, or zeroes (whole blocks only).
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Data(&'a [u8]),
+    Zeroes { unmap: bool },
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Tables are updated by single calls that cannot panic half-way; a panic elsewhere
     // while holding the lock leaves them consistent.
@@ -774,12 +781,55 @@ impl<B: Backend> SnapshotManager<B> {
     /// Write `data` to `vlu` at byte `offset` (Fig. 5). With `fua`, the data is stable
     /// when this returns.
     pub fn write(&self, vlu: VirtualLuId, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write_payload(vlu, offset, data.len() as u64, Payload::Data(data), fua)
+    }
+
+    /// Write zeroes to `len` bytes of `vlu` at byte `offset` (NBD WRITE_ZEROES and TRIM),
+    /// with the bookkeeping of any write. Whole blocks go to the backend as one
+    /// `write_zeroes`, which with `unmap` may deallocate them; partial blocks at either
+    /// end are written as zero bytes.
+    pub fn write_zeroes(
+        &self,
+        vlu: VirtualLuId,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let (pair, _) = self.pair(vlu)?;
+        self.check_range(pair, vlu, offset, len)?;
+        let end = offset + len;
+        let whole_first = offset.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let whole_end = end / SECTOR_SIZE * SECTOR_SIZE;
+        if whole_first >= whole_end {
+            return self.write(vlu, offset, &vec![0u8; len as usize], fua);
+        }
+        let zero = [0u8; SECTOR_SIZE as usize];
+        if whole_first > offset {
+            self.write(vlu, offset, &zero[..(whole_first - offset) as usize], fua)?;
+        }
+        let zeroes = Payload::Zeroes { unmap };
+        self.write_payload(vlu, whole_first, whole_end - whole_first, zeroes, fua)?;
+        if end > whole_end {
+            self.write(vlu, whole_end, &zero[..(end - whole_end) as usize], fua)?;
+        }
+        Ok(())
+    }
+
+    fn write_payload(
+        &self,
+        vlu: VirtualLuId,
+        offset: u64,
+        len: u64,
+        payload: Payload<'_>,
+        fua: bool,
+    ) -> Result<()> {
         let (pair, role) = self.pair(vlu)?;
         let _gate = read(&pair.gate);
         let entry = read(&self.lu_mode).get(vlu);
         let route = router::route(pair.strategy, vlu, role, entry, Op::Write)?;
-        self.check_range(pair, vlu, offset, data.len() as u64)?;
-        let Some(ext) = Extent::covering_bytes(offset, data.len() as u64) else {
+        self.check_range(pair, vlu, offset, len)?;
+        let Some(ext) = Extent::covering_bytes(offset, len) else {
             return Ok(());
         };
         let _range = pair.locks.lock(ext);
@@ -802,7 +852,7 @@ impl<B: Backend> SnapshotManager<B> {
                         extent: ext,
                     })?;
                 }
-                let res = self.write_blocks(entry, route.lu, offset, data, ext, fua);
+                let res = self.write_payload_blocks(entry, route.lu, offset, payload, ext, fua);
                 if res.is_err() && removed > 0 {
                     // A failed mirrored write may have reached one leg only.
                     lock(&pair.table).add(ext);
@@ -816,7 +866,29 @@ impl<B: Backend> SnapshotManager<B> {
             Bookkeeping::CopyOnWrite => self.copy_on_write(pair, route.lu, ext)?,
             Bookkeeping::None | Bookkeeping::SnapshotRead => {}
         }
-        self.write_blocks(entry, route.lu, offset, data, ext, fua)
+        self.write_payload_blocks(entry, route.lu, offset, payload, ext, fua)
+    }
+
+    fn write_payload_blocks(
+        &self,
+        entry: Option<LuModeEntry>,
+        lu: LuId,
+        offset: u64,
+        payload: Payload<'_>,
+        ext: Extent,
+        fua: bool,
+    ) -> Result<()> {
+        match payload {
+            Payload::Data(data) => self.write_blocks(entry, lu, offset, data, ext, fua),
+            Payload::Zeroes { unmap } => self
+                .backend
+                .write_zeroes(lu, ext.first(), ext.count(), unmap, fua && self.caps.fua)
+                .map_err(|source| ManagerError::Backend {
+                    op: "WRITE ZEROES",
+                    lu,
+                    source,
+                }),
+        }
     }
 
     /// Issue the block write, merging partial first and last blocks with their current

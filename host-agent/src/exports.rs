@@ -120,6 +120,19 @@ impl Export for VluExport {
             .map_err(export_error)
     }
 
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), ExportError> {
+        let _pass = self.gate.enter();
+        self.mgr
+            .write_zeroes(self.vlu, offset, len, unmap, fua)
+            .map_err(export_error)
+    }
+
     fn flush(&self) -> Result<(), ExportError> {
         self.mgr.flush(self.vlu).map_err(export_error)
     }

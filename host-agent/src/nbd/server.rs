@@ -55,7 +55,16 @@ pub trait Export: Send + Sync + 'static {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
     fn flush(&self) -> Result<(), ExportError>;
     /// Write zeroes (also used for TRIM, whose data is then unspecified by the protocol).
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+    /// With `unmap` the export may deallocate the range instead, as long as it reads back
+    /// as zeroes. The default writes zero buffers.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), ExportError> {
+        let _ = unmap;
         let zero = vec![0u8; (len.min(1 << 20)) as usize];
         let mut at = offset;
         while at < offset + len {

@@ -423,7 +423,13 @@ fn run(
         }
         p::CMD_WRITE => e.write(req.offset, payload, fua),
         p::CMD_FLUSH => e.flush(),
-        p::CMD_TRIM | p::CMD_WRITE_ZEROES => e.write_zeroes(req.offset, u64::from(req.len), fua),
+        // TRIM leaves the data unspecified, so a deallocation is always allowed; WRITE
+        // ZEROES allows one unless the client sent NO_HOLE.
+        p::CMD_TRIM => e.write_zeroes(req.offset, u64::from(req.len), true, fua),
+        p::CMD_WRITE_ZEROES => {
+            let unmap = req.flags & p::CMD_FLAG_NO_HOLE == 0;
+            e.write_zeroes(req.offset, u64::from(req.len), unmap, fua)
+        }
         p::CMD_BLOCK_STATUS => {
             block_status(s, req, head);
             return 0;

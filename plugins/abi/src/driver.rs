@@ -160,6 +160,28 @@ impl<B: Backend> BackendObj for Adapter<B> {
                 .map_err(error_from_core)
         })
     }
+
+    fn write_zeroes(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> RResult<(), PluginError> {
+        guard(|| {
+            self.0
+                .write_zeroes(LuId(lu), lba, blocks, unmap, fua)
+                .map_err(error_from_core)
+        })
+    }
+
+    fn identity(&self, lu: u32) -> RResult<RString, PluginError> {
+        guard(|| match self.0.identity(LuId(lu)) {
+            Ok(id) => Ok(RString::from(id.unwrap_or_default())),
+            Err(e) => Err(error_from_core(e)),
+        })
+    }
 }
 
 /// Box a backend for the host.

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use abi_stable::std_types::{RNone, RResult, RSlice, RSliceMut, RStr};
 use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
-use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo};
+use hvm_core::backend::{
+    write_zeroes_by_writing, Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo,
+};
 use hvm_core::{Extent, LuId, MirrorDefinition};
 
 use crate::driver::bits_to_core;
@@ -333,6 +335,27 @@ impl Backend for PluginBackend {
 
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
         self.call(|| self.obj.copy(src.0, dst.0, extent.first(), extent.last()))
+    }
+
+    fn write_zeroes(
+        &self,
+        lu: LuId,
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        match self.call(|| self.obj.write_zeroes(lu.0, lba, blocks, unmap, fua)) {
+            Err(e) if e.kind == BackendErrorKind::Unsupported => {
+                write_zeroes_by_writing(self, lu, lba, blocks, fua)
+            }
+            other => other,
+        }
+    }
+
+    fn identity(&self, lu: LuId) -> Result<Option<String>, BackendError> {
+        let id = self.call(|| self.obj.identity(lu.0))?;
+        Ok((!id.is_empty()).then(|| id.into_string()))
     }
 
     fn backup_capabilities(&self) -> BackupCapabilities {

@@ -5,7 +5,9 @@
 //! - The interface ([`PluginMod`], [`BackendObj`], [`BackupObj`], and the StableAbi
 //!   types): the root module is a prefix type, so fields are added after
 //!   [`PluginMod::open`] (the last prefix field). Interface 0.1.1 added
-//!   `open_with_backup`, which also hands over the array-side backup functions.
+//!   `open_with_backup`, which also hands over the array-side backup functions;
+//!   0.1.2 added [`BackendObj`]'s `write_zeroes` and `identity` after its last prefix
+//!   method `copy`, with defaults that an older plugin's calls fall back to.
 //!   abi_stable's own check refuses a library whose root module has fewer fields than
 //!   the host's, so the host checks a 0.1.0 plugin against the frozen [`v1`] layout and
 //!   opens it with `open`: plugins built before still load, without backup functions.
@@ -149,6 +151,29 @@ pub trait BackendObj: Send + Sync {
     /// Copy LBAs `first..=last` from `src` to `dst` inside the array.
     #[sabi(last_prefix_field)]
     fn copy(&self, src: u32, dst: u32, first: u64, last: u64) -> RResult<(), PluginError>;
+    /// Interface 0.1.2: write zeroes to `blocks` blocks, deallocating them when `unmap`
+    /// allows (hvm-core's `Backend::write_zeroes`). A plugin built before has no such
+    /// method and answers `Unsupported` here; the host then writes zero buffers.
+    fn write_zeroes(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> RResult<(), PluginError> {
+        let _ = (lu, lba, blocks, unmap, fua);
+        RResult::RErr(PluginError::new(
+            ErrorKind::Unsupported,
+            "this plugin predates write_zeroes",
+        ))
+    }
+    /// Interface 0.1.2: who the storage behind `lu` is (hvm-core's `Backend::identity`);
+    /// empty when the plugin cannot tell, as every plugin built before answers.
+    fn identity(&self, lu: u32) -> RResult<RString, PluginError> {
+        let _ = lu;
+        RResult::ROk(RString::new())
+    }
 }
 
 /// An opened backend, owned by the host.
