@@ -27,7 +27,8 @@ pub fn steps(report: &serde_json::Value) -> Vec<(&str, f64)> {
 
 pub struct Hosts {
     pub dir: PathBuf,
-    pub array: Running,
+    /// The array-sim daemon, with [`Storage::ArraySim`].
+    pub array: Option<Running>,
     pub db: Agent,
     pub backup: Agent,
     /// Coordination addresses, `127.0.0.1:PORT`.
@@ -49,15 +50,69 @@ pub struct Setup<'a> {
     pub freeze: &'a str,
 }
 
+/// What the database host's virtual LUs sit on.
+#[derive(Clone, Copy, Debug)]
+pub enum Storage<'a> {
+    /// An array-sim daemon that both hosts reach, as over a SAN: LUs 3i+1 and 3i+2 for
+    /// the i-th virtual LU, mirror LU 3i.
+    ArraySim,
+    /// The database host's own backend: YAML for one `backends:` entry named `array0`
+    /// with mirror LUs 0, 3, ... (a file, nbd or rbd backend). The backup host has no
+    /// backend: it pulls snapshots over NBD (`--via nbd`).
+    Backend(&'a str),
+}
+
 fn coordination_address(line: &str) -> String {
     line.rsplit_once("coordination on tls:")
         .map(|(_, a)| a.trim().to_string())
         .unwrap_or_else(|| panic!("no coordination address in {line:?}"))
 }
 
+/// Start an array-sim daemon with one stateless row per virtual LU; returns it and the
+/// `backends:` entry that reaches it.
+fn start_array(dir: &Path, s: &Setup<'_>) -> (Running, String) {
+    let blocks = s.lu_bytes / 512;
+    let mut lus = String::new();
+    let mut mirroring = String::new();
+    for i in 0..s.names.len() as u32 {
+        let (m, o, t) = (3 * i, 3 * i + 1, 3 * i + 2);
+        lus.push_str(&format!(
+                "  - {{lun: {o}, blocks: {blocks}, disk: d0}}\n  - {{lun: {t}, blocks: {blocks}, disk: d1}}\n"
+            ));
+        mirroring.push_str(&format!("  - {{mirror: {m}, origin: {o}, mate: {t}}}\n"));
+    }
+    let array_cfg = dir.join("array.yaml");
+    std::fs::write(
+            &array_cfg,
+            format!(
+                "kind: stateless\ndir: {}\ndisks: [{{name: d0}}, {{name: d1}}]\nlus:\n{lus}mirroring:\n{mirroring}",
+                dir.join("array").display()
+            ),
+        )
+        .unwrap();
+    let sock = dir.join("array.sock");
+    let (array, line) = spawn_ready(
+        Command::new(binary("array-sim"))
+            .args(["serve", "--config"])
+            .arg(&array_cfg)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display())),
+    );
+    assert!(line.contains("listening"), "array-sim: {line:?}");
+    let backend = format!(
+            "  - name: array0\n    plugin: stateless\n    params: {{ array: {{ connect: \"unix:{}\" }} }}\n",
+            sock.display()
+        );
+    (array, backend)
+}
+
 impl Hosts {
+    /// The hosts on an array-sim daemon ([`Storage::ArraySim`]).
     pub fn start(dir: &Path, s: &Setup<'_>) -> Hosts {
-        let blocks = s.lu_bytes / 512;
+        Hosts::start_on(dir, s, Storage::ArraySim)
+    }
+
+    pub fn start_on(dir: &Path, s: &Setup<'_>, storage: Storage<'_>) -> Hosts {
         let tls = dir.join("tls");
         let out = Command::new(binary("hvmctl"))
             .args(["tls", "init"])
@@ -70,38 +125,13 @@ impl Hosts {
             "tls init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-
-        let mut lus = String::new();
-        let mut mirroring = String::new();
-        for i in 0..s.names.len() as u32 {
-            let (m, o, t) = (3 * i, 3 * i + 1, 3 * i + 2);
-            lus.push_str(&format!(
-                "  - {{lun: {o}, blocks: {blocks}, disk: d0}}\n  - {{lun: {t}, blocks: {blocks}, disk: d1}}\n"
-            ));
-            mirroring.push_str(&format!("  - {{mirror: {m}, origin: {o}, mate: {t}}}\n"));
-        }
-        let array_cfg = dir.join("array.yaml");
-        std::fs::write(
-            &array_cfg,
-            format!(
-                "kind: stateless\ndir: {}\ndisks: [{{name: d0}}, {{name: d1}}]\nlus:\n{lus}mirroring:\n{mirroring}",
-                dir.join("array").display()
-            ),
-        )
-        .unwrap();
-        let sock = dir.join("array.sock");
-        let (array, line) = spawn_ready(
-            Command::new(binary("array-sim"))
-                .args(["serve", "--config"])
-                .arg(&array_cfg)
-                .arg("--listen")
-                .arg(format!("unix:{}", sock.display())),
-        );
-        assert!(line.contains("listening"), "array-sim: {line:?}");
-        let backend = format!(
-            "backends:\n  - name: array0\n    plugin: stateless\n    params: {{ array: {{ connect: \"unix:{}\" }} }}\n",
-            sock.display()
-        );
+        let (array, db_backend, backup_backend) = match storage {
+            Storage::ArraySim => {
+                let (array, backend) = start_array(dir, s);
+                (Some(array), backend.clone(), backend)
+            }
+            Storage::Backend(yaml) => (None, yaml.to_string(), String::new()),
+        };
         let coordination = |roles: &str, extra: &str| {
             format!(
                 "coordination:\n  listen: 127.0.0.1:0\n  cert: {t}/127.0.0.1.pem\n  key: {t}/127.0.0.1-key.pem\n  token_file: {t}/token\n  roles: [{roles}]\n{extra}",
@@ -120,7 +150,7 @@ impl Hosts {
         std::fs::write(
             &db_cfg,
             format!(
-                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n{backend}{vlus}{}",
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\nbackends:\n{db_backend}{vlus}{}",
                 plugin_dir.display(),
                 coordination("database", &format!("  freeze:\n{}", s.freeze))
             ),
@@ -131,8 +161,13 @@ impl Hosts {
         std::fs::write(
             &bk_cfg,
             format!(
-                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n{backend}{}",
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\nbackends:\n{}{}",
                 plugin_dir.display(),
+                if backup_backend.is_empty() {
+                    "  []\n"
+                } else {
+                    &backup_backend
+                },
                 coordination(
                     "backup",
                     &format!("  backup:\n    target_root: {}\n", target_root.display())

@@ -334,7 +334,20 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// On an array-sim daemon both hosts reach.
     pub fn start(work: &Path, lu_bytes: u64, scale: u32, deadline_ms: u64) -> Deployment {
+        let storage = crate::backup::Storage::ArraySim;
+        Deployment::start_on(work, lu_bytes, scale, deadline_ms, storage)
+    }
+
+    /// On `storage`: see [`crate::backup::Storage`].
+    pub fn start_on(
+        work: &Path,
+        lu_bytes: u64,
+        scale: u32,
+        deadline_ms: u64,
+        storage: crate::backup::Storage<'_>,
+    ) -> Deployment {
         let sock = work.join("pg-sock");
         let port = 25432;
         let freeze = format!(
@@ -342,13 +355,14 @@ impl Deployment {
             sock.display(),
             work.join("mnt-pg").display()
         );
-        let hosts = crate::backup::Hosts::start(
+        let hosts = crate::backup::Hosts::start_on(
             work,
             &crate::backup::Setup {
                 lu_bytes,
                 names: &["pg"],
                 freeze: &freeze,
             },
+            storage,
         );
         let fs = Mounted::export(work, &hosts.db.state.join("nbd.sock"), "pg", true);
         let mut cluster = Cluster::new(&fs.dir.join("data"), &sock, port, &work.join("live.log"));

@@ -281,7 +281,7 @@ impl<L: Leg> Backend for Mirrored<L> {
         fua: bool,
     ) -> Result<(), BackendError> {
         let (v, part) = self.find(lu)?;
-        let len = blocks.checked_mul(SECTOR_SIZE).unwrap_or(u64::MAX);
+        let len = blocks.saturating_mul(SECTOR_SIZE);
         let offset = self.range(v, lba, len)?;
         match part {
             Part::Mirror => {
