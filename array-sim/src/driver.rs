@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::client::{ArrayClient, SocketClient, Transport};
 use crate::config::{ArrayConfig, FirmwareKind};
 use crate::engine::Engine;
-use crate::server::Address;
+use hvm_scsi::Address;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -30,38 +30,14 @@ use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig};
 use crate::disk::{Disk, DiskStats};
 use crate::fault::{FaultOp, FaultRule, Faults, Injected};
 use crate::mirror::{Intent, IntentError, RangeLocks, WriteIntents};
-use crate::scsi::{self, Command, Sense, CHECK_CONDITION, GOOD};
+use crate::scsi::{self, Command, Sense, CHECK_CONDITION};
+/// The answer to one command (hvm-scsi's, which both sides share).
+pub use hvm_scsi::Response;
 
 pub const BLOCK_SIZE: u32 = 512;
 /// Largest transfer one command may ask for (32 MiB); more is ILLEGAL REQUEST, so a bad
 /// CDB cannot make the array allocate without bound.
 pub const MAX_TRANSFER_BLOCKS: u32 = 65536;
-
-/// The answer to one command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Response {
-    pub status: u8,
-    pub sense: Option<Sense>,
-    pub data: Vec<u8>,
-}
-
-impl Response {
-    pub fn good(data: Vec<u8>) -> Response {
-        Response {
-            status: GOOD,
-            sense: None,
-            data,
-        }
-    }
-
-    pub fn check(sense: Sense) -> Response {
-        Response {
-            status: CHECK_CONDITION,
-            sense: Some(sense),
-            data: Vec::new(),
-        }
-    }
-}
 
 /// What the transport must do.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,34 +20,9 @@ use crate::proto::{self, Request, Response};
 /// Commands one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// Where the daemon listens: `unix:PATH` or `tcp:HOST:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Address {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-impl FromStr for Address {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Address, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            Ok(Address::Unix(PathBuf::from(p)))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            Ok(Address::Tcp(a.to_string()))
-        } else {
-            Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"))
-        }
-    }
-}
-
-impl std::fmt::Display for Address {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Address::Unix(p) => write!(f, "unix:{}", p.display()),
-            Address::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
+/// Where the daemon listens: `unix:PATH` or `tcp:HOST:PORT` (hvm-scsi's, which its
+/// client shares).
+pub use hvm_scsi::socket::Address;
 
 /// A bound listener.
 pub enum Listener {

@@ -1,0 +1,28 @@
+//! hvm-scsi: what hvm's array drivers need to speak SCSI to an array, real or simulated.
+//!
+//! - [`sense`]: status bytes and sense data (fixed and descriptor format).
+//! - [`cdb`]: the commands and their CDB layouts.
+//! - [`format`]: the commands' data: capacity, LUN lists, mode pages, VPD pages (serial,
+//!   identification, hvm's pairing and pair pages), Fig. 5's areas.
+//! - [`transport`]: the [`Transport`] trait a command goes through, with many in flight
+//!   and a timeout each.
+//! - [`reconnect`]: a transport that re-establishes a lost link with backoff.
+//! - [`wire`] and [`socket`]: array-sim's daemon protocol and its client transport.
+//! - [`client`]: [`ArrayClient`], hvm-core's `Backend` over any transport.
+//!
+//! array-sim depends on this crate for the target side (it parses the same CDBs and
+//! answers the same sense codes); this crate does not depend on array-sim.
+
+pub mod cdb;
+pub mod client;
+pub mod format;
+pub mod reconnect;
+pub mod sense;
+pub mod socket;
+pub mod transport;
+pub mod wire;
+
+pub use client::ArrayClient;
+pub use sense::{Sense, SenseKey};
+pub use socket::{Address, SocketClient};
+pub use transport::{Response, Transport, TransportError};

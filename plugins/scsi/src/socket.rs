@@ -1,0 +1,296 @@
+//! The transport to an `array-sim serve` daemon (`connect: unix:PATH` or `tcp:HOST:PORT`):
+//! frames of [`crate::wire`], many tagged commands in flight on one connection, each
+//! bounded by a timeout; a lost or stalled connection is re-established with backoff.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use crate::reconnect::{Connector, Reconnecting};
+use crate::sense::Sense;
+use crate::transport::{Response, Transport, TransportError};
+use crate::wire::{self, Request};
+
+/// How long a command may go unanswered unless the configuration says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where an array-sim daemon listens: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl FromStr for Address {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Address, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Ok(Address::Unix(PathBuf::from(p)))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            Ok(Address::Tcp(a.to_string()))
+        } else {
+            Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"))
+        }
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<Response, TransportError>>>>>;
+
+/// The two ends of a stream socket: what the reader thread reads, what callers write, and
+/// a handle to shut both down.
+enum Socket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Socket {
+    fn open(addr: &Address, timeout: Duration) -> std::io::Result<Socket> {
+        let s = match addr {
+            Address::Unix(p) => Socket::Unix(UnixStream::connect(p)?),
+            Address::Tcp(a) => {
+                let sa = a.to_socket_addrs()?.next().ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{a}: no address"))
+                })?;
+                let s = TcpStream::connect_timeout(&sa, timeout)?;
+                s.set_nodelay(true)?;
+                Socket::Tcp(s)
+            }
+        };
+        // A stalled array must not hold a writer (and every caller behind it) forever.
+        match &s {
+            Socket::Unix(u) => u.set_write_timeout(Some(timeout))?,
+            Socket::Tcp(t) => t.set_write_timeout(Some(timeout))?,
+        }
+        Ok(s)
+    }
+
+    fn try_clone(&self) -> std::io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(u) => Socket::Unix(u.try_clone()?),
+            Socket::Tcp(t) => Socket::Tcp(t.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Unix(u) => u.shutdown(Shutdown::Both),
+            Socket::Tcp(t) => t.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn stream(self) -> Box<dyn Stream> {
+        match self {
+            Socket::Unix(u) => Box::new(u),
+            Socket::Tcp(t) => Box::new(t),
+        }
+    }
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// One connection to an array-sim daemon. Many threads may issue commands at once; each
+/// carries a tag and a reader thread hands every reply to its caller, in whatever order
+/// the array completes them. A command unanswered within the timeout closes the
+/// connection, failing every other command on it.
+pub struct SocketLink {
+    writer: Mutex<Box<dyn Stream>>,
+    control: Socket,
+    pending: Pending,
+    next_tag: AtomicU64,
+    closed: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl SocketLink {
+    pub fn connect(addr: &Address, timeout: Duration) -> std::io::Result<SocketLink> {
+        let socket = Socket::open(addr, timeout)?;
+        let reader = socket.try_clone()?.stream();
+        let control = socket.try_clone()?;
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            std::thread::Builder::new()
+                .name("array-sim-client".into())
+                .spawn(move || read_replies(reader, &pending, &closed))?;
+        }
+        Ok(SocketLink {
+            writer: Mutex::new(socket.stream()),
+            control,
+            pending,
+            next_tag: AtomicU64::new(1),
+            closed,
+            timeout,
+        })
+    }
+
+    fn fail(&self, tag: u64, e: TransportError) -> Result<Response, TransportError> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tag);
+        Err(e)
+    }
+}
+
+impl Drop for SocketLink {
+    /// Ends the reader thread with the connection.
+    fn drop(&mut self) {
+        self.control.shutdown();
+    }
+}
+
+fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) {
+    let deliver = |tag: u64, reply: Result<Response, TransportError>| {
+        if let Some(tx) = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tag)
+        {
+            let _ = tx.send(reply);
+        }
+    };
+    loop {
+        let mut prefix = [0u8; 4];
+        if r.read_exact(&mut prefix).is_err() {
+            break;
+        }
+        let Ok(len) = wire::body_len(prefix) else {
+            break;
+        };
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            break;
+        }
+        let Ok(resp) = wire::Response::parse(&body) else {
+            break;
+        };
+        let sense = if resp.sense.is_empty() {
+            Ok(None)
+        } else {
+            Sense::parse(resp.sense).map(Some)
+        };
+        let reply = sense
+            .map(|sense| Response {
+                status: resp.status,
+                sense,
+                data: resp.data.to_vec(),
+            })
+            .map_err(|e| TransportError::Protocol(e.to_string()));
+        deliver(resp.tag, reply);
+    }
+    // Set before draining, so a caller that registers after the drain sees it.
+    closed.store(true, Ordering::SeqCst);
+    for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        let _ = tx.send(Err(TransportError::Disconnected));
+    }
+}
+
+impl Transport for SocketLink {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tag, tx);
+        if self.closed.load(Ordering::SeqCst) {
+            return self.fail(tag, TransportError::Disconnected);
+        }
+        let frame = Request {
+            tag,
+            lun,
+            cdb,
+            data: data_out,
+        }
+        .encode();
+        let sent = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&frame);
+        if let Err(e) = sent {
+            self.control.shutdown();
+            return self.fail(tag, TransportError::Send(e.to_string()));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.control.shutdown();
+                self.fail(tag, TransportError::Timeout(self.timeout))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(TransportError::Disconnected),
+        }
+    }
+}
+
+/// Makes [`SocketLink`]s to one address.
+#[derive(Debug, Clone)]
+pub struct SocketConnector {
+    pub addr: Address,
+    pub timeout: Duration,
+}
+
+impl Connector for SocketConnector {
+    type Link = SocketLink;
+
+    fn connect(&self) -> Result<SocketLink, TransportError> {
+        SocketLink::connect(&self.addr, self.timeout)
+            .map_err(|e| TransportError::Send(format!("cannot connect to {}: {e}", self.addr)))
+    }
+
+    fn name(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// The client of an array-sim daemon: a [`SocketLink`] re-established with backoff when
+/// the daemon is restarted or stalls.
+#[derive(Debug)]
+pub struct SocketClient(Reconnecting<SocketConnector>);
+
+impl SocketClient {
+    /// Connect with the default timeout of [`DEFAULT_TIMEOUT`].
+    pub fn connect(addr: &Address) -> std::io::Result<SocketClient> {
+        SocketClient::connect_with_timeout(addr, DEFAULT_TIMEOUT)
+    }
+
+    pub fn connect_with_timeout(
+        addr: &Address,
+        timeout: Duration,
+    ) -> std::io::Result<SocketClient> {
+        let connector = SocketConnector {
+            addr: addr.clone(),
+            timeout,
+        };
+        Reconnecting::connect(connector)
+            .map(SocketClient)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))
+    }
+
+    pub fn address(&self) -> &Address {
+        &self.0.connector().addr
+    }
+}
+
+impl Transport for SocketClient {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        self.0.execute(lun, cdb, data_out)
+    }
+}

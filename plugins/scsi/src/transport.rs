@@ -1,0 +1,114 @@
+//! How a command reaches an array: the [`Transport`] trait, what comes back
+//! ([`Response`]) and how the link can fail ([`TransportError`]).
+//!
+//! A transport runs one command per call and is called from many threads at once, so
+//! many commands are in flight (array-sim's socket tags them, iSCSI gives each an ITT).
+//! A transport bounds each command by its timeout: a command without an answer in time
+//! fails with [`TransportError::Timeout`], and the transport re-establishes the link.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::sense::{Sense, CHECK_CONDITION, GOOD};
+
+/// The answer to one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u8,
+    pub sense: Option<Sense>,
+    pub data: Vec<u8>,
+}
+
+impl Response {
+    pub fn good(data: Vec<u8>) -> Response {
+        Response {
+            status: GOOD,
+            sense: None,
+            data,
+        }
+    }
+
+    pub fn check(sense: Sense) -> Response {
+        Response {
+            status: CHECK_CONDITION,
+            sense: Some(sense),
+            data: Vec::new(),
+        }
+    }
+}
+
+/// The link to an array failed (not a SCSI error: those are in the response).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("the connection to the array was closed")]
+    Disconnected,
+    #[error("the array sent a malformed reply: {0}")]
+    Protocol(String),
+    #[error("cannot send to the array: {0}")]
+    Send(String),
+    #[error("no answer from the array within {0:?}")]
+    Timeout(Duration),
+    /// Not connected, and the next attempt to reconnect is not due yet.
+    #[error("the array is unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// Runs one SCSI command on an array.
+pub trait Transport: Send + Sync {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
+
+    /// Run a command whose data-in is exactly `data_in.len()` bytes, into `data_in`; the
+    /// returned response carries no data. The default copies; a transport that can place
+    /// the data directly overrides it.
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        let mut r = self.execute(lun, cdb, data_out)?;
+        if r.status == GOOD {
+            if r.data.len() != data_in.len() {
+                return Err(TransportError::Protocol(format!(
+                    "{} bytes of data-in, expected {}",
+                    r.data.len(),
+                    data_in.len()
+                )));
+            }
+            data_in.copy_from_slice(&r.data);
+            r.data = Vec::new();
+        }
+        Ok(r)
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        (**self).execute(lun, cdb, data_out)
+    }
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        (**self).execute_into(lun, cdb, data_out, data_in)
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        (**self).execute(lun, cdb, data_out)
+    }
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        (**self).execute_into(lun, cdb, data_out, data_in)
+    }
+}
