@@ -280,12 +280,13 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
         a2.managers
             .iter()
             .map(|(name, mgr)| {
-                let health = match mgr.backend().describe() {
-                    Ok(_) => "ok".to_string(),
-                    Err(e) => format!("failing: {e}"),
+                let (health, lus) = match mgr.backend().describe() {
+                    Ok(d) => ("ok".to_string(), lu_identities(mgr.backend(), &d)),
+                    Err(e) => (format!("failing: {e}"), Vec::new()),
                 };
                 json!({
                     "name": name,
+                    "lus": lus,
                     "strategy_capabilities": format!("{:?}", mgr.capabilities()),
                     "backup": mgr.backend().backup_capabilities(),
                     "health": health,
@@ -300,6 +301,21 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
     .await
     .unwrap_or_default();
     Json(json!({ "backends": list }))
+}
+
+/// Each LU's number, capacity and identity (VPD 83h, device and inode, export, image
+/// id), as the driver reports them.
+fn lu_identities(
+    backend: &dyn hvm_core::Backend,
+    d: &hvm_core::BackendDescription,
+) -> Vec<serde_json::Value> {
+    d.lus
+        .iter()
+        .map(|l| {
+            let identity = backend.identity(l.id).ok().flatten();
+            json!({ "lu": l.id.0, "capacity_lbas": l.capacity_lbas, "identity": identity })
+        })
+        .collect()
 }
 
 /// The HTTP status of a backend's refusal: 501 when the array lacks the function, 409

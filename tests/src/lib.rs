@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod ceph;
 pub mod pg;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ const PACKAGES: &[&str] = &[
     "hvm-plugin-stateless",
     "hvm-plugin-mode-select",
     "hvm-plugin-pre-update",
+    "hvm-plugin-file",
+    "hvm-plugin-rbd",
     "hvm-plugin-test-not-a-plugin",
     "hvm-plugin-test-incompatible",
     "hvm-plugin-test-panicking",

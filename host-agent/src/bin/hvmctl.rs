@@ -409,7 +409,16 @@ fn human(cmd: &Cmd, body: &Value) -> String {
                     s(&b["journal"]["stats"]["flushes"]),
                 ]);
             }
-            table(&rows)
+            let mut out = table(&rows);
+            for b in body["backends"].as_array().into_iter().flatten() {
+                for l in b["lus"].as_array().into_iter().flatten() {
+                    let id = l["identity"]
+                        .as_str()
+                        .unwrap_or("(the driver does not say)");
+                    out.push_str(&format!("{} LU {}: {id}\n", s(&b["name"]), s(&l["lu"])));
+                }
+            }
+            out
         }
         Cmd::Reload => {
             let list = |k: &str| {

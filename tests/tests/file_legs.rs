@@ -1,0 +1,237 @@
+//! Files and block devices as legs (issue 14): a virtual LU on two loop devices and one on
+//! two plain files go through the whole cycle with real clients (writes over NBD, acquire,
+//! a copy of the snapshot export that must equal the instant, zeroes written in Snapshot
+//! mode, delete, resync), and the legs are then compared outside hvm with `cmp`. A mounted
+//! device and the same file named twice are refused at start with one line.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hvm_tests::agent::Agent;
+use hvm_tests::pg::Mounted;
+use hvm_tests::{binary, tool};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+
+/// A loop device attached by this test, detached (by its name) when dropped.
+struct LoopDevice {
+    dev: String,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let out = tool("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
+/// host-agent's config: one file backend with one volume on `legs`, virtual LU `db`.
+fn config(dir: &Path, legs: [&str; 2], extra: &str) -> PathBuf {
+    let cfg = dir.join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen:\n  unix: nbd.sock\nbackends:\n  - name: legs0\n    plugin: file\n    params:\n{extra}      volumes:\n        - {{ lu: 0, legs: [{}, {}] }}\nvirtual_lus:\n  - {{ name: db, backend: legs0, lu: 0, snapshots: [db-snap] }}\n",
+            legs[0], legs[1]
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Bytes of the virtual LU at the snapshot instant, as the cycle writes them.
+fn instant() -> Vec<u8> {
+    let mut v = vec![0u8; SIZE as usize];
+    v[..(8 * MIB) as usize].fill(0x11);
+    v[(40 * MIB) as usize..(41 * MIB) as usize].fill(0x33);
+    v
+}
+
+/// The demo's cycle over real clients; returns once resync is done and host-agent has
+/// stopped, so the legs can be compared.
+fn cycle(a: Agent, dir: &Path) {
+    a.qemu_io(
+        "db",
+        &["write -P 0x11 0 8M", "write -P 0x33 40M 1M", "flush"],
+    );
+    a.json(&["snapshot", "acquire", "db"]);
+    // Snapshot mode: data, zeroes (unmap allowed) and a TRIM, all recorded.
+    a.qemu_io(
+        "db",
+        &[
+            "write -P 0x22 4M 2M",
+            "write -z -u 40M 512k",
+            "discard 7M 64k",
+            "flush",
+        ],
+    );
+    let ext = a.json(&["extents", "db"]);
+    assert_eq!(
+        ext["ranges"],
+        serde_json::json!([[8192, 12287], [14336, 14463], [81920, 82943]]),
+        "{ext}"
+    );
+    let copy = dir.join("snap.img");
+    let out = tool("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &a.uri("db-snap")])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == instant(),
+        "the snapshot copy differs from the data at the instant"
+    );
+    let out = a.hvmctl(&["snapshot", "delete", "db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.mode("db"), "Synchronized");
+    a.qemu_io(
+        "db",
+        &[
+            "read -P 0x11 0 4M",
+            "read -P 0x22 4M 2M",
+            "read -P 0x11 6M 1M",
+            "read -P 0 7M 64k",
+            "read -P 0 40M 512k",
+            "read -P 0x33 41472k 512k",
+        ],
+    );
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut proc = a.proc;
+    assert!(proc.0.wait().unwrap().success(), "host-agent exit status");
+}
+
+fn legs_identical(a: &str, b: &str) {
+    let out = tool("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the legs differ after resync: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_virtual_lu_on_two_loop_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_file(&d.join("a.img"), SIZE);
+    sparse_file(&d.join("b.img"), SIZE);
+    let (la, lb) = (
+        LoopDevice::attach(&d.join("a.img")),
+        LoopDevice::attach(&d.join("b.img")),
+    );
+    let cfg = config(d, [&la.dev, &lb.dev], "");
+    let a = Agent::start_config(&cfg, &d.join("state"));
+    let backends = a.json(&["backends"]);
+    let ids = backends["backends"][0]["lus"].to_string();
+    assert!(
+        ids.contains("block 7:") && ids.contains(&format!("size {SIZE}")),
+        "{backends}"
+    );
+    cycle(a, d);
+    legs_identical(&la.dev, &lb.dev);
+}
+
+#[test]
+fn a_virtual_lu_on_two_plain_files_created_by_the_plugin() {
+    for io in ["uring", "threads"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let extra = format!("      io: {io}\n      create: true\n");
+        let cfg = config(d, ["legs/a.img", "legs/b.img"], &extra);
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("legs/b.img] }", &format!("legs/b.img], size: {SIZE} }}"));
+        std::fs::write(&cfg, text).unwrap();
+        let state = d.join("state");
+        std::fs::create_dir_all(state.join("legs")).unwrap();
+        let a = Agent::start_config(&cfg, &state);
+        cycle(a, d);
+        let leg = |n: &str| state.join("legs").join(n).display().to_string();
+        legs_identical(&leg("a.img"), &leg("b.img"));
+    }
+}
+
+/// Start host-agent on `cfg`, expecting it to refuse to start; returns its stderr.
+fn refused_at_start(cfg: &Path, state: &Path) -> String {
+    let mut child = Agent::command(cfg, state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("host-agent started on {}", cfg.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+#[test]
+fn a_mounted_device_and_a_file_named_twice_are_refused() {
+    let _ = binary("host-agent");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_file(&d.join("fs.img"), SIZE);
+    sparse_file(&d.join("b.img"), SIZE);
+    let mounted = Mounted::file(d, &d.join("fs.img"), "fs", true);
+    let lb = LoopDevice::attach(&d.join("b.img"));
+    let err = refused_at_start(&config(d, [&mounted.dev, &lb.dev], ""), &d.join("s1"));
+    assert!(
+        err.contains(&format!("{}: in use: mounted", mounted.dev)),
+        "{err}"
+    );
+    drop(mounted);
+
+    let a = d.join("a.img").display().to_string();
+    sparse_file(Path::new(&a), SIZE);
+    std::os::unix::fs::symlink(&a, d.join("alias.img")).unwrap();
+    let alias = d.join("alias.img").display().to_string();
+    let err = refused_at_start(&config(d, [&a, &alias], ""), &d.join("s2"));
+    assert!(
+        err.contains(&format!("{alias}: the same storage as {a}")),
+        "{err}"
+    );
+}
