@@ -1,0 +1,575 @@
+//! One NBD connection with many requests in flight.
+//!
+//! Callers are host-agent's blocking worker threads (one per request in flight), so the
+//! client is built for blocking callers, not on an async runtime: a caller registers its
+//! request under a cookie, writes it under the writer lock, and parks. One reader thread
+//! per connection reads every reply and hands it to the caller by cookie, reading a READ's
+//! data straight into the caller's buffer. A tokio runtime would add a hand-off between
+//! the caller's thread and the runtime's on both ways of every request, and a copy of
+//! the data, for no gain here.
+//!
+//! Failure handling: a request that gets no reply within the timeout fails, and the
+//! connection is dropped (shut down, so the reader wakes and fails every other request
+//! in flight). A protocol violation (bad magic, unknown cookie, an impossible chunk, a
+//! short read) drops the connection too: the stream can no longer be trusted. A dead
+//! connection takes no new requests; the leg opens a new one.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use crate::handshake::{handshake, Export, Stream};
+use crate::proto::*;
+use crate::uri::Target;
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnError {
+    /// The server answered the request with an error.
+    #[error("the server replied {} ({errno}){}", errno_name(*errno), if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Server { errno: u32, message: String },
+    /// The connection failed or was dropped; the request's fate is unknown.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// No reply in time; the connection was dropped.
+    #[error("no reply within {0} ms; the connection was dropped")]
+    Timeout(u128),
+}
+
+/// The buffer of a READ in flight, written by the reader thread.
+#[derive(Clone, Copy)]
+struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is only dereferenced by the reader thread while the request's owner
+// is parked waiting for it (see `Conn::read`), never by two threads at once.
+unsafe impl Send for RawBuf {}
+
+/// A request in flight.
+struct Slot {
+    waiter: Thread,
+    offset: u64,
+    len: u32,
+    /// For a READ: where its data goes.
+    buf: Option<RawBuf>,
+    /// The reader thread is writing into `buf` with the state lock released; the owner
+    /// must not return (and free the buffer) until this is false.
+    claimed: bool,
+    outcome: Option<Result<(), ConnError>>,
+    /// Structured reply so far: content ranges received (relative to `offset`) and the
+    /// first error chunk.
+    ranges: Vec<(u64, u64)>,
+    error: Option<ConnError>,
+}
+
+#[derive(Default)]
+struct State {
+    next_cookie: u64,
+    pending: HashMap<u64, Slot>,
+    dead: Option<ConnError>,
+}
+
+/// What the reader thread and the callers share.
+struct Shared {
+    state: Mutex<State>,
+    /// Set with `state.dead`: a lock-free check for the leg's fast path.
+    dead: AtomicBool,
+    /// A handle on the socket to shut it down.
+    socket: Stream,
+    structured: bool,
+}
+
+/// A request sent and not yet waited for.
+#[must_use = "wait for every ticket, or its slot is never freed"]
+pub struct Ticket {
+    cookie: u64,
+    deadline: Instant,
+}
+
+/// A connection in the transmission phase.
+pub struct Conn {
+    shared: Arc<Shared>,
+    writer: Mutex<Stream>,
+    export: Export,
+    timeout: Duration,
+    reader: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Conn {
+    /// Connect to `target`, do the handshake, and start the reader.
+    pub fn open(target: &Target, timeout: Duration) -> Result<Conn, String> {
+        let mut s = Stream::connect(&target.address, timeout)
+            .map_err(|e| format!("connect to {}: {e}", target.address))?;
+        s.set_timeouts(Some(timeout), Some(timeout))
+            .map_err(|e| format!("socket options: {e}"))?;
+        let export = handshake(&mut s, target)
+            .map_err(|e| format!("handshake with {}: {e}", target.address))?;
+        Conn::start(s, export, timeout).map_err(|e| format!("start the reader: {e}"))
+    }
+
+    /// Start transmission on a stream whose handshake gave `export`.
+    pub fn start(stream: Stream, export: Export, timeout: Duration) -> io::Result<Conn> {
+        // The reader waits for replies without limit; requests time out on their own.
+        // Sends time out, so a server that stops reading cannot hold the writer lock.
+        stream.set_timeouts(None, Some(timeout))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            dead: AtomicBool::new(false),
+            socket: stream.try_clone()?,
+            structured: export.structured,
+        });
+        let rd = stream.try_clone()?;
+        let sh = Arc::clone(&shared);
+        let reader = std::thread::Builder::new()
+            .name("nbd-reader".into())
+            .spawn(move || sh.read_replies(rd))?;
+        Ok(Conn {
+            shared,
+            writer: Mutex::new(stream),
+            export,
+            timeout,
+            reader: Some(reader),
+        })
+    }
+
+    pub fn export(&self) -> &Export {
+        &self.export
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::Acquire)
+    }
+
+    /// Why the connection died, if it did.
+    pub fn why_dead(&self) -> Option<ConnError> {
+        lock(&self.shared.state).dead.clone()
+    }
+
+    /// Read `buf.len()` bytes (at most the export's maximum payload) at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ConnError> {
+        let len = u32::try_from(buf.len()).map_err(|_| too_long(buf.len()))?;
+        let raw = RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        };
+        let ticket = self.register(offset, len, Some(raw))?;
+        // From here the reader thread may write into `buf`: the guard makes sure this
+        // function does not return or unwind before it has stopped (`finish` or
+        // `abandon` only return once the slot is completed or removed unclaimed).
+        let mut guard = Guard {
+            conn: self,
+            cookie: ticket.cookie,
+            armed: true,
+        };
+        self.transmit(&request(0, CMD_READ, ticket.cookie, offset, len), &[]);
+        let r = self.finish(&ticket);
+        guard.armed = false;
+        r
+    }
+
+    /// Send a request that carries no reply data (WRITE with `data`, FLUSH,
+    /// WRITE_ZEROES); wait for it with [`Conn::wait`].
+    pub fn send(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<Ticket, ConnError> {
+        let ticket = self.register(offset, len, None)?;
+        self.transmit(&request(flags, kind, ticket.cookie, offset, len), data);
+        Ok(ticket)
+    }
+
+    /// Wait for the reply to a request sent by this thread.
+    pub fn wait(&self, ticket: Ticket) -> Result<(), ConnError> {
+        self.finish(&ticket)
+    }
+
+    fn register(&self, offset: u64, len: u32, buf: Option<RawBuf>) -> Result<Ticket, ConnError> {
+        let mut st = lock(&self.shared.state);
+        if let Some(e) = &st.dead {
+            return Err(e.clone());
+        }
+        let cookie = st.next_cookie;
+        st.next_cookie += 1;
+        st.pending.insert(
+            cookie,
+            Slot {
+                waiter: std::thread::current(),
+                offset,
+                len,
+                buf,
+                claimed: false,
+                outcome: None,
+                ranges: Vec::new(),
+                error: None,
+            },
+        );
+        Ok(Ticket {
+            cookie,
+            deadline: Instant::now() + self.timeout,
+        })
+    }
+
+    /// Write a request; a failed send kills the connection, and the reader then fails
+    /// the request with the others.
+    fn transmit(&self, header: &[u8], data: &[u8]) {
+        let r = write_both(&mut lock(&self.writer), header, data);
+        if let Err(e) = r {
+            self.shared.die(ConnError::Lost(format!("send: {e}")));
+        }
+    }
+
+    /// The request's outcome, or a timeout once its deadline has passed.
+    fn finish(&self, t: &Ticket) -> Result<(), ConnError> {
+        let mut st = lock(&self.shared.state);
+        loop {
+            let Some(slot) = st.pending.get_mut(&t.cookie) else {
+                return Err(ConnError::Lost("request forgotten".into()));
+            };
+            if let Some(out) = slot.outcome.take() {
+                st.pending.remove(&t.cookie);
+                return out;
+            }
+            let now = Instant::now();
+            if now >= t.deadline {
+                drop(st);
+                let e = ConnError::Timeout(self.timeout.as_millis());
+                self.abandon(t.cookie, e.clone());
+                return Err(e);
+            }
+            drop(st);
+            std::thread::park_timeout(t.deadline - now);
+            st = lock(&self.shared.state);
+        }
+    }
+
+    /// Give up on a request: drop the connection, and return once the reader no longer
+    /// touches the request's buffer.
+    fn abandon(&self, cookie: u64, why: ConnError) {
+        let mut st = lock(&self.shared.state);
+        let Some(slot) = st.pending.get(&cookie) else {
+            return;
+        };
+        let claimed = slot.claimed && slot.outcome.is_none();
+        if !claimed {
+            st.pending.remove(&cookie);
+        }
+        drop(st);
+        self.shared.die(why);
+        if claimed {
+            // The shutdown in `die` ends the reader's read; it then fails every request.
+            let mut st = lock(&self.shared.state);
+            while st.pending.get(&cookie).is_some_and(|s| s.outcome.is_none()) {
+                drop(st);
+                std::thread::park_timeout(Duration::from_millis(10));
+                st = lock(&self.shared.state);
+            }
+            st.pending.remove(&cookie);
+        }
+    }
+}
+
+/// Ends a READ that did not finish normally (a panic on the way).
+struct Guard<'a> {
+    conn: &'a Conn,
+    cookie: u64,
+    armed: bool,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn
+                .abandon(self.cookie, ConnError::Lost("request abandoned".into()));
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.is_dead() {
+            // Soft disconnect; nothing of ours is in flight (requests hold the Conn).
+            let _ = write_both(
+                &mut lock(&self.writer),
+                &request(0, CMD_DISC, u64::MAX, 0, 0),
+                &[],
+            );
+        }
+        self.shared.die(ConnError::Lost("connection closed".into()));
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn too_long(n: usize) -> ConnError {
+    ConnError::Lost(format!("a request of {n} bytes is longer than NBD allows"))
+}
+
+/// Write `a` then `b` with as few system calls as the socket allows.
+fn write_both(w: &mut Stream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
+    let mut rest: &mut [IoSlice<'_>] = &mut bufs;
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A reply for a request that is not in flight: the stream cannot be trusted.
+fn unknown(cookie: u64) -> String {
+    format!("reply for cookie {cookie}, which is not in flight")
+}
+
+fn complete(slot: &mut Slot, r: Result<(), ConnError>) {
+    slot.claimed = false;
+    slot.outcome = Some(r);
+    slot.waiter.unpark();
+}
+
+impl Shared {
+    /// Mark the connection dead (first reason wins) and shut the socket down.
+    fn die(&self, why: ConnError) {
+        let mut st = lock(&self.state);
+        st.dead.get_or_insert(why);
+        self.dead.store(true, Ordering::Release);
+        drop(st);
+        self.socket.shutdown();
+    }
+
+    /// The reader thread: replies until the stream fails, then fail every request.
+    fn read_replies(&self, stream: Stream) {
+        let mut rd = BufReader::with_capacity(128 << 10, stream);
+        let why = loop {
+            if let Err(e) = self.one_reply(&mut rd) {
+                break e;
+            }
+        };
+        let mut st = lock(&self.state);
+        let e = st.dead.get_or_insert(ConnError::Lost(why)).clone();
+        self.dead.store(true, Ordering::Release);
+        for slot in st.pending.values_mut().filter(|s| s.outcome.is_none()) {
+            complete(slot, Err(e.clone()));
+        }
+        drop(st);
+        self.socket.shutdown();
+    }
+
+    fn one_reply(&self, rd: &mut impl Read) -> Result<(), String> {
+        let mut magic = [0u8; 4];
+        read(rd, &mut magic)?;
+        match be32(&magic) {
+            SIMPLE_REPLY_MAGIC => self.simple(rd),
+            STRUCTURED_REPLY_MAGIC => self.chunk(rd),
+            m => Err(format!("bad reply magic {m:#x}")),
+        }
+    }
+
+    fn simple(&self, rd: &mut impl Read) -> Result<(), String> {
+        let mut h = [0u8; 12];
+        read(rd, &mut h)?;
+        let (errno, cookie) = (be32(&h), be64(&h[4..]));
+        let mut st = lock(&self.state);
+        let slot = live(&mut st, cookie)?;
+        if slot.buf.is_some() && self.structured {
+            return Err("simple reply to a READ after structured replies were negotiated".into());
+        }
+        if errno != 0 {
+            // A simple error reply carries no data, even for a READ.
+            complete(slot, Err(server(errno, String::new())));
+            return shutting_down(errno);
+        }
+        let Some(buf) = slot.buf else {
+            complete(slot, Ok(()));
+            return Ok(());
+        };
+        slot.claimed = true;
+        drop(st);
+        // SAFETY: `buf` is the READ owner's buffer; the owner is parked in `finish` or
+        // `abandon` and does not return while the slot is claimed.
+        let dst = unsafe { std::slice::from_raw_parts_mut(buf.ptr, buf.len) };
+        let r = read(rd, dst);
+        let mut st = lock(&self.state);
+        if let Some(slot) = st.pending.get_mut(&cookie) {
+            slot.claimed = false;
+            if r.is_ok() {
+                complete(slot, Ok(()));
+            }
+        }
+        r
+    }
+
+    /// One structured reply chunk.
+    fn chunk(&self, rd: &mut impl Read) -> Result<(), String> {
+        let mut h = [0u8; 16];
+        read(rd, &mut h)?;
+        let (flags, kind, cookie, len) = (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
+        let mut st = lock(&self.state);
+        let slot = live(&mut st, cookie)?;
+        let (req_off, req_len, buf) = (slot.offset, u64::from(slot.len), slot.buf);
+        let content = match kind {
+            REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+                let buf =
+                    buf.ok_or_else(|| format!("content chunk for cookie {cookie}, not a READ"))?;
+                slot.claimed = true;
+                drop(st);
+                Some(content_chunk(rd, kind, len, req_off, req_len, buf)?)
+            }
+            REPLY_TYPE_NONE if len == 0 && flags & REPLY_FLAG_DONE != 0 => {
+                drop(st);
+                None
+            }
+            REPLY_TYPE_NONE => {
+                return Err("NBD_REPLY_TYPE_NONE with a payload or without DONE".into())
+            }
+            k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+                drop(st);
+                let e = error_chunk(rd, kind, len)?;
+                let mut st = lock(&self.state);
+                let slot = live(&mut st, cookie)?;
+                slot.error.get_or_insert(e);
+                None
+            }
+            k => return Err(format!("unknown structured reply type {k}")),
+        };
+        let mut st = lock(&self.state);
+        let slot = st.pending.get_mut(&cookie).ok_or_else(|| unknown(cookie))?;
+        slot.claimed = false;
+        if let Some((start, end)) = content {
+            if slot.ranges.iter().any(|&(s, e)| start < e && s < end) {
+                return Err(format!("overlapping content chunks for cookie {cookie}"));
+            }
+            slot.ranges.push((start, end));
+        }
+        if flags & REPLY_FLAG_DONE == 0 {
+            return Ok(());
+        }
+        if let Some(e) = slot.error.take() {
+            let errno = match &e {
+                ConnError::Server { errno, .. } => *errno,
+                _ => 0,
+            };
+            complete(slot, Err(e));
+            return shutting_down(errno);
+        }
+        let got: u64 = slot.ranges.iter().map(|&(s, e)| e - s).sum();
+        if buf.is_some() && got != req_len {
+            return Err(format!(
+                "the server ended a READ reply with {got} of {req_len} bytes"
+            ));
+        }
+        complete(slot, Ok(()));
+        Ok(())
+    }
+}
+
+/// Read an OFFSET_DATA or OFFSET_HOLE chunk's payload into the READ's buffer; the range
+/// it filled, relative to the request. The slot is claimed by the caller.
+fn content_chunk(
+    rd: &mut impl Read,
+    kind: u16,
+    len: u32,
+    req_off: u64,
+    req_len: u64,
+    buf: RawBuf,
+) -> Result<(u64, u64), String> {
+    let mut o = [0u8; 8];
+    let (off, n) = if kind == REPLY_TYPE_OFFSET_DATA {
+        if len < 9 {
+            return Err(format!("OFFSET_DATA chunk of {len} bytes"));
+        }
+        read(rd, &mut o)?;
+        (be64(&o), u64::from(len) - 8)
+    } else {
+        if len != 12 {
+            return Err(format!("OFFSET_HOLE chunk of {len} bytes"));
+        }
+        let mut s = [0u8; 4];
+        read(rd, &mut o)?;
+        read(rd, &mut s)?;
+        (be64(&o), u64::from(be32(&s)))
+    };
+    let start = off.checked_sub(req_off).filter(|s| s + n <= req_len);
+    let Some(start) = start.filter(|_| n > 0) else {
+        return Err(format!(
+            "chunk of {n} bytes at {off} outside the READ of {req_len} bytes at {req_off}"
+        ));
+    };
+    // SAFETY: as in `Shared::simple`: the slot is claimed, the owner waits; and
+    // `start + n <= req_len == buf.len` was checked above.
+    let dst = unsafe { std::slice::from_raw_parts_mut(buf.ptr.add(start as usize), n as usize) };
+    if kind == REPLY_TYPE_OFFSET_DATA {
+        read(rd, dst)?;
+    } else {
+        dst.fill(0);
+    }
+    Ok((start, start + n))
+}
+
+/// An error chunk: errno and message.
+fn error_chunk(rd: &mut impl Read, kind: u16, len: u32) -> Result<ConnError, String> {
+    if !(6..=MAX_SMALL_PAYLOAD).contains(&len) {
+        return Err(format!("error chunk of {len} bytes"));
+    }
+    let mut p = vec![0u8; len as usize];
+    read(rd, &mut p)?;
+    let msg_len = usize::from(be16(&p[4..]));
+    let extra = if kind == REPLY_TYPE_ERROR_OFFSET {
+        8
+    } else {
+        0
+    };
+    if 6 + msg_len + extra > p.len() {
+        return Err(format!("error chunk message of {msg_len} bytes in {len}"));
+    }
+    let message = String::from_utf8_lossy(&p[6..6 + msg_len]).into_owned();
+    Ok(server(be32(&p), message))
+}
+
+fn server(errno: u32, message: String) -> ConnError {
+    // An error chunk must carry a non-zero errno; treat a zero as EIO.
+    let errno = if errno == 0 { EIO } else { errno };
+    ConnError::Server { errno, message }
+}
+
+/// `ESHUTDOWN` asks the client to disconnect: the connection ends here.
+fn shutting_down(errno: u32) -> Result<(), String> {
+    if errno == ESHUTDOWN {
+        Err("the server is shutting down (ESHUTDOWN)".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The slot of a request in flight, or the protocol error of a stray reply.
+fn live(st: &mut State, cookie: u64) -> Result<&mut Slot, String> {
+    st.pending
+        .get_mut(&cookie)
+        .filter(|s| s.outcome.is_none())
+        .ok_or_else(|| unknown(cookie))
+}
+
+fn read(rd: &mut impl Read, buf: &mut [u8]) -> Result<(), String> {
+    rd.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        _ => format!("receive: {e}"),
+    })
+}
