@@ -372,3 +372,44 @@ impl Deployment {
         Deployment { cluster, fs, hosts }
     }
 }
+
+/// Restore the backup in `backup` (virtual LU `pg`) into an image in `work`, mount it and
+/// start a cluster on it (on `port`): it must recover from the snapshot's WAL and satisfy
+/// pgbench's invariants, with some but fewer history rows than the live cluster's
+/// `live_rows` at the end of the run (an instant during it). Returns the restored
+/// (sum of balances, history rows).
+pub fn restore_and_recover(
+    hosts: &crate::backup::Hosts,
+    work: &Path,
+    backup: &Path,
+    port: u16,
+    live_rows: i64,
+) -> (i64, i64) {
+    let img = work.join("restored.img");
+    hosts.restore(backup, None, &img);
+    let rfs = Mounted::file(work, &img, "restored", false);
+    // The snapshot copied the live cluster's lock file; it names a live postmaster.
+    let _ = std::fs::remove_file(rfs.dir.join("data/postmaster.pid"));
+    let mut restored = Cluster::new(
+        &rfs.dir.join("data"),
+        &work.join("restored-sock"),
+        port,
+        &work.join("restored.log"),
+    );
+    restored.start();
+    let (sum, rows) = restored.pgbench_invariants();
+    let log = std::fs::read_to_string(&restored.log).unwrap_or_default();
+    println!("restored: sum {sum}, {rows} history rows (live at the end: {live_rows})\n{log}");
+    assert!(
+        log.contains("redo") || log.contains("recovery"),
+        "no recovery in the log:\n{log}"
+    );
+    assert!(rows > 0, "the backup holds no pgbench transaction");
+    assert!(
+        rows < live_rows,
+        "the backup is not of an instant during the run"
+    );
+    restored.stop();
+    drop(rfs);
+    (sum, rows)
+}
