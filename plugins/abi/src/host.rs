@@ -1,18 +1,26 @@
 //! The host side: find, check and load a plugin, and use its backend as an
 //! `hvm_core::Backend`.
 
-use std::os::unix::fs::MetadataExt;
+mod elf;
+
+use std::collections::BTreeMap;
+use std::fs::{File, Metadata, OpenOptions};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use abi_stable::library::{
+    lib_header_from_raw_library, LibHeader, LibraryError, RawLibrary, RootModule,
+};
 use abi_stable::std_types::{RNone, RResult, RSlice, RSliceMut, RStr};
 use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use hvm_core::backend::{
     write_zeroes_by_writing, Backend, BackendDescription, BackendError, BackendErrorKind, LuInfo,
 };
 use hvm_core::{Extent, LuId, MirrorDefinition};
+use nix::libc;
 
 use crate::driver::bits_to_core;
 use crate::{
@@ -73,14 +81,28 @@ pub fn path_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("libhvm_plugin_{}.so", name.replace('-', "_")))
 }
 
-/// Refuse files that are missing, not regular, writable by group or others, or owned by
-/// a user other than root and the one running the host: loading one runs its code.
-pub fn check_file(path: &Path) -> Result<(), LoadError> {
+/// Open the plugin file once, without following a symbolic link, and refuse it unless
+/// the open descriptor is a regular file, not writable by group or others, owned by root
+/// or the user running the host (loading it runs its code), and a complete ELF shared
+/// object for this host. What is checked is this descriptor, and [`Plugin::load`] maps
+/// this same descriptor: renaming another file into place cannot slip past the checks.
+pub fn open_checked(path: &Path) -> Result<(File, Metadata), LoadError> {
     let bad = |reason: String| LoadError::File {
         path: path.to_path_buf(),
         reason,
     };
-    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => bad("a symbolic link; give the path of the file itself".into()),
+            _ => bad(format!("cannot open it: {e}")),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(format!("cannot stat it: {e}")))?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
@@ -97,12 +119,64 @@ pub fn check_file(path: &Path) -> Result<(), LoadError> {
             meta.uid()
         )));
     }
-    Ok(())
+    elf::check(&file, meta.len()).map_err(|e| bad(e.to_string()))?;
+    Ok((file, meta))
+}
+
+/// Libraries mapped so far, by (device, inode). Their descriptors stay open for the life
+/// of the process: the dynamic loader knows a library by the name it was opened under,
+/// `/proc/self/fd/N`, and a reused N would otherwise return an earlier library.
+static MAPPED: Mutex<BTreeMap<(u64, u64), &'static LibHeader>> = Mutex::new(BTreeMap::new());
+
+/// Map the checked descriptor through `/proc/self/fd/N` (a path with a `/`: never looked
+/// up on the library search path), or find the library mapped before from this file.
+fn map(file: File, meta: &Metadata) -> Result<&'static LibHeader, LibraryError> {
+    let mut mapped = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+    let key = (meta.dev(), meta.ino());
+    if let Some(header) = mapped.get(&key) {
+        return Ok(header);
+    }
+    let fd = file.into_raw_fd(); // owned by MAPPED's library from here on
+    let raw = RawLibrary::load_at(Path::new(&format!("/proc/self/fd/{fd}")));
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) => {
+            // SAFETY: `fd` came from into_raw_fd above and nothing else holds it.
+            drop(unsafe { File::from_raw_fd(fd) });
+            return Err(e);
+        }
+    };
+    // SAFETY: the library is leaked below, so the header's 'static references hold.
+    let header = unsafe { lib_header_from_raw_library(&raw) }?;
+    std::mem::forget(raw);
+    mapped.insert(key, header);
+    Ok(header)
+}
+
+/// `text` in one line, with the descriptor path the loader saw taken out (the error is
+/// printed after the file's real name).
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("/proc/self/fd/") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + "/proc/self/fd/".len()..];
+        let digits = tail.len() - tail.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        rest = tail[digits..].trim_start_matches(": ");
+    }
+    out.push_str(rest);
+    out.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn summarize(e: &LibraryError) -> String {
     match e {
-        LibraryError::OpenError { .. } => format!("cannot load it as a shared library: {e}"),
+        LibraryError::OpenError { err, .. } => {
+            format!("cannot load it as a shared library: {}", one_line(&err.to_string()))
+        }
         LibraryError::GetSymbolError { .. } => {
             "not an hvm plugin: it exports no abi_stable root module".into()
         }
@@ -119,14 +193,14 @@ fn summarize(e: &LibraryError) -> String {
         LibraryError::AbiInstability(_) => {
             "its plugin interface has another layout than this host's (built against an incompatible hvm-plugin-abi); use --verbose for the layouts".into()
         }
-        other => format!("cannot be used: {other}"),
+        other => format!("cannot be used: {}", one_line(&other.to_string())),
     }
 }
 
 impl Plugin {
     /// Check and load the plugin at `path`, verifying abi_stable's layout and version.
     pub fn load(path: &Path) -> Result<Plugin, LoadError> {
-        check_file(path)?;
+        let (file, meta) = open_checked(path)?;
         let lib = |source: LibraryError| LoadError::Library {
             path: path.to_path_buf(),
             summary: summarize(&source),
@@ -134,7 +208,7 @@ impl Plugin {
         };
         // Per file, not RootModule::load_from_file: that caches one library per root
         // module type, and a host loads several plugins of this one interface.
-        let header = lib_header_from_path(path).map_err(lib)?;
+        let header = map(file, &meta).map_err(lib)?;
         let module = match header.init_root_module::<PluginModRef>() {
             Ok(m) => Module::Current(m),
             // Built against interface 0.1.0, whose root module has fewer fields: check it
