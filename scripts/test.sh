@@ -5,13 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: real NBD clients for the NBD server's tests (qemu-io,
-# qemu-img; nbdinfo, nbdfuse; fio's nbd engine), systemd-analyze for the unit file, and
+# qemu-img; nbdinfo, nbdfuse; fio's nbd engine), nbdkit and qemu-nbd as the servers of
+# NBD legs, systemd-analyze for the unit file, and
 # for the backup tests a real PostgreSQL with pgbench on ext4 on a loop device (mkfs.ext4,
 # losetup, mount, fsfreeze, runuser, pgrep), and for the RBD tests a throwaway Ceph
 # cluster (ceph-mon, ceph-osd, ceph, rbd) and librbd/librados to link the rbd plugin.
 # A test that needs a tool fails
 # loudly when it is missing; this list is how a fresh machine gets them.
-PACKAGES=(qemu-utils libnbd-bin fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev)
+PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

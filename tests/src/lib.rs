@@ -40,6 +40,7 @@ const PACKAGES: &[&str] = &[
     "hvm-plugin-mode-select",
     "hvm-plugin-pre-update",
     "hvm-plugin-file",
+    "hvm-plugin-nbd",
     "hvm-plugin-rbd",
     "hvm-plugin-test-not-a-plugin",
     "hvm-plugin-test-incompatible",
