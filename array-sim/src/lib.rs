@@ -1,7 +1,7 @@
 //! array-sim: the simulated disk array (Mode Select, stateless and pre-update firmware,
 //! disk units with a load model, SCSI semantics over a socket, fault injection).
 //!
-//! - [`scsi`]: the command set both the array and its drivers speak.
+//! - [`scsi`]: the command set both the array and its drivers speak (hvm-scsi's).
 //! - [`config`]: the array's YAML configuration.
 //! - [`disk`]: disk units with counters and a service-time model.
 //! - [`fault`]: fault injection.
@@ -10,9 +10,9 @@
 //!   backup device's medium.
 //! - [`mirror`]: what keeps a mirror's legs identical (range locks, write intents).
 //! - [`proto`] and [`server`]: the daemon's wire format and server.
-//! - [`client`]: the transport (in-process or socket) and `ArrayClient`, which implements
-//!   hvm-core's `Backend`; the driver plugins are built on it.
-//! - [`driver`]: the parameters the three driver plugins share (embedded or connect).
+//! - [`client`]: the engine in this process as a transport of hvm-scsi's `ArrayClient`
+//!   (re-exported with the socket client), and the SET FAULT command.
+//! - [`driver`]: the embedded transport of the driver plugins (the array in their process).
 
 pub mod backup;
 pub mod client;

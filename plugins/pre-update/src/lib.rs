@@ -1,18 +1,61 @@
-//! Driver plugin for the pre-update array (array-sim's `pre-update` firmware), embedded in the
-//! host or reached over a socket; see `array_sim::driver` for its parameters.
+//! Driver plugin for pre-update arrays (Fig. 14, E4): a mirroring LU whose mate is
+//! read-only and whose pre-update data the array saves, found through hvm's pairing page
+//! (INQUIRY VPD C0h). Transports (see `hvm_scsi::driver`): array-sim embedded (feature
+//! `embedded`), an array-sim daemon (`connect:`), or an iSCSI target (`iscsi:`, feature
+//! `iscsi`). A target without the pairing page is refused at open in one line.
 
-use array_sim::config::FirmwareKind;
 use hvm_plugin_abi::{Capabilities, ErrorKind, PluginError, ThreadModel};
+use hvm_scsi::cdb::Command;
+use hvm_scsi::driver::{self, Array, ArrayKind, Params};
+use hvm_scsi::format::VPD_PAIRING;
 
-fn open(params: &str) -> Result<array_sim::driver::Array, PluginError> {
-    array_sim::driver::open(params, FirmwareKind::PreUpdate)
-        .map_err(|e| PluginError::new(ErrorKind::Config, e))
+#[cfg(feature = "embedded")]
+const EMBEDDED: Option<driver::Embedded<'static>> = Some(&array_sim::driver::embedded);
+#[cfg(not(feature = "embedded"))]
+const EMBEDDED: Option<driver::Embedded<'static>> = None;
+
+/// The target must describe a mirroring LU and its read-only mate (VPD C0h).
+fn probe_pairing(array: &Array, lun: u8, at: &str) -> Result<(), String> {
+    let cmd = Command::Inquiry {
+        evpd: true,
+        page: VPD_PAIRING,
+        alloc_len: 512,
+    };
+    let what = format!("INQUIRY of VPD page {VPD_PAIRING:#04x}");
+    hvm_scsi::probe::require(
+        array,
+        lun,
+        cmd,
+        &[],
+        at,
+        &what,
+        "this array cannot keep pre-update data for a read-only mate",
+    )
+    .map(drop)
+}
+
+fn open_array(params: &str) -> Result<Array, String> {
+    let p = Params::parse(params)?;
+    if p.volumes.is_some() {
+        return Err("the pre-update driver drives one array (`array:`); volumes of two LUNs are the stateless driver's".into());
+    }
+    let (array, lun) = driver::open_array(&p, EMBEDDED)?;
+    let at = p.array.as_ref().map_or_else(String::new, driver::location);
+    if let Some(lun) = lun {
+        probe_pairing(&array, lun, &at)?;
+    }
+    driver::check_kind(&array, ArrayKind::PreUpdate, &at)?;
+    Ok(array)
+}
+
+fn open(params: &str) -> Result<Array, PluginError> {
+    open_array(params).map_err(|e| PluginError::new(ErrorKind::Config, e))
 }
 
 hvm_plugin_abi::export_plugin! {
     name: "pre-update",
     capabilities: Capabilities { read_only_mate: true, fua: true, ..Capabilities::default() },
-    // The client library keeps many tagged commands in flight from many threads.
+    // The transports keep many commands in flight from many threads.
     thread_model: ThreadModel::Parallel,
     open: open,
 }

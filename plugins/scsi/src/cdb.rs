@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | TEST UNIT READY | 00h | 6 | — |
 //! | INQUIRY | 12h | 6: EVPD bit 0 of byte 1, page byte 2, allocation length bytes 3-4 | in |
-//! | MODE SELECT(6) | 15h | 6: parameter list length byte 4 | out: 4-byte header + page |
+//! | MODE SELECT(6) | 15h | 6: PF bit 4 of byte 1 (set: SPC page format), parameter list length byte 4 | out: 4-byte header + page |
 //! | MODE SENSE(6) | 1Ah | 6: page code byte 2 (bits 5-0), allocation length byte 4 | in: 4-byte header + page |
 //! | READ(16) | 88h | 16: FUA bit 3 of byte 1, LBA bytes 2-9, blocks bytes 10-13 | in |
 //! | WRITE(16) | 8Ah | 16: as READ(16) | out |
@@ -227,7 +227,7 @@ impl Command {
                 let l = alloc_len.to_be_bytes();
                 vec![INQUIRY, u8::from(evpd), page, l[0], l[1], 0]
             }
-            Command::ModeSelect6 { param_len } => vec![MODE_SELECT_6, 0, 0, 0, param_len, 0],
+            Command::ModeSelect6 { param_len } => vec![MODE_SELECT_6, 0x10, 0, 0, param_len, 0],
             Command::ModeSense6 { page, alloc_len } => {
                 vec![MODE_SENSE_6, 0x08, page & 0x3f, 0, alloc_len, 0]
             }
@@ -263,6 +263,20 @@ impl Command {
                 c[2..4].copy_from_slice(&params.to_be_bytes());
                 c
             }
+        }
+    }
+
+    /// Bytes of data-in the command asks for at most, for `block_size`-byte blocks (what
+    /// an initiator announces as its expected transfer length).
+    pub fn data_in_len(&self, block_size: u32) -> u64 {
+        match *self {
+            Command::Inquiry { alloc_len, .. } => u64::from(alloc_len),
+            Command::ModeSense6 { alloc_len, .. } => u64::from(alloc_len),
+            Command::Read16 { blocks, .. } => u64::from(blocks) * u64::from(block_size),
+            Command::ReadCapacity16 { alloc_len } | Command::ReportLuns { alloc_len } => {
+                u64::from(alloc_len)
+            }
+            _ => 0,
         }
     }
 

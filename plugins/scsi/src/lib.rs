@@ -8,14 +8,23 @@
 //!   and a timeout each.
 //! - [`reconnect`]: a transport that re-establishes a lost link with backoff.
 //! - [`wire`] and [`socket`]: array-sim's daemon protocol and its client transport.
+//! - [`iscsi`] (feature `iscsi`): a real target through libiscsi.
 //! - [`client`]: [`ArrayClient`], hvm-core's `Backend` over any transport.
+//! - [`leg`]: a LUN as a leg of hvm-legs' stateless volumes.
+//! - [`driver`]: the drivers' parameters and how they open an array or volumes; [`probe`]:
+//!   how a driver refuses a target that lacks its kind's functions.
 //!
 //! array-sim depends on this crate for the target side (it parses the same CDBs and
 //! answers the same sense codes); this crate does not depend on array-sim.
 
 pub mod cdb;
 pub mod client;
+pub mod driver;
 pub mod format;
+#[cfg(feature = "iscsi")]
+pub mod iscsi;
+pub mod leg;
+pub mod probe;
 pub mod reconnect;
 pub mod sense;
 pub mod socket;

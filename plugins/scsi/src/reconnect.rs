@@ -48,7 +48,7 @@ impl<C: Connector> std::fmt::Debug for Reconnecting<C> {
 }
 
 /// The wait after `n` failed attempts in a row.
-fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1 << n.saturating_sub(1).min(16))
         .min(MAX_BACKOFF)

@@ -1,0 +1,90 @@
+//! A LUN of a SCSI target as one leg of a stateless volume (hvm-legs): hvm mirrors,
+//! routes and resyncs on the host, so this works on any target that reads and writes.
+
+use std::sync::Arc;
+
+use hvm_core::backend::{Backend, BackendError, BackendErrorKind};
+use hvm_core::LuId;
+use hvm_legs::Leg;
+
+use crate::client::{ArrayClient, BLOCK_SIZE};
+use crate::transport::Transport;
+
+/// One LUN reached through a (possibly shared) transport.
+pub struct ScsiLeg {
+    client: ArrayClient<Arc<dyn Transport>>,
+    lu: LuId,
+    name: String,
+    size: u64,
+    identity: String,
+}
+
+impl std::fmt::Debug for ScsiLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScsiLeg")
+            .field("name", &self.name)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScsiLeg {
+    /// Open LUN `lun` of `transport`: READ CAPACITY(16) (512-byte blocks only) and VPD
+    /// 83h for its identity (the URL when the target has none).
+    pub fn open(transport: Arc<dyn Transport>, lun: u8, name: &str) -> Result<ScsiLeg, String> {
+        let client = ArrayClient::new(transport);
+        let blocks = client.capacity(lun).map_err(|e| format!("{name}: {e}"))?;
+        let identity = client
+            .identity_of(lun)
+            .map_err(|e| format!("{name}: {e}"))?
+            .unwrap_or_else(|| name.to_string());
+        Ok(ScsiLeg {
+            client,
+            lu: LuId(u32::from(lun)),
+            name: name.to_string(),
+            size: blocks * u64::from(BLOCK_SIZE),
+            identity,
+        })
+    }
+}
+
+fn lba(offset: u64) -> Result<u64, BackendError> {
+    if offset % u64::from(BLOCK_SIZE) != 0 {
+        return Err(BackendError::new(
+            BackendErrorKind::InvalidRequest,
+            format!("offset {offset} is not a multiple of {BLOCK_SIZE}"),
+        ));
+    }
+    Ok(offset / u64::from(BLOCK_SIZE))
+}
+
+impl Leg for ScsiLeg {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.client.read(self.lu, lba(offset)?, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.client.write(self.lu, lba(offset)?, data, fua)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.client.flush(self.lu)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _unmap: bool,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        let blocks = len / u64::from(BLOCK_SIZE);
+        hvm_core::backend::write_zeroes_by_writing(&self.client, self.lu, lba(offset)?, blocks, fua)
+    }
+}
