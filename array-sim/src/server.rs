@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -68,6 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -78,11 +80,76 @@ pub async fn run(
                         let _ = s.set_nodelay(true);
                         tokio::spawn(serve_conn(engine.clone(), s));
                     }
-                    // A failed accept (out of descriptors, a reset peer) costs that
-                    // connection only.
-                    Err(e) => eprintln!("array-sim: accept failed: {e}"),
+                    Err(e) => {
+                        backoff.failed(&e).await;
+                        continue;
+                    }
                 }
+                backoff.succeeded();
             }
+        }
+    }
+}
+
+/// What the accept loop does after a failed accept. A connection that failed on its own
+/// way in costs nothing; out of descriptors or memory, the listener stays readable and
+/// every accept fails at once, so the loop pauses (10 ms doubling to 1 s) until one
+/// succeeds, and prints one line per [`AcceptBackoff::REPORT_EVERY`] with the count of
+/// failures since the last line, instead of a line per failure in a busy loop.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    pause: Duration,
+    reported: Option<Instant>,
+    unreported: u64,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            pause: Self::FIRST_PAUSE,
+            reported: None,
+            unreported: 0,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    fn exhausted(e: &std::io::Error) -> bool {
+        // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
+        matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+    }
+
+    pub fn succeeded(&mut self) {
+        self.pause = Self::FIRST_PAUSE;
+    }
+
+    pub async fn failed(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .reported
+            .is_none_or(|t| now.duration_since(t) >= Self::REPORT_EVERY)
+        {
+            eprintln!(
+                "array-sim: accept failed: {e} ({} more since the last report){}",
+                self.unreported,
+                if Self::exhausted(e) {
+                    "; pausing accepts"
+                } else {
+                    ""
+                }
+            );
+            self.reported = Some(now);
+            self.unreported = 0;
+        } else {
+            self.unreported += 1;
+        }
+        if Self::exhausted(e) {
+            tokio::time::sleep(self.pause).await;
+            self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
         }
     }
 }

@@ -479,16 +479,65 @@ pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener>
     Ok(l)
 }
 
-/// Serve the API on `listener` until `shutdown`.
+/// Time a client has to send a request's header, from connecting or from the previous
+/// reply: a client that connects and says nothing must not hold a connection for ever.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Connections served at once; past it a new connection is closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time requests being served get to finish at shutdown.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serve the API on `listener` until `shutdown`, then let requests being served finish.
+/// Each connection is HTTP/1 with [`HEADER_READ_TIMEOUT`]; at most [`MAX_CONNECTIONS`];
+/// failed accepts back off (out of descriptors) and are logged once per interval.
 pub async fn serve(
     listener: tokio::net::UnixListener,
     agent: Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    if let Err(e) = axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let app = router(agent);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::nbd::server::AcceptBackoff::new("control API");
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    backoff.failed(&e).await;
+                    continue;
+                }
+            },
+        };
+        backoff.succeeded();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                cap = MAX_CONNECTIONS,
+                "control API: connection refused: too many connections"
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that went away or timed out is no error of the service.
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
+        .is_err()
     {
-        tracing::error!(error = %e, "control API stopped");
+        tracing::warn!(
+            "control API: requests still running after the drain deadline; leaving them"
+        );
     }
 }

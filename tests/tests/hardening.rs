@@ -170,3 +170,216 @@ fn a_bare_name_is_not_searched_on_the_library_path() {
     let line = check_refuses(&link);
     assert!(line.contains("symbolic link"), "{line}");
 }
+
+/// The open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Limit process `pid` to `n` open descriptors (soft and hard).
+fn limit_fds(pid: u32, n: usize) {
+    let out = hvm_tests::tool("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:{n}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Connect to `socket` until the server (process `pid`) is out of descriptors, plus
+/// `extra` connections that wait in the listen backlog: each one it accepts holds a
+/// descriptor there. Returns the connections, to close later.
+fn exhaust(pid: u32, socket: &Path, extra: usize) -> Vec<std::os::unix::net::UnixStream> {
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        held.push(std::os::unix::net::UnixStream::connect(socket).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if held.len() > 4 && open_fds(pid) >= limit_of(pid) {
+            break;
+        }
+    }
+    assert!(
+        open_fds(pid) >= limit_of(pid),
+        "never ran out of descriptors"
+    );
+    for _ in 0..extra {
+        held.push(std::os::unix::net::UnixStream::connect(socket).unwrap());
+    }
+    held
+}
+
+fn limit_of(pid: u32) -> usize {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+fn count(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// host-agent out of descriptors: the NBD and control API accept loops pause and log
+/// once per interval instead of spinning (before: a warning per failed accept, tens of
+/// thousands a second), and both serve again once the connections close.
+#[test]
+fn accept_loops_back_off_when_descriptors_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let mut cmd = hvm_tests::agent::Agent::command(
+        &hvm_tests::workspace().join("host-agent/examples/quickstart.yaml"),
+        dir.path(),
+    );
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let agent = hvm_tests::agent::Agent::spawn(&mut cmd, dir.path());
+    let pid = agent.proc.0.id();
+    limit_fds(pid, open_fds(pid) + 8);
+    let nbd = exhaust(pid, &dir.path().join("nbd.sock"), 20);
+    let control: Vec<_> = (0..5)
+        .map(|_| std::os::unix::net::UnixStream::connect(agent.control()).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let failures = count(&log, "accept failed");
+    assert!(
+        (1..=4).contains(&failures),
+        "{failures} lines of failed accepts in 3 s: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(nbd);
+    drop(control);
+    // Recovered: the control API answers and an NBD client reads and writes.
+    let status = agent.json(&["status"]);
+    assert!(status.get("version").is_some(), "{status}");
+    agent.qemu_io("db", &["write -P 7 0 4k", "read -P 7 0 4k"]);
+}
+
+/// The array-sim daemon out of descriptors: the same, for its accept loop.
+#[test]
+fn array_sim_accept_loop_backs_off_when_descriptors_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("array.log");
+    let sock = dir.path().join("array.sock");
+    let (daemon, line) = hvm_tests::spawn_ready(
+        Command::new(binary("array-sim"))
+            .args(["serve", "--config"])
+            .arg(hvm_tests::workspace().join("array-sim/examples/fig9-stateless.yaml"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--dir")
+            .arg(dir.path().join("data"))
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    assert!(line.contains("listening"), "{line}");
+    let pid = daemon.0.id();
+    limit_fds(pid, open_fds(pid) + 8);
+    let held = exhaust(pid, &sock, 20);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let failures = count(&log, "accept failed");
+    assert!(
+        (1..=4).contains(&failures),
+        "{failures} lines of failed accepts in 3 s"
+    );
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Serves again: a driver connects and reads.
+    let params = format!("array:\n  connect: \"unix:{}\"\n", sock.display());
+    let plugin = hvm_plugin_abi::host::Plugin::load(&plugin_path("stateless")).unwrap();
+    let backend = plugin.open(&params).unwrap();
+    use hvm_core::backend::Backend;
+    backend.read(hvm_core::LuId(0), 0, &mut [0u8; 512]).unwrap();
+}
+
+/// True when the peer closes `s` within `wait` (EOF or reset), false when it is still
+/// open then. What was sent before the close does not matter.
+fn closed_within(s: &mut impl std::io::Read, wait: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+        if start.elapsed() > wait {
+            return false;
+        }
+    }
+}
+
+/// A control API client that sends half a header and waits is disconnected (before:
+/// held for ever); a whole request on another connection is answered meanwhile.
+#[test]
+fn control_api_closes_a_connection_that_never_finishes_its_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = hvm_tests::agent::Agent::start(dir.path());
+    let mut slow = std::os::unix::net::UnixStream::connect(agent.control()).unwrap();
+    use std::io::Write;
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let silent = std::os::unix::net::UnixStream::connect(agent.control()).unwrap();
+    assert!(agent.json(&["status"]).get("version").is_some());
+    assert!(
+        closed_within(&mut slow, std::time::Duration::from_secs(30)),
+        "the half-sent request still holds its connection after 30 s"
+    );
+    let mut silent = silent;
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        closed_within(&mut silent, std::time::Duration::from_secs(30)),
+        "a connection that sent nothing is still open after 30 s"
+    );
+}
+
+/// The coordination service takes at most a few dozen connections that have not
+/// authenticated; past that a new connection is closed at once (before: each got a task
+/// and a 10 s handshake wait, without limit), and it serves again when they go.
+#[test]
+fn coordination_caps_connections_before_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hvm_tests::backup::Hosts::start(
+        dir.path(),
+        &hvm_tests::backup::Setup {
+            lu_bytes: 1 << 20,
+            names: &["a"],
+            freeze: "    deadline_ms: 5000\n",
+        },
+    );
+    let idle: Vec<_> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&hosts.db_addr).unwrap())
+        .collect();
+    // The first ones wait for a TLS handshake; the last are closed at once.
+    let mut last = std::net::TcpStream::connect(&hosts.db_addr).unwrap();
+    last.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        closed_within(&mut last, std::time::Duration::from_secs(3)),
+        "connection 101 without a handshake was not closed at once"
+    );
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Authenticated requests get through again: a whole backup runs.
+    let (out, _) = hosts.run(&["a"], "after-the-flood", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -11,18 +11,23 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::{copy, freeze, tls, Code, Failure, Line, Op, Request};
 use crate::agent::Agent;
 use crate::config::{CoordinationConfig, Role};
+use crate::nbd::server::AcceptBackoff;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 1 << 20;
 /// Ids remembered for retries.
 const REMEMBERED: usize = 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections that may be between accept and a matching token at once; past it a new
+/// connection is closed at once, so unauthenticated peers cannot pile up tasks, TLS
+/// state and descriptors.
+const MAX_UNAUTHENTICATED: usize = 32;
 
 struct Entry {
     fingerprint: String,
@@ -52,14 +57,14 @@ pub enum ServiceError {
     },
 }
 
-/// Compare without an early exit, so the time taken says nothing about the token.
+/// Compare the SHA-256 digests of the two tokens without an early exit, so the time
+/// taken says nothing about the token's content or its length.
 fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
-    }
-    diff == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    let diff = a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y));
+    // black_box: the optimiser must not turn the fold back into an early-exit compare.
+    std::hint::black_box(diff) == 0
 }
 
 impl Service {
@@ -93,24 +98,39 @@ impl Service {
     /// Serve until `shutdown`; connections being served finish on their own.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let unauthenticated = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
+        let mut backoff = AcceptBackoff::new("coordination");
+        let mut refused = 0u64;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        backoff.succeeded();
+                        // Over the cap: dropping the stream closes it.
+                        let Ok(slot) = unauthenticated.clone().try_acquire_owned() else {
+                            refused += 1;
+                            if refused.is_power_of_two() {
+                                tracing::warn!(%peer, refused, cap = MAX_UNAUTHENTICATED, "coordination: connection refused: too many not yet authenticated");
+                            }
+                            continue;
+                        };
                         let svc = self.clone();
-                        tokio::spawn(async move { svc.connection(stream, peer).await });
+                        tokio::spawn(async move { svc.connection(stream, peer, slot).await });
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "coordination: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    Err(e) => backoff.failed(&e).await,
                 }
             }
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Serve one connection; `slot` counts it as unauthenticated until its token matched.
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+    ) {
         let _ = stream.set_nodelay(true);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await
         {
@@ -143,6 +163,7 @@ impl Service {
                 "expected one JSON request line (at most 1 MiB) within 10 s",
             )),
         };
+        drop(slot);
         let req = match request {
             Ok(r) => r,
             Err(f) => {

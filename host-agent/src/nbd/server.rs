@@ -390,6 +390,74 @@ where
     }
 }
 
+/// What an accept loop does after a failed accept: a connection that failed on its own
+/// way in (reset, aborted) costs nothing, but with the process or the system out of
+/// descriptors or memory the listener stays readable and every accept fails at once,
+/// so the loop pauses (10 ms doubling to 1 s) until an accept succeeds, and logs once
+/// per [`AcceptBackoff::LOG_EVERY`] with the count of failures since the last line.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    what: &'static str,
+    pause: Duration,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    pub const LOG_EVERY: Duration = Duration::from_secs(10);
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// For the accept loop of `what` ("NBD", "control API", ...).
+    pub fn new(what: &'static str) -> AcceptBackoff {
+        AcceptBackoff {
+            what,
+            pause: Self::FIRST_PAUSE,
+            logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// True for the errors that come back at once on every accept until resources free.
+    pub fn is_exhaustion(e: &std::io::Error) -> bool {
+        use nix::libc;
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        )
+    }
+
+    /// An accept succeeded: the next exhaustion starts with a short pause again.
+    pub fn succeeded(&mut self) {
+        self.pause = Self::FIRST_PAUSE;
+    }
+
+    /// An accept failed with `e`: log (rate-limited) and pause if resources ran out.
+    pub async fn failed(&mut self, e: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|t| now.duration_since(t) >= Self::LOG_EVERY)
+        {
+            tracing::warn!(
+                error = %e,
+                failures_since_last_report = self.unlogged,
+                "{}: accept failed{}",
+                self.what,
+                if Self::is_exhaustion(e) { "; pausing accepts until descriptors free up" } else { "" }
+            );
+            self.logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        if Self::is_exhaustion(e) {
+            tokio::time::sleep(self.pause).await;
+            self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        }
+    }
+}
+
 /// Accept connections from `accept` until `shutdown`, each served by [`serve`]; past
 /// `limits.connections` a new connection is closed at once.
 async fn accept_loop<S, F, Fut>(
@@ -406,6 +474,7 @@ async fn accept_loop<S, F, Fut>(
     let slots = Arc::new(Semaphore::new(limits.connections));
     let registry = Arc::new(Connections::default());
     let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = AcceptBackoff::new("NBD");
     loop {
         // Reap finished connections as we go.
         while tasks.try_join_next().is_some() {}
@@ -415,10 +484,11 @@ async fn accept_loop<S, F, Fut>(
                 let (s, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        backoff.failed(&e).await;
                         continue;
                     }
                 };
+                backoff.succeeded();
                 // Over the cap: dropping the stream closes it.
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tracing::warn!(cap = limits.connections, "connection refused: too many connections");
