@@ -280,3 +280,37 @@ fn postgresql_on_loop_device_legs_backed_up_online() {
     let backup = d.hosts.target_root.join("pg-backup");
     restore_and_recover(&d.hosts, work, &backup, live.port + 1, live_rows);
 }
+
+/// The example config parses, and each of its file backends opens once its paths are
+/// replaced by files of this test.
+#[test]
+fn the_example_config_parses_and_its_backends_open() {
+    let path = hvm_tests::workspace().join("host-agent/examples/file-legs.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cfg = hvm_host_agent::config::Config::parse(&text, "file-legs.yaml").unwrap();
+    assert_eq!(cfg.virtual_lus.len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    for b in &cfg.backends {
+        let mut params = serde_yaml::to_string(&b.params).unwrap();
+        for (i, leg) in [
+            "/dev/vg0/db-a",
+            "/dev/vg0/db-b",
+            "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4",
+            "/dev/disk/by-id/wwn-0x5000c500d4c3b2a1",
+            "/srv/legs/logs-a.img",
+            "/srv/legs/logs-b.img",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let file = dir.path().join(format!("{}-{i}.img", b.name));
+            if i < 4 {
+                sparse_file(&file, MIB);
+            }
+            params = params.replace(leg, &file.display().to_string());
+        }
+        let array = hvm_plugin_file::open_array(&params)
+            .unwrap_or_else(|e| panic!("backend {}: {e}\n{params}", b.name));
+        assert!(!array.volumes().is_empty());
+    }
+}
