@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # cluster (ceph-mon, ceph-osd, ceph, rbd) and librbd/librados to link the rbd plugin.
 # A test that needs a tool fails
 # loudly when it is missing; this list is how a fresh machine gets them.
-PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev)
+PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -29,7 +29,7 @@ use hvm_legs::{Mirrored, VolumeSpec};
 use serde::Deserialize;
 
 use crate::client::ArrayClient;
-use crate::leg::ScsiLeg;
+use crate::leg::{LunArray, ScsiLeg};
 use crate::socket::{Address, SocketClient, DEFAULT_TIMEOUT};
 use crate::transport::Transport;
 
@@ -206,7 +206,7 @@ fn iscsi_transport(_: &Params, url: &str) -> Result<(Box<dyn Transport>, u8), St
 
 /// The stateless array of `p.volumes`, each leg a LUN named by URL (`iscsi://...`);
 /// legs on one target share its session.
-pub fn open_volumes(p: &Params) -> Result<Mirrored<ScsiLeg>, String> {
+pub fn open_volumes(p: &Params) -> Result<LunArray, String> {
     let Some(vols) = &p.volumes else {
         return Err("driver parameters: `volumes` is missing".into());
     };
@@ -218,7 +218,7 @@ pub fn open_volumes(p: &Params) -> Result<Mirrored<ScsiLeg>, String> {
         let b = open_leg(p, b, &mut sessions)?;
         volumes.push((v.lu, a, b, v.size.map(|s| s.0)));
     }
-    Mirrored::new(volumes)
+    Mirrored::new(volumes).map(LunArray)
 }
 
 #[cfg(feature = "iscsi")]

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use hvm_core::backend::{Backend, BackendError, BackendErrorKind};
-use hvm_core::LuId;
-use hvm_legs::Leg;
+use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind};
+use hvm_core::{Extent, LuId};
+use hvm_legs::{Leg, Mirrored};
 
 use crate::client::{ArrayClient, BLOCK_SIZE};
 use crate::transport::Transport;
@@ -86,5 +86,62 @@ impl Leg for ScsiLeg {
     ) -> Result<(), BackendError> {
         let blocks = len / u64::from(BLOCK_SIZE);
         hvm_core::backend::write_zeroes_by_writing(&self.client, self.lu, lba(offset)?, blocks, fua)
+    }
+}
+
+impl ScsiLeg {
+    /// TEST UNIT READY: does the target answer now?
+    pub fn check(&self) -> Result<(), BackendError> {
+        let lun = self.lu.0 as u8;
+        self.client
+            .command(lun, crate::cdb::Command::TestUnitReady, &[])
+            .map(drop)
+            .map_err(|e| BackendError::new(e.kind, format!("{}: {}", self.name, e.message)))
+    }
+}
+
+/// The stateless array of LUN legs: hvm-legs' [`Mirrored`], whose `describe` also asks
+/// every leg TEST UNIT READY, so a target that is down or stalled shows as failing in
+/// `hvmctl backends` (and as ok again once it answers).
+pub struct LunArray(pub Mirrored<ScsiLeg>);
+
+impl Backend for LunArray {
+    fn describe(&self) -> Result<BackendDescription, BackendError> {
+        for v in self.0.volumes() {
+            v.origin.check()?;
+            v.mate.check()?;
+        }
+        self.0.describe()
+    }
+    fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.0.read(lu, lba, buf)
+    }
+    fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.0.write(lu, lba, data, fua)
+    }
+    fn flush(&self, lu: LuId) -> Result<(), BackendError> {
+        self.0.flush(lu)
+    }
+    fn mode_sense(&self, lu: LuId) -> Result<Vec<u8>, BackendError> {
+        self.0.mode_sense(lu)
+    }
+    fn mode_select(&self, lu: LuId, page: &[u8]) -> Result<(), BackendError> {
+        self.0.mode_select(lu, page)
+    }
+    fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
+        self.0.copy(src, dst, extent)
+    }
+    fn write_zeroes(
+        &self,
+        lu: LuId,
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        self.0.write_zeroes(lu, lba, blocks, unmap, fua)
+    }
+    fn identity(&self, lu: LuId) -> Result<Option<String>, BackendError> {
+        self.0.identity(lu)
     }
 }
