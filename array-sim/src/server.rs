@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::{Engine, Outcome};
 use crate::proto::{self, Request, Response};
@@ -166,25 +166,66 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
     })
 }
 
+/// Bytes of request frames and reply data one connection may hold at once. A client that
+/// sends commands and never reads the replies stops being read from once its replies
+/// reach this; without it every reply waited in memory (gigabytes from one client).
+pub const BUFFER_BUDGET: usize = 64 << 20;
+
+/// Largest SCSI block on the simulated arrays; a READ's reply is charged blocks × this.
+const BLOCK: usize = 512;
+/// What any other command's reply is charged before it runs (INQUIRY, MODE SENSE, ...).
+const SMALL_REPLY: usize = 64 << 10;
+
+/// The data-in bytes a command may return, for the budget: the transfer length of the
+/// READ commands, a small charge for the rest; at most the whole budget.
+fn expected_reply(cdb: &[u8]) -> usize {
+    let be = |r: std::ops::Range<usize>| {
+        cdb.get(r)
+            .map(|b| b.iter().fold(0usize, |n, x| (n << 8) | usize::from(*x)))
+    };
+    let blocks = match cdb.first() {
+        Some(0x08) => be(4..5).map(|n| if n == 0 { 256 } else { n }),
+        Some(0x28) => be(7..9),
+        Some(0xa8) => be(6..10),
+        Some(0x88) => be(10..14),
+        _ => None,
+    };
+    blocks
+        .map_or(SMALL_REPLY, |b| b.saturating_mul(BLOCK).max(SMALL_REPLY))
+        .min(BUFFER_BUDGET)
+}
+
+/// Hold `n` bytes of the connection's budget (at most all of it), waiting while others
+/// hold it.
+async fn hold(budget: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit> {
+    let n = u32::try_from(n.clamp(1, BUFFER_BUDGET)).ok()?;
+    budget.clone().acquire_many_owned(n).await.ok()
+}
+
+/// A reply on its way to the writer, with the budget its command holds until written.
+type Queued = (Vec<u8>, Vec<u8>, OwnedSemaphorePermit);
+
 async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(engine: Arc<Engine>, stream: S) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MAX_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let (close_tx, mut close_rx) = watch::channel(false);
     let writer = tokio::spawn(async move {
-        while let Some((header, data)) = rx.recv().await {
+        while let Some((header, data, held)) = rx.recv().await {
             if wr.write_all(&header).await.is_err() || wr.write_all(&data).await.is_err() {
                 break;
             }
+            drop(held);
         }
         let _ = wr.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(BUFFER_BUDGET));
     loop {
         let frame = tokio::select! {
             _ = close_rx.changed() => break,
-            f = read_frame(&mut rd) => f,
+            f = read_frame(&mut rd, &budget) => f,
         };
-        let Some(body) = frame else {
+        let Some((body, mut held)) = frame else {
             break;
         };
         let Ok(req) = Request::parse(&body) else {
@@ -192,6 +233,13 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(engine: Arc<Engi
         };
         let (tag, lun, cdb) = (req.tag, req.lun, req.cdb.to_vec());
         let data_start = body.len() - req.data.len();
+        // The reply's bytes are held before the command runs and allocates them; one
+        // command never holds more than the whole budget, so it can always go on alone.
+        let room = BUFFER_BUDGET - held.num_permits();
+        let Some(reply) = hold(&budget, expected_reply(&cdb).min(room)).await else {
+            break;
+        };
+        held.merge(reply);
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
@@ -205,7 +253,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(engine: Arc<Engi
                 Ok(Outcome::Reply(r)) => {
                     let sense = r.sense.map(|s| s.encode().to_vec()).unwrap_or_default();
                     let header = Response::header(tag, r.status, &sense, r.data.len());
-                    let _ = tx.send((header, r.data)).await;
+                    let _ = tx.send((header, r.data, held)).await;
                 }
                 // An injected drop, or a command that panicked: close the connection.
                 Ok(Outcome::Drop) | Err(_) => {
@@ -222,12 +270,17 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(engine: Arc<Engi
     }
 }
 
-/// One frame body, or `None` at end of stream or for a frame that cannot be trusted.
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Option<Vec<u8>> {
+/// One frame body and the budget it holds, or `None` at end of stream or for a frame
+/// that cannot be trusted. The budget is held before the body is allocated.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    budget: &Arc<Semaphore>,
+) -> Option<(Vec<u8>, OwnedSemaphorePermit)> {
     let mut prefix = [0u8; 4];
     rd.read_exact(&mut prefix).await.ok()?;
     let len = proto::body_len(prefix).ok()?;
+    let held = hold(budget, len).await?;
     let mut body = vec![0u8; len];
     rd.read_exact(&mut body).await.ok()?;
-    Some(body)
+    Some((body, held))
 }

@@ -15,7 +15,7 @@
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::proto::{self as p};
 use super::server::{errno, ExportError, Limits, Session};
@@ -123,6 +123,47 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Bytes of request payloads and reply data one connection may hold at once. A client
+/// that sends requests and never reads the replies would otherwise make every worker
+/// hold a full buffer (16 × 32 MiB); past the budget no request is taken off the socket
+/// until replies have been sent. One request larger than the budget still runs alone.
+pub const BUFFER_BUDGET: u64 = 64 << 20;
+
+/// The bytes a connection's requests hold, against [`BUFFER_BUDGET`].
+#[derive(Default)]
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Wait until `cost` more bytes fit (or nothing else is held), then hold them.
+    fn reserve(&self, cost: u64) {
+        let mut used = lock(&self.used);
+        while *used > 0 && *used + cost > BUFFER_BUDGET {
+            used = self
+                .freed
+                .wait(used)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *used += cost;
+    }
+
+    fn release(&self, cost: u64) {
+        let mut used = lock(&self.used);
+        *used -= cost.min(*used);
+        self.freed.notify_all();
+    }
+}
+
+/// The bytes a request holds until its reply is sent: its payload or its read data.
+fn cost(req: &p::Request) -> u64 {
+    match req.kind {
+        p::CMD_WRITE | p::CMD_READ => u64::from(req.len),
+        _ => 0,
+    }
+}
+
 /// One connection in transmission; dropped (and the socket closed) when its last worker
 /// ends.
 pub struct Conn {
@@ -131,6 +172,7 @@ pub struct Conn {
     /// Requests arrive back to back; they are read in bulk, not one system call each.
     reader: Mutex<BufReader<SocketReader>>,
     writer: Mutex<()>,
+    budget: Budget,
     /// No more requests are taken off the socket.
     closing: AtomicBool,
     /// Workers running, and those of them waiting for a request.
@@ -167,6 +209,7 @@ pub(super) async fn transmission(
         )),
         socket,
         writer: Mutex::new(()),
+        budget: Budget::default(),
         closing: AtomicBool::new(false),
         workers: AtomicUsize::new(0),
         idle: AtomicUsize::new(0),
@@ -208,8 +251,9 @@ struct Scratch {
     data: Vec<u8>,
 }
 
-/// Buffers above this size are given back after the request that needed them.
-const KEEP: usize = 4 << 20;
+/// Buffers above this size are given back after the request that needed them: with
+/// [`BUFFER_BUDGET`] this bounds what a connection holds (16 workers × 2 × 1 MiB kept).
+const KEEP: usize = 1 << 20;
 
 /// `v[..len]`, growing `v` when it is shorter (without clearing what it holds).
 fn sized(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
@@ -257,10 +301,13 @@ fn take_locked(conn: &Conn, rd: &mut BufReader<SocketReader>, s: &mut Scratch) -
             Taken::Close
         }
         p::CMD_WRITE => {
+            // Held from before the payload is read until the reply is sent.
+            conn.budget.reserve(cost(&req));
             if rd
                 .read_exact(sized(&mut s.payload, req.len as usize))
                 .is_err()
             {
+                conn.budget.release(cost(&req));
                 return Taken::Close;
             }
             Taken::Request(req)
@@ -270,7 +317,10 @@ fn take_locked(conn: &Conn, rd: &mut BufReader<SocketReader>, s: &mut Scratch) -
             error_reply(&conn.session, req.cookie, &e, &mut s.head);
             Taken::Reply
         }
-        _ => Taken::Request(req),
+        _ => {
+            conn.budget.reserve(cost(&req));
+            Taken::Request(req)
+        }
     }
 }
 
@@ -279,10 +329,12 @@ fn worker(conn: &Arc<Conn>) {
     loop {
         let taken = take(conn, &mut s);
         conn.idle.fetch_sub(1, Ordering::SeqCst);
+        let mut held = 0;
         let data = match taken {
             Taken::Close => break,
             Taken::Reply => 0,
             Taken::Request(req) => {
+                held = cost(&req);
                 // Nobody is left to take the next request: start a worker that will.
                 if conn.idle.load(Ordering::SeqCst) == 0 {
                     start_worker(conn);
@@ -295,16 +347,18 @@ fn worker(conn: &Arc<Conn>) {
                 run(&conn.session, &req, payload, &mut s.head, &mut s.data)
             }
         };
-        if send(conn, &s.head, &s.data[..data]).is_err() {
-            // The client is gone: wake the worker blocked reading, take nothing more.
-            conn.closing.store(true, Ordering::SeqCst);
-            conn.socket.shutdown(Shutdown::Both);
-            break;
-        }
+        let sent = send(conn, &s.head, &s.data[..data]);
         for v in [&mut s.payload, &mut s.data] {
             if v.capacity() > KEEP {
                 *v = Vec::new();
             }
+        }
+        conn.budget.release(held);
+        if sent.is_err() {
+            // The client is gone: wake the worker blocked reading, take nothing more.
+            conn.closing.store(true, Ordering::SeqCst);
+            conn.socket.shutdown(Shutdown::Both);
+            break;
         }
         conn.idle.fetch_add(1, Ordering::SeqCst);
     }
