@@ -34,9 +34,92 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::fault::FaultRule;
+
+/// Largest LU: 2^40 blocks of 512 bytes (512 TiB), so that byte offsets and sums of LU
+/// sizes stay far from wrapping a u64.
+pub const MAX_BLOCKS: u64 = 1 << 40;
+/// Largest `backup.blocks_per_bit`.
+pub const MAX_BLOCKS_PER_BIT: u64 = 1 << 20;
+
+/// The range check of a number field, raised inside serde_yaml's deserialize call of the
+/// scalar so that the error has the field's path and line.
+struct Ranged {
+    lo: u64,
+    hi: u64,
+    what: &'static str,
+}
+
+impl serde::de::Visitor<'_> for Ranged {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} from {} to {}", self.what, self.lo, self.hi)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        if (self.lo..=self.hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(E::custom(format!(
+                "{v} is out of range: expected {} from {} to {}",
+                self.what, self.lo, self.hi
+            )))
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+        }
+    }
+}
+
+fn lu_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_u64(Ranged {
+        lo: 1,
+        hi: MAX_BLOCKS,
+        what: "a number of 512-byte blocks",
+    })
+}
+
+fn blocks_per_bit<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = d.deserialize_u64(Ranged {
+        lo: 1,
+        hi: MAX_BLOCKS_PER_BIT,
+        what: "blocks per bit",
+    })?;
+    u32::try_from(v).map_err(serde::de::Error::custom)
+}
+
+/// A backup device's file: a relative path that stays inside the array's directory (no
+/// `..`, no root), so a config cannot make the array write over files elsewhere.
+fn device_file<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    struct Inside;
+    impl serde::de::Visitor<'_> for Inside {
+        type Value = PathBuf;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a file name relative to the array's directory")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PathBuf, E> {
+            let p = PathBuf::from(v);
+            let inside = !v.is_empty()
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if inside {
+                Ok(p)
+            } else {
+                Err(E::custom(format!(
+                    "{v:?} is outside the array's directory: give a relative path without `..`"
+                )))
+            }
+        }
+    }
+    d.deserialize_str(Inside)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -63,6 +146,7 @@ pub struct DiskConfig {
 pub struct LuConfig {
     pub lun: u8,
     /// Capacity in 512-byte blocks.
+    #[serde(deserialize_with = "lu_blocks")]
     pub blocks: u64,
     pub disk: String,
 }
@@ -114,7 +198,7 @@ pub struct ArrayConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "blocks_per_bit")]
     pub blocks_per_bit: u32,
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
@@ -131,6 +215,7 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub name: String,
+    #[serde(deserialize_with = "device_file")]
     pub file: PathBuf,
 }
 
@@ -184,6 +269,9 @@ impl ArrayConfig {
     }
 
     fn check(&self) -> Result<(), String> {
+        for (i, r) in self.faults.iter().enumerate() {
+            r.validate().map_err(|e| format!("faults[{i}]: {e}"))?;
+        }
         let disks: BTreeSet<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
         if disks.len() != self.disks.len() {
             return Err("two disks have the same name".into());
@@ -347,5 +435,75 @@ mirroring:
         .unwrap_err()
         .to_string();
         assert!(err.contains("does not fit"), "{err}");
+    }
+
+    /// Numbers that would wrap (blocks × 512) or overflow a delay, and backup-device
+    /// paths that leave the array's directory, are refused with the file, the field and
+    /// the line; before, a block count of 2^55 parsed and made a 0-byte LU.
+    #[test]
+    fn numbers_and_device_paths_are_checked() {
+        for (from, to, want) in [
+            (
+                "blocks: 64, disk: d0",
+                "blocks: 36028797018963968, disk: d0",
+                "lus[0].blocks: 36028797018963968 is out of range",
+            ),
+            (
+                "blocks: 64, disk: d0",
+                "blocks: 0, disk: d0",
+                "lus[0].blocks: 0 is out of range",
+            ),
+            (
+                "blocks: 64, disk: d0",
+                "blocks: -64, disk: d0",
+                "lus[0].blocks: invalid",
+            ),
+        ] {
+            let err = ArrayConfig::parse(&FIG9.replace(from, to), "a.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("a.yaml: ") && err.contains(want) && err.contains("line 5"),
+                "{err}"
+            );
+        }
+        let backup = |device: &str| {
+            format!(
+                "kind: mode-select\ndisks: [{{name: d0}}]\nlus:\n  - {{lun: 1, blocks: 64, disk: d0}}\nbackup:\n  blocks_per_bit: 1\n  devices:\n    - {{ name: t, file: {device} }}\n"
+            )
+        };
+        ArrayConfig::parse(&backup("tapes/t0.rec"), "b.yaml").unwrap();
+        for bad in ["/etc/passwd", "../t0.rec", "tapes/../../t0.rec", "''"] {
+            let err = ArrayConfig::parse(&backup(bad), "b.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("backup.devices[0].file")
+                    && err.contains("outside the array's directory")
+                    || bad == "''" && err.contains("line 8"),
+                "{bad}: {err}"
+            );
+            assert!(err.contains("line 8"), "{err}");
+        }
+        let err = ArrayConfig::parse(
+            &backup("t0.rec").replace("blocks_per_bit: 1", "blocks_per_bit: 4294967296"),
+            "b.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("backup.blocks_per_bit") && err.contains("line 6"),
+            "{err}"
+        );
+        let err = ArrayConfig::parse(
+            &format!("{FIG9}faults:\n  - {{ action: delay, delay_ms: 1e300 }}\n"),
+            "f.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("f.yaml: faults[0]: a delay fault needs delay_ms"),
+            "{err}"
+        );
     }
 }

@@ -76,6 +76,9 @@ pub enum Injected {
 
 pub const SET_FAULT_LEN: usize = 24;
 
+/// Longest injected delay: a larger (or not finite) one would overflow a `Duration`.
+pub const MAX_DELAY_MS: f64 = 3_600_000.0;
+
 impl FaultRule {
     /// Decode SET FAULT data-out; `None` means "clear all rules".
     pub fn decode(d: &[u8]) -> Result<Option<FaultRule>, Sense> {
@@ -145,7 +148,8 @@ impl FaultRule {
         d
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// The rule's numbers are in range and its sense key is one array-sim answers with.
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if let Some(r) = self.rate {
             if !(0.0..=1.0).contains(&r) {
                 return Err(format!("fault rate {r} is not between 0 and 1"));
@@ -157,9 +161,13 @@ impl FaultRule {
             }
         }
         if self.action == FaultAction::Delay
-            && self.delay_ms.is_none_or(|d| !d.is_finite() || d < 0.0)
+            && self
+                .delay_ms
+                .is_none_or(|d| !(0.0..=MAX_DELAY_MS).contains(&d))
         {
-            return Err("a delay fault needs delay_ms".into());
+            return Err(format!(
+                "a delay fault needs delay_ms from 0 to {MAX_DELAY_MS} (one hour)"
+            ));
         }
         Ok(())
     }

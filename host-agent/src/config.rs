@@ -56,7 +56,66 @@
 use std::path::{Path, PathBuf};
 
 use hvm_core::{LuId, MirrorDefinition};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// A number field checked for its range while it is parsed, so that serde_yaml's error
+/// names the field's path and its line; the ranges keep every product the agent forms
+/// from them (KiB to LBAs, MiB to bytes, milliseconds to a deadline) far from overflow.
+macro_rules! ranged {
+    ($name:ident, $lo:expr, $hi:expr, $unit:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+            d.deserialize_u64(Ranged {
+                lo: $lo,
+                hi: $hi,
+                unit: $unit,
+            })
+        }
+    };
+}
+
+/// The visitor behind [`ranged!`]: the range error is raised inside serde_yaml's
+/// deserialize call for the scalar, which is what gives it the scalar's line.
+struct Ranged {
+    lo: u64,
+    hi: u64,
+    unit: &'static str,
+}
+
+impl serde::de::Visitor<'_> for Ranged {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a whole number from {} to {} {}",
+            self.lo, self.hi, self.unit
+        )
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        if (self.lo..=self.hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(E::custom(format!(
+                "{v} is out of range: expected {} to {} {}",
+                self.lo, self.hi, self.unit
+            )))
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+        }
+    }
+}
+
+ranged!(region_kib, 4, 1 << 20, "KiB (a multiple of 4)");
+ranged!(compact_mib, 1, 1 << 20, "MiB");
+ranged!(chunk_kib, 1, 32 * 1024, "KiB");
+ranged!(rate_mib, 0, 1 << 20, "MiB/s (0: unlimited)");
+ranged!(deadline_ms, 1, 24 * 3_600_000, "milliseconds");
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +165,7 @@ pub enum Role {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FreezeConfig {
+    #[serde(deserialize_with = "deadline_ms")]
     pub deadline_ms: u64,
     pub hooks: Vec<HookConfig>,
 }
@@ -158,7 +218,9 @@ pub struct BackupRoleConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
     pub durable: bool,
+    #[serde(deserialize_with = "region_kib")]
     pub region_kib: u64,
+    #[serde(deserialize_with = "compact_mib")]
     pub compact_mib: u64,
 }
 
@@ -176,7 +238,9 @@ impl Default for JournalConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResyncConfig {
+    #[serde(deserialize_with = "chunk_kib")]
     pub chunk_kib: u64,
+    #[serde(deserialize_with = "rate_mib")]
     pub rate_mib: u64,
 }
 
@@ -302,12 +366,60 @@ pub enum ConfigError {
         #[source]
         source: serde_yaml::Error,
     },
-    #[error("{file}: {at}: {message}")]
+    #[error("{file}: {at}: {message}{}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
     Invalid {
         file: String,
         at: String,
         message: String,
+        /// Where `at` is in the file, when [`line_of`] finds it.
+        line: Option<usize>,
     },
+}
+
+/// The 1-based line of field `at` (`a.b[2].c`) in `text`, for the checks made after
+/// parsing (serde_yaml keeps no positions). Follows block mappings and sequences, and
+/// stops at the line of a flow collection (`{..}`, `[..]`) that holds the rest.
+pub fn line_of(text: &str, at: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let (mut row, mut floor) = (0usize, 0usize);
+    // `from_here`: the next key may be on this line (the first, or a sequence item's).
+    let (mut first, mut from_here) = (true, true);
+    for seg in at.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        if !key.is_empty() {
+            let here = lines[row].trim_start().trim_start_matches("- ");
+            if !first && (here.starts_with('{') || here.contains(&format!("{{ {key}:"))) {
+                return Some(row + 1); // a flow mapping on this line holds the rest
+            }
+            let found = (row + usize::from(!from_here)..lines.len()).find(|&r| {
+                let l = lines[r];
+                let t = l.trim_start().trim_start_matches("- ");
+                (first || (from_here && r == row) || indent(l) >= floor)
+                    && t.starts_with(&format!("{key}:"))
+            })?;
+            row = found;
+            floor = indent(lines[row]);
+        }
+        (first, from_here) = (false, false);
+        if let Some(n) = index {
+            if lines[row].contains('[') {
+                return Some(row + 1); // a flow sequence
+            }
+            let items: Vec<usize> = (row + 1..lines.len())
+                .take_while(|&r| lines[r].trim().is_empty() || indent(lines[r]) >= floor)
+                .filter(|&r| lines[r].trim_start().starts_with("- "))
+                .collect();
+            let min = items.iter().map(|&r| indent(lines[r])).min()?;
+            row = *items.iter().filter(|&&r| indent(lines[r]) == min).nth(n)?;
+            floor = indent(lines[row]) + 2;
+            from_here = true;
+        }
+    }
+    Some(row + 1)
 }
 
 impl Config {
@@ -334,6 +446,7 @@ impl Config {
         })?;
         let bad = |at: String, message: String| ConfigError::Invalid {
             file: file.into(),
+            line: line_of(text, &at),
             at,
             message,
         };
@@ -495,6 +608,62 @@ virtual_lus:
     fn parses() {
         let c = Config::parse(OK, "c.yaml").unwrap();
         assert_eq!(c.virtual_lus[0].snapshots, vec!["db-snap".to_string()]);
+    }
+
+    #[test]
+    fn numbers_are_range_checked_with_field_and_line() {
+        for (yaml, field, line) in [
+            (
+                "journal:\n  compact_mib: 99999999999999\n",
+                "journal.compact_mib",
+                8,
+            ),
+            (
+                "journal:\n  region_kib: 18446744073709551615\n",
+                "journal.region_kib",
+                8,
+            ),
+            (
+                "resync:\n  rate_mib: 17592186044416\n",
+                "resync.rate_mib",
+                8,
+            ),
+            ("resync: { chunk_kib: 0 }\n", "resync.chunk_kib", 7),
+            ("resync: { chunk_kib: -1 }\n", "resync.chunk_kib", 7),
+        ] {
+            let e = Config::parse(&format!("{OK}{yaml}"), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("c.yaml: {field}: ")) && e.contains(&format!("line {line}")),
+                "{yaml}: {e}"
+            );
+        }
+        let freeze = "coordination:\n  listen: x\n  cert: c\n  key: k\n  token_file: t\n  roles: [database]\n  freeze:\n    deadline_ms: 18446744073709551615\n";
+        let e = Config::parse(&format!("{OK}{freeze}"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("coordination.freeze.deadline_ms: 18446744073709551615 is out of range")
+                && e.contains("line 14"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_line() {
+        let text = "listen: { unix: nbd.sock }\nbackends:\n  - name: a\n    plugin: p\n  - name: a\n    plugin: q\n";
+        let e = Config::parse(text, "c.yaml").unwrap_err().to_string();
+        assert!(
+            e.contains("backends[1].name") && e.ends_with("at line 5"),
+            "{e}"
+        );
+        let e = Config::parse(&OK.replace("backend: a", "backend: b"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("at line 6"), "{e}");
+        assert_eq!(line_of(text, "backends[0].plugin"), Some(4));
+        assert_eq!(line_of(text, "backends[2].name"), None);
     }
 
     #[test]
