@@ -73,6 +73,10 @@ pub enum ManagerError {
     NotSnapshot { vlu: VirtualLuId, found: Mode },
     #[error("cannot resynchronize {vlu}: it is {found}, expected Re-synchronizing")]
     NotResynchronizing { vlu: VirtualLuId, found: Mode },
+    /// Something of the host's (a move to another backend) needs the pair to stay
+    /// Synchronized for now.
+    #[error("cannot acquire a snapshot of {vlu}: {reason}")]
+    Held { vlu: VirtualLuId, reason: String },
     #[error("the snapshot of {0} was invalidated: its save area filled up")]
     SnapshotInvalidated(VirtualLuId),
     #[error("{op} on {lu} failed")]
@@ -172,6 +176,8 @@ struct Pair {
     save: Option<Mutex<SaveArea>>,
     invalid: AtomicBool,
     resync: Mutex<ResyncState>,
+    /// Why acquire is refused for now, when it is.
+    hold: Mutex<Option<String>>,
 }
 
 impl Pair {
@@ -367,6 +373,7 @@ impl<B: Backend> SnapshotManager<B> {
                 save,
                 invalid: AtomicBool::new(false),
                 resync: Mutex::new(ResyncState::default()),
+                hold: Mutex::new(None),
             });
         }
         let mgr = SnapshotManager {
@@ -627,6 +634,9 @@ impl<B: Backend> SnapshotManager<B> {
     pub fn acquire(&self, vlu: VirtualLuId) -> Result<()> {
         let pair = self.origin_pair(vlu)?;
         let _gate = write(&pair.gate);
+        if let Some(reason) = lock(&pair.hold).clone() {
+            return Err(ManagerError::Held { vlu, reason });
+        }
         let found = self.mode(vlu);
         if found != Mode::Synchronized {
             return Err(ManagerError::NotSynchronized { vlu, found });
@@ -652,6 +662,39 @@ impl<B: Backend> SnapshotManager<B> {
             }
         }
         Ok(())
+    }
+
+    /// Refuse acquire on the origin virtual LU `vlu` with `reason` from now on (`None`:
+    /// allow it again). Succeeds only while the pair is Synchronized, so a holder knows
+    /// the pair stays Synchronized until it lets go.
+    pub fn hold(&self, vlu: VirtualLuId, reason: Option<String>) -> Result<()> {
+        let pair = self.origin_pair(vlu)?;
+        let _gate = write(&pair.gate);
+        let found = self.mode(vlu);
+        if reason.is_some() && found != Mode::Synchronized {
+            return Err(ManagerError::NotSynchronized { vlu, found });
+        }
+        *lock(&pair.hold) = reason;
+        Ok(())
+    }
+
+    /// Run `f` with every I/O on the pair of `vlu` done and none let in until it returns
+    /// (the exact instant a snapshot is taken at, used here for any change of where the
+    /// pair's data lives).
+    pub fn quiesced<T>(&self, vlu: VirtualLuId, f: impl FnOnce() -> T) -> Result<T> {
+        let (pair, _) = self.pair(vlu)?;
+        let _gate = write(&pair.gate);
+        Ok(f())
+    }
+
+    /// The mirroring definition, capacity and save area of the pair of `vlu`.
+    pub fn pair_layout(&self, vlu: VirtualLuId) -> Result<(MirrorDefinition, u64, Option<LuId>)> {
+        let (pair, _) = self.pair(vlu)?;
+        Ok((
+            pair.cfg.definition.clone(),
+            pair.capacity_lbas,
+            pair.cfg.save_area,
+        ))
     }
 
     /// Delete the snapshot of the origin virtual LU `vlu` ([0031], [0061]). For E1 and E2

@@ -5,21 +5,24 @@
 //! (`<backend>.journal`, see [`crate::durable`]), replayed on start; with
 //! `journal.durable: false` they live in memory only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use hvm_core::backend::{Backend, BackendError};
-use hvm_core::journal::{NoLog, StateLog, Tail};
-use hvm_core::{LuId, ManagerError, PairConfig, SnapshotManager, VirtualLuId};
+use hvm_core::backend::{Backend, BackendDescription, BackendError};
+use hvm_core::journal::{JournalState, NoLog, StateLog, Tail};
+use hvm_core::{LuId, ManagerError, MirrorDefinition, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
 
-use crate::config::{Config, ConfigError, CoordinationConfig, LogLevel};
+use crate::config::{Config, ConfigError, CoordinationConfig, LogLevel, VirtualLuConfig};
 use crate::coord::server::Service;
 use crate::durable::{self, DurableError, FileJournal, Tuning};
 use crate::exports::{Access, Manager, VluExport, VluExports};
+use crate::moves::placement::{self, Placement};
+use crate::moves::routed::{Place, Routed, Shared, Target};
+use crate::moves::{Ledger, MoveError, MoveRequest, MoveStatus, Moves, Subject};
 use crate::nbd::server::{self, Exports, Limits};
 use crate::reload::{self, Live, ReloadReport};
 use crate::resync::{self, ResyncControl};
@@ -63,6 +66,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Coordination(#[from] crate::coord::server::ServiceError),
+    #[error("{reason}")]
+    Placement { reason: String },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -74,6 +79,8 @@ pub enum AgentError {
 /// A configured host, ready to serve.
 pub struct Agent {
     pub exports: Arc<VluExports>,
+    /// Moves of virtual LUs between backends, and where their data lives.
+    pub moves: Arc<Moves>,
     /// Managers by backend name.
     pub managers: BTreeMap<String, Arc<Manager>>,
     /// Export name -> (backend name, virtual LU).
@@ -134,6 +141,314 @@ fn with_state_dir(params: &serde_yaml::Value, state_dir: &Path) -> serde_yaml::V
     params
 }
 
+/// A backend opened from its plugin, with what it reported at start.
+struct Opened {
+    backend: Shared,
+    desc: BackendDescription,
+}
+
+/// What the managers are built into.
+#[derive(Default)]
+struct Built {
+    exports: VluExports,
+    managers: BTreeMap<String, Arc<Manager>>,
+    journals: BTreeMap<String, Arc<FileJournal>>,
+    virtual_lus: BTreeMap<String, (String, VirtualLuId)>,
+    snapshot_of: BTreeMap<String, String>,
+}
+
+/// The pairs of backend `b`'s virtual LUs, in config order, and their export names.
+type PairsOf = (Vec<PairConfig>, Vec<(String, VirtualLuId, Access)>);
+
+fn open_backend(
+    b: &crate::config::BackendConfig,
+    base: &Path,
+    plugin_dir: &Path,
+    state_dir: &Path,
+) -> Result<Opened, AgentError> {
+    let err = |source| AgentError::Plugin {
+        backend: b.name.clone(),
+        source: Box::new(source),
+    };
+    let path = if b.plugin.contains('/') {
+        absolute(base, Path::new(&b.plugin))
+    } else {
+        path_in(plugin_dir, &b.plugin)
+    };
+    let plugin = Plugin::load(&path).map_err(err)?;
+    let params = with_state_dir(&b.params, state_dir);
+    let text = serde_yaml::to_string(&params).unwrap_or_default();
+    let backend: Shared = Arc::new(plugin.open(&text).map_err(err)?);
+    let desc = backend.describe().map_err(|source| AgentError::Describe {
+        backend: b.name.clone(),
+        source,
+    })?;
+    tracing::info!(
+        backend = %b.name,
+        plugin = %path.display(),
+        lus = desc.lus.len(),
+        mirroring = desc.mirroring.len(),
+        "backend opened"
+    );
+    Ok(Opened { backend, desc })
+}
+
+/// The mirroring definition of virtual LU `v`: listed in the config [0054], or the one
+/// the array reports whose primary LU is `v.lu`.
+fn definition(
+    v: &VirtualLuConfig,
+    desc: &BackendDescription,
+) -> Result<MirrorDefinition, AgentError> {
+    match &v.mirroring {
+        // The manager checks a listed one against the array's LUs and capabilities.
+        Some(m) => m.definition(v.lu).map_err(|reason| AgentError::Listed {
+            name: v.name.clone(),
+            reason,
+        }),
+        None => desc
+            .mirroring
+            .iter()
+            .find(|d| d.primary() == LuId(v.lu))
+            .cloned()
+            .ok_or_else(|| AgentError::NoDefinition {
+                name: v.name.clone(),
+                backend: v.backend.clone(),
+                lu: v.lu,
+                available: desc
+                    .mirroring
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+    }
+}
+
+fn pairs_of(
+    cfg: &Config,
+    backend: &str,
+    desc: &BackendDescription,
+    snapshot_of: &mut BTreeMap<String, String>,
+) -> Result<PairsOf, AgentError> {
+    let mut pairs = Vec::new();
+    let mut names = Vec::new();
+    let mut next = 0u32;
+    for v in cfg.virtual_lus.iter().filter(|v| v.backend == backend) {
+        let def = definition(v, desc)?;
+        let origin = VirtualLuId(next);
+        let snapshots: Vec<VirtualLuId> = (0..v.snapshots.len() as u32)
+            .map(|i| VirtualLuId(next + 1 + i))
+            .collect();
+        next += 1 + v.snapshots.len() as u32;
+        let access = Access {
+            uids: v.allow_uids.clone(),
+            gids: v.allow_gids.clone(),
+            read_only: v.read_only,
+        };
+        names.push((v.name.clone(), origin, access.clone()));
+        for (n, id) in v.snapshots.iter().zip(&snapshots) {
+            names.push((n.clone(), *id, access.clone()));
+            snapshot_of.insert(n.clone(), v.name.clone());
+        }
+        pairs.push(PairConfig {
+            origin,
+            snapshots,
+            definition: def,
+            save_area: v.save_area.map(LuId),
+        });
+    }
+    Ok((pairs, names))
+}
+
+/// A backend's state log, its journal file when durable, and the state replayed from it.
+struct StateLogOf {
+    log: Arc<dyn StateLog>,
+    journal: Option<Arc<FileJournal>>,
+    recovered: Option<JournalState>,
+}
+
+/// The state log of backend `name`: its journal file, replayed, or none.
+fn state_log(
+    cfg: &Config,
+    name: &str,
+    state_dir: &Path,
+    pairs: &[PairConfig],
+    desc: &BackendDescription,
+) -> Result<StateLogOf, AgentError> {
+    if !cfg.journal.durable {
+        return Ok(StateLogOf {
+            log: Arc::new(NoLog),
+            journal: None,
+            recovered: None,
+        });
+    }
+    let jerr = |source| AgentError::Journal {
+        backend: name.to_string(),
+        source,
+    };
+    let tuning = Tuning {
+        region_lbas: cfg.journal.region_kib * 2,
+        compact_bytes: cfg.journal.compact_mib << 20,
+    };
+    let path = state_dir.join(format!("{name}.journal"));
+    let mut recovered = None;
+    if let Some(r) = durable::recover(&path).map_err(jerr)? {
+        if r.tail != Tail::Clean {
+            tracing::warn!(journal = %path.display(), tail = ?r.tail, "journal ends in a torn or corrupt record; it was dropped (a crash during an append)");
+        }
+        tracing::info!(journal = %path.display(), records = r.records, "journal replayed");
+        recovered = Some(r.state);
+    }
+    let capacity = pairs
+        .iter()
+        .map(|p| {
+            let lbas = desc.capacity(p.definition.primary()).unwrap_or(u64::MAX);
+            (p.origin, lbas)
+        })
+        .collect();
+    let j = Arc::new(FileJournal::create(&path, capacity, tuning).map_err(jerr)?);
+    Ok(StateLogOf {
+        log: j.clone(),
+        journal: Some(j),
+        recovered,
+    })
+}
+
+/// Home backend `name` as its manager sees it: the placement's routes applied.
+fn routed(
+    name: &str,
+    opened: &BTreeMap<String, Opened>,
+    placement: &Placement,
+) -> Result<Arc<Routed>, AgentError> {
+    let r = Routed::new(name, opened[name].backend.clone());
+    for (lu, place) in placement.routes.get(name).into_iter().flatten() {
+        let backend = opened.get(&place.backend).ok_or_else(|| AgentError::Placement {
+            reason: format!(
+                "backend {name} LU {lu} was moved to {place}, but the config has no backend {:?}; put it back in the config",
+                place.backend
+            ),
+        })?;
+        r.set(
+            LuId(*lu),
+            Target {
+                place: place.clone(),
+                backend: backend.backend.clone(),
+            },
+        );
+    }
+    Ok(Arc::new(r))
+}
+
+/// The placement file, with a move that had not switched when the agent stopped rolled
+/// back: its source holds every acknowledged write.
+fn load_placement(state_dir: &Path) -> Result<Arc<Ledger>, AgentError> {
+    let path = placement::path(state_dir);
+    let mut pl = Placement::load(&path).map_err(|reason| AgentError::Placement { reason })?;
+    if let Some(m) = pl.moving.take() {
+        tracing::warn!(vlu = %m.vlu, to = %m.to.first().map(ToString::to_string).unwrap_or_default(), "a move was interrupted before its switch; rolled back (the data stays where it was; run the move again)");
+        pl.save(&path).map_err(|source| AgentError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(Arc::new(Ledger::new(path, pl)))
+}
+
+/// The snapshot manager of backend `name` over its routed view, its journal, and the
+/// exports of its virtual LUs.
+#[allow(clippy::too_many_arguments)]
+fn build_manager(
+    cfg: &Config,
+    name: &str,
+    state_dir: &Path,
+    desc: &BackendDescription,
+    routed: &Arc<Routed>,
+    snapshot_reads: &Arc<AtomicU64>,
+    built: &mut Built,
+) -> Result<(), AgentError> {
+    let (pairs, names) = pairs_of(cfg, name, desc, &mut built.snapshot_of)?;
+    let StateLogOf {
+        log,
+        journal,
+        recovered,
+    } = state_log(cfg, name, state_dir, &pairs, desc)?;
+    let backend: Box<dyn Backend> = Box::new(routed.clone());
+    let mgr = Arc::new(
+        SnapshotManager::open(backend, pairs, log, recovered.as_ref()).map_err(|source| {
+            AgentError::Manager {
+                backend: name.to_string(),
+                source,
+            }
+        })?,
+    );
+    if let Some(j) = journal {
+        // The manager's checkpoint is in the new file; it replaces the old one.
+        j.commit().map_err(|source| AgentError::Journal {
+            backend: name.to_string(),
+            source,
+        })?;
+        built.journals.insert(name.to_string(), j);
+    }
+    for (export_name, vlu, access) in names {
+        tracing::info!(export = %export_name, backend = %name, mode = ?mgr.mode(vlu), "virtual LU");
+        let mut export = VluExport::new(mgr.clone(), vlu, access);
+        if built.snapshot_of.contains_key(&export_name) {
+            export = export.counting_reads(snapshot_reads.clone());
+        }
+        built.exports.insert(export_name.clone(), export);
+        built
+            .virtual_lus
+            .insert(export_name, (name.to_string(), vlu));
+    }
+    built.managers.insert(name.to_string(), mgr);
+    Ok(())
+}
+
+/// The restart guard: every origin virtual LU must use the LUs its data was written to,
+/// as the placement file recorded them; one that does not is refused, never served. A
+/// virtual LU seen for the first time has its LUs recorded.
+fn guard_placement(built: &Built, moves: &Moves) -> Result<(), AgentError> {
+    let mut seen = BTreeMap::new();
+    for (name, (home, vlu)) in &built.virtual_lus {
+        if built.snapshot_of.contains_key(name) {
+            continue;
+        }
+        let s = Subject {
+            name,
+            home,
+            mgr: &built.managers[home],
+            vlu: *vlu,
+        };
+        let now = moves.identities(&s).map_err(|e| AgentError::Placement {
+            reason: e.to_string(),
+        })?;
+        if let Some(was) = moves.ledger().get().identities.get(name) {
+            if *was != now {
+                return Err(AgentError::Placement {
+                    reason: format!(
+                        "virtual LU {name}: its data was written to [{}], but the config now puts it on [{}]; refusing to serve it from other LUs. Put the config back, or, to start {name} afresh on the new LUs, remove {name:?} from \"identities\" in {}",
+                        was.join("; "),
+                        now.join("; "),
+                        moves.ledger().path().display()
+                    ),
+                });
+            }
+        }
+        seen.insert(name.clone(), now);
+    }
+    moves
+        .ledger()
+        .update(|pl| {
+            for (n, ids) in seen {
+                pl.identities.entry(n).or_insert(ids);
+            }
+        })
+        .map_err(|source| AgentError::Io {
+            path: moves.ledger().path().to_path_buf(),
+            source,
+        })
+}
+
 impl Agent {
     /// Build from `cfg`, whose relative paths are relative to `base`.
     pub fn build(cfg: &Config, base: &Path, state_dir: Option<&Path>) -> Result<Agent, AgentError> {
@@ -153,145 +468,46 @@ impl Agent {
                 .and_then(|e| e.parent().map(Path::to_path_buf))
                 .unwrap_or_else(|| PathBuf::from(".")),
         };
-        let mut exports = VluExports::default();
-        let mut managers = BTreeMap::new();
-        let mut journals = BTreeMap::new();
-        let tuning = Tuning {
-            region_lbas: cfg.journal.region_kib * 2,
-            compact_bytes: cfg.journal.compact_mib << 20,
-        };
-        let mut virtual_lus = BTreeMap::new();
-        let mut snapshot_of = BTreeMap::new();
+        let mut opened = BTreeMap::new();
+        for b in &cfg.backends {
+            opened.insert(
+                b.name.clone(),
+                open_backend(b, base, &plugin_dir, &state_dir)?,
+            );
+        }
+        let ledger = load_placement(&state_dir)?;
+        let mut routed_by = BTreeMap::new();
+        let mut built = Built::default();
         let snapshot_reads = Arc::new(AtomicU64::new(0));
         for b in &cfg.backends {
-            let err = |source| AgentError::Plugin {
-                backend: b.name.clone(),
-                source: Box::new(source),
-            };
-            let path = if b.plugin.contains('/') {
-                absolute(base, Path::new(&b.plugin))
-            } else {
-                path_in(&plugin_dir, &b.plugin)
-            };
-            let plugin = Plugin::load(&path).map_err(err)?;
-            let params = with_state_dir(&b.params, &state_dir);
-            let text = serde_yaml::to_string(&params).unwrap_or_default();
-            let backend: Box<dyn Backend> = Box::new(plugin.open(&text).map_err(err)?);
-            let desc = backend.describe().map_err(|source| AgentError::Describe {
-                backend: b.name.clone(),
-                source,
-            })?;
-            tracing::info!(
-                backend = %b.name,
-                plugin = %path.display(),
-                lus = desc.lus.len(),
-                mirroring = desc.mirroring.len(),
-                "backend opened"
-            );
-            let mut pairs = Vec::new();
-            let mut names = Vec::new();
-            let mut next = 0u32;
-            for v in cfg.virtual_lus.iter().filter(|v| v.backend == b.name) {
-                let def = match &v.mirroring {
-                    // Listed in the config [0054]; the manager checks it against the
-                    // array's LUs and capabilities.
-                    Some(m) => m.definition(v.lu).map_err(|reason| AgentError::Listed {
-                        name: v.name.clone(),
-                        reason,
-                    })?,
-                    None => desc
-                        .mirroring
-                        .iter()
-                        .find(|d| d.primary() == LuId(v.lu))
-                        .cloned()
-                        .ok_or_else(|| AgentError::NoDefinition {
-                            name: v.name.clone(),
-                            backend: b.name.clone(),
-                            lu: v.lu,
-                            available: desc
-                                .mirroring
-                                .iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join("; "),
-                        })?,
-                };
-                let origin = VirtualLuId(next);
-                let snapshots: Vec<VirtualLuId> = (0..v.snapshots.len() as u32)
-                    .map(|i| VirtualLuId(next + 1 + i))
-                    .collect();
-                next += 1 + v.snapshots.len() as u32;
-                let access = Access {
-                    uids: v.allow_uids.clone(),
-                    gids: v.allow_gids.clone(),
-                    read_only: v.read_only,
-                };
-                names.push((v.name.clone(), origin, access.clone()));
-                for (n, id) in v.snapshots.iter().zip(&snapshots) {
-                    names.push((n.clone(), *id, access.clone()));
-                    snapshot_of.insert(n.clone(), v.name.clone());
-                }
-                pairs.push(PairConfig {
-                    origin,
-                    snapshots,
-                    definition: def,
-                    save_area: v.save_area.map(LuId),
-                });
-            }
-            let jerr = |source| AgentError::Journal {
-                backend: b.name.clone(),
-                source,
-            };
-            let mut recovered = None;
-            let mut journal = None;
-            let log: Arc<dyn StateLog> = if cfg.journal.durable {
-                let path = state_dir.join(format!("{}.journal", b.name));
-                if let Some(r) = durable::recover(&path).map_err(jerr)? {
-                    if r.tail != Tail::Clean {
-                        tracing::warn!(journal = %path.display(), tail = ?r.tail, "journal ends in a torn or corrupt record; it was dropped (a crash during an append)");
-                    }
-                    tracing::info!(journal = %path.display(), records = r.records, "journal replayed");
-                    recovered = Some(r.state);
-                }
-                let capacity = pairs
-                    .iter()
-                    .map(|p| {
-                        let lbas = desc.capacity(p.definition.primary()).unwrap_or(u64::MAX);
-                        (p.origin, lbas)
-                    })
-                    .collect();
-                let j = Arc::new(FileJournal::create(&path, capacity, tuning).map_err(jerr)?);
-                journal = Some(j.clone());
-                j
-            } else {
-                Arc::new(NoLog)
-            };
-            let mgr = Arc::new(
-                SnapshotManager::open(backend, pairs, log, recovered.as_ref()).map_err(
-                    |source| AgentError::Manager {
-                        backend: b.name.clone(),
-                        source,
-                    },
-                )?,
-            );
-            if let Some(j) = journal {
-                // The manager's checkpoint is in the new file; it replaces the old one.
-                j.commit().map_err(jerr)?;
-                journals.insert(b.name.clone(), j);
-            }
-            for (name, vlu, access) in names {
-                tracing::info!(export = %name, backend = %b.name, mode = ?mgr.mode(vlu), "virtual LU");
-                let mut export = VluExport::new(mgr.clone(), vlu, access);
-                if snapshot_of.contains_key(&name) {
-                    export = export.counting_reads(snapshot_reads.clone());
-                }
-                exports.insert(name.clone(), export);
-                virtual_lus.insert(name, (b.name.clone(), vlu));
-            }
-            managers.insert(b.name.clone(), mgr);
+            let r = routed(&b.name, &opened, &ledger.get())?;
+            build_manager(
+                cfg,
+                &b.name,
+                &state_dir,
+                &opened[&b.name].desc,
+                &r,
+                &snapshot_reads,
+                &mut built,
+            )?;
+            routed_by.insert(b.name.clone(), r);
         }
+        let shared = opened
+            .iter()
+            .map(|(n, o)| (n.clone(), o.backend.clone()))
+            .collect();
+        let moves = Arc::new(Moves::new(ledger, shared, routed_by));
+        guard_placement(&built, &moves)?;
+        let Built {
+            exports,
+            managers,
+            journals,
+            virtual_lus,
+            snapshot_of,
+        } = built;
         Ok(Agent {
             exports: Arc::new(exports),
+            moves,
             managers,
             journals,
             resync: Arc::new(ResyncControl::new(
@@ -409,6 +625,59 @@ impl Agent {
     }
 
     /// The manager and virtual LU behind an export name.
+    /// Start moving origin virtual LU `name` as `req` asks (see [`crate::moves`]).
+    pub fn start_move(&self, name: &str, req: &MoveRequest) -> Result<MoveStatus, MoveError> {
+        let unknown = || MoveError::Refused(format!("no virtual LU named {name:?}"));
+        if let Some(origin) = self.snapshot_of.get(name) {
+            return Err(MoveError::Refused(format!(
+                "{name} is the snapshot of {origin}; move {origin}, and its snapshot LUs move with it"
+            )));
+        }
+        let (home, vlu) = self.virtual_lus.get(name).ok_or_else(unknown)?;
+        let mgr = self.managers.get(home).ok_or_else(unknown)?;
+        let subject = Subject {
+            name,
+            home,
+            mgr,
+            vlu: *vlu,
+        };
+        let job = self.moves.start(&subject, req, &self.places_in_use())?;
+        Ok(job.status())
+    }
+
+    /// The places of every origin virtual LU's LUs now.
+    fn places_in_use(&self) -> BTreeSet<Place> {
+        let mut used = BTreeSet::new();
+        for (name, (home, vlu)) in &self.virtual_lus {
+            let Some(mgr) = self.managers.get(home) else {
+                continue;
+            };
+            let s = Subject {
+                name,
+                home,
+                mgr,
+                vlu: *vlu,
+            };
+            used.extend(self.moves.places(&s).unwrap_or_default());
+        }
+        used
+    }
+
+    /// Where origin virtual LU `name`'s mirror LU is now, when that is not where the
+    /// config created it.
+    pub fn moved_to(&self, name: &str) -> Option<Place> {
+        let (home, vlu) = self.virtual_lus.get(name)?;
+        let mgr = self.managers.get(home)?;
+        let s = Subject {
+            name,
+            home,
+            mgr,
+            vlu: *vlu,
+        };
+        let primary = self.moves.places(&s).ok()?.into_iter().next()?;
+        (primary.backend != *home).then_some(primary)
+    }
+
     pub fn virtual_lu(&self, name: &str) -> Option<(Arc<Manager>, VirtualLuId)> {
         let (backend, vlu) = self.virtual_lus.get(name)?;
         Some((self.managers.get(backend)?.clone(), *vlu))

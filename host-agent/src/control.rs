@@ -16,6 +16,9 @@
 //! | `GET /v1/resync` | progress of every pair |
 //! | `POST /v1/resync/pause`, `/v1/resync/resume` | pause or resume the resync service |
 //! | `PUT /v1/resync/rate` `{"bytes_per_second": N}` | rate limit per backend, 0: none |
+//! | `POST /v1/lus/{name}/move` `{to, lus?, rate?}` | move a virtual LU to another backend while it serves (see `moves`); again with `rate` changes the rate |
+//! | `DELETE /v1/lus/{name}/move` | cancel the move; the data stays where it was |
+//! | `GET /v1/lus/{name}/move` | the move's progress, or how the last one ended |
 //! | `GET /v1/backends` | backends, their health and journals |
 //! | `POST /v1/backends/{name}/backup` `BackupOp` | an array-side backup function of EP 1 058 190 (pair, CCOPY, AUTO, COW, pool); answers `BackupReply`; a CCOPY or COW without ranges covers the whole LU |
 //! | `POST /v1/reload` | reload the config file, as SIGHUP does (see [`crate::reload`]); 422 if it is not valid |
@@ -39,6 +42,7 @@ use serde_json::json;
 
 use crate::agent::Agent;
 use crate::exports::Manager;
+use crate::moves::{MoveError, MoveRequest, MoveStatus};
 
 type Shared = Arc<Agent>;
 
@@ -57,7 +61,8 @@ impl From<ManagerError> for ApiError {
             ManagerError::NotSynchronized { .. }
             | ManagerError::NotSnapshot { .. }
             | ManagerError::NotResynchronizing { .. }
-            | ManagerError::NotAnOrigin(..) => StatusCode::CONFLICT,
+            | ManagerError::NotAnOrigin(..)
+            | ManagerError::Held { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -78,6 +83,11 @@ pub struct LuView {
     pub snapshot_of: Option<String>,
     pub size_bytes: u64,
     pub recorded_lbas: u64,
+    /// Where the data is now, when a move took it off the backend the config names.
+    pub placement: Option<String>,
+    /// The move under way or last ended, if any.
+    #[serde(rename = "move")]
+    pub moving: Option<MoveStatus>,
 }
 
 #[derive(Serialize)]
@@ -124,6 +134,8 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
             snapshot_of: agent.snapshot_of.get(name).cloned(),
             size_bytes: mgr.capacity_bytes(*vlu).unwrap_or(0),
             recorded_lbas: recorded,
+            placement: agent.moved_to(name).map(|p| p.to_string()),
+            moving: agent.moves.job(name).map(|j| j.status()),
         });
     }
     out
@@ -184,6 +196,47 @@ async fn reload(State(a): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
         Some(e) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.clone())),
         None => Ok(Json(json!(report))),
     }
+}
+
+fn move_error(e: MoveError) -> ApiError {
+    let code = match e {
+        MoveError::Refused(_) => StatusCode::CONFLICT,
+        MoveError::NotMoving(_) => StatusCode::NOT_FOUND,
+        MoveError::Placement(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, e.to_string())
+}
+
+/// `POST /v1/lus/{name}/move` `{to, lus?, rate?}`: start a move, or change the rate of
+/// the one under way to the same backend.
+async fn move_start(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<MoveRequest>,
+) -> ApiResult<Json<MoveStatus>> {
+    blocking(move || a.start_move(&name, &req).map(Json).map_err(move_error)).await
+}
+
+async fn move_cancel(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<MoveStatus>> {
+    blocking(move || {
+        let job = a.moves.cancel(&name).map_err(move_error)?;
+        Ok(Json(job.status()))
+    })
+    .await
+}
+
+async fn move_status(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<MoveStatus>> {
+    let job = a
+        .moves
+        .job(&name)
+        .ok_or_else(|| move_error(MoveError::NotMoving(name.clone())))?;
+    Ok(Json(job.status()))
 }
 
 async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
@@ -452,6 +505,10 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/lus", get(list))
         .route("/v1/lus/{name}/extents", get(extents))
         .route("/v1/lus/{name}/snapshot", post(acquire).delete(delete))
+        .route(
+            "/v1/lus/{name}/move",
+            post(move_start).delete(move_cancel).get(move_status),
+        )
         .route("/v1/resync", get(resync))
         .route("/v1/resync/pause", post(pause))
         .route("/v1/resync/resume", post(resume))

@@ -108,6 +108,49 @@ pub fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Val
     }
 }
 
+/// Follow the move of `vlu` until it ends, with a progress bar unless `quiet` or not on a
+/// terminal; the move's last status, or why it did not end Done.
+pub fn wait_move(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
+    let quiet = quiet || !bars();
+    let path = format!("/v1/lus/{vlu}/move");
+    loop {
+        let r = call(sock, "GET", &path, None)?;
+        if r.status >= 400 {
+            return Err(r.body["error"].as_str().unwrap_or("no move").to_string());
+        }
+        let b = r.body;
+        if !quiet {
+            let (done, total) = (b["copied_bytes"].as_u64(), b["total_bytes"].as_u64());
+            progress(
+                &format!("move {vlu}"),
+                done.unwrap_or(0) >> 20,
+                total.unwrap_or(0) >> 20,
+                "MiB",
+            );
+        }
+        match b["phase"].as_str() {
+            Some("copying") => std::thread::sleep(Duration::from_millis(200)),
+            Some("done") => {
+                if !quiet {
+                    eprintln!();
+                }
+                return Ok(b);
+            }
+            other => {
+                if !quiet {
+                    eprintln!();
+                }
+                let why = b["reason"].as_str().unwrap_or("");
+                return Err(format!(
+                    "the move of {vlu} ended {}{}{why}; the data stays where it was",
+                    other.unwrap_or("?"),
+                    if why.is_empty() { "" } else { ": " }
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

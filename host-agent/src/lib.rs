@@ -22,6 +22,7 @@ pub mod demo;
 pub mod durable;
 pub mod exports;
 pub mod gate;
+pub mod moves;
 pub mod nbd;
 pub mod notify;
 pub mod reload;

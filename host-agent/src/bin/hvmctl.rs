@@ -5,6 +5,7 @@
 //! hvmctl lu list
 //! hvmctl snapshot acquire db
 //! hvmctl snapshot delete db --wait
+//! hvmctl lu move db --to legs0 [--lus 0] [--rate 200M] [--wait] | --cancel
 //! hvmctl extents db
 //! hvmctl resync pause|resume|rate 100M
 //! hvmctl backends
@@ -219,6 +220,28 @@ enum TlsCmd {
 enum LuCmd {
     /// Every virtual LU with its mode and READ/WRITE destinations.
     List,
+    /// Move a virtual LU's data to another backend while it serves I/O (as pvmove):
+    /// copy, with writes going to both, then switch in a moment. It must be
+    /// Synchronized; a snapshot is refused until the move ends.
+    Move {
+        vlu: String,
+        /// The backend to move to.
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// The target's mirror LU (default: the first free one of the same kind).
+        #[arg(long)]
+        lus: Option<u32>,
+        /// Copy rate, bytes per second (100M, 1G; 0: unlimited); again while a move
+        /// runs changes its rate.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait for the move to end, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Stop the move under way; the data stays where it was.
+        #[arg(long, conflicts_with_all = ["to", "lus", "rate"])]
+        cancel: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -290,8 +313,30 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// A move's status in one line.
+fn move_line(b: &Value) -> String {
+    let pct = |b: &Value| {
+        let total = b["total_bytes"].as_u64().unwrap_or(0).max(1);
+        b["copied_bytes"].as_u64().unwrap_or(0) * 100 / total
+    };
+    let to = s(&b["to"][0]["backend"]) + ":" + &s(&b["to"][0]["lu"]);
+    match b["phase"].as_str() {
+        Some("copying") => format!("MOVING {}% to {to}", pct(b)),
+        Some("done") => format!(
+            "moved to {to} in {:.1} s (switch {:.2} ms)",
+            b["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            b["switch_ms"].as_f64().unwrap_or(0.0)
+        ),
+        Some(p) => format!("move to {to} {p} {}", s(&b["reason"])),
+        None => "-".into(),
+    }
+}
+
 fn human(cmd: &Cmd, body: &Value) -> String {
     match cmd {
+        Cmd::Lu {
+            command: LuCmd::Move { vlu, .. },
+        } => format!("{vlu}: {}\n", move_line(body)),
         Cmd::Lu { .. } => {
             let mut rows = vec![[
                 "NAME",
@@ -302,6 +347,8 @@ fn human(cmd: &Cmd, body: &Value) -> String {
                 "SNAPSHOT OF",
                 "SIZE",
                 "RECORDED LBAS",
+                "DATA ON",
+                "MOVE",
             ]
             .map(String::from)
             .to_vec()];
@@ -317,6 +364,14 @@ fn human(cmd: &Cmd, body: &Value) -> String {
                     s(&l["snapshot_of"]),
                     format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
                     s(&l["recorded_lbas"]),
+                    l["placement"]
+                        .as_str()
+                        .map_or_else(|| s(&l["backend"]), str::to_string),
+                    if l["move"].is_null() {
+                        "-".into()
+                    } else {
+                        move_line(&l["move"])
+                    },
                 ]);
             }
             table(&rows)
@@ -635,6 +690,29 @@ fn main() -> ExitCode {
         Cmd::Lu {
             command: LuCmd::List,
         } => ("GET", "/v1/lus".into(), None),
+        Cmd::Lu {
+            command: LuCmd::Move {
+                vlu, cancel: true, ..
+            },
+        } => ("DELETE", format!("/v1/lus/{}/move", enc(vlu)), None),
+        Cmd::Lu {
+            command: LuCmd::Move {
+                vlu, to, lus, rate, ..
+            },
+        } => {
+            let rate = match rate.as_deref().map(parse_rate) {
+                Some(None) => {
+                    eprintln!(
+                        "hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)"
+                    );
+                    return ExitCode::from(2);
+                }
+                Some(r) => r,
+                None => None,
+            };
+            let body = serde_json::json!({ "to": to, "lus": lus, "rate": rate });
+            ("POST", format!("/v1/lus/{}/move", enc(vlu)), Some(body))
+        }
         Cmd::Snapshot {
             command: SnapCmd::Acquire { vlu },
         } => ("POST", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
@@ -701,6 +779,24 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let mut body = reply.body;
+    if let Cmd::Lu {
+        command:
+            LuCmd::Move {
+                vlu,
+                wait: true,
+                cancel: false,
+                ..
+            },
+    } = &cli.command
+    {
+        match hvm_host_agent::ctl::wait_move(&sock, vlu, cli.json) {
+            Ok(b) => body = b,
+            Err(e) => {
+                eprintln!("hvmctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let Cmd::Snapshot {
         command: SnapCmd::Delete { vlu, wait: true },
     } = &cli.command

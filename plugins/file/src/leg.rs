@@ -233,19 +233,35 @@ fn open_file(name: &str, path: &Path, regular: bool, direct: bool) -> Result<Fil
         })
 }
 
+/// How long a lock held by someone else is waited for: a process that just died may hold
+/// its files a little longer (the kernel tears an io_uring down asynchronously, and its
+/// requests keep their files open until then).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// An exclusive lock on a regular file for as long as it is open, so that two agents (or
 /// an agent and a QEMU that locks its images the same way) never share a leg.
 fn lock_file(name: &str, file: &File) -> Result<(), String> {
-    // SAFETY: flock on a descriptor we own.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(());
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match os_error(&e) {
+            libc::EWOULDBLOCK if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            libc::EWOULDBLOCK => {
+                return Err(format!(
+                    "{name}: in use: another program holds a lock on it"
+                ))
+            }
+            libc::EINTR => {}
+            _ => return Err(format!("{name}: lock: {e}")),
+        }
     }
-    let e = io::Error::last_os_error();
-    Err(match os_error(&e) {
-        libc::EWOULDBLOCK => format!("{name}: in use: another program holds a lock on it"),
-        _ => format!("{name}: lock: {e}"),
-    })
 }
 
 /// Size in bytes and identity, from the open descriptor.
