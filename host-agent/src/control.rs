@@ -172,9 +172,32 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
+/// What keeps the agent from serving every write: journals out of service.
+fn problems(a: &Shared) -> Vec<String> {
+    a.journals
+        .iter()
+        .filter_map(|(name, j)| {
+            j.failure().map(|why| {
+                format!(
+                    "backend {name}: journal {} cannot be written ({why}); writes that need it fail, retried every {} s",
+                    j.path().display(),
+                    crate::durable::RETRY_EVERY.as_secs()
+                )
+            })
+        })
+        .collect()
+}
+
 async fn status(State(a): State<Shared>) -> Json<serde_json::Value> {
+    let problems = problems(&a);
+    let health = match problems.as_slice() {
+        [] => "ok".to_string(),
+        p => format!("failing: {}", p.join("; ")),
+    };
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "health": health,
+        "problems": problems,
         "backends": a.managers.len(),
         "virtual_lus": a.virtual_lus.len(),
         "nbd_socket": a.socket,

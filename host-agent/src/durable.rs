@@ -23,7 +23,10 @@
 //! need the manager's locks, and would be consistent with the records only as long as no
 //! manager path appends while holding one. The copy costs one table update per record that
 //! is appended (a write to an already recorded range appends nothing). A failure to write the journal fails the
-//! append, and every later one: the data write that needed it fails with it.
+//! append, and every later one, until a retry (at most one per [`RETRY_EVERY`], by the
+//! next append or [`FileJournal::retry`]) has written a whole checkpoint of the state
+//! again, for example once a full disk has room: the data write that needed it fails
+//! with it, and [`FileJournal::failure`] says why for the agent's health.
 //!
 //! On start, [`recover`] replays the file, [`FileJournal::create`] opens the next one (the
 //! manager writes its checkpoint there while it opens), and [`FileJournal::commit`]
@@ -34,6 +37,10 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Least time between two attempts to write a failed journal again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 use hvm_core::journal::{self, JournalError, JournalRecord, JournalState, PairKey, StateLog, Tail};
 use hvm_core::Extent;
@@ -121,6 +128,8 @@ struct Inner {
     /// A flush runs outside the lock.
     flushing: bool,
     failed: Option<String>,
+    /// When the last checkpoint was attempted after a failure.
+    retried: Option<Instant>,
     /// The file is the one `create` opened and not yet committed: nothing waits for disk.
     loading: bool,
     file_len: u64,
@@ -198,6 +207,7 @@ impl FileJournal {
                 durable: 0,
                 flushing: false,
                 failed: None,
+                retried: None,
                 loading: true,
                 file_len: len,
                 checkpoint_len: len,
@@ -259,10 +269,37 @@ impl FileJournal {
     }
 
     /// Rewrite the file as a checkpoint of the exact state (also what a clean shutdown
-    /// does, so a restart after it needs no extra copying).
+    /// does, so a restart after it needs no extra copying). After a failure this is the
+    /// repair: the checkpoint holds everything appended, and appends work again.
     pub fn compact(&self) -> Result<(), JournalError> {
         let g = lock(&self.inner);
         self.compact_locked(g).map(drop)
+    }
+
+    /// Why the journal is out of service, if it is: data writes that need it fail.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner).failed.clone()
+    }
+
+    /// After a failure, write a checkpoint again if [`RETRY_EVERY`] has passed since the
+    /// last attempt; `Ok` when the journal is in service (now or already).
+    pub fn retry(&self) -> Result<(), JournalError> {
+        let g = lock(&self.inner);
+        self.retry_locked(g).map(drop)
+    }
+
+    fn retry_locked<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+    ) -> Result<MutexGuard<'a, Inner>, JournalError> {
+        let Some(reason) = g.failed.clone() else {
+            return Ok(g);
+        };
+        if g.retried.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
+            return Err(closed(&reason));
+        }
+        g.retried = Some(Instant::now());
+        self.compact_locked(g)
     }
 
     fn compact_locked<'a>(
@@ -271,9 +308,6 @@ impl FileJournal {
     ) -> Result<MutexGuard<'a, Inner>, JournalError> {
         while g.flushing {
             g = self.flushed.wait(g).unwrap_or_else(PoisonError::into_inner);
-        }
-        if let Some(e) = &g.failed {
-            return Err(closed(e));
         }
         let tmp = tmp_path(&self.path);
         let res = write_file(&tmp, &g.state.checkpoint()).and_then(|(f, len)| {
@@ -290,11 +324,18 @@ impl FileJournal {
                 g.durable = g.appended;
                 g.regions.clear();
                 g.compactions += 1;
+                if let Some(reason) = g.failed.take() {
+                    tracing::warn!(journal = %self.path.display(), earlier = %reason, "journal written again; data writes that need it work again");
+                }
                 tracing::debug!(journal = %self.path.display(), bytes = len, "journal compacted");
                 Ok(g)
             }
             Err(e) => {
-                tracing::error!(journal = %self.path.display(), error = %e, "journal compaction failed");
+                // Only the first failure is logged as an error; retries fail quietly.
+                if g.failed.is_none() {
+                    tracing::error!(journal = %self.path.display(), error = %e, "journal checkpoint failed; data writes that need it fail until it is written again");
+                }
+                let _ = std::fs::remove_file(&tmp);
                 g.failed = Some(e.to_string());
                 self.flushed.notify_all();
                 Err(JournalError::Io(std::io::Error::other(e.to_string())))
@@ -336,6 +377,7 @@ impl FileJournal {
                 Err(e) => {
                     tracing::error!(journal = %self.path.display(), error = %e, "journal write failed; data writes that need it fail from now on");
                     g.failed = Some(e.to_string());
+                    g.retried = Some(Instant::now());
                 }
             }
             self.flushed.notify_all();
@@ -363,16 +405,20 @@ impl FileJournal {
 
 fn closed(reason: &str) -> JournalError {
     JournalError::Io(std::io::Error::other(format!(
-        "the journal failed earlier ({reason}); restart host-agent to recover"
+        "the journal failed ({reason}); host-agent writes it again every {} s",
+        RETRY_EVERY.as_secs()
     )))
 }
 
 impl StateLog for FileJournal {
     fn append(&self, rec: &JournalRecord) -> Result<(), JournalError> {
-        let mut g = lock(&self.inner);
-        if let Some(e) = &g.failed {
-            return Err(closed(e));
-        }
+        let mut g = self.retry_locked(lock(&self.inner))?;
+        // A mode change that does not reach the disk is not made by the manager either:
+        // the state must not keep it, or a later checkpoint would write it.
+        let undo = match *rec {
+            JournalRecord::LuMode { vlu, .. } => g.state.lu_mode.get(vlu).map(|e| (vlu, e)),
+            _ => None,
+        };
         g.state.apply(rec);
         let mut durable = true;
         match *rec {
@@ -420,11 +466,14 @@ impl StateLog for FileJournal {
             // The checkpoint holds this record too.
             return self.compact_locked(g).map(drop);
         }
-        if durable {
-            self.wait_durable(g, seq)
-        } else {
-            Ok(())
+        if !durable {
+            return Ok(());
         }
+        let res = self.wait_durable(g, seq);
+        if let (Err(_), Some((vlu, entry))) = (&res, undo) {
+            lock(&self.inner).state.lu_mode.set(vlu, entry);
+        }
+        res
     }
 }
 

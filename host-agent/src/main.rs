@@ -185,6 +185,7 @@ fn run(
         let status = format!("serving {} virtual LUs", agent.virtual_lus.len());
         notify(&format!("READY=1\nSTATUS={status}"));
         let reloads = tokio::spawn(reload_on_sighup(agent.clone(), status));
+        let retries = tokio::spawn(retry_failed_journals(agent.clone()));
         agent
             .serve(listeners, async {
                 shutdown_signal().await;
@@ -192,8 +193,27 @@ fn run(
             })
             .await;
         reloads.abort();
+        retries.abort();
         Ok::<(), hvm_host_agent::agent::AgentError>(())
     });
+    // serve() ended with a checkpoint of every journal; one that failed is not a clean
+    // stop: the next start replays the older file and copies more than needed, or finds
+    // the state dir still full.
+    let unsaved: Vec<String> = agent
+        .journals
+        .iter()
+        .filter_map(|(name, j)| {
+            j.failure()
+                .map(|why| format!("backend {name}: journal {}: {why}", j.path().display()))
+        })
+        .collect();
+    if result.is_ok() && !unsaved.is_empty() {
+        eprintln!(
+            "host-agent: the final checkpoint failed: {}",
+            unsaved.join("; ")
+        );
+        return ExitCode::FAILURE;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -232,6 +252,24 @@ async fn reload_on_sighup(agent: std::sync::Arc<Agent>, status: String) {
             _ => "reloaded".to_string(),
         };
         notify(&format!("READY=1\nSTATUS={status}; {line}"));
+    }
+}
+
+/// Write failed journals again now and then, so the agent recovers when the disk has
+/// room again even while no write comes to do it.
+async fn retry_failed_journals(agent: std::sync::Arc<Agent>) {
+    let mut tick = tokio::time::interval(hvm_host_agent::durable::RETRY_EVERY);
+    loop {
+        tick.tick().await;
+        let failed: Vec<_> = agent
+            .journals
+            .values()
+            .filter(|j| j.failure().is_some())
+            .cloned()
+            .collect();
+        for j in failed {
+            let _ = tokio::task::spawn_blocking(move || j.retry()).await;
+        }
     }
 }
 

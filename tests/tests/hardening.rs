@@ -500,3 +500,124 @@ fn array_sim_memory_per_connection_is_bounded() {
         "array-sim grew from {before} MiB to {peak} MiB for one connection"
     );
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = hvm_tests::tool("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fill the file system of `dir` with `filler` until it has no room left.
+fn fill(filler: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(filler).unwrap();
+    let block = vec![0xeeu8; 4096];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// qemu-io writes of 4 KiB to `count` distinct journal regions from `first`; true if all
+/// succeeded.
+fn writes_succeed(agent: &hvm_tests::agent::Agent, first: u64, count: u64) -> bool {
+    let mut c = hvm_tests::tool("qemu-io");
+    c.args(["-f", "raw", &agent.uri("db")]);
+    for i in first..first + count {
+        c.args(["-c", &format!("write -P 5 {} 4k", i * 8192)]);
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("failed")
+}
+
+fn health(agent: &hvm_tests::agent::Agent) -> String {
+    agent.json(&["status"])["health"]
+        .as_str()
+        .unwrap_or("(no health field)")
+        .to_string()
+}
+
+/// The journal's file system fills up: status says `failing` with the reason, writes
+/// fail; room comes back: the agent writes the journal again by itself and writes work;
+/// a SIGTERM whose final checkpoint cannot be written exits non-zero. Before: health
+/// had no such field, writes failed until a restart, and SIGTERM exited 0.
+#[test]
+fn a_full_journal_disk_is_reported_and_recovered_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _fs = Tmpfs::mount(&state, "512k");
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{ unix: nbd.sock }}\njournal: {{ region_kib: 4 }}\nbackends:\n  - name: a\n    plugin: stateless\n    params:\n      array:\n        embedded:\n          kind: stateless\n          dir: {}\n          disks: [{{ name: d0 }}, {{ name: d1 }}]\n          lus:\n            - {{ lun: 1, blocks: 131072, disk: d0 }}\n            - {{ lun: 2, blocks: 131072, disk: d1 }}\n          mirroring:\n            - {{ mirror: 0, origin: 1, mate: 2 }}\nvirtual_lus:\n  - {{ name: db, backend: a, lu: 0, snapshots: [db-snap] }}\n",
+            dir.path().join("array").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = hvm_tests::agent::Agent::command(&config, &state);
+    let agent = hvm_tests::agent::Agent::spawn(&mut cmd, &state);
+    assert_eq!(health(&agent), "ok");
+    // In Snapshot mode every write to a new range is journaled.
+    assert_eq!(agent.json(&["snapshot", "acquire", "db"])["changed"], true);
+    assert!(writes_succeed(&agent, 0, 4));
+    let filler = state.join("filler");
+    fill(&filler);
+    // Each write to a new region appends to the journal; a page of them fills it.
+    let mut failed = false;
+    for round in 0..20 {
+        if !writes_succeed(&agent, 100 + round * 200, 200) {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "writes never failed on a full journal disk");
+    let h = health(&agent);
+    assert!(
+        h.starts_with("failing: backend a: journal") && h.contains("No space left"),
+        "{h}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health(&agent) != "ok" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {}",
+            health(&agent)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        writes_succeed(&agent, 5000, 50),
+        "writes fail after recovery"
+    );
+
+    // A full disk at shutdown: the final checkpoint fails and the exit status says so.
+    fill(&filler);
+    let mut agent = agent;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.proc.0.wait().unwrap();
+    assert!(
+        !status.success(),
+        "SIGTERM with a failed checkpoint exited {status}"
+    );
+}
