@@ -56,9 +56,10 @@ pub enum Storage<'a> {
     /// An array-sim daemon that both hosts reach, as over a SAN: LUs 3i+1 and 3i+2 for
     /// the i-th virtual LU, mirror LU 3i.
     ArraySim,
-    /// The database host's own backend: YAML for one `backends:` entry named `array0`
-    /// with mirror LUs 0, 3, ... (a file, nbd or rbd backend). The backup host has no
-    /// backend: it pulls snapshots over NBD (`--via nbd`).
+    /// The database host's own backends: YAML for `backends:` entries, one of them named
+    /// `array0` with mirror LUs 0, 3, ... for the virtual LUs (a file, nbd or rbd
+    /// backend). The backup host has no backend: it pulls snapshots over NBD (`--via
+    /// nbd`).
     Backend(&'a str),
 }
 

@@ -222,6 +222,21 @@ impl Cluster {
             ]))
     }
 
+    /// `pg_amcheck` of database postgres, heap and every index (installing the amcheck
+    /// extension if missing); panics with its report when it finds corruption.
+    pub fn amcheck(&self) -> String {
+        ok(Command::new(self.bin.join("pg_amcheck"))
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "--install-missing",
+                "--heapallindexed",
+                "--progress",
+                "postgres",
+            ]))
+    }
+
     /// pgbench with these connection arguments and `args`.
     pub fn pgbench(&self, args: &[&str]) -> Command {
         let mut c = Command::new(self.bin.join("pgbench"));
