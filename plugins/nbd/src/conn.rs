@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -67,18 +67,20 @@ struct Slot {
     error: Option<ConnError>,
 }
 
-#[derive(Default)]
-struct State {
-    next_cookie: u64,
-    pending: HashMap<u64, Slot>,
-    dead: Option<ConnError>,
-}
+/// Requests in flight by cookie, in shards (by cookie) so that callers and the reader
+/// rarely wait for each other's lock.
+type Pending = HashMap<u64, Slot>;
+const SHARDS: usize = 16;
 
 /// What the reader thread and the callers share.
 struct Shared {
-    state: Mutex<State>,
-    /// Set with `state.dead`: a lock-free check for the leg's fast path.
+    shards: [Mutex<Pending>; SHARDS],
+    next_cookie: AtomicU64,
+    /// Set once, after `why`; no request is registered after it is set (registration
+    /// checks it under its shard's lock, and the reader fails every registered request
+    /// after setting it).
     dead: AtomicBool,
+    why: Mutex<Option<ConnError>>,
     /// A handle on the socket to shut it down.
     socket: Stream,
     structured: bool,
@@ -122,8 +124,10 @@ impl Conn {
         // Sends time out, so a server that stops reading cannot hold the writer lock.
         stream.set_timeouts(None, Some(timeout))?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            next_cookie: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            why: Mutex::new(None),
             socket: stream.try_clone()?,
             structured: export.structured,
         });
@@ -151,7 +155,7 @@ impl Conn {
 
     /// Why the connection died, if it did.
     pub fn why_dead(&self) -> Option<ConnError> {
-        lock(&self.shared.state).dead.clone()
+        self.is_dead().then(|| self.shared.why()).flatten()
     }
 
     /// Read `buf.len()` bytes (at most the export's maximum payload) at `offset`.
@@ -197,13 +201,15 @@ impl Conn {
     }
 
     fn register(&self, offset: u64, len: u32, buf: Option<RawBuf>) -> Result<Ticket, ConnError> {
-        let mut st = lock(&self.shared.state);
-        if let Some(e) = &st.dead {
-            return Err(e.clone());
+        let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.shard(cookie);
+        if self.is_dead() {
+            return Err(self
+                .shared
+                .why()
+                .unwrap_or(ConnError::Lost("closed".into())));
         }
-        let cookie = st.next_cookie;
-        st.next_cookie += 1;
-        st.pending.insert(
+        st.insert(
             cookie,
             Slot {
                 waiter: std::thread::current(),
@@ -233,13 +239,13 @@ impl Conn {
 
     /// The request's outcome, or a timeout once its deadline has passed.
     fn finish(&self, t: &Ticket) -> Result<(), ConnError> {
-        let mut st = lock(&self.shared.state);
+        let mut st = self.shared.shard(t.cookie);
         loop {
-            let Some(slot) = st.pending.get_mut(&t.cookie) else {
+            let Some(slot) = st.get_mut(&t.cookie) else {
                 return Err(ConnError::Lost("request forgotten".into()));
             };
             if let Some(out) = slot.outcome.take() {
-                st.pending.remove(&t.cookie);
+                st.remove(&t.cookie);
                 return out;
             }
             let now = Instant::now();
@@ -251,32 +257,32 @@ impl Conn {
             }
             drop(st);
             std::thread::park_timeout(t.deadline - now);
-            st = lock(&self.shared.state);
+            st = self.shared.shard(t.cookie);
         }
     }
 
     /// Give up on a request: drop the connection, and return once the reader no longer
     /// touches the request's buffer.
     fn abandon(&self, cookie: u64, why: ConnError) {
-        let mut st = lock(&self.shared.state);
-        let Some(slot) = st.pending.get(&cookie) else {
+        let mut st = self.shared.shard(cookie);
+        let Some(slot) = st.get(&cookie) else {
             return;
         };
         let claimed = slot.claimed && slot.outcome.is_none();
         if !claimed {
-            st.pending.remove(&cookie);
+            st.remove(&cookie);
         }
         drop(st);
         self.shared.die(why);
         if claimed {
             // The shutdown in `die` ends the reader's read; it then fails every request.
-            let mut st = lock(&self.shared.state);
-            while st.pending.get(&cookie).is_some_and(|s| s.outcome.is_none()) {
+            let mut st = self.shared.shard(cookie);
+            while st.get(&cookie).is_some_and(|s| s.outcome.is_none()) {
                 drop(st);
                 std::thread::park_timeout(Duration::from_millis(10));
-                st = lock(&self.shared.state);
+                st = self.shared.shard(cookie);
             }
-            st.pending.remove(&cookie);
+            st.remove(&cookie);
         }
     }
 }
@@ -346,12 +352,25 @@ fn complete(slot: &mut Slot, r: Result<(), ConnError>) {
 }
 
 impl Shared {
-    /// Mark the connection dead (first reason wins) and shut the socket down.
+    fn shard(&self, cookie: u64) -> MutexGuard<'_, Pending> {
+        lock(&self.shards[cookie as usize % SHARDS])
+    }
+
+    fn why(&self) -> Option<ConnError> {
+        lock(&self.why).clone()
+    }
+
+    /// Mark the connection dead (first reason wins); the reason, and that it is now dead.
+    fn set_dead(&self, why: ConnError) -> ConnError {
+        let e = lock(&self.why).get_or_insert(why).clone();
+        self.dead.store(true, Ordering::SeqCst);
+        e
+    }
+
+    /// Mark the connection dead and shut the socket down: the reader then fails every
+    /// request in flight.
     fn die(&self, why: ConnError) {
-        let mut st = lock(&self.state);
-        st.dead.get_or_insert(why);
-        self.dead.store(true, Ordering::Release);
-        drop(st);
+        self.set_dead(why);
         self.socket.shutdown();
     }
 
@@ -363,13 +382,12 @@ impl Shared {
                 break e;
             }
         };
-        let mut st = lock(&self.state);
-        let e = st.dead.get_or_insert(ConnError::Lost(why)).clone();
-        self.dead.store(true, Ordering::Release);
-        for slot in st.pending.values_mut().filter(|s| s.outcome.is_none()) {
-            complete(slot, Err(e.clone()));
+        let e = self.set_dead(ConnError::Lost(why));
+        for shard in &self.shards {
+            for slot in lock(shard).values_mut().filter(|s| s.outcome.is_none()) {
+                complete(slot, Err(e.clone()));
+            }
         }
-        drop(st);
         self.socket.shutdown();
     }
 
@@ -387,7 +405,7 @@ impl Shared {
         let mut h = [0u8; 12];
         read(rd, &mut h)?;
         let (errno, cookie) = (be32(&h), be64(&h[4..]));
-        let mut st = lock(&self.state);
+        let mut st = self.shard(cookie);
         let slot = live(&mut st, cookie)?;
         if slot.buf.is_some() && self.structured {
             return Err("simple reply to a READ after structured replies were negotiated".into());
@@ -407,8 +425,7 @@ impl Shared {
         // `abandon` and does not return while the slot is claimed.
         let dst = unsafe { std::slice::from_raw_parts_mut(buf.ptr, buf.len) };
         let r = read(rd, dst);
-        let mut st = lock(&self.state);
-        if let Some(slot) = st.pending.get_mut(&cookie) {
+        if let Some(slot) = self.shard(cookie).get_mut(&cookie) {
             slot.claimed = false;
             if r.is_ok() {
                 complete(slot, Ok(()));
@@ -422,7 +439,7 @@ impl Shared {
         let mut h = [0u8; 16];
         read(rd, &mut h)?;
         let (flags, kind, cookie, len) = (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
-        let mut st = lock(&self.state);
+        let mut st = self.shard(cookie);
         let slot = live(&mut st, cookie)?;
         let (req_off, req_len, buf) = (slot.offset, u64::from(slot.len), slot.buf);
         let content = match kind {
@@ -443,15 +460,15 @@ impl Shared {
             k if k & REPLY_TYPE_ERROR_BIT != 0 => {
                 drop(st);
                 let e = error_chunk(rd, kind, len)?;
-                let mut st = lock(&self.state);
+                let mut st = self.shard(cookie);
                 let slot = live(&mut st, cookie)?;
                 slot.error.get_or_insert(e);
                 None
             }
             k => return Err(format!("unknown structured reply type {k}")),
         };
-        let mut st = lock(&self.state);
-        let slot = st.pending.get_mut(&cookie).ok_or_else(|| unknown(cookie))?;
+        let mut st = self.shard(cookie);
+        let slot = st.get_mut(&cookie).ok_or_else(|| unknown(cookie))?;
         slot.claimed = false;
         if let Some((start, end)) = content {
             if slot.ranges.iter().any(|&(s, e)| start < e && s < end) {
@@ -560,9 +577,8 @@ fn shutting_down(errno: u32) -> Result<(), String> {
 }
 
 /// The slot of a request in flight, or the protocol error of a stray reply.
-fn live(st: &mut State, cookie: u64) -> Result<&mut Slot, String> {
-    st.pending
-        .get_mut(&cookie)
+fn live(st: &mut Pending, cookie: u64) -> Result<&mut Slot, String> {
+    st.get_mut(&cookie)
         .filter(|s| s.outcome.is_none())
         .ok_or_else(|| unknown(cookie))
 }

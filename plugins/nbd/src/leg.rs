@@ -1,7 +1,7 @@
 //! [`NbdLeg`]: one NBD export as a leg, over one multiplexed connection that is opened
 //! again, with backoff, after it failed.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use hvm_core::backend::{BackendError, BackendErrorKind};
@@ -34,12 +34,15 @@ pub struct NbdLeg {
     /// The export's size when the leg was opened; a reconnect must find the same.
     export_size: u64,
     identity: String,
+    /// The connection requests use; read-locked on every request, so taking it costs no
+    /// wait while it is alive.
+    current: RwLock<Option<Arc<Conn>>>,
+    /// Held while replacing a dead connection.
     link: Mutex<Link>,
 }
 
-/// The current connection, and when to try again after a failed reconnect.
+/// When to try again after a failed reconnect.
 struct Link {
-    conn: Option<Arc<Conn>>,
     backoff: Duration,
     retry_at: Option<Instant>,
     last_error: String,
@@ -78,8 +81,8 @@ impl NbdLeg {
             target,
             timeout,
             export_size,
+            current: RwLock::new(Some(Arc::new(conn))),
             link: Mutex::new(Link {
-                conn: Some(Arc::new(conn)),
                 backoff: BACKOFF_MIN,
                 retry_at: None,
                 last_error: String::new(),
@@ -108,13 +111,20 @@ impl NbdLeg {
     /// stays unreachable, attempts are spaced by a growing backoff and requests in
     /// between fail at once.
     fn conn(&self) -> Result<Arc<Conn>, BackendError> {
-        let mut l = lock(&self.link);
-        if let Some(c) = &l.conn {
-            if !c.is_dead() {
-                return Ok(Arc::clone(c));
-            }
+        if let Some(c) = self.live() {
+            return Ok(c);
         }
-        if let Some(c) = l.conn.take() {
+        let mut l = lock(&self.link);
+        // Another request may have reconnected while this one waited.
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(c) = old {
             // The first request after a failure reconnects at once.
             l.last_error = c.why_dead().map(|e| e.to_string()).unwrap_or_default();
             l.retry_at = None;
@@ -133,7 +143,8 @@ impl NbdLeg {
         match Conn::open(&self.target, self.timeout).and_then(|c| self.same_export(c)) {
             Ok(c) => {
                 let c = Arc::new(c);
-                l.conn = Some(Arc::clone(&c));
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::clone(&c));
                 l.backoff = BACKOFF_MIN;
                 l.retry_at = None;
                 Ok(c)
@@ -145,6 +156,12 @@ impl NbdLeg {
                 Err(self.error(BackendErrorKind::Io, format!("reconnect: {e}")))
             }
         }
+    }
+
+    /// The current connection, unless it died.
+    fn live(&self) -> Option<Arc<Conn>> {
+        let cur = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        cur.as_ref().filter(|c| !c.is_dead()).cloned()
     }
 
     /// A reconnect must find the export the leg was opened on, at the same size.
