@@ -621,3 +621,39 @@ fn a_full_journal_disk_is_reported_and_recovered_from() {
         "SIGTERM with a failed checkpoint exited {status}"
     );
 }
+
+/// A backup copy that fails half-way (the backup host's disk fills up) removes its
+/// directory, so the retry of the same target, once there is room, succeeds. Before,
+/// the partial directory stayed and the retry was refused as "never written over".
+#[test]
+fn a_failed_backup_copy_leaves_no_directory_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hvm_tests::backup::Hosts::start(
+        dir.path(),
+        &hvm_tests::backup::Setup {
+            lu_bytes: 4 << 20,
+            names: &["a"],
+            freeze: "    deadline_ms: 5000\n",
+        },
+    );
+    let fs = Tmpfs::mount(&hosts.target_root, "1m");
+    let (out, _) = hosts.run(&["a"], "nightly", &[]);
+    assert!(!out.status.success(), "a 4 MiB copy fit in 1 MiB");
+    assert!(
+        !hosts.target_root.join("nightly").exists(),
+        "the failed copy left its directory"
+    );
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&fs.0)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let (out, _) = hosts.run(&["a"], "nightly", &[]);
+    assert!(
+        out.status.success(),
+        "the retry: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(hosts.target_root.join("nightly/manifest.json").exists());
+}

@@ -204,6 +204,25 @@ pub fn copy(
             }
         ))
     })?;
+    // The directory is this call's own from here: a copy that fails removes it, so a
+    // retry of the same target is not refused as a backup that exists.
+    let written = fill(agent, &dir, id, req, progress);
+    if written.is_err() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the failed backup's directory");
+        }
+    }
+    written
+}
+
+/// Write the images, the files and last the manifest into the new directory `dir`.
+fn fill(
+    agent: &Agent,
+    dir: &Path,
+    id: &str,
+    req: &CopyRequest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, Failure> {
     let total: u64 = req.lus.iter().map(|l| l.size).sum();
     let mut done = 0u64;
     let mut entries = Vec::new();
@@ -295,7 +314,7 @@ pub fn copy(
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| failed(e.to_string()))?;
     write_synced(&dir.join(MANIFEST), text.as_bytes())?;
-    sync_dir(&dir);
+    sync_dir(dir);
     tracing::info!(backup = %id, dir = %dir.display(), bytes = total, "backup written");
     Ok(json!({ "dir": dir, "lus": reports, "manifest": manifest }))
 }
