@@ -428,3 +428,25 @@ fn e4_snapshot_reads_of_unchanged_data_go_to_the_mate() {
     assert_eq!(s.mgr.save_area_used(o).unwrap(), Some(0));
     assert_eq!(s.mgr.lu_mode_table().get(v(1)).unwrap().read, Some(LuId(1)));
 }
+
+/// A hold (a move under way) refuses acquire with its reason, only while it lasts; it can
+/// only be taken on a Synchronized pair. `quiesced` runs with no I/O in flight and
+/// returns what its closure returns; `pair_layout` names the pair's row and size.
+#[test]
+fn a_hold_refuses_acquire_and_is_taken_only_in_synchronized() {
+    use common::{setup, Kind};
+    let s = setup(Kind::E2, 64, false);
+    let origin = s.pair.origin;
+    s.mgr.hold(origin, Some("db is moving to legs0:0".into())).unwrap();
+    let e = s.mgr.acquire(origin).unwrap_err();
+    assert!(matches!(e, ManagerError::Held { .. }), "{e}");
+    assert!(e.to_string().ends_with("db is moving to legs0:0"), "{e}");
+    s.mgr.write(origin, 0, &[7u8; 512], false).unwrap();
+    assert_eq!(s.mgr.quiesced(origin, || 42).unwrap(), 42);
+    s.mgr.hold(origin, None).unwrap();
+    s.mgr.acquire(origin).unwrap();
+    let e = s.mgr.hold(origin, Some("x".into())).unwrap_err();
+    assert!(matches!(e, ManagerError::NotSynchronized { .. }), "{e}");
+    let (def, lbas, save) = s.mgr.pair_layout(origin).unwrap();
+    assert_eq!((def, lbas, save), (s.pair.definition.clone(), 64, None));
+}
