@@ -213,9 +213,13 @@ impl Faults {
         self.count.store(0, Ordering::SeqCst);
     }
 
-    /// What to do with a command on `lun` doing `op`.
+    /// What to do with a command on `lun` doing `op`. Rules inject faults into I/O
+    /// (`op` read, write, flush or copy; a rule's `any` means any of these): a command
+    /// that is not I/O (the engine passes [`FaultOp::Any`]: INQUIRY, MODE SENSE/SELECT,
+    /// the backup commands and SET FAULT itself) is never failed, so no rule can stop
+    /// the SET FAULT that would clear it, nor the probes a host needs to see the array.
     pub fn check(&self, lun: u8, op: FaultOp) -> Injected {
-        if self.count.load(Ordering::Relaxed) == 0 {
+        if op == FaultOp::Any || self.count.load(Ordering::Relaxed) == 0 {
             return Injected::None;
         }
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());

@@ -657,3 +657,55 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
     );
     assert!(hosts.target_root.join("nightly/manifest.json").exists());
 }
+
+/// A SET FAULT rule that drops every command on an LU (`op: any`) does not drop the SET
+/// FAULT that clears it: after the clear, the LU serves again. Before, the clearing
+/// command was dropped too and the LU stayed broken until the array restarted.
+#[test]
+fn a_fault_rule_cannot_block_the_command_that_clears_it() {
+    use array_sim::engine::{Engine, Outcome};
+    use array_sim::fault::{FaultAction, FaultOp, FaultRule};
+    use array_sim::scsi::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = array_sim::config::ArrayConfig::load(
+        &hvm_tests::workspace().join("array-sim/examples/fig9-stateless.yaml"),
+    )
+    .unwrap();
+    let e = Engine::open(&cfg, Some(dir.path())).unwrap();
+    let set_fault = |rule: Option<&FaultRule>| {
+        let data = FaultRule::encode(rule);
+        let cdb = Command::SetFault {
+            param_len: data.len() as u32,
+        }
+        .encode();
+        e.execute(1, &cdb, &data)
+    };
+    let read = || {
+        let cdb = Command::Read16 {
+            lba: 0,
+            blocks: 1,
+            fua: false,
+        }
+        .encode();
+        e.execute(1, &cdb, &[])
+    };
+    let drop_all = FaultRule {
+        lun: Some(1),
+        op: FaultOp::Any,
+        action: FaultAction::Drop,
+        sense: None,
+        count: None,
+        rate: None,
+        delay_ms: None,
+    };
+    assert!(matches!(set_fault(Some(&drop_all)), Outcome::Reply(_)));
+    assert_eq!(read(), Outcome::Drop, "the rule drops reads");
+    match set_fault(None) {
+        Outcome::Reply(r) => assert_eq!(r.status, 0, "clear refused: {r:?}"),
+        Outcome::Drop => panic!("the rule dropped the SET FAULT that clears it"),
+    }
+    assert!(
+        matches!(read(), Outcome::Reply(r) if r.status == 0),
+        "the LU still fails after the clear"
+    );
+}
