@@ -245,7 +245,8 @@ fn qemu_io(a: &Agent, cmds: &[&str]) -> (bool, String) {
 
 /// SIGKILL of one leg's nbdkit: writes fail with EIO within the timeout, host-agent stays
 /// up; nbdkit restarted on the same socket (a file export, so the data survived): writes
-/// and reads work again, and the legs end up identical.
+/// and reads work again. Stopped with SIGSTOP, a write fails with EIO after the timeout;
+/// continued, it serves again. The legs end up identical.
 #[test]
 fn a_killed_leg_server_gives_eio_and_a_restarted_one_serves_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +270,7 @@ fn a_killed_leg_server_gives_eio_and_a_restarted_one_serves_again() {
     let (ok, text) = qemu_io(&a, &["write -P 0x55 1M 64k"]);
     let took = start.elapsed();
     assert!(!ok && text.contains("Input/output error"), "{text}");
-    println!("write with the mate's server killed: EIO after {took:?} (timeout 2 s)");
+    println!("qemu-io (one write, its flush at close) with the mate's server killed: EIO, done after {took:?} (timeout 2 s)");
     // Reads of the origin leg go on; host-agent still answers.
     a.qemu_io("db", &["read -P 0x44 0 1M"]);
     assert_eq!(a.json(&["status"])["virtual_lus"], 2);
@@ -277,17 +278,22 @@ fn a_killed_leg_server_gives_eio_and_a_restarted_one_serves_again() {
     assert!(!ok && text.contains("Input/output error"), "{text}");
 
     // Back on the same socket: the leg reconnects on a later request (after its backoff).
-    let _kb = nbdkit(&sb, &["file", &fb.display().to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, text) = qemu_io(&a, &["write -P 0x66 1M 64k"]);
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never served again: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let kb = nbdkit(&sb, &["file", &fb.display().to_string()]);
+    write_until_served(&a, "write -P 0x66 1M 64k");
     a.qemu_io("db", &["read -P 0x44 0 1M", "read -P 0x66 1M 64k"]);
+
+    // A server that stops answering (SIGSTOP): the write fails with EIO once the 2 s
+    // timeout has passed, and the connection is dropped; after SIGCONT it serves again.
+    let pid = nix::unistd::Pid::from_raw(kb.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let start = Instant::now();
+    let (ok, text) = qemu_io(&a, &["write -P 0x77 1M 64k"]);
+    let took = start.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!ok && text.contains("Input/output error"), "{text}");
+    println!("qemu-io (one write, its flush at close) with the mate's server stopped: EIO, done after {took:?} (timeout 2 s)");
+    assert_eq!(a.json(&["status"])["virtual_lus"], 2);
+    write_until_served(&a, "write -P 0x66 1M 64k");
     a.signal(nix::sys::signal::Signal::SIGTERM);
     let mut proc = a.proc;
     assert!(proc.0.wait().unwrap().success(), "host-agent exit status");
@@ -300,6 +306,20 @@ fn a_killed_leg_server_gives_eio_and_a_restarted_one_serves_again() {
     assert!(la[MIB as usize..(MIB + 65536) as usize]
         .iter()
         .all(|&b| b == 0x66));
+}
+
+/// Retry a write on the virtual LU until it succeeds (the leg reconnects after its
+/// backoff), for at most 30 s.
+fn write_until_served(a: &Agent, cmd: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, text) = qemu_io(a, &[cmd]);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never served again: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A server that is not there, or refuses the export, stops host-agent at start with a

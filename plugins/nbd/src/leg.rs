@@ -124,12 +124,22 @@ impl NbdLeg {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(c) = old {
-            // The first request after a failure reconnects at once.
-            l.last_error = c.why_dead().map(|e| e.to_string()).unwrap_or_default();
-            l.retry_at = None;
-        }
         let now = Instant::now();
+        if let Some(c) = old {
+            let why = c.why_dead();
+            l.last_error = why.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            // The first request after a failure reconnects at once, unless the server
+            // stopped answering: a handshake with it would hang as the request did, so
+            // requests fail at once until the backoff has passed.
+            l.retry_at = match why {
+                Some(ConnError::Timeout(_)) => {
+                    let at = now + l.backoff;
+                    l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
+                    Some(at)
+                }
+                _ => None,
+            };
+        }
         if let Some(at) = l.retry_at.filter(|&at| now < at) {
             return Err(self.error(
                 BackendErrorKind::Io,

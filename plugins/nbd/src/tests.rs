@@ -482,3 +482,28 @@ fn parameters_are_checked() {
     assert!(e.contains("at least 1"), "{e}");
     assert!(crate::open_volumes("state_dir: /x\nvolumes: []").is_ok());
 }
+
+#[test]
+fn after_a_timeout_requests_fail_at_once_until_the_backoff_has_passed() {
+    let t = Duration::from_millis(200);
+    let (c, mut f) = pair(Offer::default(), t);
+    let l = NbdLeg::with_conn("fake", target(), t, c);
+    let server = std::thread::spawn(move || {
+        let _ = f.request(); // never answered
+        let mut b = [0u8; 1];
+        use std::io::Read;
+        let _ = f.s.read(&mut b);
+    });
+    let e = l.write(0, &[1; 512], false).unwrap_err();
+    assert_eq!(e.kind, BackendErrorKind::Io);
+    assert!(e.message.contains("no reply within 200 ms"), "{e}");
+    // A stopped server would hang a handshake as long: no reconnect attempt yet.
+    let e = l.flush().unwrap_err();
+    assert!(
+        e.message
+            .contains("server unreachable (no reply within 200 ms")
+            && e.message.contains("next attempt in"),
+        "{e}"
+    );
+    server.join().unwrap();
+}
