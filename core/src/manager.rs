@@ -1155,4 +1155,73 @@ impl<B: Backend> SnapshotManager<B> {
             }
         }
     }
+
+    /// Online verify: compare the legs of Synchronized pair `vlu` over LBAs `from` to
+    /// `from + max_lbas - 1` (clipped to the capacity) and return the LBA to continue
+    /// from (the capacity at the end) and the ranges where a leg differs from the
+    /// origin's. The pair's gate is held shared (no mode change meanwhile) and the range
+    /// lock over the chunk, so writes to it wait and writes elsewhere go on. With
+    /// `repair`, each differing range is written again with the origin leg's data to
+    /// the LU the origin writes to, which the array mirrors to every leg.
+    pub fn verify_step(
+        &self,
+        vlu: VirtualLuId,
+        from: u64,
+        max_lbas: u64,
+        repair: bool,
+    ) -> Result<(u64, Vec<Extent>)> {
+        let pair = self.origin_pair(vlu)?;
+        let _gate = read(&pair.gate);
+        let found = self.mode(vlu);
+        if found != Mode::Synchronized {
+            return Err(ManagerError::NotSynchronized { vlu, found });
+        }
+        let last = from
+            .saturating_add(max_lbas.max(1) - 1)
+            .min(pair.capacity_lbas.saturating_sub(1));
+        let Some(ext) = Extent::new(from, last) else {
+            return Ok((pair.capacity_lbas, Vec::new()));
+        };
+        let (origin, others) = match &pair.cfg.definition {
+            MirrorDefinition::Triple { origin, mate, .. } => (*origin, vec![*mate]),
+            MirrorDefinition::Managed { lu, mates } => (*lu, mates.clone()),
+            MirrorDefinition::Pair { mirror, mate } => (*mirror, vec![*mate]),
+        };
+        let _range = pair.locks.lock(ext);
+        let mut want = vec![0u8; ext.byte_len() as usize];
+        self.backend_read(origin, ext.first(), &mut want)?;
+        let mut differs = vec![false; ext.count() as usize];
+        let mut leg = vec![0u8; want.len()];
+        for lu in others {
+            self.backend_read(lu, ext.first(), &mut leg)?;
+            let sectors = want
+                .chunks(SECTOR_SIZE as usize)
+                .zip(leg.chunks(SECTOR_SIZE as usize));
+            for (d, (a, b)) in differs.iter_mut().zip(sectors) {
+                *d |= a != b;
+            }
+        }
+        let mut ranges = Vec::new();
+        let mut run: Option<u64> = None;
+        for (i, d) in differs.iter().chain([&false]).enumerate() {
+            let lba = ext.first() + i as u64;
+            match (run, *d) {
+                (None, true) => run = Some(lba),
+                (Some(start), false) => {
+                    ranges.extend(Extent::new(start, lba - 1));
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        let target = read(&self.lu_mode).get(vlu).and_then(|e| e.write);
+        if let (true, Some(target)) = (repair, target) {
+            for r in &ranges {
+                let at = ((r.first() - ext.first()) * SECTOR_SIZE) as usize;
+                let data = &want[at..at + r.byte_len() as usize];
+                self.backend_write(target, r.first(), data, true)?;
+            }
+        }
+        Ok((ext.last() + 1, ranges))
+    }
 }

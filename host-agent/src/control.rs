@@ -20,6 +20,7 @@
 //! | `DELETE /v1/lus/{name}/move` | cancel the move; the data stays where it was |
 //! | `GET /v1/lus/{name}/move` | the move's progress, or how the last one ended |
 //! | `GET /v1/backends` | backends, their health and journals |
+//! | `POST /v1/lus/{name}/verify` | `{rate?, repair?}`: compare a Synchronized pair's legs |
 //! | `POST /v1/backends/{name}/backup` `BackupOp` | an array-side backup function of EP 1 058 190 (pair, CCOPY, AUTO, COW, pool); answers `BackupReply`; a CCOPY or COW without ranges covers the whole LU |
 //! | `POST /v1/reload` | reload the config file, as SIGHUP does (see [`crate::reload`]); 422 if it is not valid |
 //! | `GET /metrics` | Prometheus text format |
@@ -281,6 +282,111 @@ async fn extents(
     })))
 }
 
+/// `POST /v1/lus/{name}/verify` `{rate?, repair?}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    /// Bytes compared per second; 0 or missing: as fast as the legs read.
+    #[serde(default)]
+    rate: u64,
+    #[serde(default)]
+    repair: bool,
+}
+
+/// LBAs compared under one range lock.
+const VERIFY_CHUNK_LBAS: u64 = 2048;
+/// Differing ranges listed in a reply at most (their LBA count is always whole).
+const VERIFY_LISTED: usize = 1000;
+
+/// Why a verify could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{name} is {mode}; verify compares the legs of a Synchronized pair")]
+    NotSynchronized { name: String, mode: Mode },
+    #[error("{name}: {source}")]
+    Manager {
+        name: String,
+        #[source]
+        source: ManagerError,
+    },
+}
+
+/// Compare the legs of Synchronized virtual LU `name` chunk by chunk while I/O goes on,
+/// at most `rate` bytes a second (0: unlimited), listing the ranges that differ and,
+/// with `repair`, writing them again from the origin. The reply of
+/// `POST /v1/lus/{name}/verify` and of the coordination service's `verify`.
+pub fn verify_legs(
+    mgr: &Manager,
+    vlu: VirtualLuId,
+    name: &str,
+    rate: u64,
+    repair: bool,
+) -> Result<serde_json::Value, VerifyError> {
+    let failed = |source| VerifyError::Manager {
+        name: name.to_string(),
+        source,
+    };
+    let mode = mgr.mode(vlu);
+    if mode != Mode::Synchronized {
+        return Err(VerifyError::NotSynchronized {
+            name: name.to_string(),
+            mode,
+        });
+    }
+    let capacity = mgr.capacity_bytes(vlu).map_err(failed)? / 512;
+    let start = std::time::Instant::now();
+    let (mut at, mut ranges, mut lbas) = (0u64, Vec::<[u64; 2]>::new(), 0u64);
+    while at < capacity {
+        let (next, found) = mgr
+            .verify_step(vlu, at, VERIFY_CHUNK_LBAS, repair)
+            .map_err(failed)?;
+        for e in found {
+            lbas += e.count();
+            let listed = ranges.len();
+            match ranges.last_mut() {
+                Some(r) if r[1] + 1 == e.first() => r[1] = e.last(),
+                _ if listed < VERIFY_LISTED => ranges.push([e.first(), e.last()]),
+                _ => {}
+            }
+        }
+        at = next;
+        if rate > 0 {
+            // Pace to `rate`: sleep until the bytes compared so far are due.
+            let due = std::time::Duration::from_secs_f64((at * 512) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    tracing::info!(vlu = %name, differing_lbas = lbas, repaired = repair && lbas > 0, "verify finished");
+    Ok(json!({
+        "name": name,
+        "compared_bytes": capacity * 512,
+        "seconds": start.elapsed().as_secs_f64(),
+        "identical": lbas == 0,
+        "differing_lbas": lbas,
+        "differing": ranges,
+        "repaired": repair && lbas > 0,
+    }))
+}
+
+async fn verify(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+    body: Option<Json<VerifyRequest>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (mgr, vlu) = lookup(&a, &name)?;
+    let req = body.map(|Json(r)| r).unwrap_or_default();
+    blocking(
+        move || match verify_legs(&mgr, vlu, &name, req.rate, req.repair) {
+            Ok(v) => Ok(Json(v)),
+            Err(VerifyError::Manager { source, .. }) => Err(source.into()),
+            Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        },
+    )
+    .await
+}
+
 async fn acquire(
     State(a): State<Shared>,
     Path(name): Path<String>,
@@ -528,6 +634,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/lus", get(list))
         .route("/v1/lus/{name}/extents", get(extents))
         .route("/v1/lus/{name}/snapshot", post(acquire).delete(delete))
+        .route("/v1/lus/{name}/verify", post(verify))
         .route(
             "/v1/lus/{name}/move",
             post(move_start).delete(move_cancel).get(move_status),

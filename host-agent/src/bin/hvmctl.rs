@@ -7,6 +7,7 @@
 //! hvmctl snapshot delete db --wait
 //! hvmctl lu move db --to legs0 [--lus 0] [--rate 200M] [--wait] | --cancel
 //! hvmctl extents db
+//! hvmctl verify db [--rate 100M] [--repair]
 //! hvmctl resync pause|resume|rate 100M
 //! hvmctl backends
 //! hvmctl reload
@@ -25,7 +26,8 @@
 //! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
 //! (the message says why), 2 for usage errors, 3 when the agent cannot be reached, 4 when
 //! a deadline passed: a backup's freeze deadline (everything was thawed and rolled back)
-//! or `pair wait --timeout`.
+//! or `pair wait --timeout`, 5 when `verify` found legs that differ (and did not repair
+//! them).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +73,18 @@ enum Cmd {
     },
     /// The update-location table of a virtual LU's pair.
     Extents { vlu: String },
+    /// Compare the legs of a Synchronized virtual LU while I/O goes on, chunk by chunk
+    /// under the pair's range lock, and list the ranges that differ (exit status 5 when
+    /// they do and were not repaired).
+    Verify {
+        vlu: String,
+        /// Bytes compared per second (e.g. 100M); default unlimited.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Write the differing ranges again from the origin leg.
+        #[arg(long)]
+        repair: bool,
+    },
     /// The resync service.
     Resync {
         #[command(subcommand)]
@@ -332,8 +346,38 @@ fn move_line(b: &Value) -> String {
     }
 }
 
+/// One line for a verify result: identical, or the differing ranges.
+fn verify_line(body: &Value) -> String {
+    let mib = body["compared_bytes"].as_u64().unwrap_or(0) >> 20;
+    let secs = body["seconds"].as_f64().unwrap_or(0.0);
+    if body["identical"] == true {
+        return format!(
+            "{}: legs identical ({mib} MiB compared in {secs:.2} s)",
+            s(&body["name"])
+        );
+    }
+    let ranges: Vec<String> = body["differing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("{}-{}", s(&r[0]), s(&r[1])))
+        .collect();
+    format!(
+        "{}: legs differ in {} LBAs (LBA ranges {}){}",
+        s(&body["name"]),
+        s(&body["differing_lbas"]),
+        ranges.join(", "),
+        if body["repaired"] == true {
+            "; repaired from the origin"
+        } else {
+            ""
+        }
+    )
+}
+
 fn human(cmd: &Cmd, body: &Value) -> String {
     match cmd {
+        Cmd::Verify { .. } => format!("{}\n", verify_line(body)),
         Cmd::Lu {
             command: LuCmd::Move { vlu, .. },
         } => format!("{vlu}: {}\n", move_line(body)),
@@ -720,6 +764,18 @@ fn main() -> ExitCode {
             command: SnapCmd::Delete { vlu, .. },
         } => ("DELETE", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
         Cmd::Extents { vlu } => ("GET", format!("/v1/lus/{}/extents", enc(vlu)), None),
+        Cmd::Verify { vlu, rate, repair } => {
+            let rate = match rate.as_deref().map(parse_rate) {
+                Some(None) => {
+                    eprintln!("hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M)");
+                    return ExitCode::from(2);
+                }
+                Some(Some(r)) => r,
+                None => 0,
+            };
+            let body = serde_json::json!({ "rate": rate, "repair": repair });
+            ("POST", format!("/v1/lus/{}/verify", enc(vlu)), Some(body))
+        }
         Cmd::Resync { command } => match command {
             ResyncCmd::Status => ("GET", "/v1/resync".into(), None),
             ResyncCmd::Pause => ("POST", "/v1/resync/pause".into(), None),
@@ -813,6 +869,12 @@ fn main() -> ExitCode {
         println!("{body}");
     } else {
         print!("{}", human(&cli.command, &body));
+    }
+    if matches!(cli.command, Cmd::Verify { .. })
+        && body["identical"] == false
+        && body["repaired"] != true
+    {
+        return ExitCode::from(5);
     }
     ExitCode::SUCCESS
 }
