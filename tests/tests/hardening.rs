@@ -758,3 +758,42 @@ fn verify_finds_a_planted_difference_and_repairs_it() {
         "the leg files differ"
     );
 }
+
+/// `backup run --wait-resync` compares the legs after the resync instead of printing
+/// "legs identical again" unchecked: a difference planted in the mate leg (outside any
+/// write, so the resync does not touch it) fails the run with the virtual LU and the
+/// count; after `hvmctl verify a --repair` on the database host a run reports identical.
+#[test]
+fn backup_run_wait_resync_reports_a_real_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hvm_tests::backup::Hosts::start(
+        dir.path(),
+        &hvm_tests::backup::Setup {
+            lu_bytes: 4 << 20,
+            names: &["a"],
+            freeze: "    deadline_ms: 5000\n",
+        },
+    );
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(hosts.lu_file(2))
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[0x5c; 4096]).unwrap();
+    }
+    let (out, v) = hosts.run(&["a"], "first", &["--wait-resync"]);
+    assert!(!out.status.success(), "{v}");
+    assert_eq!(v["error"]["step"], "verify", "{v}");
+    assert_eq!(
+        v["verify"]["vlus"][0]["differing"],
+        serde_json::json!([[2048, 2055]]),
+        "{v}"
+    );
+    let fixed = hosts.db.json(&["verify", "a", "--repair"]);
+    assert_eq!(fixed["repaired"], true, "{fixed}");
+    let (out, v) = hosts.run(&["a"], "second", &["--wait-resync"]);
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["verify"]["vlus"][0]["identical"], true, "{v}");
+}

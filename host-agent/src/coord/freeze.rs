@@ -353,6 +353,19 @@ pub fn delete(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
 }
 
 /// The `resync` operation: progress of each virtual LU.
+/// Compare the legs of each virtual LU (no repair): what `backup run --wait-resync`
+/// reports once the resync is done, instead of assuming the legs are identical.
+pub fn verify(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+    let group = resolve(agent, vlus)?;
+    let mut out = Vec::new();
+    for m in &group {
+        let v = crate::control::verify_legs(&m.mgr, m.vlu, &m.name, 0, false)
+            .map_err(|e| Failure::new(Code::Failed, e.to_string()))?;
+        out.push(v);
+    }
+    Ok(json!({ "vlus": out }))
+}
+
 pub fn resync(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();

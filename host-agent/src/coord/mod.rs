@@ -62,6 +62,8 @@ pub enum Op {
     Delete { vlus: Vec<String> },
     /// Database role: resync progress.
     Resync { vlus: Vec<String> },
+    /// Database role: compare the legs of each (Synchronized) virtual LU.
+    Verify { vlus: Vec<String> },
     /// Database role: counters (bytes read through snapshot exports).
     Counters,
     /// Backup role: copy snapshots into a directory under `target_root`.
@@ -76,6 +78,7 @@ impl Op {
             Op::Snapshot { .. } => "snapshot",
             Op::Delete { .. } => "delete",
             Op::Resync { .. } => "resync",
+            Op::Verify { .. } => "verify",
             Op::Counters => "counters",
             Op::Copy(_) => "copy",
         }

@@ -225,9 +225,11 @@ impl Service {
         }
         let need = match &req.op {
             Op::Hello => None,
-            Op::Snapshot { .. } | Op::Delete { .. } | Op::Resync { .. } | Op::Counters => {
-                Some(Role::Database)
-            }
+            Op::Snapshot { .. }
+            | Op::Delete { .. }
+            | Op::Resync { .. }
+            | Op::Verify { .. }
+            | Op::Counters => Some(Role::Database),
             Op::Copy(_) => Some(Role::Backup),
         };
         if let Some(role) = need {
@@ -332,6 +334,7 @@ impl Service {
             }
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
+            Op::Verify { vlus } => blocking(Box::new(move || freeze::verify(&agent, &vlus))).await,
             Op::Counters => Ok(json!({
                 "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
             })),
