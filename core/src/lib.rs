@@ -31,4 +31,4 @@ pub use manager::{ManagerError, PairConfig, ResyncProgress, SnapshotManager};
 pub use mode::Mode;
 pub use router::Strategy;
 pub use tables::{LuId, LuModeEntry, LuModeTable, MirrorDefinition, VirtualLuId};
-pub use update_location::UpdateLocationTable;
+pub use update_location::{TableBudget, UpdateLocationTable};

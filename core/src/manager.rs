@@ -31,7 +31,7 @@ use crate::tables::{
     DefinitionError, LuId, LuModeEntry, LuModeTable, MirrorDefinition, MirroringDefinitionTable,
     VirtualLuId,
 };
-use crate::update_location::UpdateLocationTable;
+use crate::update_location::{TableBudget, UpdateLocationTable};
 
 /// One pair of virtual LUs: the original data and its snapshot(s).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -368,7 +368,14 @@ impl<B: Backend> SnapshotManager<B> {
                 strategy,
                 capacity_lbas,
                 gate: RwLock::new(()),
-                table: Mutex::new(UpdateLocationTable::new()),
+                // Issue 20: a budget of 32 MiB per TiB, past which the table coarsens; a
+                // pair with a host save area keeps it exact, since there the table is the
+                // set of LBAs whose pre-update data was saved.
+                table: Mutex::new(if save.is_some() {
+                    UpdateLocationTable::new()
+                } else {
+                    UpdateLocationTable::with_budget(TableBudget::for_lu(capacity_lbas))
+                }),
                 locks: RangeLock::new(),
                 save,
                 invalid: AtomicBool::new(false),
@@ -468,7 +475,7 @@ impl<B: Backend> SnapshotManager<B> {
         if mode != Mode::Synchronized {
             match journal_table {
                 Some(t) if matches!(journal_mode, Some(Mode::Snapshot | Mode::Resynchronizing)) => {
-                    *table = t.clone()
+                    table.assign(t)
                 }
                 // [0045]: nothing says what changed, so everything did.
                 _ => {
@@ -878,8 +885,14 @@ impl<B: Backend> SnapshotManager<B> {
         let _range = pair.locks.lock(ext);
         match route.bookkeeping {
             Bookkeeping::Record => {
-                // Steps 802-803: record, durably, before the WRITE is issued.
-                if lock(&pair.table).add(ext) > 0 {
+                // Steps 802-803: record, durably, before the WRITE is issued. A coarse
+                // table may hold `ext` in a granule no journal record describes, so every
+                // write to it is journaled.
+                let journal = {
+                    let mut table = lock(&pair.table);
+                    table.add(ext) > 0 || table.is_coarse()
+                };
+                if journal {
                     self.append(JournalRecord::Add {
                         pair: pair.key(),
                         extent: ext,

@@ -222,6 +222,13 @@ impl Pools {
     fn clear(&mut self) {
         *self = Pools::default();
     }
+
+    /// Bytes held by the blocks (used or free) and the free lists.
+    fn bytes(&self) -> u64 {
+        let pieces: usize = self.data.iter().map(Vec::capacity).sum();
+        let free: usize = self.free.iter().map(Vec::capacity).sum();
+        (pieces * std::mem::size_of::<Piece>() + free * std::mem::size_of::<u32>()) as u64
+    }
 }
 
 const WORDS: usize = CHUNK_BUCKETS / 64;
@@ -318,6 +325,8 @@ const DENSE_CHUNKS: u64 = 1 << 16;
 struct ChunkMap {
     dense: Vec<Option<Chunk>>,
     sparse: BTreeMap<u64, Chunk>,
+    /// Chunks held, for the memory estimate.
+    live: usize,
 }
 
 impl ChunkMap {
@@ -343,20 +352,29 @@ impl ChunkMap {
             if self.dense.len() <= i {
                 self.dense.resize_with(i + 1, || None);
             }
+            if self.dense[i].is_none() {
+                self.live += 1;
+            }
             self.dense[i].get_or_insert_with(Chunk::empty)
         } else {
+            if !self.sparse.contains_key(&ci) {
+                self.live += 1;
+            }
             self.sparse.entry(ci).or_insert_with(Chunk::empty)
         }
     }
 
-    fn remove(&mut self, ci: u64) {
-        if ci < DENSE_CHUNKS {
-            if let Some(slot) = self.dense.get_mut(ci as usize) {
-                *slot = None;
-            }
+    /// Take chunk `ci` out; returns it.
+    fn remove(&mut self, ci: u64) -> Option<Chunk> {
+        let gone = if ci < DENSE_CHUNKS {
+            self.dense.get_mut(ci as usize).and_then(Option::take)
         } else {
-            self.sparse.remove(&ci);
+            self.sparse.remove(&ci)
+        };
+        if gone.is_some() {
+            self.live -= 1;
         }
+        gone
     }
 
     /// The first chunk index in `lo..=hi` that holds a chunk.
@@ -377,16 +395,78 @@ impl ChunkMap {
     fn clear(&mut self) {
         self.dense.clear();
         self.sparse.clear();
+        self.live = 0;
+    }
+
+    /// Bytes held: the dense vector, each chunk's occupancy bits, and the directory of
+    /// each chunk that is not `full` (a full chunk has none).
+    fn bytes(&self, full: usize) -> u64 {
+        let directory = CHUNK_BUCKETS * std::mem::size_of::<Slot>();
+        let sparse_entry = std::mem::size_of::<(u64, Chunk)>() + 16;
+        (self.dense.capacity() * std::mem::size_of::<Option<Chunk>>()
+            + self.live * WORDS * 8
+            + self.live.saturating_sub(full) * directory
+            + self.sparse.len() * sparse_entry) as u64
     }
 }
 
+/// How many bytes an update-location table may hold before it coarsens its ranges
+/// (issue 20): a table past its budget rounds every range out to a granularity that
+/// doubles until it fits, so it covers more LBAs than were written, never fewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBudget {
+    bytes: u64,
+}
+
+impl TableBudget {
+    /// Bytes per TiB of LU in [`TableBudget::for_lu`]: DRBD's bound, a bit per 4 KiB.
+    pub const PER_TIB: u64 = 32 << 20;
+    /// The least [`TableBudget::for_lu`] gives: a small LU keeps an exact table, and
+    /// the 32 KiB directory of its chunk is not most of its budget.
+    pub const FLOOR: u64 = 4 << 20;
+
+    /// A budget of `bytes`.
+    pub fn bytes(bytes: u64) -> Self {
+        TableBudget { bytes }
+    }
+
+    /// The default budget for an LU of `lbas` 512-byte LBAs: [`Self::PER_TIB`] per TiB
+    /// (one byte per 64 LBAs), at least [`Self::FLOOR`].
+    pub fn for_lu(lbas: u64) -> Self {
+        let tib_lbas = (1u64 << 40) / crate::lba::SECTOR_SIZE;
+        let per_lba = (lbas as u128 * u128::from(Self::PER_TIB)) / u128::from(tib_lbas);
+        TableBudget::bytes(u64::try_from(per_lba).unwrap_or(u64::MAX).max(Self::FLOOR))
+    }
+
+    /// The budget in bytes.
+    pub fn get(self) -> u64 {
+        self.bytes
+    }
+}
+
+/// The coarsest granularity: a whole chunk, which is then held as one "full" marker.
+const MAX_COARSE_BITS: u32 = CHUNK_SHIFT;
+
 /// The set of LBAs of one LU written since its snapshot was acquired.
+///
+/// Without a budget ([`UpdateLocationTable::new`]) the table is exact. With one
+/// ([`UpdateLocationTable::with_budget`]) it stays exact while its memory is within the
+/// budget; an `add` that takes it past the budget doubles the table's granularity and
+/// rounds every record out to it (repeating until the table fits), and later adds are
+/// rounded out too. So the table only ever grows past what was written: resync copies,
+/// and `hvm:dirty` reports, whole granules. `remove` stays exact (resync removes what it
+/// copied) and does not coarsen; the next `add` does. An empty table is exact again.
 #[derive(Clone, Default)]
 pub struct UpdateLocationTable {
     chunks: ChunkMap,
     pools: Pools,
     /// Number of LBAs covered, kept so `total` is O(1).
     total: u64,
+    /// Chunks held as one "full" marker (no directory), for the memory estimate.
+    full_chunks: usize,
+    budget: Option<TableBudget>,
+    /// log2 of the granularity adds are rounded out to: 0 while the table is exact.
+    coarse_bits: u32,
 }
 
 impl PartialEq for UpdateLocationTable {
@@ -409,13 +489,110 @@ fn clip(lo: u64, hi: u64, base: u64, span: u64) -> (u64, u64) {
 }
 
 impl UpdateLocationTable {
+    /// An exact table with no memory budget.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Record `ext` as updated. Returns how many of its LBAs were not recorded before
-    /// (0 means the table did not change, so nothing needs to be made durable).
+    /// An empty table that coarsens past `budget`.
+    pub fn with_budget(budget: TableBudget) -> Self {
+        UpdateLocationTable {
+            budget: Some(budget),
+            ..Self::default()
+        }
+    }
+
+    /// Set or lift the budget; a table already past the new budget coarsens now.
+    pub fn set_budget(&mut self, budget: Option<TableBudget>) {
+        self.budget = budget;
+        self.enforce_budget();
+    }
+
+    pub fn budget(&self) -> Option<TableBudget> {
+        self.budget
+    }
+
+    /// Take the records of `other`, keeping this table's budget (coarsening now if they
+    /// do not fit): how a table is restored from a journal.
+    pub fn assign(&mut self, other: &UpdateLocationTable) {
+        let budget = self.budget;
+        *self = other.clone();
+        self.set_budget(budget);
+    }
+
+    /// LBAs every record is rounded out to: 1 while the table is exact.
+    pub fn granularity(&self) -> u64 {
+        1 << self.coarse_bits
+    }
+
+    /// True once the table has coarsened: it may cover LBAs that were never added, and an
+    /// `add` that returns 0 may still have been absorbed by a granule that no journal
+    /// record describes (so the caller journals every add of a coarse table).
+    pub fn is_coarse(&self) -> bool {
+        self.coarse_bits > 0
+    }
+
+    /// Bytes the table holds: its blocks (used and free), directories, occupancy bits
+    /// and chunk index. What the budget is compared with after each `add`.
+    pub fn memory_bytes(&self) -> u64 {
+        self.pools.bytes() + self.chunks.bytes(self.full_chunks)
+    }
+
+    /// `ext` rounded out to the table's granularity.
+    fn round_out(&self, ext: Extent) -> Extent {
+        let mask = self.granularity() - 1;
+        Extent::new(ext.first() & !mask, ext.last() | mask).unwrap_or(ext)
+    }
+
+    /// Record `ext` as updated (rounded out to the granularity, and coarsening the table
+    /// if that takes it past its budget). Returns how many LBAs were not recorded before
+    /// (0 means the table did not change).
     pub fn add(&mut self, ext: Extent) -> u64 {
+        let before = self.total;
+        self.insert(self.round_out(ext));
+        self.enforce_budget();
+        self.total - before
+    }
+
+    /// Coarsen until the table is within its budget (or at the coarsest granularity).
+    fn enforce_budget(&mut self) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        while self.memory_bytes() > budget.get() && self.coarse_bits < MAX_COARSE_BITS {
+            self.coarse_bits += 1;
+            self.regranulate();
+        }
+    }
+
+    /// Rebuild the table with every record rounded out to the current granularity, in
+    /// fresh pools (so the memory of the finer table is given back).
+    fn regranulate(&mut self) {
+        let mut fresh = UpdateLocationTable {
+            budget: self.budget,
+            coarse_bits: self.coarse_bits,
+            ..Self::default()
+        };
+        let mut done: Option<u64> = None;
+        self.pieces_in(0, u64::MAX, |f, l| {
+            let Some(e) = Extent::new(f, l).map(|e| self.round_out(e)) else {
+                return ControlFlow::Continue(());
+            };
+            // Pieces in a granule already inserted add nothing: skip or clip them.
+            let first = match done {
+                Some(d) if e.last() <= d => return ControlFlow::Continue(()),
+                Some(d) => e.first().max(d + 1),
+                None => e.first(),
+            };
+            fresh.insert(Extent::new(first, e.last()).unwrap_or(e));
+            done = Some(e.last());
+            ControlFlow::Continue(())
+        });
+        *self = fresh;
+    }
+
+    /// Add exactly `ext`; returns the LBAs that were not recorded before.
+    fn insert(&mut self, ext: Extent) -> u64 {
         let mut added = 0;
         for ci in (ext.first() >> CHUNK_SHIFT)..=(ext.last() >> CHUNK_SHIFT) {
             let base = ci << CHUNK_SHIFT;
@@ -430,6 +607,7 @@ impl UpdateLocationTable {
                 }
                 added += CHUNK_LBAS - chunk.lbas;
                 chunk.slots = None;
+                self.full_chunks += 1;
                 *chunk.occupied = [u64::MAX; WORDS];
                 chunk.lbas = CHUNK_LBAS;
                 continue;
@@ -481,6 +659,9 @@ impl UpdateLocationTable {
                 }
                 chunk.lbas
             } else {
+                if chunk.slots.is_none() {
+                    self.full_chunks -= 1;
+                }
                 chunk.slots_mut(&mut self.pools);
                 let first = ((lo >> BUCKET_BITS) as usize) & (CHUNK_BUCKETS - 1);
                 let last = ((hi >> BUCKET_BITS) as usize) & (CHUNK_BUCKETS - 1);
@@ -515,8 +696,11 @@ impl UpdateLocationTable {
                 n
             };
             chunk.lbas -= n;
-            if chunk.lbas == 0 || whole {
-                self.chunks.remove(ci);
+            let gone = (chunk.lbas == 0 || whole)
+                .then(|| self.chunks.remove(ci))
+                .flatten();
+            if gone.is_some_and(|c| c.slots.is_none()) {
+                self.full_chunks -= 1;
             }
             removed += n;
         }
@@ -637,15 +821,25 @@ impl UpdateLocationTable {
         self.total == 0
     }
 
+    /// Forget every record; the table is exact again (its budget stays).
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.pools.clear();
         self.total = 0;
+        self.full_chunks = 0;
+        self.coarse_bits = 0;
     }
 
-    /// The records in LBA order.
+    /// The records in LBA order, found one at a time (a table of 100 million records is
+    /// not copied into a vector to be walked).
     pub fn iter(&self) -> impl Iterator<Item = Extent> + '_ {
-        self.records_in(0, u64::MAX, usize::MAX).into_iter()
+        let mut cursor = Some(0u64);
+        std::iter::from_fn(move || {
+            let rec = self.records_in(cursor?, u64::MAX, 1).pop();
+            // A record is maximal, so the LBA after it is not recorded.
+            cursor = rec.and_then(|e| e.last().checked_add(1));
+            rec
+        })
     }
 
     /// The next range for resync (Fig. 7 step 1002): the first recorded LBAs at or after
@@ -853,6 +1047,143 @@ mod tests {
             }
         }
 
+    }
+
+    /// `recs` with the LBAs `[f, l]` taken out: the model of an exact remove.
+    fn subtract(recs: &[(u64, u64)], f: u64, l: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for &(a, b) in recs {
+            if b < f || a > l {
+                out.push((a, b));
+                continue;
+            }
+            if a < f {
+                out.push((a, f - 1));
+            }
+            if b > l {
+                out.push((l + 1, b));
+            }
+        }
+        out
+    }
+
+    /// Budgets from "coarsen as far as it goes at the first add" (0) to "never" (1 MiB:
+    /// the model's LBA space cannot fill it).
+    fn small_budget() -> impl Strategy<Value = u64> {
+        prop::sample::select(vec![0, 34 << 10, 36 << 10, 40 << 10, 72 << 10, 1 << 20])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// A budgeted table against the set of LBAs added and not removed since: an add
+        /// only ever grows the table, and every added LBA stays covered; a remove takes
+        /// out exactly its LBAs; after an add the table is within its budget (or as coarse
+        /// as it goes); a budget the table never reaches leaves it exact.
+        #[test]
+        fn coarsening_only_grows_and_never_misses(
+            base in placement(),
+            budget in small_budget(),
+            ops in prop::collection::vec(op(), 1..120),
+        ) {
+            let mut t = UpdateLocationTable::with_budget(TableBudget::bytes(budget));
+            let mut model = BTreeSet::new();
+            let at = |x: u64| base + x;
+            for op in ops {
+                let prev = records(&t);
+                match op {
+                    Op::Add(f, l) => {
+                        model.extend((f..=l).map(at));
+                        let added = t.add(ext(at(f), at(l)));
+                        for &(a, b) in &prev {
+                            prop_assert!(t.covers(ext(a, b)), "lost {}-{} of {:?}", a, b, prev);
+                        }
+                        let grown: u64 = prev.iter().map(|(a, b)| b - a + 1).sum();
+                        prop_assert_eq!(t.total() - grown, added);
+                        prop_assert!(
+                            t.memory_bytes() <= budget || t.granularity() == 1 << MAX_COARSE_BITS,
+                            "{} bytes over a budget of {}", t.memory_bytes(), budget
+                        );
+                    }
+                    Op::Remove(f, l) => {
+                        for x in f..=l {
+                            model.remove(&at(x));
+                        }
+                        t.remove(ext(at(f), at(l)));
+                        prop_assert_eq!(records(&t), subtract(&prev, at(f), at(l)));
+                    }
+                }
+                for &x in &model {
+                    prop_assert!(t.covers(ext(x, x)), "LBA {} added and not covered", x);
+                }
+                let recs = records(&t);
+                prop_assert_eq!(t.total(), recs.iter().map(|(a, b)| b - a + 1).sum::<u64>());
+                for w in recs.windows(2) {
+                    prop_assert!(w[0].1 + 1 < w[1].0, "records {:?} touch", w);
+                }
+                if budget == 1 << 20 {
+                    prop_assert_eq!(t.granularity(), 1);
+                    let lbas: BTreeSet<u64> = recs.iter().flat_map(|&(a, b)| a..=b).collect();
+                    prop_assert_eq!(&lbas, &model);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_budget_is_32_mib_per_tib_with_a_floor() {
+        let tib = (1u64 << 40) / 512;
+        assert_eq!(TableBudget::for_lu(16 * tib).get(), 512 << 20);
+        assert_eq!(TableBudget::for_lu(tib).get(), 32 << 20);
+        assert_eq!(TableBudget::for_lu(tib / 1024).get(), TableBudget::FLOOR);
+        assert_eq!(TableBudget::for_lu(u64::MAX).get(), u64::MAX >> 6);
+    }
+
+    /// Random 4 KiB writes over 64 GiB with a 1 MiB budget: the table coarsens, stays
+    /// within its budget, covers every write; resync's walk (next_range, remove) empties
+    /// it and it is exact again.
+    #[test]
+    fn random_writes_past_the_budget_coarsen_and_resync_empties() {
+        let lu = (64u64 << 30) / 512;
+        let mut t = UpdateLocationTable::with_budget(TableBudget::bytes(1 << 20));
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut writes = Vec::new();
+        for _ in 0..200_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let f = (rng % (lu / 8)) * 8;
+            writes.push(ext(f, f + 7));
+            t.add(ext(f, f + 7));
+            assert!(t.memory_bytes() <= 1 << 20);
+        }
+        assert!(t.is_coarse(), "200k ranges fit in 1 MiB?");
+        assert!(writes.iter().all(|&w| t.covers(w)));
+        let g = t.granularity();
+        assert!(t
+            .iter()
+            .all(|e| e.first() % g == 0 && (e.last() + 1) % g == 0));
+        let mut cursor = 0;
+        while let Some(e) = t.next_range(cursor, 2048) {
+            assert_eq!(t.remove(e), e.count());
+            cursor = e.last() + 1;
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.granularity(), 1);
+        t.add(ext(3, 3));
+        assert_eq!(records(&t), vec![(3, 3)]);
+    }
+
+    #[test]
+    fn assign_keeps_the_budget_and_coarsens() {
+        let exact: UpdateLocationTable = (0..20_000u64).map(|i| ext(i * 64, i * 64)).collect();
+        assert_eq!(exact.granularity(), 1);
+        let mut t = UpdateLocationTable::with_budget(TableBudget::bytes(64 << 10));
+        t.assign(&exact);
+        assert_eq!(t.budget(), Some(TableBudget::bytes(64 << 10)));
+        assert!(t.is_coarse());
+        assert!(t.memory_bytes() <= 64 << 10);
+        assert!(exact.iter().all(|e| t.covers(e)));
     }
 
     proptest! {
