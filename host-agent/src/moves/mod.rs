@@ -24,9 +24,10 @@ pub mod routed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use hvm_core::range_lock::RangeGuard;
 use hvm_core::{Extent, LuId, MirrorDefinition, VirtualLuId, SECTOR_SIZE};
 use serde::Serialize;
 
@@ -471,6 +472,13 @@ struct Run {
     ledger: Arc<Ledger>,
 }
 
+/// A chunk read from the old place, its range still locked, on its way to the new one.
+struct Chunk<'m> {
+    held: RangeGuard<'m>,
+    buf: Vec<u8>,
+    lba: u64,
+}
+
 /// Why a copier stopped before the switch.
 enum Stop {
     Cancelled,
@@ -506,41 +514,87 @@ impl Run {
         }
     }
 
-    /// Copy the mirror LU from its old place to its new one.
+    /// Copy the mirror LU from its old place to its new one. This thread reads and a
+    /// writer thread writes, with two chunks between them, so reading a chunk overlaps
+    /// writing the one before; each chunk's range stays locked from its read until its
+    /// write is done, so no client write to it can land in between.
     fn copy(&self) -> Result<(), Stop> {
         let m = &self.mirrors[0];
-        let total = self.job.total / SECTOR_SIZE;
-        let step = CHUNK / SECTOR_SIZE;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut lba = 0;
-        while lba < total {
-            self.check()?;
-            let n = (total - lba).min(step);
-            let b = &mut buf[..(n * SECTOR_SIZE) as usize];
-            let ext = Extent::new(lba, lba + n - 1).ok_or(Stop::Cancelled)?;
-            {
-                let _held = m.locks.lock(ext);
-                let fail = |what: &str, t: &Target, e| {
-                    Stop::Failed(format!("{what} {} at block {lba}: {e}", t.place))
-                };
-                m.from
-                    .backend
-                    .read(LuId(m.from.place.lu), lba, b)
-                    .map_err(|e| fail("reading", &m.from, e))?;
-                m.to.backend
-                    .write(LuId(m.to.place.lu), lba, b, false)
-                    .map_err(|e| fail("writing", &m.to, e))?;
-            }
-            lba += n;
-            self.job
-                .copied
-                .fetch_add(n * SECTOR_SIZE, Ordering::Relaxed);
-            self.throttle()?;
+        let (full_tx, full_rx) = mpsc::sync_channel::<Chunk<'_>>(1);
+        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+        for _ in 0..2 {
+            let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
         }
+        let copied = std::thread::scope(|s| {
+            let writer = s.spawn(move || self.write_chunks(m, full_rx, empty_tx));
+            let read = self.read_chunks(m, full_tx, empty_rx);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(Stop::Failed("the copy's writer panicked".into())));
+            // A writer's failure is the cause of the reader's stop: report it first.
+            written.and(read)
+        });
+        copied?;
         for m in &self.mirrors {
             m.to.backend
                 .flush(LuId(m.to.place.lu))
                 .map_err(|e| Stop::Failed(format!("flushing {}: {e}", m.to.place)))?;
+        }
+        Ok(())
+    }
+
+    /// Lock and read each chunk in turn and hand it to the writer.
+    fn read_chunks<'m>(
+        &self,
+        m: &'m Mirror,
+        full: mpsc::SyncSender<Chunk<'m>>,
+        empty: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), Stop> {
+        let total = self.job.total / SECTOR_SIZE;
+        let step = CHUNK / SECTOR_SIZE;
+        let mut lba = 0;
+        while lba < total {
+            self.check()?;
+            // The writer stopped (it failed): its result says why.
+            let Ok(mut buf) = empty.recv() else {
+                return Ok(());
+            };
+            let n = (total - lba).min(step);
+            buf.truncate((n * SECTOR_SIZE) as usize);
+            let ext = Extent::new(lba, lba + n - 1).ok_or(Stop::Cancelled)?;
+            let held = m.locks.lock(ext);
+            m.from
+                .backend
+                .read(LuId(m.from.place.lu), lba, &mut buf)
+                .map_err(|e| {
+                    Stop::Failed(format!("reading {} at block {lba}: {e}", m.from.place))
+                })?;
+            if full.send(Chunk { held, buf, lba }).is_err() {
+                return Ok(());
+            }
+            lba += n;
+            self.throttle()?;
+        }
+        Ok(())
+    }
+
+    /// Write each chunk to the new place, then unlock it and count it.
+    fn write_chunks(
+        &self,
+        m: &Mirror,
+        full: mpsc::Receiver<Chunk<'_>>,
+        empty: mpsc::SyncSender<Vec<u8>>,
+    ) -> Result<(), Stop> {
+        for Chunk { held, mut buf, lba } in full {
+            m.to.backend
+                .write(LuId(m.to.place.lu), lba, &buf, false)
+                .map_err(|e| Stop::Failed(format!("writing {} at block {lba}: {e}", m.to.place)))?;
+            drop(held);
+            self.job
+                .copied
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.resize(CHUNK as usize, 0);
+            let _ = empty.send(buf);
         }
         Ok(())
     }
