@@ -131,14 +131,29 @@ impl Default for IscsiOptions {
     }
 }
 
-type Reply = mpsc::Sender<Result<Response, TransportError>>;
+/// The answer to a job: the response (without data) and the bytes of data-in received.
+type Reply = mpsc::Sender<Result<(Response, usize), TransportError>>;
+
+/// The caller's buffers of a command. libiscsi reads and fills them in place, so a
+/// command costs no copy. They stay valid while the job is out: the caller waits for its
+/// reply without a timeout of its own, and the event thread replies only once libiscsi is
+/// done with the buffers (the command's callback ran, or its context was destroyed).
+struct Buffers {
+    data_out: *const u8,
+    data_out_len: usize,
+    data_in: *mut u8,
+    data_in_len: usize,
+}
+
+// The pointers are only dereferenced by libiscsi on the event thread, while the caller
+// that owns the buffers waits for the reply.
+unsafe impl Send for Buffers {}
 
 /// A command queued for the event thread.
 struct Job {
     lun: u8,
     cdb: Vec<u8>,
-    data_out: Vec<u8>,
-    data_in_len: usize,
+    buffers: Buffers,
     deadline: Instant,
     reply: Reply,
 }
@@ -195,34 +210,41 @@ impl IscsiTransport {
         Ok(t)
     }
 
+    /// Run one command with `data_out` and up to `data_in.len()` bytes of data-in; the
+    /// bytes of data-in received come back beside the response.
     fn submit(
         &self,
         lun: u8,
         cdb: &[u8],
         data_out: &[u8],
-        data_in_len: usize,
-    ) -> Result<Response, TransportError> {
+        data_in: &mut [u8],
+    ) -> Result<(Response, usize), TransportError> {
         let (tx, rx) = mpsc::channel();
         let job = Job {
             lun,
             cdb: cdb.to_vec(),
-            data_out: data_out.to_vec(),
-            data_in_len,
+            buffers: Buffers {
+                data_out: data_out.as_ptr(),
+                data_out_len: data_out.len(),
+                data_in: data_in.as_mut_ptr(),
+                data_in_len: data_in.len(),
+            },
             deadline: Instant::now() + self.timeout,
             reply: tx,
         };
-        self.shared
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(job);
-        let _ = (&self.wake).write(&[1]);
-        // The event thread answers every job, a timed-out one included; the margin only
-        // guards against the thread itself being gone.
-        match rx.recv_timeout(self.timeout + Duration::from_secs(5)) {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout(self.timeout)),
+        let was_empty = {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.push_back(job);
+            q.len() == 1
+        };
+        // The event thread takes the whole queue once woken: only the first job of a
+        // batch needs to wake it.
+        if was_empty {
+            let _ = (&self.wake).write(&[1]);
         }
+        // The event thread answers every job by its deadline (it checks them every 50 ms),
+        // and only once libiscsi no longer uses the buffers: so no timeout here.
+        rx.recv().unwrap_or(Err(TransportError::Disconnected))
     }
 }
 
@@ -243,7 +265,11 @@ fn data_in_len(cdb: &[u8]) -> usize {
 
 impl Transport for IscsiTransport {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
-        self.submit(lun, cdb, data_out, data_in_len(cdb))
+        let mut data = vec![0u8; data_in_len(cdb)];
+        let (mut r, n) = self.submit(lun, cdb, data_out, &mut data)?;
+        data.truncate(n);
+        r.data = data;
+        Ok(r)
     }
 
     fn execute_into(
@@ -253,30 +279,25 @@ impl Transport for IscsiTransport {
         data_out: &[u8],
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
-        let mut r = self.submit(lun, cdb, data_out, data_in.len())?;
-        if r.status == 0 {
-            if r.data.len() != data_in.len() {
-                return Err(TransportError::Protocol(format!(
-                    "{} bytes of data-in, expected {}",
-                    r.data.len(),
-                    data_in.len()
-                )));
-            }
-            data_in.copy_from_slice(&r.data);
-            r.data = Vec::new();
+        let (r, n) = self.submit(lun, cdb, data_out, data_in)?;
+        if r.status == 0 && n != data_in.len() {
+            return Err(TransportError::Protocol(format!(
+                "{n} bytes of data-in, expected {}",
+                data_in.len()
+            )));
         }
         Ok(r)
     }
 }
 
-/// A command libiscsi holds: its buffers stay here until its callback has run.
+/// A command libiscsi holds, until its callback has run.
 struct InFlight {
     task: *mut ffi::ScsiTask,
-    _data_out: Vec<u8>,
     _iscsi_data: Box<ffi::IscsiData>,
-    data_in: Vec<u8>,
     reply: Option<Reply>,
     deadline: Instant,
+    /// Its deadline passed: the reply is a timeout, sent once libiscsi let go of it.
+    timed_out: bool,
 }
 
 /// What libiscsi's callbacks report; they run inside `iscsi_service` and
@@ -507,10 +528,11 @@ impl EventLoop {
 
     /// Queue one command on the logged-in session.
     fn send(&mut self, job: Job) {
-        let (dir, len) = if !job.data_out.is_empty() {
-            (ffi::SCSI_XFER_WRITE, job.data_out.len())
-        } else if job.data_in_len > 0 {
-            (ffi::SCSI_XFER_READ, job.data_in_len)
+        let b = &job.buffers;
+        let (dir, len) = if b.data_out_len > 0 {
+            (ffi::SCSI_XFER_WRITE, b.data_out_len)
+        } else if b.data_in_len > 0 {
+            (ffi::SCSI_XFER_READ, b.data_in_len)
         } else {
             (ffi::SCSI_XFER_NONE, 0)
         };
@@ -519,16 +541,16 @@ impl EventLoop {
         self.next_id += 1;
         let mut f = InFlight {
             task: std::ptr::null_mut(),
+            // libiscsi only reads data-out, through this non-const pointer.
             _iscsi_data: Box::new(ffi::IscsiData {
-                size: job.data_out.len(),
-                data: std::ptr::null_mut(),
+                size: b.data_out_len,
+                data: b.data_out.cast_mut(),
             }),
-            _data_out: job.data_out,
-            data_in: vec![0u8; if dir == ffi::SCSI_XFER_READ { len } else { 0 }],
             reply: Some(job.reply),
             deadline: job.deadline,
+            timed_out: false,
         };
-        f._iscsi_data.data = f._data_out.as_mut_ptr();
+        let data_in = b.data_in;
         // SAFETY: the task and every buffer it points to live in `f` until its callback.
         let rc = unsafe {
             let task =
@@ -538,7 +560,7 @@ impl EventLoop {
             } else {
                 f.task = task;
                 if dir == ffi::SCSI_XFER_READ {
-                    ffi::scsi_task_add_data_in_buffer(task, len as c_int, f.data_in.as_mut_ptr());
+                    ffi::scsi_task_add_data_in_buffer(task, len as c_int, data_in);
                 }
                 let data: *mut ffi::IscsiData = if dir == ffi::SCSI_XFER_WRITE {
                     &mut *f._iscsi_data
@@ -649,20 +671,30 @@ impl EventLoop {
                     Err(TransportError::Protocol(format!("libiscsi status {s:#x}")))
                 }
                 s => {
-                    let mut data = std::mem::take(&mut f.data_in);
-                    if t.residual_status == ffi::SCSI_RESIDUAL_UNDERFLOW {
-                        data.truncate(data.len().saturating_sub(t.residual));
-                    }
+                    let expected = usize::try_from(t.expxferlen).unwrap_or(0);
+                    let received = if t.residual_status == ffi::SCSI_RESIDUAL_UNDERFLOW {
+                        expected.saturating_sub(t.residual)
+                    } else {
+                        expected
+                    };
                     let sense = (s == c_int::from(CHECK_CONDITION)).then(|| {
                         let key = SenseKey::from_u8((t.sense.key & 0x0f) as u8)
                             .unwrap_or(SenseKey::VendorSpecific);
                         Sense::new(key, (t.sense.ascq >> 8) as u8, t.sense.ascq as u8)
                     });
-                    Ok(Response {
-                        status: s as u8,
-                        sense,
-                        data,
-                    })
+                    let received = if t.xfer_dir == ffi::SCSI_XFER_READ {
+                        received
+                    } else {
+                        0
+                    };
+                    Ok((
+                        Response {
+                            status: s as u8,
+                            sense,
+                            data: Vec::new(),
+                        },
+                        received,
+                    ))
                 }
             };
             ffi::scsi_free_scsi_task(f.task);
@@ -692,19 +724,15 @@ impl EventLoop {
             }
             return;
         }
-        let late: Vec<u64> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| now >= f.deadline)
-            .map(|(id, _)| *id)
-            .collect();
-        if late.is_empty() {
-            return;
-        }
-        for id in &late {
-            if let Some(r) = self.in_flight.get_mut(id).and_then(|f| f.reply.take()) {
-                let _ = r.send(Err(TransportError::Timeout(self.opts.timeout)));
+        let mut late = false;
+        for f in self.in_flight.values_mut() {
+            if now >= f.deadline {
+                f.timed_out = true;
+                late = true;
             }
+        }
+        if !late {
+            return;
         }
         self.session_failed(format!(
             "a command had no answer within {:?}",
@@ -733,7 +761,12 @@ impl EventLoop {
                 unsafe { ffi::scsi_free_scsi_task(f.task) };
             }
             if let Some(r) = f.reply.take() {
-                let _ = r.send(Err(TransportError::Unreachable(why.clone())));
+                let e = if f.timed_out {
+                    TransportError::Timeout(self.opts.timeout)
+                } else {
+                    TransportError::Unreachable(why.clone())
+                };
+                let _ = r.send(Err(e));
             }
         }
     }
@@ -757,7 +790,12 @@ impl EventLoop {
             // SAFETY: libiscsi called back for this task; it is ours to free.
             unsafe { ffi::scsi_free_scsi_task(f.task) };
             if let Some(r) = f.reply.take() {
-                let _ = r.send(Err(TransportError::Disconnected));
+                let e = if f.timed_out {
+                    TransportError::Timeout(self.opts.timeout)
+                } else {
+                    TransportError::Disconnected
+                };
+                let _ = r.send(Err(e));
             }
         }
     }
