@@ -40,6 +40,32 @@ impl Agent {
         c
     }
 
+    /// Start host-agent on `config` expecting it to refuse to start (a non-zero exit
+    /// within 30 s); returns what it printed on stderr.
+    pub fn refused_at_start(config: &Path, state: &Path) -> String {
+        let mut child = Agent::command(config, state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("host-agent started on {}", config.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(!status.success());
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        err
+    }
+
     /// Start `cmd` (from [`Agent::command`]) and wait until it serves.
     pub fn spawn(cmd: &mut Command, state: &Path) -> Agent {
         let (proc, line) = spawn_ready(cmd);

@@ -6,8 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::Storage;
@@ -185,31 +185,6 @@ fn a_virtual_lu_on_two_plain_files_created_by_the_plugin() {
     }
 }
 
-/// Start host-agent on `cfg`, expecting it to refuse to start; returns its stderr.
-fn refused_at_start(cfg: &Path, state: &Path) -> String {
-    let mut child = Agent::command(cfg, state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("host-agent started on {}", cfg.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    err
-}
-
 #[test]
 fn a_mounted_device_and_a_file_named_twice_are_refused() {
     let _ = binary("host-agent");
@@ -219,7 +194,7 @@ fn a_mounted_device_and_a_file_named_twice_are_refused() {
     sparse_file(&d.join("b.img"), SIZE);
     let mounted = Mounted::file(d, &d.join("fs.img"), "fs", true);
     let lb = LoopDevice::attach(&d.join("b.img"));
-    let err = refused_at_start(&config(d, [&mounted.dev, &lb.dev], ""), &d.join("s1"));
+    let err = Agent::refused_at_start(&config(d, [&mounted.dev, &lb.dev], ""), &d.join("s1"));
     assert!(
         err.contains(&format!("{}: in use: mounted", mounted.dev)),
         "{err}"
@@ -230,7 +205,7 @@ fn a_mounted_device_and_a_file_named_twice_are_refused() {
     sparse_file(Path::new(&a), SIZE);
     std::os::unix::fs::symlink(&a, d.join("alias.img")).unwrap();
     let alias = d.join("alias.img").display().to_string();
-    let err = refused_at_start(&config(d, [&a, &alias], ""), &d.join("s2"));
+    let err = Agent::refused_at_start(&config(d, [&a, &alias], ""), &d.join("s2"));
     assert!(
         err.contains(&format!("{alias}: the same storage as {a}")),
         "{err}"

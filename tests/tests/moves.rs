@@ -238,27 +238,6 @@ fn moves_refuse_what_they_cannot_do() {
     assert!(e.contains("no move of db is under way"), "{e}");
 }
 
-/// Start host-agent on `cfg` expecting a refusal at start; its stderr.
-fn refused_at_start(cfg: &Path, state: &Path) -> String {
-    let mut child = Agent::command(cfg, state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("host-agent started");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    err
-}
-
 #[test]
 fn a_config_pointing_a_virtual_lu_at_other_lus_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,7 +249,7 @@ fn a_config_pointing_a_virtual_lu_at_other_lus_is_refused_at_start() {
     let mut proc = a.proc;
     assert!(proc.0.wait().unwrap().success());
     // The config edited by hand to put db on the file legs: refused, nothing served.
-    let err = refused_at_start(&config(d, "legs0"), &state);
+    let err = Agent::refused_at_start(&config(d, "legs0"), &state);
     assert!(
         err.contains("virtual LU db: its data was written to [")
             && err.contains("but the config now puts it on [file dev "),
