@@ -18,6 +18,11 @@
 //! listen:
 //!   unix: nbd.sock                   # relative: in state_dir
 //!   tcp: 127.0.0.1:10809             # optional; only unrestricted exports on TCP
+//!   tls:                             # required with tcp: NBD STARTTLS, client
+//!     cert: tls/db1.pem              #   certificates chaining to ca required
+//!     key: tls/db1-key.pem
+//!     ca: tls/ca.pem
+//!   insecure: false                  # true: serve tcp in plain text instead
 //! backends:
 //!   - name: array0
 //!     plugin: stateless              # a name in plugin_dir, or a path to the .so
@@ -283,6 +288,24 @@ pub struct Listen {
     pub unix: PathBuf,
     #[serde(default)]
     pub tcp: Option<String>,
+    /// TLS for `tcp`: clients upgrade with NBD_OPT_STARTTLS and present a certificate
+    /// that chains to `ca`.
+    #[serde(default)]
+    pub tls: Option<NbdTls>,
+    /// Serve `tcp` in plain text (anyone who reaches the port reads and writes the
+    /// unrestricted exports); refused unless written here.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `listen.tls`: the server's certificate chain and key, and the CA client
+/// certificates must chain to (PEM files; relative: to the config file).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -460,6 +483,18 @@ impl Config {
             return Err(bad(
                 "resync.chunk_kib".into(),
                 format!("{} is not between 1 and 32768", cfg.resync.chunk_kib),
+            ));
+        }
+        if cfg.listen.tcp.is_some() && cfg.listen.tls.is_none() && !cfg.listen.insecure {
+            return Err(bad(
+                "listen.tcp".into(),
+                "plain TCP lets anyone who reaches the port read and write the exports: give listen.tls { cert, key, ca } (hvmctl tls init makes them), or write listen.insecure: true".into(),
+            ));
+        }
+        if cfg.listen.tls.is_some() && cfg.listen.tcp.is_none() {
+            return Err(bad(
+                "listen.tls".into(),
+                "TLS is for listen.tcp, which is not set".into(),
             ));
         }
         let mut names = std::collections::BTreeSet::new();

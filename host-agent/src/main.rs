@@ -163,8 +163,38 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
+    let nbd_tls = match nbd_tls_config(&cfg, &base) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = rt.block_on(async {
-        let listeners = agent.listen().await?;
+        let mut listeners = agent.listen().await?;
+        // With listen.tls the NBD TCP listener is served here, each connection upgraded
+        // with STARTTLS; the agent serves the rest.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let tls_server = match (nbd_tls, listeners.tcp.take()) {
+            (Some(tls), Some(tcp)) => {
+                let exports: std::sync::Arc<dyn hvm_host_agent::nbd::server::Exports> =
+                    agent.exports.clone();
+                let mut rx = stop_rx;
+                Some(tokio::spawn(hvm_host_agent::nbd::server::run_tcp_tls(
+                    tcp,
+                    exports,
+                    hvm_host_agent::nbd::server::Limits::default(),
+                    Some(tls),
+                    async move {
+                        let _ = rx.changed().await;
+                    },
+                )))
+            }
+            (_, tcp) => {
+                listeners.tcp = tcp;
+                None
+            }
+        };
         // Scripts and tests wait for this line: the sockets are bound.
         // listen() recorded the TCP listener's bound address.
         let tcp = agent.tcp_bound.get();
@@ -190,8 +220,12 @@ fn run(
             .serve(listeners, async {
                 shutdown_signal().await;
                 notify("STOPPING=1\nSTATUS=draining connections");
+                let _ = stop_tx.send(true);
             })
             .await;
+        if let Some(t) = tls_server {
+            let _ = t.await;
+        }
         reloads.abort();
         retries.abort();
         Ok::<(), hvm_host_agent::agent::AgentError>(())
@@ -253,6 +287,20 @@ async fn reload_on_sighup(agent: std::sync::Arc<Agent>, status: String) {
         };
         notify(&format!("READY=1\nSTATUS={status}; {line}"));
     }
+}
+
+/// The TLS server config of `listen.tls` (files relative to the config's directory).
+fn nbd_tls_config(
+    cfg: &Config,
+    base: &std::path::Path,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    let Some(t) = &cfg.listen.tls else {
+        return Ok(None);
+    };
+    let at = |p: &std::path::Path| base.join(p);
+    hvm_host_agent::coord::tls::mutual_server_config(&at(&t.cert), &at(&t.key), &at(&t.ca))
+        .map(Some)
+        .map_err(|e| format!("listen.tls: {e}"))
 }
 
 /// Write failed journals again now and then, so the agent recovers when the disk has

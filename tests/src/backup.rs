@@ -151,7 +151,7 @@ impl Hosts {
         std::fs::write(
             &db_cfg,
             format!(
-                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\nbackends:\n{db_backend}{vlus}{}",
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n  insecure: true\nbackends:\n{db_backend}{vlus}{}",
                 plugin_dir.display(),
                 coordination("database", &format!("  freeze:\n{}", s.freeze))
             ),

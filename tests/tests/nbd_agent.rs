@@ -164,7 +164,7 @@ fn tcp_listener_and_json_logs() {
         .unwrap()
         .replace(
             "listen:\n  unix: nbd.sock\n",
-            "log_level: debug\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n",
+            "log_level: debug\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n  insecure: true\n",
         )
         .replace(
             "snapshots: [files-snap], save_area: 9",

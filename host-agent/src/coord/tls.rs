@@ -52,6 +52,31 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(cfg))
 }
 
+/// The server side with client certificates required: only clients whose certificate
+/// chains to a CA in `ca` complete the handshake (NBD over TLS, as qemu-nbd and nbdkit
+/// with `--tls-verify-peer`).
+pub fn mutual_server_config(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| file_err(ca, e))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| file_err(ca, e))?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(cfg))
+}
+
 /// The client side: trust the CA certificate(s) in `ca`.
 pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use super::proto::{self as p, ProtoError};
 use super::transmission::transmission;
@@ -135,24 +136,24 @@ impl Default for Limits {
     }
 }
 
-/// Serve one connection to its end; `peer` are its credentials on a Unix socket.
+/// Serve one connection to its end; `peer` are its credentials on a Unix socket. With
+/// `tls`, the client must upgrade with `NBD_OPT_STARTTLS` (and present a certificate
+/// the acceptor trusts) before any export is named.
 pub async fn serve<S: IntoSocket>(
-    mut stream: S,
+    stream: S,
     peer: Option<Peer>,
     exports: Arc<dyn Exports>,
     limits: Limits,
     registry: &Connections,
+    tls: Option<TlsAcceptor>,
 ) {
-    let negotiated = {
-        let (mut rd, mut wr) = tokio::io::split(&mut stream);
-        tokio::time::timeout(
-            limits.handshake,
-            negotiate(&mut rd, &mut wr, &*exports, peer.as_ref()),
-        )
-        .await
-    };
-    let session = match negotiated {
-        Ok(Ok(Some(session))) => session,
+    let negotiated = tokio::time::timeout(
+        limits.handshake,
+        handshake(stream, &*exports, peer.as_ref(), tls),
+    )
+    .await;
+    let (session, transport) = match negotiated {
+        Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => {
             tracing::debug!(?peer, "client left or was refused during the handshake");
             return;
@@ -167,10 +168,76 @@ pub async fn serve<S: IntoSocket>(
         }
     };
     tracing::debug!(?peer, export = %session.name, structured = session.structured, "transmission");
-    // A client that disconnected at this point only costs a failed conversion.
-    if let Ok(socket) = stream.into_socket() {
-        transmission(socket, session, limits, registry).await;
+    match transport {
+        // A client that disconnected at this point only costs a failed conversion.
+        Transport::Plain(stream) => {
+            if let Ok(socket) = stream.into_socket() {
+                transmission(socket, session, limits, registry).await;
+            }
+        }
+        Transport::Tls(stream) => {
+            if let Ok((socket, pump)) = bridge(stream) {
+                transmission(socket, session, limits, registry).await;
+                let _ = pump.await;
+            }
+        }
     }
+}
+
+/// The stream a negotiated connection goes on with.
+enum Transport<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+/// Greeting and option haggling, with the TLS upgrade when `tls` is given.
+async fn handshake<S: IntoSocket>(
+    mut stream: S,
+    exports: &dyn Exports,
+    peer: Option<&Peer>,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<Option<(Session, Transport<S>)>> {
+    let (haggled, no_zeroes) = {
+        let (mut rd, mut wr) = tokio::io::split(&mut stream);
+        let Some(no_zeroes) = greet(&mut rd, &mut wr).await? else {
+            return Ok(None);
+        };
+        let phase = if tls.is_some() {
+            TlsPhase::Required
+        } else {
+            TlsPhase::Off
+        };
+        let h = negotiate(&mut rd, &mut wr, exports, peer, no_zeroes, phase).await?;
+        (h, no_zeroes)
+    };
+    match (haggled, tls) {
+        (Haggled::Session(s), None) => Ok(Some((s, Transport::Plain(stream)))),
+        (Haggled::StartTls, Some(acceptor)) => {
+            let mut stream = Box::new(acceptor.accept(stream).await?);
+            let (mut rd, mut wr) = tokio::io::split(&mut *stream);
+            match negotiate(&mut rd, &mut wr, exports, peer, no_zeroes, TlsPhase::On).await? {
+                Haggled::Session(s) => Ok(Some((s, Transport::Tls(stream)))),
+                _ => Ok(None),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The transmission phase runs on blocking threads over a plain socket: a TLS
+/// connection gets one end of a socket pair, and a task pumps bytes between the other
+/// end and the TLS stream until either side closes.
+fn bridge<S: IntoSocket>(
+    mut tls: Box<tokio_rustls::server::TlsStream<S>>,
+) -> std::io::Result<(Socket, tokio::task::JoinHandle<()>)> {
+    let (inner, outer) = std::os::unix::net::UnixStream::pair()?;
+    outer.set_nonblocking(true)?;
+    let mut outer = tokio::net::UnixStream::from_std(outer)?;
+    let pump = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut *tls, &mut outer).await;
+        let _ = tls.shutdown().await;
+    });
+    Ok((Socket::Unix(inner), pump))
 }
 
 pub(super) struct Session {
@@ -204,13 +271,9 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
     Ok(())
 }
 
-/// Option haggling. `Ok(None)`: the client aborted or must be disconnected.
-async fn negotiate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    exports: &dyn Exports,
-    peer: Option<&Peer>,
-) -> std::io::Result<Option<Session>>
+/// The greeting and the client's flags: `Some(no_zeroes)`, or `None` for flags that
+/// must not be trusted.
+async fn greet<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<Option<bool>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -218,9 +281,45 @@ where
     wr.write_all(&p::greeting()).await?;
     let mut flags = [0u8; 4];
     rd.read_exact(&mut flags).await?;
-    let Ok((_fixed, no_zeroes)) = p::client_flags(flags) else {
-        return Ok(None);
-    };
+    Ok(p::client_flags(flags)
+        .ok()
+        .map(|(_fixed, no_zeroes)| no_zeroes))
+}
+
+/// Where a connection is with TLS during option haggling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsPhase {
+    /// This listener does not offer TLS.
+    Off,
+    /// TLS is required and not started: only STARTTLS and ABORT are served.
+    Required,
+    /// The options now come over TLS.
+    On,
+}
+
+/// How option haggling ended.
+enum Haggled {
+    Session(Session),
+    /// The client sent `NBD_OPT_STARTTLS` and it was acknowledged: the TLS handshake is
+    /// next, then haggling goes on over TLS.
+    StartTls,
+    /// The client aborted or must be disconnected.
+    Close,
+}
+
+/// Option haggling.
+async fn negotiate<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &dyn Exports,
+    peer: Option<&Peer>,
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> std::io::Result<Haggled>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut structured = false;
     let mut contexts: Vec<(u32, &'static str)> = Vec::new();
     loop {
@@ -232,7 +331,7 @@ where
                 // Skip a moderately large payload and say so; a huge one is treated as
                 // a denial of service.
                 if len > 16 * p::MAX_OPTION_LEN {
-                    return Ok(None);
+                    return Ok(Haggled::Close);
                 }
                 discard(rd, u64::from(len)).await?;
                 wr.write_all(&p::option_reply(
@@ -243,22 +342,48 @@ where
                 .await?;
                 continue;
             }
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Haggled::Close),
         };
         let mut data = vec![0u8; opt.len as usize];
         rd.read_exact(&mut data).await?;
         let reply = |kind: u32, d: &[u8]| p::option_reply(opt.option, kind, d);
+        if tls == TlsPhase::Required {
+            match opt.option {
+                p::OPT_STARTTLS if data.is_empty() => {
+                    wr.write_all(&reply(p::REP_ACK, &[])).await?;
+                    return Ok(Haggled::StartTls);
+                }
+                p::OPT_ABORT => {
+                    wr.write_all(&reply(p::REP_ACK, &[])).await?;
+                    return Ok(Haggled::Close);
+                }
+                // This option cannot fail with a reply: the spec says disconnect.
+                p::OPT_EXPORT_NAME => return Ok(Haggled::Close),
+                p::OPT_STARTTLS => {
+                    wr.write_all(&reply(p::REP_ERR_INVALID, b"STARTTLS takes no data"))
+                        .await?;
+                }
+                _ => {
+                    wr.write_all(&reply(
+                        p::REP_ERR_TLS_REQD,
+                        b"TLS is required on this listener: send NBD_OPT_STARTTLS",
+                    ))
+                    .await?;
+                }
+            }
+            continue;
+        }
         match opt.option {
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = exports.get(&name, peer) else {
                     // This option cannot fail with a reply: the spec says disconnect.
-                    return Ok(None);
+                    return Ok(Haggled::Close);
                 };
                 let flags = transmission_flags(&*export);
                 wr.write_all(&p::export_name_reply(export.size(), flags, no_zeroes))
                     .await?;
-                return Ok(Some(Session {
+                return Ok(Haggled::Session(Session {
                     name,
                     export,
                     structured,
@@ -267,7 +392,7 @@ where
             }
             p::OPT_ABORT => {
                 wr.write_all(&reply(p::REP_ACK, &[])).await?;
-                return Ok(None);
+                return Ok(Haggled::Close);
             }
             p::OPT_LIST => {
                 if !data.is_empty() {
@@ -306,7 +431,7 @@ where
                 }
                 wr.write_all(&reply(p::REP_ACK, &[])).await?;
                 if opt.option == p::OPT_GO {
-                    return Ok(Some(Session {
+                    return Ok(Haggled::Session(Session {
                         name: req.name,
                         export,
                         structured,
@@ -377,6 +502,10 @@ where
                     contexts = chosen;
                 }
                 wr.write_all(&reply(p::REP_ACK, &[])).await?;
+            }
+            p::OPT_STARTTLS if tls == TlsPhase::On => {
+                wr.write_all(&reply(p::REP_ERR_INVALID, b"TLS is already on"))
+                    .await?;
             }
             p::OPT_STARTTLS => {
                 wr.write_all(&reply(p::REP_ERR_POLICY, b"this server does not offer TLS"))
@@ -464,6 +593,7 @@ async fn accept_loop<S, F, Fut>(
     mut accept: F,
     exports: Arc<dyn Exports>,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: IntoSocket,
@@ -494,9 +624,9 @@ async fn accept_loop<S, F, Fut>(
                     tracing::warn!(cap = limits.connections, "connection refused: too many connections");
                     continue;
                 };
-                let (exports, registry) = (exports.clone(), registry.clone());
+                let (exports, registry, tls) = (exports.clone(), registry.clone(), tls.clone());
                 tasks.spawn(async move {
-                    serve(s, peer, exports, limits, &registry).await;
+                    serve(s, peer, exports, limits, &registry, tls).await;
                     drop(slot);
                 });
             }
@@ -534,7 +664,7 @@ pub async fn run_unix(
         });
         Ok((s, peer))
     };
-    accept_loop(accept, exports, limits, shutdown).await;
+    accept_loop(accept, exports, limits, None, shutdown).await;
 }
 
 /// Accept TCP connections (no credentials: only unrestricted exports are offered).
@@ -544,11 +674,24 @@ pub async fn run_tcp(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    run_tcp_tls(listener, exports, limits, None, shutdown).await;
+}
+
+/// Accept TCP connections; with `tls` each must upgrade with STARTTLS first (the
+/// acceptor decides which client certificates it takes).
+pub async fn run_tcp_tls(
+    listener: tokio::net::TcpListener,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let l = &listener;
     let accept = move || async move {
         let (s, _) = l.accept().await?;
         let _ = s.set_nodelay(true);
         Ok((s, None))
     };
-    accept_loop(accept, exports, limits, shutdown).await;
+    let tls = tls.map(TlsAcceptor::from);
+    accept_loop(accept, exports, limits, tls, shutdown).await;
 }
