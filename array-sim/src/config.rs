@@ -12,6 +12,7 @@
 //!   - { lun: 2, blocks: 131072, disk: d1 }
 //! mirroring:                 # Fig. 9 rows for the stateless kind
 //!   - { mirror: 0, origin: 1, mate: 2 }
+//! read_distribution: least-busy   # or alternate (legs in turn, whatever their load)
 //! ```
 //!
 //! Mirroring rows by kind: `mode-select` takes `{ lu, mates: [..] }` (Fig. 2),
@@ -192,6 +193,20 @@ pub struct ArrayConfig {
     pub faults: Vec<FaultRule>,
     #[serde(default)]
     pub backup: Option<BackupConfig>,
+    /// How a read that may use several legs picks one (issue 20's [0077] benchmark).
+    #[serde(default)]
+    pub read_distribution: ReadDistribution,
+}
+
+/// How a read that may use several legs (a mirroring LU's) picks one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadDistribution {
+    /// The leg whose disk has the fewest outstanding I/Os, alternating on a tie ([0077]).
+    #[default]
+    LeastBusy,
+    /// The legs in turn, whatever their load: the switch that shows what [0077] buys.
+    Alternate,
 }
 
 /// The array-side backup functions (EP 1 058 190).

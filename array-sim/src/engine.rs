@@ -12,7 +12,8 @@
 //!   either; the mate is a read-only view of one leg.
 //!
 //! A read that may use several legs goes to the one whose disk has the fewest outstanding
-//! I/Os, alternating on a tie ([0077]).
+//! I/Os, alternating on a tie ([0077]); `read_distribution: alternate` makes it take the
+//! legs in turn whatever their load, to measure what that buys.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -26,7 +27,7 @@ use hvm_core::mode::{self, MirrorPage, Mode};
 use hvm_core::LuId;
 
 use crate::backup::{Firmware, Refusal};
-use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig};
+use crate::config::{ArrayConfig, FirmwareKind, MirrorConfig, ReadDistribution};
 use crate::disk::{Disk, DiskStats};
 use crate::fault::{FaultOp, FaultRule, Faults, Injected};
 use crate::mirror::{Intent, IntentError, RangeLocks, WriteIntents};
@@ -135,6 +136,7 @@ pub struct Engine {
     /// Mode Select kind: the mode of each mirrored LU (Fig. 2).
     modes: Mutex<BTreeMap<u8, Mode>>,
     turn: AtomicU64,
+    distribution: ReadDistribution,
     faults: Faults,
     /// Mirrored writes not yet on every leg, kept across the death of the process.
     intents: WriteIntents,
@@ -281,6 +283,7 @@ impl Engine {
             rows: cfg.mirroring.clone(),
             modes: Mutex::new(modes),
             turn: AtomicU64::new(0),
+            distribution: cfg.read_distribution,
             faults: Faults::new(&cfg.faults).map_err(EngineError::Fault)?,
             store,
             intents,
@@ -403,6 +406,9 @@ impl Engine {
     fn pick(&self, legs: &[u8]) -> u8 {
         if legs.len() == 1 {
             return legs[0];
+        }
+        if self.distribution == ReadDistribution::Alternate {
+            return legs[self.turn.fetch_add(1, Ordering::Relaxed) as usize % legs.len()];
         }
         // Read each leg's load once: the counts move under concurrent I/O, and judging
         // the minimum and the ties from different readings could leave no leg at all.
