@@ -6,12 +6,13 @@
 //! `--cache=none` for QEMU). One run; ratios to qemu-nbd.
 //!
 //! Run: `cargo bench -p hvm-tests --bench rbd_legs` (needs ceph-mon, ceph-osd,
-//! ceph-common, fio, qemu-utils). `HVM_BENCH_SECONDS` sets the time per workload
-//! (default 5).
+//! ceph-common, fio, qemu-utils, and QEMU's rbd driver: Debian's qemu-block-extra of the
+//! same version as qemu-utils; without it qemu-nbd says "Unable to load module rbd").
+//! `HVM_BENCH_SECONDS` sets the time per workload (default 5).
 #![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap is a failed run
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use hvm_tests::agent::Agent;
@@ -68,6 +69,37 @@ fn wait_for(sock: &Path) {
     panic!("{} did not appear", sock.display());
 }
 
+/// qemu-nbd with QEMU's rbd driver on `rbd/bench-a`: filled once, then the workloads.
+fn peer_run(ceph: &Ceph, d: &Path, secs: f64) -> Vec<f64> {
+    let sock = d.join("qemu.sock");
+    let mut qemu = Running(
+        tool("qemu-nbd")
+            .args(["-f", "raw", "--persistent", "--shared=16", "--cache=none"])
+            .args(["-x", "peer", "-k"])
+            .arg(&sock)
+            .arg(format!(
+                "rbd:rbd/bench-a:conf={}:id=admin",
+                ceph.conf().display()
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd"),
+    );
+    wait_for(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = qemu.0.try_wait().unwrap() {
+        panic!("qemu-nbd exited ({status}): is qemu-block-extra (QEMU's rbd driver) installed?");
+    }
+    let uri = format!("nbd+unix:///peer?socket={}", sock.display());
+    fio_fill(&uri, SIZE);
+    let results = run_all(&uri, secs);
+    let pid = nix::unistd::Pid::from_raw(qemu.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = qemu.0.wait().unwrap();
+    assert!(status.success(), "qemu-nbd on SIGTERM: {status}");
+    results
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -83,39 +115,17 @@ fn main() {
     ceph.create_image("rbd/bench-a", SIZE);
     ceph.create_image("rbd/bench-b", SIZE);
 
+    // The peer first, on the origin image; stopped with SIGTERM so that QEMU closes the
+    // image and releases its exclusive lock (a killed client holds it until its watch
+    // times out, and the next writer waits for that).
+    let peer = peer_run(&ceph, d, secs);
+
     let agent = Agent::start_config(&agent_config(&ceph, d), &d.join("state"));
     let db = agent.uri("db");
     fio_fill(&db, SIZE); // both images written once: no timed run pays for allocation
     let sync = run_all(&db, secs);
     agent.json(&["snapshot", "acquire", "db"]);
     let snap = run_all(&db, secs);
-    agent.signal(nix::sys::signal::Signal::SIGTERM);
-    drop(agent); // the peer gets the image without hvm's exclusive lock on it
-
-    let sock = d.join("qemu.sock");
-    let _qemu = Running(
-        tool("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "--persistent",
-                "--shared=16",
-                "--cache=none",
-                "-x",
-                "peer",
-            ])
-            .arg("-k")
-            .arg(&sock)
-            .arg(format!(
-                "rbd:rbd/bench-a:conf={}:id=admin",
-                ceph.conf().display()
-            ))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start qemu-nbd"),
-    );
-    wait_for(&sock);
-    let peer = run_all(&format!("nbd+unix:///peer?socket={}", sock.display()), secs);
 
     println!(
         "\nRBD legs on a memstore OSD, {} MiB images, {secs} s per workload, one run",
@@ -136,5 +146,4 @@ fn main() {
         );
     }
     println!("targets: Snapshot >= 1.0x, Synchronized >= 0.5x the peer");
-    let _ = Command::new("true").status();
 }
