@@ -345,10 +345,13 @@ fn unknown(cookie: u64) -> String {
     format!("reply for cookie {cookie}, which is not in flight")
 }
 
-fn complete(slot: &mut Slot, r: Result<(), ConnError>) {
+/// Give a request its outcome; the caller unparks the returned owner once it has let go
+/// of the shard's lock, so the owner does not wake only to wait for that lock.
+#[must_use = "unpark the owner"]
+fn complete(slot: &mut Slot, r: Result<(), ConnError>) -> Thread {
     slot.claimed = false;
     slot.outcome = Some(r);
-    slot.waiter.unpark();
+    slot.waiter.clone()
 }
 
 impl Shared {
@@ -384,9 +387,12 @@ impl Shared {
         };
         let e = self.set_dead(ConnError::Lost(why));
         for shard in &self.shards {
-            for slot in lock(shard).values_mut().filter(|s| s.outcome.is_none()) {
-                complete(slot, Err(e.clone()));
-            }
+            let owners: Vec<Thread> = lock(shard)
+                .values_mut()
+                .filter(|s| s.outcome.is_none())
+                .map(|slot| complete(slot, Err(e.clone())))
+                .collect();
+            owners.iter().for_each(Thread::unpark);
         }
         self.socket.shutdown();
     }
@@ -412,11 +418,15 @@ impl Shared {
         }
         if errno != 0 {
             // A simple error reply carries no data, even for a READ.
-            complete(slot, Err(server(errno, String::new())));
+            let owner = complete(slot, Err(server(errno, String::new())));
+            drop(st);
+            owner.unpark();
             return shutting_down(errno);
         }
         let Some(buf) = slot.buf else {
-            complete(slot, Ok(()));
+            let owner = complete(slot, Ok(()));
+            drop(st);
+            owner.unpark();
             return Ok(());
         };
         slot.claimed = true;
@@ -425,11 +435,13 @@ impl Shared {
         // `abandon` and does not return while the slot is claimed.
         let dst = unsafe { std::slice::from_raw_parts_mut(buf.ptr, buf.len) };
         let r = read(rd, dst);
-        if let Some(slot) = self.shard(cookie).get_mut(&cookie) {
-            slot.claimed = false;
-            if r.is_ok() {
-                complete(slot, Ok(()));
-            }
+        let mut st = self.shard(cookie);
+        let slot = st.get_mut(&cookie).ok_or_else(|| unknown(cookie))?;
+        slot.claimed = false;
+        if r.is_ok() {
+            let owner = complete(slot, Ok(()));
+            drop(st);
+            owner.unpark();
         }
         r
     }
@@ -484,7 +496,9 @@ impl Shared {
                 ConnError::Server { errno, .. } => *errno,
                 _ => 0,
             };
-            complete(slot, Err(e));
+            let owner = complete(slot, Err(e));
+            drop(st);
+            owner.unpark();
             return shutting_down(errno);
         }
         let got: u64 = slot.ranges.iter().map(|&(s, e)| e - s).sum();
@@ -493,7 +507,9 @@ impl Shared {
                 "the server ended a READ reply with {got} of {req_len} bytes"
             ));
         }
-        complete(slot, Ok(()));
+        let owner = complete(slot, Ok(()));
+        drop(st);
+        owner.unpark();
         Ok(())
     }
 }
