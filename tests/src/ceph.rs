@@ -56,6 +56,7 @@ impl Ceph {
         ] {
             drop(tool(t));
         }
+        let t0 = Instant::now();
         let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("hvm-ceph-XXXXXX"))
             .expect("make the cluster directory");
         let mut c = Ceph {
@@ -73,6 +74,11 @@ impl Ceph {
         c.start_mon(&fsid, port);
         c.start_osd();
         c.make_pool();
+        eprintln!(
+            "ceph: cluster in {} ready in {:.2?}",
+            c.dir.display(),
+            t0.elapsed()
+        );
         c
     }
 
