@@ -35,6 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -173,7 +174,14 @@ fn write_file(path: &Path, records: &[JournalRecord]) -> Result<(File, u64), Dur
     for r in records {
         journal::encode_record(r, &mut bytes);
     }
-    let mut f = File::create(path).map_err(io_err(path))?;
+    // 0600 whatever the umask: the tables say where a database's data changed.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
     f.write_all(&bytes).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     Ok((f, bytes.len() as u64))

@@ -656,6 +656,37 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(hosts.target_root.join("nightly/manifest.json").exists());
+    // A backup holds the database's data: only its owner reads it, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(hosts.target_root.join("nightly")), 0o700);
+    assert_eq!(mode(hosts.target_root.join("nightly/a.img")), 0o600);
+    assert_eq!(mode(hosts.target_root.join("nightly/manifest.json")), 0o600);
+}
+
+/// Journals are 0600 even under umask 0 (before: 0666 less the umask).
+#[test]
+fn journals_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = hvm_tests::agent::Agent::command(
+        &hvm_tests::workspace().join("host-agent/examples/quickstart.yaml"),
+        dir.path(),
+    );
+    // SAFETY: umask is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    let _agent = hvm_tests::agent::Agent::spawn(&mut cmd, dir.path());
+    for backend in ["stateless0", "modeselect0", "preupdate0"] {
+        let p = dir.path().join(format!("{backend}.journal"));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
 }
 
 /// A SET FAULT rule that drops every command on an LU (`op: any`) does not drop the SET

@@ -8,6 +8,7 @@
 //! manifest is written last, so a directory with a manifest is a complete backup.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Instant;
 
@@ -155,11 +156,23 @@ fn sync_dir(dir: &Path) {
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), Failure> {
     let tmp = path.with_extension("partial");
     let io = |e: std::io::Error| failed(format!("{}: {e}", path.display()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    let mut f = private_file(&tmp).map_err(io)?;
     f.write_all(data).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+/// A new file only its owner reads (0600 whatever the umask): a backup holds a
+/// database's data.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// The `copy` operation: read each snapshot, write the images, then the manifest.
@@ -193,17 +206,20 @@ pub fn copy(
         std::fs::create_dir_all(parent)
             .map_err(|e| failed(format!("{}: {e}", parent.display())))?;
     }
-    std::fs::create_dir(&dir).map_err(|e| {
-        failed(format!(
-            "{}: {e}{}",
-            dir.display(),
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                " (a backup is never written over another)"
-            } else {
-                ""
-            }
-        ))
-    })?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            failed(format!(
+                "{}: {e}{}",
+                dir.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (a backup is never written over another)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
     // The directory is this call's own from here: a copy that fails removes it, so a
     // retry of the same target is not refused as a backup that exists.
     let written = fill(agent, &dir, id, req, progress);
@@ -233,7 +249,7 @@ fn fill(
         let path = dir.join(&file);
         let tmp = dir.join(format!("{file}.partial"));
         let io = |e: std::io::Error| failed(format!("{}: {e}", tmp.display()));
-        let out = std::fs::File::create(&tmp).map_err(io)?;
+        let out = private_file(&tmp).map_err(io)?;
         let t = Instant::now();
         // Read on this thread; hash and write on another, so the two overlap.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
