@@ -21,6 +21,10 @@ use crate::proto::{self, Request, Response};
 /// Commands one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Connections served at once; past it a new connection is closed at once. With
+/// [`BUFFER_BUDGET`] per connection this bounds what clients can make the daemon hold.
+pub const MAX_CONNECTIONS: usize = 128;
+
 /// Where the daemon listens: `unix:PATH` or `tcp:HOST:PORT` (hvm-scsi's, which its
 /// client shares).
 pub use hvm_scsi::socket::Address;
@@ -70,22 +74,33 @@ pub async fn run(
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
     let mut backoff = AcceptBackoff::default();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = accept(&listener) => {
-                match accepted {
-                    Ok(Conn::Unix(s)) => { tokio::spawn(serve_conn(engine.clone(), s)); }
-                    Ok(Conn::Tcp(s)) => {
-                        let _ = s.set_nodelay(true);
-                        tokio::spawn(serve_conn(engine.clone(), s));
-                    }
+                let conn = match accepted {
+                    Ok(c) => c,
                     Err(e) => {
                         backoff.failed(&e).await;
                         continue;
                     }
-                }
+                };
                 backoff.succeeded();
+                // Over the cap: dropping the stream closes it.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let engine = engine.clone();
+                match conn {
+                    Conn::Unix(s) => {
+                        tokio::spawn(async move { serve_conn(engine, s).await; drop(slot) });
+                    }
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(async move { serve_conn(engine, s).await; drop(slot) });
+                    }
+                }
             }
         }
     }

@@ -963,3 +963,44 @@ fn nbd_tls_with_client_certificates() {
     assert_eq!(data.len(), 64 << 20);
     assert!(data[1 << 20..3 << 20].iter().all(|b| *b == 0x42));
 }
+
+/// The array-sim daemon serves at most `MAX_CONNECTIONS` connections: the next one is
+/// closed at once (before: every connection got a task and its buffers, without limit),
+/// and one is served again when the others close.
+#[test]
+fn array_sim_caps_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("array.sock");
+    let (_daemon, line) = hvm_tests::spawn_ready(
+        Command::new(binary("array-sim"))
+            .args(["serve", "--config"])
+            .arg(hvm_tests::workspace().join("array-sim/examples/fig9-stateless.yaml"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--dir")
+            .arg(dir.path().join("data")),
+    );
+    assert!(line.contains("listening"), "{line}");
+    let cap = array_sim::server::MAX_CONNECTIONS;
+    let held: Vec<_> = (0..cap)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let mut over = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    over.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        closed_within(&mut over, std::time::Duration::from_secs(5)),
+        "connection {} was not closed",
+        cap + 1
+    );
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let params = format!("array:\n  connect: \"unix:{}\"\n", sock.display());
+    let plugin = hvm_plugin_abi::host::Plugin::load(&plugin_path("stateless")).unwrap();
+    use hvm_core::backend::Backend;
+    plugin
+        .open(&params)
+        .unwrap()
+        .read(hvm_core::LuId(0), 0, &mut [0u8; 512])
+        .unwrap();
+}
