@@ -97,10 +97,6 @@ fn main() {
     let src = state.join("array0/lu1.img");
     let peer_s = raw_copy(&src, [&pa, &pb]);
 
-    let idle = fio_latency(&uri, 3);
-    let started = a.json(&["lu", "move", "db", "--to", "legs0"]);
-    assert_eq!(started["phase"], "copying", "{started}");
-    let during = fio_latency(&uri, 2);
     let status = || {
         let all = a.json(&["lu", "list"]);
         let db = all
@@ -108,8 +104,7 @@ fn main() {
             .and_then(|l| l.iter().find(|l| l["name"] == "db").cloned());
         db.map(|l| l["move"].clone()).unwrap_or_default()
     };
-    let still_moving = status()["phase"] == "copying";
-    let done = loop {
+    let wait_done = || loop {
         let m = status();
         if m["phase"] != "copying" {
             assert_eq!(m["phase"], "done", "{m}");
@@ -117,6 +112,26 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let start = |to: &str, rate: &str| {
+        let m = a.json(&["lu", "move", "db", "--to", to, "--rate", rate]);
+        assert_eq!(m["phase"], "copying", "{m}");
+    };
+    // Throughput, with no client I/O (as the raw copy had none); then back home.
+    start("legs0", "0");
+    let done = wait_done();
+    start("array0", "0");
+    wait_done();
+    // Client latency: idle, during an unthrottled move (cancelled after), and during
+    // a move limited to 100 MiB/s.
+    let idle = fio_latency(&uri, 3);
+    start("legs0", "0");
+    let during = fio_latency(&uri, 2);
+    let full_moving = status()["phase"] == "copying";
+    a.json(&["lu", "move", "db", "--cancel"]);
+    start("legs0", "100M");
+    let limited = fio_latency(&uri, 2);
+    let limited_moving = status()["phase"] == "copying";
+    wait_done();
     let move_s = done["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3;
     let mib = (SIZE >> 20) as f64;
     println!(
@@ -137,23 +152,21 @@ fn main() {
         peer_s / move_s
     );
     println!("client 4k random writes, QD1 (fio nbd engine):");
-    println!(
-        "  idle          {:>8.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us",
-        idle.0, idle.1, idle.2
-    );
-    println!(
-        "  during move   {:>8.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us{}",
-        during.0,
-        during.1,
-        during.2,
-        if still_moving {
-            ""
-        } else {
-            "  (the move ended before fio did)"
-        }
-    );
-    println!(
-        "  p99 ratio (during / idle): {:.2}x",
-        during.2 / idle.2.max(1e-9)
-    );
+    let row = |name: &str, x: (f64, f64, f64), moving: bool| {
+        println!(
+            "  {name:<26} {:>8.0} IOPS  p50 {:>8.1} us  p99 {:>8.1} us  p99 {:>6.2}x idle{}",
+            x.0,
+            x.1,
+            x.2,
+            x.2 / idle.2.max(1e-9),
+            if moving {
+                ""
+            } else {
+                "  (the move ended before fio did)"
+            }
+        );
+    };
+    row("idle", idle, true);
+    row("during a move", during, full_moving);
+    row("during a move at 100M/s", limited, limited_moving);
 }
