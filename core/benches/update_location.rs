@@ -5,8 +5,15 @@
 //! table and for the `rangemap` crate's `RangeInclusiveSet` in the same run. Then a
 //! criterion measurement of add+remove at a steady 1 million ranges.
 //!
+//! Then (issue 20) the memory budget: 1 M, 10 M and 100 M random 4 KiB writes over a
+//! 16 TiB LU into a table with the default budget (32 MiB per TiB: 512 MiB), and into an
+//! exact one while it fits in memory; add cost, bytes held (measured by a counting
+//! allocator: after the last add, and the peak, which includes a coarsening's rebuild),
+//! the granularity reached, and every write checked covered afterwards.
+//!
 //! Run: `cargo bench -p hvm-core --bench update_location`. Add `-- --quick` to skip the
-//! criterion part.
+//! criterion part, `-- --budget` to run only the budget table; `HVM_BENCH_WRITES=1000000,
+//! 10000000` picks the write counts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -14,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion};
-use hvm_core::{Extent, UpdateLocationTable};
+use hvm_core::{Extent, TableBudget, UpdateLocationTable};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -23,10 +30,17 @@ use rand::{Rng, SeedableRng};
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The most `LIVE` has been since it was last reset.
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        grew(layout.size());
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.alloc(layout) }
     }
@@ -36,8 +50,13 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // Counted as the difference: a large block is grown by remapping its pages, so
+        // the old and new sizes are not both held.
+        if new_size >= layout.size() {
+            grew(new_size - layout.size());
+        } else {
+            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
         // SAFETY: as for dealloc; the new size is the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -199,8 +218,131 @@ fn steady_state(c: &mut Criterion) {
     });
 }
 
+const LU_16TIB_LBAS: u64 = (16u64 << 40) / 512;
+/// 4 KiB in LBAs: writes are 4 KiB aligned.
+const WRITE_LBAS: u64 = 8;
+
+fn write_counts() -> Vec<u64> {
+    std::env::var("HVM_BENCH_WRITES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000_000, 10_000_000, 100_000_000])
+}
+
+/// The `i`th write of a seeded sequence: a 4 KiB-aligned 4 KiB extent of the 16 TiB LU.
+fn writes(n: u64) -> impl Iterator<Item = Extent> {
+    let mut rng = StdRng::seed_from_u64(0x20);
+    (0..n).map(move |_| {
+        let f = rng.gen_range(0..LU_16TIB_LBAS / WRITE_LBAS) * WRITE_LBAS;
+        Extent::new(f, f + WRITE_LBAS - 1).expect("4 KiB extent")
+    })
+}
+
+struct BudgetRow {
+    writes: u64,
+    budget: Option<TableBudget>,
+    add_ns: f64,
+    live: usize,
+    peak: usize,
+    estimate: u64,
+    granularity: u64,
+    records: usize,
+}
+
+/// `n` writes into a table with `budget`; every write is checked covered afterwards.
+fn budget_run(n: u64, budget: Option<TableBudget>) -> BudgetRow {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let mut table = UpdateLocationTable::new();
+    table.set_budget(budget);
+    let t = Instant::now();
+    for e in writes(n) {
+        table.add(e);
+    }
+    let add = t.elapsed();
+    let live = LIVE.load(Ordering::Relaxed) - base;
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let missed = writes(n).filter(|&e| !table.covers(e)).count();
+    assert_eq!(missed, 0, "{missed} writes not covered");
+    BudgetRow {
+        writes: n,
+        budget,
+        add_ns: add.as_nanos() as f64 / n as f64,
+        live,
+        peak,
+        estimate: table.memory_bytes(),
+        granularity: table.granularity(),
+        records: table.len(),
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn budget_table() {
+    let budget = TableBudget::for_lu(LU_16TIB_LBAS);
+    println!(
+        "\nupdate-location table memory budget: random 4 KiB writes over a 16 TiB LU, default budget {:.0} MiB",
+        mib(budget.get())
+    );
+    println!(
+        "{:>11} {:>8} {:>9} {:>10} {:>10} {:>12} {:>8} {:>11} {:>11} {:>7}",
+        "writes",
+        "table",
+        "add ns",
+        "held MiB",
+        "peak MiB",
+        "estimate MiB",
+        "granule",
+        "records",
+        "B/write",
+        "budget"
+    );
+    let mut rows = Vec::new();
+    for n in write_counts() {
+        rows.push(budget_run(n, Some(budget)));
+        // The exact table while it stays well inside this machine's memory.
+        if n <= 10_000_000 {
+            rows.push(budget_run(n, None));
+        }
+    }
+    for r in &rows {
+        let within = match r.budget {
+            Some(b) => verdict(r.live as u64 <= b.get()),
+            None => "-",
+        };
+        println!(
+            "{:>11} {:>8} {:>9.0} {:>10.1} {:>10.1} {:>12.1} {:>8} {:>11} {:>11.1} {:>7}",
+            r.writes,
+            if r.budget.is_some() {
+                "budget"
+            } else {
+                "exact"
+            },
+            r.add_ns,
+            mib(r.live as u64),
+            mib(r.peak as u64),
+            mib(r.estimate),
+            r.granularity,
+            r.records,
+            r.live as f64 / r.writes as f64,
+            within
+        );
+    }
+    println!(
+        "granule: LBAs each record is rounded out to (1 = exact); every write was checked covered"
+    );
+}
+
 fn main() {
+    let budget_only = std::env::args().any(|a| a == "--budget");
+    if budget_only {
+        budget_table();
+        return;
+    }
     headline();
+    budget_table();
     let quick = std::env::args().any(|a| a == "--quick");
     if !quick {
         let mut c = Criterion::default()

@@ -142,6 +142,9 @@ impl Slot {
     }
 }
 
+/// The most pieces a pool grows by at once (4 MiB).
+const MAX_GROWTH_PIECES: usize = 1 << 20;
+
 /// Fixed-size blocks of pieces, one pool per size class, each a single vector with a
 /// stack of free block indexes. Buckets come and go at the rate of writes; the system
 /// allocator, with its per-allocation headers and cold free lists, cost more than the
@@ -162,9 +165,10 @@ impl Pools {
         let data = &mut self.data[c];
         let i = (data.len() / cap) as u32;
         if data.len() + cap > data.capacity() {
-            // Grow by half rather than double: less idle memory in a big table, and a
-            // large vector is moved by remapping pages, not by copying.
-            data.reserve_exact(cap.max(data.len() / 2));
+            // Grow by half rather than double, and by at most 4 MiB: less idle memory in a
+            // big table, a budget overshot by at most one step, and a large vector is
+            // moved by remapping pages, not by copying.
+            data.reserve_exact(cap.max((data.len() / 2).min(MAX_GROWTH_PIECES)));
         }
         data.resize(data.len() + cap, 0);
         i
