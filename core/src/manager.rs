@@ -671,6 +671,47 @@ impl<B: Backend> SnapshotManager<B> {
         Ok(())
     }
 
+    /// Roll the origin virtual LU `vlu` back to its snapshot (the resync of Fig. 7 in the
+    /// other direction, an undo without a backup): every recorded range is read through
+    /// the (first) snapshot virtual LU and written to the origin through the ordinary
+    /// write path, then the snapshot is deleted as [`Self::delete`] does. The origin then
+    /// equals the snapshot at its instant (with any writes made to the snapshot since),
+    /// and the legs are made equal again by the resync that follows (E1, E2) or at once
+    /// (E4). The caller keeps clients' writes out meanwhile (a client write during the
+    /// rollback may be overwritten). Returns the blocks rolled back.
+    pub fn rollback(&self, vlu: VirtualLuId) -> Result<u64> {
+        const CHUNK: u64 = 2048;
+        let pair = self.origin_pair(vlu)?;
+        let found = self.mode(vlu);
+        if found != Mode::Snapshot {
+            return Err(ManagerError::NotSnapshot { vlu, found });
+        }
+        if pair.invalid.load(Ordering::SeqCst) {
+            return Err(ManagerError::SnapshotInvalidated(vlu));
+        }
+        let snap = *pair.cfg.snapshots.first().ok_or(ManagerError::Config {
+            origin: vlu,
+            reason: "no snapshot virtual LU to roll back to".into(),
+        })?;
+        let recorded: Vec<Extent> = lock(&pair.table).iter().collect();
+        let mut buf = Vec::new();
+        let mut blocks = 0;
+        for ext in recorded {
+            let mut lba = ext.first();
+            while lba <= ext.last() {
+                let n = (ext.last() - lba + 1).min(CHUNK);
+                buf.resize((n * SECTOR_SIZE) as usize, 0);
+                self.read(snap, lba * SECTOR_SIZE, &mut buf)?;
+                self.write(vlu, lba * SECTOR_SIZE, &buf, false)?;
+                lba += n;
+                blocks += n;
+            }
+        }
+        self.flush(vlu)?;
+        self.delete(vlu)?;
+        Ok(blocks)
+    }
+
     /// Refuse acquire on the origin virtual LU `vlu` with `reason` from now on (`None`:
     /// allow it again). Succeeds only while the pair is Synchronized, so a holder knows
     /// the pair stays Synchronized until it lets go.

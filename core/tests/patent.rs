@@ -437,7 +437,9 @@ fn a_hold_refuses_acquire_and_is_taken_only_in_synchronized() {
     use common::{setup, Kind};
     let s = setup(Kind::E2, 64, false);
     let origin = s.pair.origin;
-    s.mgr.hold(origin, Some("db is moving to legs0:0".into())).unwrap();
+    s.mgr
+        .hold(origin, Some("db is moving to legs0:0".into()))
+        .unwrap();
     let e = s.mgr.acquire(origin).unwrap_err();
     assert!(matches!(e, ManagerError::Held { .. }), "{e}");
     assert!(e.to_string().ends_with("db is moving to legs0:0"), "{e}");
@@ -449,4 +451,50 @@ fn a_hold_refuses_acquire_and_is_taken_only_in_synchronized() {
     assert!(matches!(e, ManagerError::NotSynchronized { .. }), "{e}");
     let (def, lbas, save) = s.mgr.pair_layout(origin).unwrap();
     assert_eq!((def, lbas, save), (s.pair.definition.clone(), 64, None));
+}
+
+/// Rollback makes the origin equal to its snapshot on every array kind: data written
+/// after the acquire is undone, the pair ends Synchronized (after the resync for E1 and
+/// E2) and the legs are equal again.
+#[test]
+fn rollback_undoes_the_writes_since_the_snapshot_on_every_kind() {
+    use common::{pattern, setup, Kind};
+    use std::sync::atomic::AtomicBool;
+    for kind in [Kind::E1, Kind::E1Triple, Kind::E2, Kind::E4] {
+        let s = setup(kind, 256, false);
+        let origin = s.pair.origin;
+        let before = pattern(1, 256 * 512);
+        s.mgr.write(origin, 0, &before, false).unwrap();
+        s.mgr.acquire(origin).unwrap();
+        s.mgr
+            .write(origin, 512 * 10, &pattern(2, 512 * 20), false)
+            .unwrap();
+        s.mgr
+            .write(origin, 512 * 200 + 7, &pattern(3, 1000), false)
+            .unwrap();
+        let e = s.mgr.rollback(s.pair.snapshots[0]).unwrap_err();
+        assert!(matches!(e, ManagerError::NotAnOrigin(_)), "{kind:?}: {e}");
+        let blocks = s.mgr.rollback(origin).unwrap();
+        assert!(blocks >= 22, "{kind:?}: {blocks} blocks");
+        let stop = AtomicBool::new(false);
+        if s.mgr.mode(origin) == Mode::Resynchronizing {
+            assert!(s.mgr.resync(origin, 64, &stop, |_| {}).unwrap().done);
+        }
+        assert_eq!(s.mgr.mode(origin), Mode::Synchronized, "{kind:?}");
+        let mut now = vec![0u8; 256 * 512];
+        s.mgr.read(origin, 0, &mut now).unwrap();
+        assert!(
+            now == before,
+            "{kind:?}: the origin is not the snapshot's data"
+        );
+        let leg = s.array.leg(s.origin_leg);
+        for mate in &s.mate_legs {
+            assert!(s.array.leg(*mate) == leg, "{kind:?}: legs differ");
+        }
+        let e = s.mgr.rollback(origin).unwrap_err();
+        assert!(
+            matches!(e, ManagerError::NotSnapshot { .. }),
+            "{kind:?}: {e}"
+        );
+    }
 }

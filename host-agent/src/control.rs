@@ -17,6 +17,7 @@
 //! | `POST /v1/resync/pause`, `/v1/resync/resume` | pause or resume the resync service |
 //! | `PUT /v1/resync/rate` `{"bytes_per_second": N}` | rate limit per backend, 0: none |
 //! | `POST /v1/lus/{name}/move` `{to, lus?, rate?}` | move a virtual LU to another backend while it serves (see `moves`); again with `rate` changes the rate |
+//! | `POST /v1/lus/{name}/rollback` | make the origin equal to its snapshot (writes held meanwhile), then delete the snapshot; the resync follows |
 //! | `DELETE /v1/lus/{name}/move` | cancel the move; the data stays where it was |
 //! | `GET /v1/lus/{name}/move` | the move's progress, or how the last one ended |
 //! | `GET /v1/backends` | backends, their health and journals |
@@ -433,6 +434,43 @@ async fn delete(
     .await
 }
 
+/// `POST /v1/lus/{name}/rollback`: make the origin equal to its snapshot, with clients'
+/// writes held at the virtual LU's gate meanwhile; the snapshot is then deleted and the
+/// resync makes the legs equal again.
+async fn rollback(
+    State(a): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (mgr, vlu) = lookup(&a, &name)?;
+    let ctl = a.resync.clone();
+    let exports = a.exports.clone();
+    blocking(move || {
+        let export = exports.export(&name).cloned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        if let Some(e) = &export {
+            if !e.gate.close(deadline) {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("{name}: writes in flight did not complete within 30 s"),
+                ));
+            }
+        }
+        let r = mgr.rollback(vlu);
+        if let Some(e) = &export {
+            e.gate.open();
+        }
+        let blocks = r?;
+        ctl.wake();
+        tracing::info!(vlu = %name, blocks, "rolled back to the snapshot; resync started");
+        Ok(Json(json!({
+            "name": name,
+            "mode": mgr.mode(vlu).to_string(),
+            "rolled_back_lbas": blocks,
+        })))
+    })
+    .await
+}
+
 async fn resync(State(a): State<Shared>) -> Json<serde_json::Value> {
     Json(json!({
         "paused": a.resync.paused(),
@@ -635,6 +673,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/lus/{name}/extents", get(extents))
         .route("/v1/lus/{name}/snapshot", post(acquire).delete(delete))
         .route("/v1/lus/{name}/verify", post(verify))
+        .route("/v1/lus/{name}/rollback", post(rollback))
         .route(
             "/v1/lus/{name}/move",
             post(move_start).delete(move_cancel).get(move_status),

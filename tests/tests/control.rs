@@ -156,3 +156,29 @@ fn tables_survive_sigkill_and_sigterm_exits_clean() {
     assert_eq!(done["resync"]["done"], true, "{done}");
     assert_eq!(a.mode("db"), "Synchronized");
 }
+
+/// `hvmctl snapshot rollback` over real clients on each array kind of the quickstart:
+/// writes after the acquire are undone, the snapshot is deleted and the pair ends
+/// Synchronized; outside Snapshot mode it is refused.
+#[test]
+fn snapshot_rollback_undoes_the_writes_since_the_acquire() {
+    let state = tempfile::tempdir().unwrap();
+    let a = Agent::start(state.path());
+    for vlu in ["db", "logs", "files"] {
+        a.qemu_io(vlu, &["write -P 0x11 0 1M"]);
+        let e = a.refused(&["snapshot", "rollback", vlu]);
+        assert!(e.contains("expected Snapshot"), "{vlu}: {e}");
+        a.json(&["snapshot", "acquire", vlu]);
+        a.qemu_io(
+            vlu,
+            &["write -P 0x22 65536 131072", "write -P 0x33 900k 4k"],
+        );
+        let out = a.json(&["snapshot", "rollback", vlu, "--wait"]);
+        assert!(
+            out["rolled_back_lbas"].as_u64().unwrap() >= 264,
+            "{vlu}: {out}"
+        );
+        assert_eq!(a.mode(vlu), "Synchronized", "{vlu}");
+        a.qemu_io(vlu, &["read -P 0x11 0 1M"]);
+    }
+}

@@ -262,6 +262,15 @@ enum LuCmd {
 enum SnapCmd {
     /// Freeze the snapshot LU at this instant ([0027], [0060]).
     Acquire { vlu: String },
+    /// Roll the origin back to its snapshot (an undo without a backup): writes since the
+    /// acquire are undone, clients' writes wait meanwhile, then the snapshot is deleted
+    /// and the legs resynchronise. Stop the database first.
+    Rollback {
+        vlu: String,
+        /// Wait for the resync after it, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete the snapshot; the legs resynchronise ([0031], [0061]).
     Delete {
         vlu: String,
@@ -763,6 +772,9 @@ fn main() -> ExitCode {
         Cmd::Snapshot {
             command: SnapCmd::Delete { vlu, .. },
         } => ("DELETE", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
+        Cmd::Snapshot {
+            command: SnapCmd::Rollback { vlu, .. },
+        } => ("POST", format!("/v1/lus/{}/rollback", enc(vlu)), None),
         Cmd::Extents { vlu } => ("GET", format!("/v1/lus/{}/extents", enc(vlu)), None),
         Cmd::Verify { vlu, rate, repair } => {
             let rate = match rate.as_deref().map(parse_rate) {
@@ -854,7 +866,7 @@ fn main() -> ExitCode {
         }
     }
     if let Cmd::Snapshot {
-        command: SnapCmd::Delete { vlu, wait: true },
+        command: SnapCmd::Delete { vlu, wait: true } | SnapCmd::Rollback { vlu, wait: true },
     } = &cli.command
     {
         match wait_resync(&sock, vlu, cli.json) {
