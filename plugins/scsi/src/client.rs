@@ -94,7 +94,9 @@ impl<T: Transport> ArrayClient<T> {
         Self::checked(lun, &cmd, r).map(drop)
     }
 
-    fn checked(
+    /// The result of `cmd` on `lun` as the client reports it: data-in, or CHECK CONDITION
+    /// and transport failures as typed errors.
+    pub fn checked(
         lun: u8,
         cmd: &Command,
         r: Result<Response, TransportError>,

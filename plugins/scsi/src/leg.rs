@@ -7,8 +7,9 @@ use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorK
 use hvm_core::{Extent, LuId};
 use hvm_legs::{Leg, Mirrored};
 
-use crate::client::{ArrayClient, BLOCK_SIZE};
-use crate::transport::Transport;
+use crate::cdb::Command;
+use crate::client::{ArrayClient, BLOCK_SIZE, MAX_TRANSFER_BLOCKS};
+use crate::transport::{Submission, Transport};
 
 /// One LUN reached through a (possibly shared) transport.
 pub struct ScsiLeg {
@@ -77,6 +78,46 @@ impl Leg for ScsiLeg {
     fn flush(&self) -> Result<(), BackendError> {
         self.client.flush(self.lu)
     }
+    /// Legs on one session (LUNs of one target) write both at once from this thread.
+    fn write_both(
+        &self,
+        other: &Self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Option<Result<(), BackendError>> {
+        let (t, o) = (self.client.transport(), other.client.transport());
+        let blocks = u32::try_from(data.len() / BLOCK_SIZE as usize).ok()?;
+        if !std::ptr::addr_eq(Arc::as_ptr(t), Arc::as_ptr(o)) || blocks > MAX_TRANSFER_BLOCKS {
+            return None;
+        }
+        let lba = match lba(offset) {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        let cmd = Command::Write16 { lba, blocks, fua };
+        let cdb = cmd.encode();
+        let legs = [self, other];
+        let subs = legs.map(|l| Submission {
+            lun: l.lun(),
+            cdb: &cdb,
+            data_out: data,
+        });
+        let results = t.execute_two(subs[0], subs[1])?;
+        let mut outcome = Ok(());
+        for (leg, r) in legs.into_iter().zip(results) {
+            // A UNIT ATTENTION is answered again on its own, as the client does.
+            let r = match r {
+                Ok(resp) if resp.sense.is_some_and(crate::Sense::retryable) => {
+                    leg.write(offset, data, fua)
+                }
+                r => ArrayClient::<Arc<dyn Transport>>::checked(leg.lun(), &cmd, r).map(drop),
+            };
+            outcome = outcome.and(r);
+        }
+        Some(outcome)
+    }
+
     fn write_zeroes(
         &self,
         offset: u64,
@@ -90,11 +131,14 @@ impl Leg for ScsiLeg {
 }
 
 impl ScsiLeg {
+    fn lun(&self) -> u8 {
+        self.lu.0 as u8
+    }
+
     /// TEST UNIT READY: does the target answer now?
     pub fn check(&self) -> Result<(), BackendError> {
-        let lun = self.lu.0 as u8;
         self.client
-            .command(lun, crate::cdb::Command::TestUnitReady, &[])
+            .command(self.lun(), Command::TestUnitReady, &[])
             .map(drop)
             .map_err(|e| BackendError::new(e.kind, format!("{}: {}", self.name, e.message)))
     }

@@ -53,6 +53,17 @@ pub enum TransportError {
     Unreachable(String),
 }
 
+/// One command of [`Transport::execute_two`]: LUN, CDB and data-out (no data-in).
+#[derive(Clone, Copy, Debug)]
+pub struct Submission<'a> {
+    pub lun: u8,
+    pub cdb: &'a [u8],
+    pub data_out: &'a [u8],
+}
+
+/// The results of two commands run at once.
+pub type TwoResults = [Result<Response, TransportError>; 2];
+
 /// Runs one SCSI command on an array.
 pub trait Transport: Send + Sync {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
@@ -81,6 +92,14 @@ pub trait Transport: Send + Sync {
         }
         Ok(r)
     }
+
+    /// Run two commands without data-in at once (the two writes of a mirrored pair) when
+    /// the transport can have both in flight from one thread; `None` when it cannot, and
+    /// the caller runs them some other way.
+    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
+        let _ = (a, b);
+        None
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -96,6 +115,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     ) -> Result<Response, TransportError> {
         (**self).execute_into(lun, cdb, data_out, data_in)
     }
+    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
+        (**self).execute_two(a, b)
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -110,5 +132,8 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
         (**self).execute_into(lun, cdb, data_out, data_in)
+    }
+    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
+        (**self).execute_two(a, b)
     }
 }

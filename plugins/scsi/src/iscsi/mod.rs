@@ -29,7 +29,7 @@ use crate::cdb::Command;
 use crate::client::BLOCK_SIZE;
 use crate::reconnect::backoff;
 use crate::sense::{Sense, SenseKey, CHECK_CONDITION};
-use crate::transport::{Response, Transport, TransportError};
+use crate::transport::{Response, Submission, Transport, TransportError, TwoResults};
 
 /// The default iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -132,7 +132,8 @@ impl Default for IscsiOptions {
 }
 
 /// The answer to a job: the response (without data) and the bytes of data-in received.
-type Reply = mpsc::Sender<Result<(Response, usize), TransportError>>;
+type Answer = Result<(Response, usize), TransportError>;
+type Reply = mpsc::Sender<Answer>;
 
 /// The caller's buffers of a command. libiscsi reads and fills them in place, so a
 /// command costs no copy. They stay valid while the job is out: the caller waits for its
@@ -210,15 +211,15 @@ impl IscsiTransport {
         Ok(t)
     }
 
-    /// Run one command with `data_out` and up to `data_in.len()` bytes of data-in; the
-    /// bytes of data-in received come back beside the response.
-    fn submit(
+    /// A job for one command with `data_out` and up to `data_in.len()` bytes of data-in,
+    /// and where its answer comes. The buffers must stay until the answer is received.
+    fn job(
         &self,
         lun: u8,
         cdb: &[u8],
         data_out: &[u8],
         data_in: &mut [u8],
-    ) -> Result<(Response, usize), TransportError> {
+    ) -> (Job, mpsc::Receiver<Answer>) {
         let (tx, rx) = mpsc::channel();
         let job = Job {
             lun,
@@ -232,19 +233,42 @@ impl IscsiTransport {
             deadline: Instant::now() + self.timeout,
             reply: tx,
         };
+        (job, rx)
+    }
+
+    /// Queue `jobs` for the event thread.
+    fn queue(&self, jobs: impl IntoIterator<Item = Job>) {
         let was_empty = {
             let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.push_back(job);
-            q.len() == 1
+            let before = q.len();
+            q.extend(jobs);
+            before == 0
         };
         // The event thread takes the whole queue once woken: only the first job of a
         // batch needs to wake it.
         if was_empty {
             let _ = (&self.wake).write(&[1]);
         }
-        // The event thread answers every job by its deadline (it checks them every 50 ms),
-        // and only once libiscsi no longer uses the buffers: so no timeout here.
+    }
+
+    /// The answer to a queued job. The event thread answers every job by its deadline (it
+    /// checks them every 50 ms), and only once libiscsi no longer uses the buffers: so no
+    /// timeout here.
+    fn answer(rx: &mpsc::Receiver<Answer>) -> Answer {
         rx.recv().unwrap_or(Err(TransportError::Disconnected))
+    }
+
+    /// Run one command; the bytes of data-in received come back beside the response.
+    fn submit(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<(Response, usize), TransportError> {
+        let (job, rx) = self.job(lun, cdb, data_out, data_in);
+        self.queue([job]);
+        Self::answer(&rx)
     }
 }
 
@@ -287,6 +311,14 @@ impl Transport for IscsiTransport {
             )));
         }
         Ok(r)
+    }
+
+    /// Both commands go to the event thread together and are in flight at once.
+    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
+        let (ja, ra) = self.job(a.lun, a.cdb, a.data_out, &mut []);
+        let (jb, rb) = self.job(b.lun, b.cdb, b.data_out, &mut []);
+        self.queue([ja, jb]);
+        Some([&ra, &rb].map(|rx| Self::answer(rx).map(|(r, _)| r)))
     }
 }
 
