@@ -6,7 +6,10 @@
 //! through QEMU's own NBD client (fio -> qemu-nbd -> nbdkit).
 //!
 //! Run: `cargo bench -p hvm-tests --bench nbd_legs` (needs fio, nbdkit, qemu-nbd).
-//! `HVM_BENCH_SECONDS` sets the time per workload (default 5).
+//! `HVM_BENCH_SECONDS` sets the time per run (default 5), `HVM_BENCH_ROUNDS` how many
+//! runs of each workload on each target (default 3; the targets take turns, and the
+//! table shows each target's median), so that load from other programs on the machine
+//! falls on every target alike.
 #![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap is a failed run
 
 use std::path::{Path, PathBuf};
@@ -48,6 +51,11 @@ fn nbdkit_file(dir: &Path, name: &str) -> (Running, PathBuf) {
     );
     wait_for(&sock);
     (kit, sock)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn wait_for(sock: &Path) {
@@ -96,6 +104,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
+    let rounds: usize = std::env::var("HVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     hvm_tests::build_artifacts();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
@@ -120,7 +133,7 @@ fn main() {
     fio_fill(&db2, SIZE);
     agent.json(&["snapshot", "acquire", "db2"]);
     println!(
-        "NBD legs: nbdkit file exports over Unix sockets, {} MiB, {secs} s per workload, fio nbd engine",
+        "NBD legs: nbdkit file exports over Unix sockets, {} MiB, fio nbd engine, median of {rounds} runs of {secs} s",
         SIZE >> 20
     );
     println!(
@@ -129,8 +142,15 @@ fn main() {
     );
     let mut missed = Vec::new();
     for (name, rw, bs, qd) in WORKLOADS {
-        let [k, sync, snap, q] =
-            [&kit, &db, &db2, &proxy].map(|t| fio_nbd(t, rw, bs, qd, SIZE, secs));
+        let targets = [&kit, &db, &db2, &proxy];
+        let mut runs: [Vec<f64>; 4] = Default::default();
+        for round in 0..rounds {
+            for i in 0..targets.len() {
+                let t = (i + round) % targets.len();
+                runs[t].push(fio_nbd(targets[t], rw, bs, qd, SIZE, secs));
+            }
+        }
+        let [k, sync, snap, q] = runs.map(median);
         let (rs, rn) = (sync / k, snap / k);
         println!(
             "{name:<36} {k:>10.0} {sync:>10.0} {rs:>5.2}x {snap:>10.0} {rn:>5.2}x {q:>10.0} {:>5.2}x",
