@@ -3,7 +3,10 @@
 //! are written; in Snapshot mode the virtual LU writes the origin image only) and against
 //! `qemu-nbd` serving the origin image with QEMU's own rbd driver, the peer a Ceph user
 //! would pick. Both sides run librbd without its cache (the plugin's default,
-//! `--cache=none` for QEMU). One run; ratios to qemu-nbd.
+//! `--cache=none` for QEMU). Both servers stay up, and each hvm run comes right after a
+//! peer run of the same workload, so load from other work on the machine hits both alike;
+//! an image's exclusive lock moves between the two librbd clients when the writer
+//! changes, as librbd does for cooperating clients. One run; ratios to the peer run beside.
 //!
 //! Run: `cargo bench -p hvm-tests --bench rbd_legs` (needs ceph-mon, ceph-osd,
 //! ceph-common, fio, qemu-utils, and QEMU's rbd driver: Debian's qemu-block-extra of the
@@ -30,10 +33,14 @@ const WORKLOADS: [(&str, &str, &str, u32); 4] = [
     ("1 MiB sequential write, QD16 (MB/s)", "write", "1m", 16),
 ];
 
-fn run_all(uri: &str, secs: f64) -> Vec<f64> {
+/// For each workload: a peer run, then a run on `uri`; (peer, hvm) per workload.
+fn paired(peer: &str, uri: &str, secs: f64) -> Vec<(f64, f64)> {
     WORKLOADS
         .iter()
-        .map(|(_, rw, bs, qd)| fio_nbd(uri, rw, bs, *qd, SIZE, secs))
+        .map(|(_, rw, bs, qd)| {
+            let p = fio_nbd(peer, rw, bs, *qd, SIZE, secs);
+            (p, fio_nbd(uri, rw, bs, *qd, SIZE, secs))
+        })
         .collect()
 }
 
@@ -69,14 +76,13 @@ fn wait_for(sock: &Path) {
     panic!("{} did not appear", sock.display());
 }
 
-/// qemu-nbd with QEMU's rbd driver on `rbd/bench-a`: filled once, then the workloads.
-fn peer_run(ceph: &Ceph, d: &Path, secs: f64) -> Vec<f64> {
-    let sock = d.join("qemu.sock");
+/// qemu-nbd with QEMU's rbd driver on `rbd/bench-a`, export `peer` on `sock`.
+fn start_peer(ceph: &Ceph, sock: &Path) -> Running {
     let mut qemu = Running(
         tool("qemu-nbd")
             .args(["-f", "raw", "--persistent", "--shared=16", "--cache=none"])
             .args(["-x", "peer", "-k"])
-            .arg(&sock)
+            .arg(sock)
             .arg(format!(
                 "rbd:rbd/bench-a:conf={}:id=admin",
                 ceph.conf().display()
@@ -85,19 +91,12 @@ fn peer_run(ceph: &Ceph, d: &Path, secs: f64) -> Vec<f64> {
             .spawn()
             .expect("start qemu-nbd"),
     );
-    wait_for(&sock);
+    wait_for(sock);
     std::thread::sleep(Duration::from_millis(300));
     if let Some(status) = qemu.0.try_wait().unwrap() {
         panic!("qemu-nbd exited ({status}): is qemu-block-extra (QEMU's rbd driver) installed?");
     }
-    let uri = format!("nbd+unix:///peer?socket={}", sock.display());
-    fio_fill(&uri, SIZE);
-    let results = run_all(&uri, secs);
-    let pid = nix::unistd::Pid::from_raw(qemu.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = qemu.0.wait().unwrap();
-    assert!(status.success(), "qemu-nbd on SIGTERM: {status}");
-    results
+    qemu
 }
 
 fn main() {
@@ -115,34 +114,30 @@ fn main() {
     ceph.create_image("rbd/bench-a", SIZE);
     ceph.create_image("rbd/bench-b", SIZE);
 
-    // The peer first, on the origin image; stopped with SIGTERM so that QEMU closes the
-    // image and releases its exclusive lock (a killed client holds it until its watch
-    // times out, and the next writer waits for that).
-    let peer = peer_run(&ceph, d, secs);
-
+    let sock = d.join("qemu.sock");
+    let _qemu = start_peer(&ceph, &sock);
+    let peer = format!("nbd+unix:///peer?socket={}", sock.display());
     let agent = Agent::start_config(&agent_config(&ceph, d), &d.join("state"));
     let db = agent.uri("db");
     fio_fill(&db, SIZE); // both images written once: no timed run pays for allocation
-    let sync = run_all(&db, secs);
+    let sync = paired(&peer, &db, secs);
     agent.json(&["snapshot", "acquire", "db"]);
-    let snap = run_all(&db, secs);
+    let snap = paired(&peer, &db, secs);
 
     println!(
         "\nRBD legs on a memstore OSD, {} MiB images, {secs} s per workload, one run",
         SIZE >> 20
     );
     println!(
-        "{:<38} {:>12} {:>12} {:>12} {:>9} {:>9}",
-        "workload", "qemu-nbd rbd", "hvm Snapshot", "hvm Sync", "Snap/peer", "Sync/peer"
+        "{:<36} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}",
+        "workload", "peer", "hvm Sync", "ratio", "peer", "hvm Snap", "ratio"
     );
     for (i, (name, ..)) in WORKLOADS.iter().enumerate() {
+        let ((p1, y), (p2, n)) = (sync[i], snap[i]);
         println!(
-            "{name:<38} {:>12.0} {:>12.0} {:>12.0} {:>8.2}x {:>8.2}x",
-            peer[i],
-            snap[i],
-            sync[i],
-            snap[i] / peer[i],
-            sync[i] / peer[i]
+            "{name:<36} {p1:>9.0} {y:>9.0} {:>5.2}x {p2:>9.0} {n:>9.0} {:>5.2}x",
+            y / p1,
+            n / p2
         );
     }
     println!("targets: Snapshot >= 1.0x, Synchronized >= 0.5x the peer");
