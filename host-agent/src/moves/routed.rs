@@ -10,6 +10,7 @@ use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorKind};
 use hvm_core::range_lock::RangeLock;
 use hvm_core::{Extent, LuId, SECTOR_SIZE};
+use hvm_legs::Companion;
 use serde::{Deserialize, Serialize};
 
 /// An opened backend, shared by every view that routes to it.
@@ -78,16 +79,22 @@ impl Mirror {
         }
     }
 
-    /// Run `op` on `from`, then (while not broken) on `to`; the result is `from`'s.
-    fn both(&self, op: impl Fn(&Target) -> Result<(), BackendError>) -> Result<(), BackendError> {
-        op(&self.from)?;
-        if self.broken().is_none() {
-            if let Err(e) = op(&self.to) {
-                tracing::warn!(to = %self.to.place, error = %e, "move: writing the new place failed; the move is abandoned");
-                self.break_with(&e);
-            }
+    /// Run `op` on `from` and (while not broken) on `to` at once, `to`'s on a companion
+    /// thread; the result is `from`'s, which holds the data until the switch.
+    fn both(
+        &self,
+        companion: &Companion,
+        op: impl Fn(&Target) -> Result<(), BackendError> + Sync,
+    ) -> Result<(), BackendError> {
+        if self.broken().is_some() {
+            return op(&self.from);
         }
-        Ok(())
+        let (from, to) = companion.join(|| op(&self.from), || op(&self.to));
+        if let Err(e) = to {
+            tracing::warn!(to = %self.to.place, error = %e, "move: writing the new place failed; the move is abandoned");
+            self.break_with(&e);
+        }
+        from
     }
 }
 
@@ -101,6 +108,8 @@ enum Route {
 pub struct Routed {
     home: Target,
     routes: RwLock<HashMap<u32, Route>>,
+    /// Runs the new place's half of a mirrored write beside the old place's.
+    companion: Companion,
 }
 
 impl Routed {
@@ -114,6 +123,7 @@ impl Routed {
                 backend,
             },
             routes: RwLock::new(HashMap::new()),
+            companion: Companion::new(64),
         }
     }
 
@@ -173,13 +183,13 @@ impl Routed {
         &self,
         lu: LuId,
         range: Option<Extent>,
-        op: impl Fn(&Target) -> Result<(), BackendError>,
+        op: impl Fn(&Target) -> Result<(), BackendError> + Sync,
     ) -> Result<(), BackendError> {
         match self.route(lu) {
             Route::At(t) => op(&t),
             Route::Moving(m) => {
                 let _held = range.map(|r| m.locks.lock(r));
-                m.both(op)
+                m.both(&self.companion, op)
             }
         }
     }
