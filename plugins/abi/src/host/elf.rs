@@ -429,6 +429,9 @@ mod tests {
             b[p + 32..p + 40].copy_from_slice(&16u64.to_le_bytes());
             b[p + 40..p + 48].copy_from_slice(&16u64.to_le_bytes());
         }
+        // The DYNAMIC segment is the last 16 bytes: one DT_NULL entry, not the header.
+        let dynamic = 64 + 56 + 8;
+        b[dynamic..dynamic + 8].copy_from_slice(&(64u64 + 2 * 56).to_le_bytes());
         b
     }
 
