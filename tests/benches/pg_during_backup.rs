@@ -1,0 +1,119 @@
+//! PostgreSQL during a backup, against the peer a DBA would use (issue 20): pgbench's TPS
+//! idle, during back-to-back `hvmctl backup run`s of the cluster's virtual LU (freeze,
+//! snapshot, copy by the backup host, delete, resync), and during back-to-back
+//! `pg_basebackup`s of the same cluster (plain format, WAL streamed, fast checkpoint,
+//! written to the same filesystem as hvm's backups), in one run, with idle measured again
+//! at the end. `hvmctl backup run` has no copy rate limit (its options: --via, --db-nbd,
+//! --deadline-ms, --wait-resync), so there is no rate-limited row.
+//!
+//! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
+//! `HVM_BENCH_ROUNDS` sets the pgbench rounds per phase (default 3, 5 s each).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hvm_tests::pg::{Bench, Cluster, Deployment};
+
+const LU: u64 = 512 << 20;
+const SCALE: u32 = 5;
+const CLIENTS: u32 = 4;
+const ROUND_SECS: u32 = 5;
+
+/// TPS of `rounds` pgbench rounds back to back, while `work` runs again and again (each
+/// call gets its run number) until they are done; returns the TPS and the runs done.
+fn during(c: &Cluster, rounds: usize, work: impl Fn(usize) + Sync) -> (f64, usize) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                work(n);
+                n += 1;
+            }
+            n
+        });
+        let tps = idle(c, rounds);
+        stop.store(true, Ordering::SeqCst);
+        (tps, runner.join().expect("backup loop"))
+    })
+}
+
+/// Mean TPS of `rounds` pgbench rounds.
+fn idle(c: &Cluster, rounds: usize) -> f64 {
+    let tps: Vec<f64> = (0..rounds)
+        .map(|_| Bench::start(c, CLIENTS, ROUND_SECS).finish().1)
+        .collect();
+    tps.iter().sum::<f64>() / tps.len().max(1) as f64
+}
+
+/// One `pg_basebackup` of `c` into `to`, checked to have succeeded.
+fn basebackup(c: &Cluster, to: &Path) {
+    let out = std::process::Command::new(c.bin.join("pg_basebackup"))
+        .arg("-h")
+        .arg(&c.sock)
+        .args(["-p", &c.port.to_string(), "-U", "postgres"])
+        .args(["-F", "p", "-X", "stream", "-c", "fast", "-D"])
+        .arg(to)
+        .output()
+        .expect("run pg_basebackup");
+    assert!(
+        out.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rounds: usize = std::env::var("HVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Deployment::start(dir.path(), LU, SCALE, 20_000);
+
+    let idle_before = idle(&d.cluster, rounds);
+    let (hvm, hvm_runs) = during(&d.cluster, rounds, |i| {
+        let target = format!("hvm-{i}");
+        let (o, v) = d.hosts.run(&["pg"], &target, &["--wait-resync"]);
+        assert!(
+            o.status.success(),
+            "backup run {i}: {}\n{v}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let _ = std::fs::remove_dir_all(d.hosts.target_root.join(&target));
+    });
+    let base_root = d.hosts.target_root.join("basebackup");
+    let (pgb, pgb_runs) = during(&d.cluster, rounds, |i| {
+        let to = base_root.join(format!("pg-{i}"));
+        basebackup(&d.cluster, &to);
+        let _ = std::fs::remove_dir_all(&to);
+    });
+    let idle_after = idle(&d.cluster, rounds);
+    let base = (idle_before + idle_after) / 2.0;
+
+    println!(
+        "PostgreSQL during a backup: pgbench scale {SCALE}, {CLIENTS} clients, {rounds} rounds \
+         of {ROUND_SECS} s per phase, LU {} MiB on array-sim",
+        LU >> 20
+    );
+    println!("idle TPS: {idle_before:.0} before, {idle_after:.0} after; mean {base:.0}");
+    println!(
+        "{:<44} {:>8} {:>8} {:>9}",
+        "during", "TPS", "vs idle", "backups"
+    );
+    for (name, tps, runs) in [
+        ("hvmctl backup run --wait-resync", hvm, hvm_runs),
+        ("pg_basebackup -X stream -c fast", pgb, pgb_runs),
+    ] {
+        println!("{name:<44} {tps:>8.0} {:>7.2}x {runs:>9}", tps / base);
+    }
+    println!(
+        "hvm / pg_basebackup: {:.2}x (target >= 1: {}); no rate-limited row: hvmctl backup run \
+         has no copy rate option",
+        hvm / pgb,
+        if hvm >= pgb { "met" } else { "MISSED" }
+    );
+}
