@@ -74,6 +74,16 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 /// any client, and the connection must end once the client has sent everything and
 /// read every reply.
 pub fn nbd_handshake(data: &[u8]) {
+    // The client may still be sending when the server hangs up (it may, on a bad
+    // request): that is EPIPE for the sender, not a signal that ends the fuzzer (a
+    // libFuzzer binary has no Rust main to ignore SIGPIPE, as host-agent has).
+    static IGNORE_SIGPIPE: OnceLock<()> = OnceLock::new();
+    IGNORE_SIGPIPE.get_or_init(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN has no handler to be unsafe.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    });
     let Ok((client, server)) = std::os::unix::net::UnixStream::pair() else {
         return;
     };
