@@ -12,8 +12,8 @@ use hvm_core::backend::{Backend, BackendError, BackendErrorKind};
 use hvm_core::{Extent, LuId, MirrorDefinition};
 
 use crate::{
-    backup_bits, BackendBox, BackendObj, BackendObj_TO, BackupObj, BackupObj_TO, Capabilities,
-    Description, ErrorKind, LuInfo, MirrorRow, Opened, PluginError,
+    backup_bits, v1, BackendBox, BackendObj, BackendObj_TO, BackupBox, BackupObj, BackupObj_TO,
+    Capabilities, Description, ErrorKind, LuInfo, MirrorRow, Opened, PluginError,
 };
 
 /// Run `f`, turning a panic into an error. Unwinding must not cross the plugin boundary.
@@ -184,9 +184,46 @@ impl<B: Backend> BackendObj for Adapter<B> {
     }
 }
 
+/// The same backend as interface 0.1.0's seven-method object, for hosts of 0.1.0 and
+/// 0.1.1: each method is today's.
+impl<B: Backend> v1::BackendObj for Adapter<B> {
+    fn describe(&self) -> RResult<Description, PluginError> {
+        BackendObj::describe(self)
+    }
+    fn read(&self, lu: u32, lba: u64, buf: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
+        BackendObj::read(self, lu, lba, buf)
+    }
+    fn write(
+        &self,
+        lu: u32,
+        lba: u64,
+        data: RSlice<'_, u8>,
+        fua: bool,
+    ) -> RResult<(), PluginError> {
+        BackendObj::write(self, lu, lba, data, fua)
+    }
+    fn flush(&self, lu: u32) -> RResult<(), PluginError> {
+        BackendObj::flush(self, lu)
+    }
+    fn mode_sense(&self, lu: u32) -> RResult<RVec<u8>, PluginError> {
+        BackendObj::mode_sense(self, lu)
+    }
+    fn mode_select(&self, lu: u32, page: RSlice<'_, u8>) -> RResult<(), PluginError> {
+        BackendObj::mode_select(self, lu, page)
+    }
+    fn copy(&self, src: u32, dst: u32, first: u64, last: u64) -> RResult<(), PluginError> {
+        BackendObj::copy(self, src, dst, first, last)
+    }
+}
+
 /// Box a backend for the host.
 pub fn boxed<B: Backend + 'static>(backend: B) -> BackendBox {
     BackendObj_TO::from_value(Adapter(backend), TD_Opaque)
+}
+
+/// Box a backend for a host of interface 0.1.0.
+pub fn boxed_v1<B: Backend + 'static>(backend: B) -> v1::BackendBox {
+    v1::BackendObj_TO::from_value(Adapter(backend), TD_Opaque)
 }
 
 /// A `Backend`'s array-side backup functions as a plugin object.
@@ -243,22 +280,33 @@ pub fn bits_to_core(bits: u64) -> BackupCapabilities {
 }
 
 /// A backend and its backup functions, sharing the one backend, for
-/// [`PluginMod::open_with_backup`](crate::PluginMod).
+/// [`PluginMod::open_current`](crate::PluginMod).
 pub fn opened<B: Backend + 'static>(backend: B) -> Opened {
     let backend = Arc::new(backend);
     Opened {
-        backup: RSome(BackupObj_TO::from_value(
-            BackupAdapter(Arc::clone(&backend)),
-            TD_Opaque,
-        )),
+        backup: RSome(backup_box(&backend)),
         backend: boxed(backend),
     }
 }
 
+/// The same for a host of interface 0.1.1 ([`PluginMod::open_with_backup`](crate::PluginMod)).
+pub fn opened_v1<B: Backend + 'static>(backend: B) -> v1::Opened {
+    let backend = Arc::new(backend);
+    v1::Opened {
+        backup: RSome(backup_box(&backend)),
+        backend: boxed_v1(backend),
+    }
+}
+
+fn backup_box<B: Backend + 'static>(backend: &Arc<B>) -> BackupBox {
+    BackupObj_TO::from_value(BackupAdapter(Arc::clone(backend)), TD_Opaque)
+}
+
 /// Define a plugin's root module. `open` is a `fn(&str) -> Result<B, PluginError>`, `B`
 /// an `hvm_core::Backend`, taking the plugin's YAML parameters; it runs under [`guard`].
-/// The module exports it twice: as `open` for hosts of interface 0.1.0 and as
-/// `open_with_backup`, which also hands over the backend's array-side backup functions.
+/// The module exports it three times: as `open` for hosts of interface 0.1.0, as
+/// `open_with_backup` (with the array-side backup functions) for 0.1.1, both with the
+/// seven-method backend object, and as `open_current` with today's backend object.
 ///
 /// ```ignore
 /// hvm_plugin_abi::export_plugin! {
@@ -285,10 +333,15 @@ macro_rules! export_plugin {
         }
         extern "C" fn __hvm_plugin_open(
             params: ::abi_stable::std_types::RStr<'_>,
-        ) -> ::abi_stable::std_types::RResult<$crate::BackendBox, $crate::PluginError> {
-            $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::boxed))
+        ) -> ::abi_stable::std_types::RResult<$crate::v1::BackendBox, $crate::PluginError> {
+            $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::boxed_v1))
         }
         extern "C" fn __hvm_plugin_open_with_backup(
+            params: ::abi_stable::std_types::RStr<'_>,
+        ) -> ::abi_stable::std_types::RResult<$crate::v1::Opened, $crate::PluginError> {
+            $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::opened_v1))
+        }
+        extern "C" fn __hvm_plugin_open_current(
             params: ::abi_stable::std_types::RStr<'_>,
         ) -> ::abi_stable::std_types::RResult<$crate::Opened, $crate::PluginError> {
             $crate::driver::guard(|| $open(params.as_str()).map($crate::driver::opened))
@@ -303,6 +356,7 @@ macro_rules! export_plugin {
                 thread_model: __hvm_plugin_thread_model,
                 open: __hvm_plugin_open,
                 open_with_backup: __hvm_plugin_open_with_backup,
+                open_current: __hvm_plugin_open_current,
             }
             .leak_into_prefix()
         }

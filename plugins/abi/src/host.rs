@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use abi_stable::library::{
     lib_header_from_raw_library, LibHeader, LibraryError, RawLibrary, RootModule,
 };
+use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RNone, RResult, RSlice, RSliceMut, RStr};
 use hvm_core::array_backup::{BackupCapabilities, BackupOp, BackupReply};
 use hvm_core::backend::{
@@ -24,8 +25,8 @@ use nix::libc;
 
 use crate::driver::bits_to_core;
 use crate::{
-    v1, BackendBox, BackupBox, Capabilities, ErrorKind, Opened, PluginError, PluginModRef,
-    ThreadModel,
+    v1, v2, BackendBox, BackendObj, BackendObj_TO, BackupBox, Capabilities, ErrorKind, Opened,
+    PluginError, PluginModRef, ThreadModel,
 };
 
 /// Why a plugin could not be used; every variant names the file.
@@ -50,6 +51,7 @@ pub enum LoadError {
 #[derive(Clone, Copy)]
 enum Module {
     Current(PluginModRef),
+    V2(v2::PluginModRef),
     V1(v1::PluginModRef),
 }
 
@@ -211,12 +213,18 @@ impl Plugin {
         let header = map(file, &meta).map_err(lib)?;
         let module = match header.init_root_module::<PluginModRef>() {
             Ok(m) => Module::Current(m),
-            // Built against interface 0.1.0, whose root module has fewer fields: check it
-            // against that layout instead.
-            Err(LibraryError::AbiInstability(_))
-                if header.version_strings().version.as_str() == v1::VERSION =>
-            {
-                Module::V1(header.init_root_module::<v1::PluginModRef>().map_err(lib)?)
+            // Built against an older interface, whose root module has fewer fields: check
+            // it against that layout instead.
+            Err(e @ LibraryError::AbiInstability(_)) => {
+                match header.version_strings().version.as_str() {
+                    v if v == v2::VERSION => {
+                        Module::V2(header.init_root_module::<v2::PluginModRef>().map_err(lib)?)
+                    }
+                    v if v == v1::VERSION => {
+                        Module::V1(header.init_root_module::<v1::PluginModRef>().map_err(lib)?)
+                    }
+                    _ => return Err(lib(e)),
+                }
             }
             Err(e) => return Err(lib(e)),
         };
@@ -227,6 +235,13 @@ impl Plugin {
                 m.capabilities(),
                 m.thread_model(),
                 PluginModRef::VERSION_STRINGS.version.as_str(),
+            ),
+            Module::V2(m) => (
+                m.name(),
+                m.version(),
+                m.capabilities(),
+                m.thread_model(),
+                v2::VERSION,
             ),
             Module::V1(m) => (
                 m.name(),
@@ -256,17 +271,12 @@ impl Plugin {
     pub fn open(&self, params: &str) -> Result<PluginBackend, LoadError> {
         let params = RStr::from_str(params);
         let opened = match self.module {
-            Module::Current(m) => match m.open_with_backup() {
+            Module::Current(m) => match m.open_current() {
                 Some(open) => open(params),
-                None => m.open()(params).map(|backend| Opened {
-                    backend,
-                    backup: RNone,
-                }),
+                None => upgrade_opened(m.open_with_backup(), m.open(), params),
             },
-            Module::V1(m) => m.open()(params).map(|backend| Opened {
-                backend,
-                backup: RNone,
-            }),
+            Module::V2(m) => upgrade_opened(m.open_with_backup(), m.open(), params),
+            Module::V1(m) => upgrade_opened(None, m.open(), params),
         };
         match opened {
             RResult::ROk(o) => Ok(PluginBackend {
@@ -281,6 +291,64 @@ impl Plugin {
                 error,
             }),
         }
+    }
+}
+
+type OpenV1 = extern "C" fn(RStr<'_>) -> RResult<v1::BackendBox, PluginError>;
+type OpenWithBackupV1 = extern "C" fn(RStr<'_>) -> RResult<v1::Opened, PluginError>;
+
+/// Open a plugin of interface 0.1.0 or 0.1.1 (with its backup functions when it has
+/// them), its backend object wrapped as today's.
+fn upgrade_opened(
+    with_backup: Option<OpenWithBackupV1>,
+    open: OpenV1,
+    params: RStr<'_>,
+) -> RResult<Opened, PluginError> {
+    let opened = match with_backup {
+        Some(f) => f(params),
+        None => open(params).map(|backend| v1::Opened {
+            backend,
+            backup: RNone,
+        }),
+    };
+    opened.map(|o| Opened {
+        backend: BackendObj_TO::from_value(Legacy(o.backend), TD_Opaque),
+        backup: o.backup,
+    })
+}
+
+/// A backend object of interface 0.1.0 or 0.1.1 as today's: its seven methods forwarded,
+/// `write_zeroes` and `identity` answering their defaults (the host then writes zero
+/// buffers, and knows no identity).
+struct Legacy(v1::BackendBox);
+
+impl BackendObj for Legacy {
+    fn describe(&self) -> RResult<crate::Description, PluginError> {
+        self.0.describe()
+    }
+    fn read(&self, lu: u32, lba: u64, buf: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
+        self.0.read(lu, lba, buf)
+    }
+    fn write(
+        &self,
+        lu: u32,
+        lba: u64,
+        data: RSlice<'_, u8>,
+        fua: bool,
+    ) -> RResult<(), PluginError> {
+        self.0.write(lu, lba, data, fua)
+    }
+    fn flush(&self, lu: u32) -> RResult<(), PluginError> {
+        self.0.flush(lu)
+    }
+    fn mode_sense(&self, lu: u32) -> RResult<abi_stable::std_types::RVec<u8>, PluginError> {
+        self.0.mode_sense(lu)
+    }
+    fn mode_select(&self, lu: u32, page: RSlice<'_, u8>) -> RResult<(), PluginError> {
+        self.0.mode_select(lu, page)
+    }
+    fn copy(&self, src: u32, dst: u32, first: u64, last: u64) -> RResult<(), PluginError> {
+        self.0.copy(src, dst, first, last)
     }
 }
 

@@ -227,14 +227,19 @@ pub struct PluginMod {
     pub version: extern "C" fn() -> RStr<'static>,
     pub capabilities: extern "C" fn() -> Capabilities,
     pub thread_model: extern "C" fn() -> ThreadModel,
-    /// Open a backend from the plugin's YAML parameters (the `params` of the host config).
+    /// Open a backend from the plugin's YAML parameters (the `params` of the host config),
+    /// as interface 0.1.0's seven-method backend object.
     #[sabi(last_prefix_field)]
-    pub open: extern "C" fn(params: RStr<'_>) -> RResult<BackendBox, PluginError>,
-    /// Interface 0.1.1: open a backend with its array-side backup functions. Plugins of
-    /// interface 0.1.0 do not have it; the host loads them through [`v1`] and opens
-    /// them with `open`.
+    pub open: extern "C" fn(params: RStr<'_>) -> RResult<v1::BackendBox, PluginError>,
+    /// Interface 0.1.1: open a backend with its array-side backup functions (the backend
+    /// still as 0.1.0's object). Plugins of 0.1.0 do not have it; the host loads them
+    /// through [`v1`] and opens them with `open`.
     #[sabi(missing_field(option))]
-    pub open_with_backup: extern "C" fn(params: RStr<'_>) -> RResult<Opened, PluginError>,
+    pub open_with_backup: extern "C" fn(params: RStr<'_>) -> RResult<v1::Opened, PluginError>,
+    /// Interface 0.1.2: open a backend as today's [`BackendObj`] (with `write_zeroes` and
+    /// `identity`) and its backup functions. Plugins of 0.1.1 are loaded through [`v2`].
+    #[sabi(missing_field(option))]
+    pub open_current: extern "C" fn(params: RStr<'_>) -> RResult<Opened, PluginError>,
 }
 
 impl RootModule for PluginModRef {
@@ -254,7 +259,44 @@ impl RootModule for PluginModRef {
 /// it is checked against this frozen prefix (same type name, same fields) instead.
 /// Never change it.
 pub mod v1 {
-    use super::*;
+    use super::{
+        declare_root_module_statics, sabi_trait, BackupBox, Capabilities, Description, PluginError,
+        RBox, ROption, RResult, RSlice, RSliceMut, RStr, RVec, RootModule, StableAbi, ThreadModel,
+        VersionStrings,
+    };
+
+    /// The backend object as interfaces 0.1.0 and 0.1.1 laid it out: seven methods. A
+    /// host with more methods in its type refuses a library with fewer, so today's
+    /// [`BackendObj`](crate::BackendObj) is a separate type and a plugin exports both.
+    /// Never change it.
+    #[sabi_trait]
+    pub trait BackendObj: Send + Sync {
+        fn describe(&self) -> RResult<Description, PluginError>;
+        fn read(&self, lu: u32, lba: u64, buf: RSliceMut<'_, u8>) -> RResult<(), PluginError>;
+        fn write(
+            &self,
+            lu: u32,
+            lba: u64,
+            data: RSlice<'_, u8>,
+            fua: bool,
+        ) -> RResult<(), PluginError>;
+        fn flush(&self, lu: u32) -> RResult<(), PluginError>;
+        fn mode_sense(&self, lu: u32) -> RResult<RVec<u8>, PluginError>;
+        fn mode_select(&self, lu: u32, page: RSlice<'_, u8>) -> RResult<(), PluginError>;
+        #[sabi(last_prefix_field)]
+        fn copy(&self, src: u32, dst: u32, first: u64, last: u64) -> RResult<(), PluginError>;
+    }
+
+    /// A 0.1.0/0.1.1 backend object, owned by the host.
+    pub type BackendBox = BackendObj_TO<'static, RBox<()>>;
+
+    /// What interface 0.1.1's `open_with_backup` opens.
+    #[repr(C)]
+    #[derive(StableAbi)]
+    pub struct Opened {
+        pub backend: BackendBox,
+        pub backup: ROption<BackupBox>,
+    }
 
     #[repr(C)]
     #[derive(StableAbi)]
@@ -271,6 +313,41 @@ pub mod v1 {
 
     /// The interface version of [`PluginMod`] as it was frozen.
     pub const VERSION: &str = "0.1.0";
+
+    impl RootModule for PluginModRef {
+        declare_root_module_statics! {PluginModRef}
+        const BASE_NAME: &'static str = "hvm_plugin";
+        const NAME: &'static str = "hvm_plugin";
+        const VERSION_STRINGS: VersionStrings = VersionStrings::new(VERSION);
+    }
+}
+
+/// The root module as interface 0.1.1 laid it out (`open` and `open_with_backup`, with
+/// the seven-method backend object), kept so this host still loads plugins built against
+/// it, as [`v1`] does for 0.1.0. Never change it.
+pub mod v2 {
+    use super::{
+        declare_root_module_statics, v1, Capabilities, PluginError, RResult, RStr, RootModule,
+        StableAbi, ThreadModel, VersionStrings,
+    };
+
+    #[repr(C)]
+    #[derive(StableAbi)]
+    #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+    #[sabi(missing_field(panic))]
+    pub struct PluginMod {
+        pub name: extern "C" fn() -> RStr<'static>,
+        pub version: extern "C" fn() -> RStr<'static>,
+        pub capabilities: extern "C" fn() -> Capabilities,
+        pub thread_model: extern "C" fn() -> ThreadModel,
+        #[sabi(last_prefix_field)]
+        pub open: extern "C" fn(params: RStr<'_>) -> RResult<v1::BackendBox, PluginError>,
+        #[sabi(missing_field(option))]
+        pub open_with_backup: extern "C" fn(params: RStr<'_>) -> RResult<v1::Opened, PluginError>,
+    }
+
+    /// The interface version of [`PluginMod`] as it was frozen.
+    pub const VERSION: &str = "0.1.1";
 
     impl RootModule for PluginModRef {
         declare_root_module_statics! {PluginModRef}
