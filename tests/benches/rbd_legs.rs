@@ -1,12 +1,13 @@
 //! RBD benchmark on a throwaway Ceph cluster (memstore OSD, 127.0.0.1): fio's nbd engine
 //! against hvm's virtual LU whose legs are two RBD images (in Synchronized mode both images
 //! are written; in Snapshot mode the virtual LU writes the origin image only) and against
-//! `qemu-nbd` serving the origin image with QEMU's own rbd driver, the peer a Ceph user
-//! would pick. Both sides run librbd without its cache (the plugin's default,
-//! `--cache=none` for QEMU). Both servers stay up, and each hvm run comes right after a
-//! peer run of the same workload, so load from other work on the machine hits both alike;
-//! an image's exclusive lock moves between the two librbd clients when the writer
-//! changes, as librbd does for cooperating clients. One run; ratios to the peer run beside.
+//! `qemu-nbd` serving an image of the same size in the same pool with QEMU's own rbd
+//! driver, the peer a Ceph user would pick. Both sides run librbd without its cache (the
+//! plugin's default, `--cache=none` for QEMU). Both servers stay up, and each hvm run comes
+//! right after a peer run of the same workload, so load from other work on the machine
+//! hits both alike. The peer has its own image: two librbd clients writing one image in
+//! turn would pass its exclusive lock back and forth, which measures the lock, not the
+//! client. One run; ratios to the peer run beside.
 //!
 //! Run: `cargo bench -p hvm-tests --bench rbd_legs` (needs ceph-mon, ceph-osd,
 //! ceph-common, fio, qemu-utils, and QEMU's rbd driver: Debian's qemu-block-extra of the
@@ -76,7 +77,7 @@ fn wait_for(sock: &Path) {
     panic!("{} did not appear", sock.display());
 }
 
-/// qemu-nbd with QEMU's rbd driver on `rbd/bench-a`, export `peer` on `sock`.
+/// qemu-nbd with QEMU's rbd driver on `rbd/bench-p`, export `peer` on `sock`.
 fn start_peer(ceph: &Ceph, sock: &Path) -> Running {
     let mut qemu = Running(
         tool("qemu-nbd")
@@ -84,7 +85,7 @@ fn start_peer(ceph: &Ceph, sock: &Path) -> Running {
             .args(["-x", "peer", "-k"])
             .arg(sock)
             .arg(format!(
-                "rbd:rbd/bench-a:conf={}:id=admin",
+                "rbd:rbd/bench-p:conf={}:id=admin",
                 ceph.conf().display()
             ))
             .stdout(Stdio::null())
@@ -113,13 +114,16 @@ fn main() {
     let ceph = Ceph::start();
     ceph.create_image("rbd/bench-a", SIZE);
     ceph.create_image("rbd/bench-b", SIZE);
+    ceph.create_image("rbd/bench-p", SIZE);
 
     let sock = d.join("qemu.sock");
     let _qemu = start_peer(&ceph, &sock);
     let peer = format!("nbd+unix:///peer?socket={}", sock.display());
     let agent = Agent::start_config(&agent_config(&ceph, d), &d.join("state"));
     let db = agent.uri("db");
-    fio_fill(&db, SIZE); // both images written once: no timed run pays for allocation
+    // Every image written once: no timed run pays for allocation.
+    fio_fill(&peer, SIZE);
+    fio_fill(&db, SIZE);
     let sync = paired(&peer, &db, secs);
     agent.json(&["snapshot", "acquire", "db"]);
     let snap = paired(&peer, &db, secs);
