@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -61,6 +61,8 @@ struct Slot {
     /// must not return (and free the buffer) until this is false.
     claimed: bool,
     outcome: Option<Result<(), ConnError>>,
+    /// The group the request belongs to: its owner is woken once, by the last reply.
+    group: Option<Arc<Group>>,
     /// Structured reply so far: content ranges received (relative to `offset`) and the
     /// first error chunk.
     ranges: Vec<(u64, u64)>,
@@ -84,6 +86,37 @@ struct Shared {
     /// A handle on the socket to shut it down.
     socket: Stream,
     structured: bool,
+}
+
+/// Requests one thread sends on one or more connections and then waits for together (a
+/// mirrored write's two legs): the owner is woken once, when the last one completes,
+/// instead of once per reply.
+pub struct Group {
+    /// Requests not yet completed, plus one while the owner is still sending.
+    left: AtomicUsize,
+}
+
+impl Group {
+    pub fn new() -> Arc<Group> {
+        Arc::new(Group {
+            left: AtomicUsize::new(1),
+        })
+    }
+
+    /// The owner has sent every request: wait until all have completed, or `deadline`.
+    /// Each request's outcome is then taken with [`Conn::wait`].
+    pub fn wait(&self, deadline: Instant) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            return;
+        }
+        loop {
+            let now = Instant::now();
+            if self.left.load(Ordering::Acquire) == 0 || now >= deadline {
+                return;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
 }
 
 /// A request sent and not yet waited for.
@@ -165,7 +198,7 @@ impl Conn {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
         };
-        let ticket = self.register(offset, len, Some(raw))?;
+        let ticket = self.register(offset, len, Some(raw), None)?;
         // From here the reader thread may write into `buf`: the guard makes sure this
         // function does not return or unwind before it has stopped (`finish` or
         // `abandon` only return once the slot is completed or removed unclaimed).
@@ -189,8 +222,9 @@ impl Conn {
         offset: u64,
         len: u32,
         data: &[u8],
+        group: Option<&Arc<Group>>,
     ) -> Result<Ticket, ConnError> {
-        let ticket = self.register(offset, len, None)?;
+        let ticket = self.register(offset, len, None, group)?;
         self.transmit(&request(flags, kind, ticket.cookie, offset, len), data);
         Ok(ticket)
     }
@@ -200,7 +234,13 @@ impl Conn {
         self.finish(&ticket)
     }
 
-    fn register(&self, offset: u64, len: u32, buf: Option<RawBuf>) -> Result<Ticket, ConnError> {
+    fn register(
+        &self,
+        offset: u64,
+        len: u32,
+        buf: Option<RawBuf>,
+        group: Option<&Arc<Group>>,
+    ) -> Result<Ticket, ConnError> {
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         let mut st = self.shared.shard(cookie);
         if self.is_dead() {
@@ -208,6 +248,9 @@ impl Conn {
                 .shared
                 .why()
                 .unwrap_or(ConnError::Lost("closed".into())));
+        }
+        if let Some(g) = group {
+            g.left.fetch_add(1, Ordering::AcqRel);
         }
         st.insert(
             cookie,
@@ -218,6 +261,7 @@ impl Conn {
                 buf,
                 claimed: false,
                 outcome: None,
+                group: group.cloned(),
                 ranges: Vec::new(),
                 error: None,
             },
@@ -347,11 +391,21 @@ fn unknown(cookie: u64) -> String {
 
 /// Give a request its outcome; the caller unparks the returned owner once it has let go
 /// of the shard's lock, so the owner does not wake only to wait for that lock.
+/// A request in a group wakes its owner only if it is the group's last.
 #[must_use = "unpark the owner"]
-fn complete(slot: &mut Slot, r: Result<(), ConnError>) -> Thread {
+fn complete(slot: &mut Slot, r: Result<(), ConnError>) -> Option<Thread> {
     slot.claimed = false;
     slot.outcome = Some(r);
-    slot.waiter.clone()
+    match &slot.group {
+        Some(g) if g.left.fetch_sub(1, Ordering::AcqRel) != 1 => None,
+        _ => Some(slot.waiter.clone()),
+    }
+}
+
+fn wake(owner: Option<Thread>) {
+    if let Some(t) = owner {
+        t.unpark();
+    }
 }
 
 impl Shared {
@@ -387,12 +441,12 @@ impl Shared {
         };
         let e = self.set_dead(ConnError::Lost(why));
         for shard in &self.shards {
-            let owners: Vec<Thread> = lock(shard)
+            let owners: Vec<Option<Thread>> = lock(shard)
                 .values_mut()
                 .filter(|s| s.outcome.is_none())
                 .map(|slot| complete(slot, Err(e.clone())))
                 .collect();
-            owners.iter().for_each(Thread::unpark);
+            owners.into_iter().for_each(wake);
         }
         self.socket.shutdown();
     }
@@ -420,13 +474,13 @@ impl Shared {
             // A simple error reply carries no data, even for a READ.
             let owner = complete(slot, Err(server(errno, String::new())));
             drop(st);
-            owner.unpark();
+            wake(owner);
             return shutting_down(errno);
         }
         let Some(buf) = slot.buf else {
             let owner = complete(slot, Ok(()));
             drop(st);
-            owner.unpark();
+            wake(owner);
             return Ok(());
         };
         slot.claimed = true;
@@ -441,7 +495,7 @@ impl Shared {
         if r.is_ok() {
             let owner = complete(slot, Ok(()));
             drop(st);
-            owner.unpark();
+            wake(owner);
         }
         r
     }
@@ -498,7 +552,7 @@ impl Shared {
             };
             let owner = complete(slot, Err(e));
             drop(st);
-            owner.unpark();
+            wake(owner);
             return shutting_down(errno);
         }
         let got: u64 = slot.ranges.iter().map(|&(s, e)| e - s).sum();
@@ -509,7 +563,7 @@ impl Shared {
         }
         let owner = complete(slot, Ok(()));
         drop(st);
-        owner.unpark();
+        wake(owner);
         Ok(())
     }
 }

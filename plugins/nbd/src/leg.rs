@@ -8,7 +8,7 @@ use hvm_core::backend::{BackendError, BackendErrorKind};
 use hvm_core::SECTOR_SIZE;
 use hvm_legs::Leg;
 
-use crate::conn::{Conn, ConnError, Ticket};
+use crate::conn::{Conn, ConnError, Group, Ticket};
 use crate::handshake::Export;
 use crate::proto::*;
 use crate::uri::Target;
@@ -187,7 +187,13 @@ impl NbdLeg {
     }
 
     /// Send `data` at `offset` in pieces the server takes, all in flight at once.
-    fn start_write(&self, offset: u64, data: &[u8], fua: bool) -> Started {
+    fn start_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        group: Option<&Arc<Group>>,
+    ) -> Started {
         let mut s = self.start();
         let Some(c) = s.conn.clone() else { return s };
         let e = c.export();
@@ -197,7 +203,7 @@ impl NbdLeg {
         let mut off = offset;
         for piece in data.chunks(max) {
             // `max` fits in u32, and so does every piece.
-            match c.send(CMD_WRITE, flags, off, piece.len() as u32, piece) {
+            match c.send(CMD_WRITE, flags, off, piece.len() as u32, piece, group) {
                 Ok(t) => s.tickets.push(t),
                 Err(e) => {
                     s.error = Some(self.failed(e));
@@ -259,7 +265,7 @@ impl NbdLeg {
             let mut batch = Vec::with_capacity(WINDOW);
             while done < len && batch.len() < WINDOW {
                 let n = (len - done).min(ZEROES_CHUNK);
-                batch.push(c.send(CMD_WRITE_ZEROES, flags, offset + done, n as u32, &[]));
+                batch.push(c.send(CMD_WRITE_ZEROES, flags, offset + done, n as u32, &[], None));
                 done += n;
             }
             self.wait_all(c, batch)?;
@@ -284,7 +290,14 @@ impl NbdLeg {
             let mut batch = Vec::with_capacity(WINDOW);
             while done < len && batch.len() < WINDOW {
                 let n = (len - done).min(piece);
-                batch.push(c.send(CMD_WRITE, 0, offset + done, n as u32, &ZEROES[..n as usize]));
+                batch.push(c.send(
+                    CMD_WRITE,
+                    0,
+                    offset + done,
+                    n as u32,
+                    &ZEROES[..n as usize],
+                    None,
+                ));
                 done += n;
             }
             self.wait_all(c, batch)?;
@@ -347,7 +360,7 @@ impl Leg for NbdLeg {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.finish(self.start_write(offset, data, fua))
+        self.finish(self.start_write(offset, data, fua, None))
     }
 
     fn flush(&self) -> Result<(), BackendError> {
@@ -356,7 +369,7 @@ impl Leg for NbdLeg {
             // A server without FLUSH has no cache to flush.
             return Ok(());
         }
-        let t = c.send(CMD_FLUSH, 0, 0, 0, &[]);
+        let t = c.send(CMD_FLUSH, 0, 0, 0, &[], None);
         t.and_then(|t| c.wait(t)).map_err(|e| self.failed(e))
     }
 
@@ -385,8 +398,12 @@ impl Leg for NbdLeg {
         data: &[u8],
         fua: bool,
     ) -> Option<Result<(), BackendError>> {
-        let mine = self.start_write(offset, data, fua);
-        let theirs = other.start_write(offset, data, fua);
+        // One wake-up for both legs' replies, not one each.
+        let group = Group::new();
+        let deadline = Instant::now() + self.timeout.max(other.timeout);
+        let mine = self.start_write(offset, data, fua, Some(&group));
+        let theirs = other.start_write(offset, data, fua, Some(&group));
+        group.wait(deadline);
         let a = self.finish(mine);
         let b = other.finish(theirs);
         Some(a.and(b))

@@ -85,7 +85,7 @@ fn a_structured_error_chunk_fails_the_request_and_the_connection_goes_on() {
     assert!(!c.is_dead());
     c.read(512, &mut buf).unwrap();
     assert_eq!(buf, vec![7; 512]);
-    let t = c.send(CMD_WRITE, 0, 0, 512, &[5; 512]).unwrap();
+    let t = c.send(CMD_WRITE, 0, 0, 512, &[5; 512], None).unwrap();
     assert!(matches!(
         c.wait(t),
         Err(ConnError::Server { errno: ENOSPC, .. })
@@ -118,7 +118,7 @@ fn replies_in_reverse_order_reach_their_callers() {
                     c.read(i * 512, &mut b).unwrap();
                     assert!(b.iter().all(|&x| x == i as u8), "reader {i}");
                 } else {
-                    let t = c.send(CMD_WRITE, 0, i * 512, 512, &[1; 512]).unwrap();
+                    let t = c.send(CMD_WRITE, 0, i * 512, 512, &[1; 512], None).unwrap();
                     c.wait(t).unwrap();
                 }
             });
@@ -148,15 +148,15 @@ fn a_short_reply_drops_the_connection_with_eio() {
     );
     assert!(c.is_dead());
     server.join().unwrap();
-    let e = c.send(CMD_FLUSH, 0, 0, 0, &[]).err().unwrap();
+    let e = c.send(CMD_FLUSH, 0, 0, 0, &[], None).err().unwrap();
     assert!(matches!(e, ConnError::Lost(_)), "{e}");
 }
 
 #[test]
 fn a_reply_for_an_unknown_cookie_drops_the_connection() {
     let (c, mut f) = pair(Offer::default(), T);
-    let t1 = c.send(CMD_FLUSH, 0, 0, 0, &[]).unwrap();
-    let t2 = c.send(CMD_WRITE, 0, 0, 512, &[0; 512]).unwrap();
+    let t1 = c.send(CMD_FLUSH, 0, 0, 0, &[], None).unwrap();
+    let t2 = c.send(CMD_WRITE, 0, 0, 512, &[0; 512], None).unwrap();
     f.request();
     f.request();
     f.simple(999, 0, &[]);
@@ -204,7 +204,7 @@ fn protocol_violations_drop_the_connection() {
         let c = Arc::new(c);
         let c2 = Arc::clone(&c);
         let write = std::thread::spawn(move || {
-            let t = c2.send(CMD_WRITE, 0, 0, 512, &[0; 512]);
+            let t = c2.send(CMD_WRITE, 0, 0, 512, &[0; 512], None);
             t.and_then(|t| c2.wait(t))
         });
         let reader = std::thread::spawn({
@@ -506,4 +506,44 @@ fn after_a_timeout_requests_fail_at_once_until_the_backoff_has_passed() {
         "{e}"
     );
     server.join().unwrap();
+}
+
+#[test]
+fn a_mirrored_write_waits_for_both_legs_and_reports_either_failure() {
+    for failing in [0usize, 1] {
+        let (a, fa) = leg(Offer::default());
+        let (b, fb) = leg(Offer::default());
+        // The failing leg answers only after the other has answered, so the caller must
+        // not return on the first reply.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut rx = Some(rx);
+        let mut tx = Some(tx);
+        let servers: Vec<_> = [fa, fb]
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut f)| {
+                let (tx, rx) = if i == failing {
+                    (None, rx.take())
+                } else {
+                    (tx.take(), None)
+                };
+                std::thread::spawn(move || {
+                    let r = f.request();
+                    if let Some(rx) = rx {
+                        rx.recv().unwrap();
+                        f.simple(r.cookie, ENOSPC, &[]);
+                    } else {
+                        f.simple(r.cookie, 0, &[]);
+                        tx.unwrap().send(()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let e = a.write_both(&b, 0, &[4; 512], false).unwrap().unwrap_err();
+        assert_eq!(e.kind, BackendErrorKind::Io);
+        assert!(e.message.contains("ENOSPC"), "{e}");
+        for s in servers {
+            s.join().unwrap();
+        }
+    }
 }
