@@ -6,7 +6,9 @@
 //! mode (writes go to the origin LUN only). Ratios are to the direct client.
 //!
 //! Run: `cargo bench -p hvm-tests --bench iscsi_legs` (needs fio, tgt, libiscsi).
-//! `HVM_BENCH_SECONDS` sets the time per workload (default 5).
+//! `HVM_BENCH_SECONDS` sets the time per workload (default 5). Each target runs every
+//! workload `HVM_BENCH_ROUNDS` times (default 3), taking turns, and the table shows the
+//! medians, so load from other programs falls on every target alike.
 #![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap is a failed run
 
 use std::path::{Path, PathBuf};
@@ -108,14 +110,24 @@ fn direct(url: &IscsiUrl, rw: &str, bs: &str, qd: u32, secs: f64) -> f64 {
     }
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let secs: f64 = std::env::var("HVM_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+    let secs: f64 = env_or("HVM_BENCH_SECONDS", 5.0);
+    let rounds: usize = env_or("HVM_BENCH_ROUNDS", 3).max(1);
     hvm_tests::build_artifacts();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
@@ -129,7 +141,7 @@ fn main() {
     // A LUN of its own for the direct client, so it does not disturb the legs.
     let lun1: IscsiUrl = tgt.url(1).parse().unwrap();
     println!(
-        "iSCSI legs: tgtd LUNs on 127.0.0.1, {} MiB, {secs} s per workload; hvm through fio's nbd engine, direct = hvm-scsi's libiscsi client on one LUN",
+        "iSCSI legs: tgtd LUNs on 127.0.0.1, {} MiB, {secs} s per workload, medians of {rounds} rounds; hvm through fio's nbd engine, direct = hvm-scsi's libiscsi client on one LUN",
         SIZE >> 20
     );
     println!(
@@ -138,8 +150,13 @@ fn main() {
     );
     let mut missed = Vec::new();
     for (name, rw, bs, qd) in WORKLOADS {
-        let k = direct(&lun1, rw, bs, qd, secs);
-        let [sync, snap] = [&db, &db2].map(|t| fio_nbd(t, rw, bs, qd, SIZE, secs));
+        let mut runs = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            runs[0].push(direct(&lun1, rw, bs, qd, secs));
+            runs[1].push(fio_nbd(&db, rw, bs, qd, SIZE, secs));
+            runs[2].push(fio_nbd(&db2, rw, bs, qd, SIZE, secs));
+        }
+        let [k, sync, snap] = runs.map(median);
         let (rs, rn) = (sync / k, snap / k);
         println!("{name:<36} {k:>10.0} {sync:>10.0} {rs:>5.2}x {snap:>10.0} {rn:>5.2}x");
         if rs < 0.5 {
