@@ -649,6 +649,12 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
         .status()
         .unwrap();
     assert!(grown.success());
+    // The failed run deleted its snapshot; a new one needs the resync to be over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while hosts.db.mode("a") != "Synchronized" {
+        assert!(std::time::Instant::now() < deadline, "never resynchronized");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (out, _) = hosts.run(&["a"], "nightly", &[]);
     assert!(
         out.status.success(),
