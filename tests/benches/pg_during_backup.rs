@@ -2,12 +2,13 @@
 //! idle, during back-to-back `hvmctl backup run`s of the cluster's virtual LU (freeze,
 //! snapshot, copy by the backup host, delete, resync), and during back-to-back
 //! `pg_basebackup`s of the same cluster (plain format, WAL streamed, fast checkpoint,
-//! written to the same filesystem as hvm's backups), in one run, with idle measured again
-//! at the end. `hvmctl backup run` has no copy rate limit (its options: --via, --db-nbd,
+//! written to the same filesystem as hvm's backups), in one run. The phases take turns,
+//! one pgbench round each (idle, hvm, pg_basebackup, idle, ...), so that load that comes
+//! and goes on the machine weighs on all three alike. `hvmctl backup run` has no copy rate limit (its options: --via, --db-nbd,
 //! --deadline-ms, --wait-resync), so there is no rate-limited row.
 //!
 //! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
-//! `HVM_BENCH_ROUNDS` sets the pgbench rounds per phase (default 3, 5 s each).
+//! `HVM_BENCH_ROUNDS` sets the turns (default 3; a pgbench round is 5 s).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,32 +75,52 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Deployment::start(dir.path(), LU, SCALE, 20_000);
 
-    let idle_before = idle(&d.cluster, rounds);
-    let (hvm, hvm_runs) = during(&d.cluster, rounds, |i| {
-        let target = format!("hvm-{i}");
-        let (o, v) = d.hosts.run(&["pg"], &target, &["--wait-resync"]);
-        assert!(
-            o.status.success(),
-            "backup run {i}: {}\n{v}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let _ = std::fs::remove_dir_all(d.hosts.target_root.join(&target));
-    });
     let base_root = d.hosts.target_root.join("basebackup");
-    let (pgb, pgb_runs) = during(&d.cluster, rounds, |i| {
-        let to = base_root.join(format!("pg-{i}"));
-        basebackup(&d.cluster, &to);
-        let _ = std::fs::remove_dir_all(&to);
-    });
-    let idle_after = idle(&d.cluster, rounds);
-    let base = (idle_before + idle_after) / 2.0;
+    let (mut idles, mut hvms, mut pgbs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut hvm_runs, mut pgb_runs) = (0, 0);
+    for round in 0..rounds {
+        idles.push(idle(&d.cluster, 1));
+        let (tps, n) = during(&d.cluster, 1, |i| {
+            let target = format!("hvm-{round}-{i}");
+            let (o, v) = d.hosts.run(&["pg"], &target, &["--wait-resync"]);
+            assert!(
+                o.status.success(),
+                "backup run {i}: {}\n{v}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let _ = std::fs::remove_dir_all(d.hosts.target_root.join(&target));
+        });
+        hvms.push(tps);
+        hvm_runs += n;
+        let (tps, n) = during(&d.cluster, 1, |i| {
+            let to = base_root.join(format!("pg-{round}-{i}"));
+            basebackup(&d.cluster, &to);
+            let _ = std::fs::remove_dir_all(&to);
+        });
+        pgbs.push(tps);
+        pgb_runs += n;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (base, hvm, pgb) = (mean(&idles), mean(&hvms), mean(&pgbs));
 
     println!(
         "PostgreSQL during a backup: pgbench scale {SCALE}, {CLIENTS} clients, {rounds} rounds \
          of {ROUND_SECS} s per phase, LU {} MiB on array-sim",
         LU >> 20
     );
-    println!("idle TPS: {idle_before:.0} before, {idle_after:.0} after; mean {base:.0}");
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "per round: idle {} | hvm {} | pg_basebackup {}",
+        show(&idles),
+        show(&hvms),
+        show(&pgbs)
+    );
+    println!("idle TPS (mean of the idle rounds): {base:.0}");
     println!(
         "{:<44} {:>8} {:>8} {:>9}",
         "during", "TPS", "vs idle", "backups"
