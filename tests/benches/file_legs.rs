@@ -2,7 +2,8 @@
 //! files opened O_DIRECT, against fio's own io_uring engine with direct I/O on the same
 //! kind of files, in one run; ratios to fio. Both of the file plugin's I/O engines are
 //! measured (io_uring and threads), each with one virtual LU in Synchronized mode (both
-//! legs written) and one in Snapshot mode (one leg written).
+//! legs written) and one in Snapshot mode (one leg written). qemu-nbd serving a file
+//! with O_DIRECT is measured beside them: the NBD hop alone, ratio to fio too.
 //!
 //! Run: `cargo bench -p hvm-tests --bench file_legs` (needs fio). `HVM_BENCH_SECONDS`
 //! sets the time per workload (default 5).
@@ -80,6 +81,28 @@ fn main() {
     let d = dir.path();
     let peer: PathBuf = d.join("fio.img");
     std::fs::write(&peer, vec![0x5a; SIZE as usize]).expect("peer file");
+    // The NBD peer: qemu-nbd serving a file of the same kind with O_DIRECT, the hop an
+    // NBD client pays whoever serves it.
+    let qemu_img = d.join("qemu.img");
+    std::fs::write(&qemu_img, vec![0x5a; SIZE as usize]).expect("qemu-nbd file");
+    let qemu_sock = d.join("qemu.sock");
+    let _qemu = hvm_tests::Running(
+        hvm_tests::tool("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "--cache=none",
+                "--aio=native",
+                "--persistent",
+                "--shared=16",
+                "-k",
+            ])
+            .arg(&qemu_sock)
+            .arg(&qemu_img)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd"),
+    );
     let cfg_text = format!(
         "plugin_dir: {}\nlisten: {{unix: hvm.sock}}\nbackends:\n{}{}virtual_lus:\n  - {{name: u-sync, backend: uring, lu: 0, snapshots: [u-sync-s]}}\n  - {{name: u-snap, backend: uring, lu: 3, snapshots: [u-snap-s]}}\n  - {{name: t-sync, backend: threads, lu: 0, snapshots: [t-sync-s]}}\n  - {{name: t-snap, backend: threads, lu: 3, snapshots: [t-snap-s]}}\n",
         hvm_tests::target_dir().display(),
@@ -113,15 +136,24 @@ fn main() {
             SIZE >> 20
         );
         println!(
-            "{:<36} {:>9} {:>15} {:>15} {:>15} {:>15}",
-            "workload", "fio", "uring sync", "uring snap", "threads sync", "threads snap"
+            "{:<36} {:>9} {:>15} {:>15} {:>15} {:>15} {:>15}",
+            "workload",
+            "fio",
+            "qemu-nbd O_DIRECT",
+            "uring sync",
+            "uring snap",
+            "threads sync",
+            "threads snap"
         );
+        let qemu_uri = format!("nbd+unix:///?socket={}", qemu_sock.display());
         for (name, rw, bs, qd) in WORKLOADS {
             let f = fio_direct(&peer, rw, bs, qd, secs);
+            let q = hvm_tests::fio_nbd(&qemu_uri, rw, bs, qd, SIZE, secs);
             let h = names.map(|n| hvm_tests::fio_nbd(&uri(n), rw, bs, qd, SIZE, secs));
             let cell = |x: f64| format!("{x:>8.0} {:>5.2}x", x / f);
             println!(
-                "{name:<36} {f:>9.0} {:>15} {:>15} {:>15} {:>15}",
+                "{name:<36} {f:>9.0} {:>15} {:>15} {:>15} {:>15} {:>15}",
+                cell(q),
                 cell(h[0]),
                 cell(h[1]),
                 cell(h[2]),

@@ -1,5 +1,6 @@
-//! I/O through io_uring: one ring per calling thread, so a mirrored write submits both
-//! legs' writes with one system call and waits for both, without a second thread.
+//! Mirrored writes through io_uring: one ring per calling thread, so a mirrored write
+//! submits both legs' writes with one system call and waits for both, without a second
+//! thread.
 //!
 //! Safety rule of this module: once an SQE is in the ring, the function that pushed it
 //! does not return until its completion has been reaped, so the kernel never touches a
@@ -19,14 +20,8 @@ const ENTRIES: u32 = 8;
 /// stable storage when the write completes (how a FUA write is done on a file).
 pub const RWF_DSYNC: i32 = 0x2;
 
-/// One read or write.
+/// One write.
 pub enum Io {
-    Read {
-        fd: RawFd,
-        buf: *mut u8,
-        len: usize,
-        offset: u64,
-    },
     Write {
         fd: RawFd,
         buf: *const u8,
@@ -83,14 +78,6 @@ pub unsafe fn run<const N: usize>(ios: [Io; N]) -> [io::Result<usize>; N] {
 unsafe fn push_all<const N: usize>(ring: &mut IoUring, ios: &[Io; N]) -> io::Result<()> {
     for (i, io) in ios.iter().enumerate() {
         let sqe = match *io {
-            Io::Read {
-                fd,
-                buf,
-                len,
-                offset,
-            } => opcode::Read::new(types::Fd(fd), buf, len as u32)
-                .offset(offset)
-                .build(),
             Io::Write {
                 fd,
                 buf,
