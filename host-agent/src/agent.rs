@@ -534,6 +534,7 @@ impl Agent {
             snapshot_reads,
             coordination: cfg.coordination.clone().map(|mut c| {
                 c.cert = absolute(base, &c.cert);
+                c.ca = c.ca.as_ref().map(|ca| absolute(base, ca));
                 c.key = absolute(base, &c.key);
                 c.token_file = absolute(base, &c.token_file);
                 if let Some(b) = &mut c.backup {

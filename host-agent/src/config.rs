@@ -46,6 +46,8 @@
 //!   listen: 0.0.0.0:7430             # TCP, TLS only
 //!   cert: tls/db1.pem                # this agent's certificate chain and key (PEM);
 //!   key: tls/db1-key.pem             #   `hvmctl tls init` makes a CA and them
+//!   ca: tls/ca.pem                   # clients must present a certificate signed by
+//!                                    #   it; default: ca.pem beside `cert`
 //!   token_file: tls/token            # the shared token every request must carry
 //!   roles: [database]                # database and/or backup
 //!   freeze:                          # database role: the bounded freeze
@@ -152,12 +154,28 @@ pub struct CoordinationConfig {
     pub listen: String,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA a client's certificate must chain to; default `ca.pem` beside `cert`, as
+    /// `hvmctl tls init` writes it.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     pub token_file: PathBuf,
     pub roles: Vec<Role>,
     #[serde(default)]
     pub freeze: FreezeConfig,
     #[serde(default)]
     pub backup: Option<BackupRoleConfig>,
+}
+
+impl CoordinationConfig {
+    /// The CA file client certificates are checked against.
+    pub fn ca_file(&self) -> PathBuf {
+        self.ca.clone().unwrap_or_else(|| {
+            self.cert
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("ca.pem")
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]

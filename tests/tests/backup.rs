@@ -271,9 +271,25 @@ fn backup_over_nbd_and_the_read_counter() {
     assert_eq!(m["lus"][0]["size"], LU);
 }
 
+/// The console's client certificate, as `hvmctl tls init` wrote it.
+fn console(hosts: &Hosts) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    Some((
+        hosts.tls.join("console.pem"),
+        hosts.tls.join("console-key.pem"),
+    ))
+}
+
+fn client_config(
+    hosts: &Hosts,
+    identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+) -> Arc<hvm_host_agent::coord::tls::ClientConfig> {
+    let id = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    tls::client_config(&hosts.tls.join("ca.pem"), id).unwrap()
+}
+
 /// One raw request line over TLS; the reply's last line.
 fn raw(hosts: &Hosts, addr: &str, line: &str) -> serde_json::Value {
-    let cfg = tls::client_config(&hosts.tls.join("ca.pem")).unwrap();
+    let cfg = client_config(hosts, console(hosts));
     let conn = rustls_connection(cfg);
     let tcp = std::net::TcpStream::connect(addr).unwrap();
     let mut s = hvm_host_agent::coord::tls::stream(conn, tcp);
@@ -319,6 +335,21 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(v["error"]["code"], "unauthorized");
     assert!(!hosts.target_root.join("x").exists());
+    // A TLS client without a certificate does not get as far as a request.
+    let conn = rustls_connection(client_config(&hosts, None));
+    let tcp = std::net::TcpStream::connect(&hosts.db_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut s = hvm_host_agent::coord::tls::stream(conn, tcp);
+    let sent = s
+        .write_all(format!("{{\"token\":\"x\",\"id\":\"1\",{snap}}}\n").as_bytes())
+        .and_then(|()| s.flush());
+    let mut buf = Vec::new();
+    let read = std::io::Read::read_to_end(&mut s, &mut buf);
+    assert!(
+        (sent.is_err() || read.is_err()) && buf.is_empty(),
+        "a client without a certificate got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
     // Plain TCP without TLS gets nothing.
     let mut plain = std::net::TcpStream::connect(&hosts.db_addr).unwrap();
     plain
@@ -389,7 +420,7 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
     // With the token: a request retried with the same id is done once.
     let peer = Peer {
         address: hosts.db_addr.clone(),
-        tls: tls::client_config(&hosts.tls.join("ca.pem")).unwrap(),
+        tls: client_config(&hosts, console(&hosts)),
         token: tls::read_token(&hosts.tls.join("token")).unwrap(),
     };
     let op = Op::Snapshot {

@@ -151,6 +151,13 @@ struct PeerArgs {
     /// The shared token [default: $HVM_TOKEN_FILE, else /etc/hvm/tls/token].
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The client certificate the agents require [default: $HVM_CERT, else console.pem
+    /// beside the CA certificate, as `hvmctl tls init` writes it].
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Its key [default: $HVM_KEY, else console-key.pem beside the CA certificate].
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -577,9 +584,15 @@ fn peer(address: &str, a: &PeerArgs) -> Result<Peer, String> {
     };
     let ca = env_or(&a.ca, "HVM_CA", "/etc/hvm/tls/ca.pem");
     let token = env_or(&a.token_file, "HVM_TOKEN_FILE", "/etc/hvm/tls/token");
+    let beside_ca = |name: &str| {
+        let dir = ca.parent().unwrap_or_else(|| std::path::Path::new("."));
+        dir.join(name).display().to_string()
+    };
+    let cert = env_or(&a.cert, "HVM_CERT", &beside_ca("console.pem"));
+    let key = env_or(&a.key, "HVM_KEY", &beside_ca("console-key.pem"));
     Ok(Peer {
         address: address.to_string(),
-        tls: tls::client_config(&ca).map_err(|e| e.to_string())?,
+        tls: tls::client_config(&ca, Some((&cert, &key))).map_err(|e| e.to_string())?,
         token: tls::read_token(&token).map_err(|e| e.to_string())?,
     })
 }

@@ -70,7 +70,9 @@ fn same(a: &str, b: &str) -> bool {
 impl Service {
     /// Load the TLS files and the token; `cfg`'s paths are absolute.
     pub fn new(agent: Arc<Agent>, cfg: CoordinationConfig) -> Result<Service, ServiceError> {
-        let server = tls::server_config(&cfg.cert, &cfg.key)?;
+        // Client certificates are required: only holders of a certificate signed by the
+        // agents' CA get as far as sending a request (and its token).
+        let server = tls::mutual_server_config(&cfg.cert, &cfg.key, &cfg.ca_file())?;
         let token = tls::read_token(&cfg.token_file)?;
         Ok(Service {
             agent,

@@ -77,16 +77,28 @@ pub fn mutual_server_config(
     Ok(Arc::new(cfg))
 }
 
-/// The client side: trust the CA certificate(s) in `ca`.
-pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+/// The client side: trust the CA certificate(s) in `ca`, and present the certificate
+/// chain and key of `identity` (`(cert, key)`) to a server that asks for one (the
+/// coordination service and NBD over TLS require it).
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certs(ca)? {
         roots.add(c).map_err(|e| file_err(ca, e))?;
     }
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(cfg))
 }
 
@@ -119,8 +131,9 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
 }
 
 /// `hvmctl tls init DIR --host NAME...`: `ca.pem` (and `ca-key.pem`), for each host
-/// `<host>.pem` and `<host>-key.pem` (a certificate for that name, signed by the CA) and
-/// `token` (32 random bytes in hex). Returns the files written.
+/// `<host>.pem` and `<host>-key.pem` (a certificate for that name, signed by the CA, for
+/// server and client use), the same as `console.pem` and `console-key.pem` for
+/// `hvmctl backup`, and `token` (32 random bytes in hex). Returns the files written.
 pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -141,7 +154,9 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError> {
     let p = dir.join("ca-key.pem");
     write_private(&p, &ca_key.serialize_pem())?;
     written.push(p);
-    for host in hosts {
+    // `console`: the client certificate `hvmctl backup` presents to the agents.
+    let console = "console".to_string();
+    for host in hosts.iter().chain(std::iter::once(&console)) {
         let mut params = CertificateParams::new(vec![host.clone()])?;
         params
             .distinguished_name
