@@ -151,9 +151,10 @@ impl Hosts {
         std::fs::write(
             &db_cfg,
             format!(
-                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n  insecure: true\nbackends:\n{db_backend}{vlus}{}",
+                "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n  tls: {{ cert: {t}/127.0.0.1.pem, key: {t}/127.0.0.1-key.pem, ca: {t}/ca.pem }}\nbackends:\n{db_backend}{vlus}{}",
                 plugin_dir.display(),
-                coordination("database", &format!("  freeze:\n{}", s.freeze))
+                coordination("database", &format!("  freeze:\n{}", s.freeze)),
+                t = tls.display()
             ),
         )
         .unwrap();

@@ -133,7 +133,7 @@ fn open_source<'a>(
         Source::Nbd { address, export } => {
             let c = match address.strip_prefix("unix:") {
                 Some(p) => Client::connect(Path::new(p), export),
-                None => Client::connect_tcp(address, export),
+                None => Client::connect_tls(address, export, nbd_tls(agent)?),
             }
             .map_err(|e| failed(format!("NBD {address} export {export}: {e}")))?;
             if c.size() != size {
@@ -145,6 +145,17 @@ fn open_source<'a>(
             Ok((Reader::Nbd(c), format!("nbd: {address} export {export}")))
         }
     }
+}
+
+/// TLS for pulling a snapshot over TCP: this agent's coordination certificate, key and
+/// CA, which the database host's `listen.tls` (made by the same `hvmctl tls init`)
+/// accepts.
+fn nbd_tls(agent: &Agent) -> Result<std::sync::Arc<super::tls::ClientConfig>, Failure> {
+    let c = agent.coordination.as_ref().ok_or_else(|| {
+        failed("this agent has no coordination TLS files to reach the database host's NBD listener with")
+    })?;
+    super::tls::client_config(&c.ca_file(), Some((&c.cert, &c.key)))
+        .map_err(|e| failed(format!("TLS for the NBD copy: {e}")))
 }
 
 fn sync_dir(dir: &Path) {

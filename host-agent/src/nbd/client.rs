@@ -1,5 +1,5 @@
 //! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one
-//! request at a time) over a Unix socket or TCP: what `hvmctl demo` uses to write to a
+//! request at a time) over a Unix socket, TCP, or TCP with TLS (`NBD_OPT_STARTTLS`): what `hvmctl demo` uses to write to a
 //! virtual LU and to copy a snapshot export, and what a backup host uses to pull a
 //! database host's snapshot export, without depending on an external tool.
 
@@ -42,6 +42,58 @@ fn handshake(msg: impl Into<String>) -> ClientError {
     ClientError::Handshake(msg.into())
 }
 
+/// Read the server's greeting and answer it with the client flags (fixed newstyle).
+fn greet<S: Read + Write + ?Sized>(s: &mut S) -> Result<()> {
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello)?;
+    if u64::from_be_bytes(hello[..8].try_into().unwrap_or_default()) != NBDMAGIC
+        || u64::from_be_bytes(hello[8..16].try_into().unwrap_or_default()) != IHAVEOPT
+    {
+        return Err(handshake("not a newstyle NBD server"));
+    }
+    let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(handshake("the server is not fixed newstyle"));
+    }
+    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+    let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+    s.write_all(&client_flags.to_be_bytes())?;
+    Ok(())
+}
+
+fn send_option<S: Write + ?Sized>(s: &mut S, option: u32, data: &[u8]) -> Result<()> {
+    let mut opt = Vec::with_capacity(16 + data.len());
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&option.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(data);
+    s.write_all(&opt)?;
+    Ok(())
+}
+
+/// One option reply: its type and body.
+fn read_reply<S: Read + ?Sized>(s: &mut S) -> Result<(u32, Vec<u8>)> {
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head)?;
+    let magic = u64::from_be_bytes(head[..8].try_into().unwrap_or_default());
+    let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
+    if magic != REPLY_MAGIC || len > 64 << 10 {
+        return Err(handshake("malformed option reply"));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok((kind, body))
+}
+
+/// An error reply's text, as ": TEXT", or nothing.
+fn reply_text(body: &[u8]) -> String {
+    match String::from_utf8_lossy(body) {
+        t if t.is_empty() => String::new(),
+        t => format!(": {t}"),
+    }
+}
+
 impl Client {
     /// Connect to `socket` and open `export`.
     pub fn connect(socket: &Path, export: &str) -> Result<Client> {
@@ -55,47 +107,56 @@ impl Client {
         Client::open(Box::new(s), export)
     }
 
+    /// Connect to `addr` (`HOST:PORT`) over TCP, upgrade to TLS with NBD_OPT_STARTTLS
+    /// (presenting the client certificate of `tls`, checking the server's against the
+    /// name HOST), then open `export` inside TLS.
+    pub fn connect_tls(
+        addr: &str,
+        export: &str,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Client> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        greet(&mut s)?;
+        send_option(&mut s, OPT_STARTTLS, &[])?;
+        match read_reply(&mut s)? {
+            (REP_ACK, _) => {}
+            (k, body) => {
+                return Err(handshake(format!(
+                    "the server refused STARTTLS (reply {k:#x}{}): does its listen.tcp have TLS?",
+                    reply_text(&body)
+                )))
+            }
+        }
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| handshake(format!("{host:?} is not a name TLS can check: {e}")))?;
+        let conn =
+            rustls::ClientConnection::new(tls, name).map_err(|e| handshake(format!("TLS: {e}")))?;
+        Client::go(Box::new(rustls::StreamOwned::new(conn, s)), export)
+    }
+
     /// Do the handshake on a connected stream and open `export`.
     pub fn open(mut s: Box<dyn Stream>, export: &str) -> Result<Client> {
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        if u64::from_be_bytes(hello[..8].try_into().unwrap_or_default()) != NBDMAGIC
-            || u64::from_be_bytes(hello[8..16].try_into().unwrap_or_default()) != IHAVEOPT
-        {
-            return Err(handshake("not a newstyle NBD server"));
-        }
-        let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(handshake("the server is not fixed newstyle"));
-        }
-        let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
-        let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
-        s.write_all(&client_flags.to_be_bytes())?;
+        greet(&mut s)?;
+        Client::go(s, export)
+    }
 
+    /// NBD_OPT_GO on a greeted stream.
+    fn go(mut s: Box<dyn Stream>, export: &str) -> Result<Client> {
         // NBD_OPT_GO: the export name, no information requests.
         let mut data = Vec::with_capacity(6 + export.len());
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = Vec::with_capacity(16 + data.len());
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt)?;
+        send_option(&mut s, OPT_GO, &data)?;
 
         let mut export_info = None;
         loop {
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head)?;
-            let magic = u64::from_be_bytes(head[..8].try_into().unwrap_or_default());
-            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
-            let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
-            if magic != REPLY_MAGIC || len > 64 << 10 {
-                return Err(handshake("malformed option reply"));
-            }
-            let mut body = vec![0u8; len];
-            s.read_exact(&mut body)?;
+            let (kind, body) = read_reply(&mut s)?;
             match kind {
                 REP_ACK => break,
                 REP_INFO if body.len() >= 12 && body[..2] == INFO_EXPORT.to_be_bytes() => {
@@ -105,14 +166,9 @@ impl Client {
                 }
                 REP_INFO => {}
                 k if k & REP_ERR != 0 => {
-                    let text = String::from_utf8_lossy(&body).into_owned();
                     return Err(handshake(format!(
-                        "export {export:?} refused (reply {k:#x}){}",
-                        if text.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {text}")
-                        }
+                        "export {export:?} refused (reply {k:#x}{})",
+                        reply_text(&body)
                     )));
                 }
                 k => return Err(handshake(format!("unexpected option reply {k:#x}"))),
