@@ -1337,7 +1337,14 @@ fn working(lun: u8) -> Refusal {
 fn write_atomic(path: &Path, text: &str) -> Result<(), Refusal> {
     let tmp = path.with_extension("tmp");
     let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -201,7 +201,10 @@ impl Engine {
             let path = path.to_path_buf();
             move |source| EngineError::Io { path, source }
         };
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // The array's files are its disks: readable by its owner only, whatever the umask.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
         let disks: BTreeMap<&str, Arc<Disk>> = cfg
             .disks
             .iter()
@@ -215,6 +218,7 @@ impl Engine {
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(&path)
                 .map_err(io(&path))?;
             // Sparse: only written blocks take space.
@@ -755,7 +759,12 @@ impl Engine {
     /// Write the mode table durably: a temporary file, fsync, rename.
     fn save_modes(&self, modes: &BTreeMap<u8, Mode>) -> std::io::Result<()> {
         let tmp = self.dir.join(format!("{MODES_FILE}.tmp"));
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         for (lu, m) in modes {
             writeln!(f, "{lu} {}", m.code())?;
         }

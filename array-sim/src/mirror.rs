@@ -14,7 +14,7 @@
 //!   of the machine is not modelled.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -181,6 +181,7 @@ impl WriteIntents {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;

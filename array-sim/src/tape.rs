@@ -54,7 +54,15 @@ impl TapeWriter {
             path: path.to_path_buf(),
             source,
         };
-        let f = File::create(path).map_err(io)?;
+        let f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(path)
+        .map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         let mut h = [0u8; 16];
         h[..8].copy_from_slice(MAGIC);

@@ -670,9 +670,10 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
     assert_eq!(mode(hosts.target_root.join("nightly/manifest.json")), 0o600);
 }
 
-/// Journals are 0600 even under umask 0 (before: 0666 less the umask).
+/// Journals and the embedded arrays' LU images are 0600, and the arrays' directories
+/// 0700, even under umask 0 (before: 0666 and 0777 less the umask).
 #[test]
-fn journals_are_private_whatever_the_umask() {
+fn journals_and_lu_images_are_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
@@ -688,10 +689,21 @@ fn journals_are_private_whatever_the_umask() {
         });
     }
     let _agent = hvm_tests::agent::Agent::spawn(&mut cmd, dir.path());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     for backend in ["stateless0", "modeselect0", "preupdate0"] {
         let p = dir.path().join(format!("{backend}.journal"));
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{}", p.display());
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+        let array = dir.path().join(backend);
+        assert_eq!(mode(&array), 0o700, "{}", array.display());
+        let images: Vec<PathBuf> = std::fs::read_dir(&array)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "img"))
+            .collect();
+        assert!(!images.is_empty(), "{}", array.display());
+        for img in images {
+            assert_eq!(mode(&img), 0o600, "{}", img.display());
+        }
     }
 }
 
