@@ -199,6 +199,21 @@ fn a_virtual_lu_moves_to_file_legs_and_back_under_a_writer() {
     assert_eq!(lu(&a)["placement"], "legs0:0");
     model.check(&read_all(&sock));
     file_legs_identical(&state);
+    // A snapshot and its resync on the moved virtual LU work on its new legs.
+    let mut model = model;
+    a.json(&["snapshot", "acquire", "db"]);
+    let mut c = Client::connect(&sock, "db").unwrap();
+    let block = vec![0x77u8; BLOCK];
+    c.write(3 * BLOCK as u64, &block, false).unwrap();
+    model.data[3 * BLOCK..4 * BLOCK].copy_from_slice(&block);
+    drop(c);
+    let out = a.hvmctl(&["snapshot", "delete", "db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file_legs_identical(&state);
 
     // Cancel leaves it where it is; then back home, under a writer again.
     let w = Writer::start(sock.clone(), model, 11);
