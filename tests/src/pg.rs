@@ -428,3 +428,44 @@ pub fn restore_and_recover(
     drop(rfs);
     (sum, rows)
 }
+
+/// The online backup the legs tests run on their storage: PostgreSQL on virtual LU `pg`
+/// of `lu_bytes` on `storage`, pgbench (4 clients, 20 s) throughout `hvmctl backup run
+/// --via nbd --wait-resync` (the backup host cannot open the database host's storage, so
+/// it pulls the snapshot over NBD), no pgbench error; then the live cluster's invariants,
+/// the cluster stopped and its filesystem unmounted, the pair Synchronized;
+/// `legs_identical` compares the legs outside hvm; last, the backup restores and
+/// recovers ([`restore_and_recover`]).
+pub fn backup_online_via_nbd(
+    work: &Path,
+    lu_bytes: u64,
+    storage: crate::backup::Storage<'_>,
+    legs_identical: impl FnOnce(),
+) {
+    let d = Deployment::start_on(work, lu_bytes, 5, 20_000, storage);
+    let mut live = d.cluster;
+    let bench = Bench::start(&live, 4, 20);
+    std::thread::sleep(Duration::from_secs(4));
+    let (out, v) = d
+        .hosts
+        .run(&["pg"], "pg-backup", &["--via", "nbd", "--wait-resync"]);
+    assert!(
+        out.status.success(),
+        "backup run: {}\n{v}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "backup run: {}",
+        serde_json::to_string_pretty(&v["steps"]).unwrap()
+    );
+    let (_, tps) = bench.finish();
+    println!("pgbench during the backup: {tps} tps");
+    let (_, live_rows) = live.pgbench_invariants();
+    live.stop();
+    drop(d.fs);
+    let rs = d.hosts.db.json(&["resync", "status"]);
+    assert_eq!(rs["pairs"][0]["mode"], "Synchronized", "{rs}");
+    legs_identical();
+    let backup = d.hosts.target_root.join("pg-backup");
+    restore_and_recover(&d.hosts, work, &backup, live.port + 1, live_rows);
+}

@@ -7,11 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::Storage;
-use hvm_tests::pg::{restore_and_recover, Bench, Deployment, Mounted};
+use hvm_tests::pg::{backup_online_via_nbd, Mounted};
 use hvm_tests::{binary, tool};
 
 const MIB: u64 = 1 << 20;
@@ -232,28 +231,9 @@ fn postgresql_on_loop_device_legs_backed_up_online() {
         "  - name: array0\n    plugin: file\n    params:\n      volumes:\n        - {{ lu: 0, legs: [{}, {}] }}\n",
         la.dev, lb.dev
     );
-    let d = Deployment::start_on(work, LU, 5, 20_000, Storage::Backend(&backend));
-    let mut live = d.cluster;
-    let bench = Bench::start(&live, 4, 20);
-    std::thread::sleep(Duration::from_secs(4));
-    let (out, v) = d
-        .hosts
-        .run(&["pg"], "pg-backup", &["--via", "nbd", "--wait-resync"]);
-    assert!(
-        out.status.success(),
-        "backup run: {}\n{v}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (_, tps) = bench.finish();
-    println!("pgbench during the backup: {tps} tps");
-    let (_, live_rows) = live.pgbench_invariants();
-    live.stop();
-    drop(d.fs);
-    let rs = d.hosts.db.json(&["resync", "status"]);
-    assert_eq!(rs["pairs"][0]["mode"], "Synchronized", "{rs}");
-    legs_identical(&la.dev, &lb.dev);
-    let backup = d.hosts.target_root.join("pg-backup");
-    restore_and_recover(&d.hosts, work, &backup, live.port + 1, live_rows);
+    backup_online_via_nbd(work, LU, Storage::Backend(&backend), || {
+        legs_identical(&la.dev, &lb.dev)
+    });
 }
 
 /// The example config parses, and each of its file backends opens once its paths are

@@ -18,7 +18,7 @@ use hvm_plugin_rbd::{open_legs, Params};
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::Storage;
 use hvm_tests::ceph::Ceph;
-use hvm_tests::pg::{restore_and_recover, Bench, Deployment};
+use hvm_tests::pg::backup_online_via_nbd;
 use hvm_tests::{tool, workspace};
 use nix::sys::signal::{kill, Signal};
 
@@ -332,34 +332,11 @@ fn postgresql_on_rbd_legs_backed_up_online() {
         "  - name: array0\n    plugin: rbd\n    params:\n      conf: {}\n      create: true\n      timeout_ms: 30000\n      volumes:\n        - {{ lu: 0, legs: [rbd/pg-a, rbd/pg-b], size: 512M }}\n",
         ceph.conf().display()
     );
-    let d = Deployment::start_on(work, LU, 5, 20_000, Storage::Backend(&backend));
-    let mut live = d.cluster;
-    let bench = Bench::start(&live, 4, 20);
-    std::thread::sleep(Duration::from_secs(4));
-    let (out, v) = d
-        .hosts
-        .run(&["pg"], "pg-backup", &["--via", "nbd", "--wait-resync"]);
-    assert!(
-        out.status.success(),
-        "backup run: {}\n{v}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "backup run: {}",
-        serde_json::to_string_pretty(&v["steps"]).unwrap()
-    );
-    let (_, tps) = bench.finish();
-    println!("pgbench during the backup: {tps} tps");
-    let (_, live_rows) = live.pgbench_invariants();
-    live.stop();
-    drop(d.fs);
-    let rs = d.hosts.db.json(&["resync", "status"]);
-    assert_eq!(rs["pairs"][0]["mode"], "Synchronized", "{rs}");
-    // Outside hvm: the two images are identical after the resync.
-    let (a, b) = (work.join("pg-a.img"), work.join("pg-b.img"));
-    ceph.export("rbd/pg-a", &a);
-    ceph.export("rbd/pg-b", &b);
-    assert!(same(&a, &b), "the images differ after resync");
-    let backup = d.hosts.target_root.join("pg-backup");
-    restore_and_recover(&d.hosts, work, &backup, live.port + 1, live_rows);
+    backup_online_via_nbd(work, LU, Storage::Backend(&backend), || {
+        // Outside hvm: the two images are identical after the resync.
+        let (a, b) = (work.join("pg-a.img"), work.join("pg-b.img"));
+        ceph.export("rbd/pg-a", &a);
+        ceph.export("rbd/pg-b", &b);
+        assert!(same(&a, &b), "the images differ after resync");
+    });
 }
