@@ -102,38 +102,27 @@ pub trait Transport: Send + Sync {
     }
 }
 
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
-        (**self).execute(lun, cdb, data_out)
-    }
-    fn execute_into(
-        &self,
-        lun: u8,
-        cdb: &[u8],
-        data_out: &[u8],
-        data_in: &mut [u8],
-    ) -> Result<Response, TransportError> {
-        (**self).execute_into(lun, cdb, data_out, data_in)
-    }
-    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
-        (**self).execute_two(a, b)
-    }
+/// A boxed or shared transport is a transport.
+macro_rules! forward_transport {
+    ($($ty:ty),*) => {$(
+        impl<T: Transport + ?Sized> Transport for $ty {
+            fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+                (**self).execute(lun, cdb, data_out)
+            }
+            fn execute_into(
+                &self,
+                lun: u8,
+                cdb: &[u8],
+                data_out: &[u8],
+                data_in: &mut [u8],
+            ) -> Result<Response, TransportError> {
+                (**self).execute_into(lun, cdb, data_out, data_in)
+            }
+            fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
+                (**self).execute_two(a, b)
+            }
+        }
+    )*};
 }
 
-impl<T: Transport + ?Sized> Transport for Arc<T> {
-    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
-        (**self).execute(lun, cdb, data_out)
-    }
-    fn execute_into(
-        &self,
-        lun: u8,
-        cdb: &[u8],
-        data_out: &[u8],
-        data_in: &mut [u8],
-    ) -> Result<Response, TransportError> {
-        (**self).execute_into(lun, cdb, data_out, data_in)
-    }
-    fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
-        (**self).execute_two(a, b)
-    }
-}
+forward_transport!(Box<T>, Arc<T>);
