@@ -84,12 +84,13 @@ impl Mirror {
     fn both(
         &self,
         companion: &Companion,
-        op: impl Fn(&Target) -> Result<(), BackendError> + Sync,
+        op: impl Fn(&dyn Backend, LuId) -> Result<(), BackendError> + Sync,
     ) -> Result<(), BackendError> {
+        let on = |t: &Target| op(&*t.backend, t.lu());
         if self.broken().is_some() {
-            return op(&self.from);
+            return on(&self.from);
         }
-        let (from, to) = companion.join(|| op(&self.from), || op(&self.to));
+        let (from, to) = companion.join(|| on(&self.from), || on(&self.to));
         if let Err(e) = to {
             tracing::warn!(to = %self.to.place, error = %e, "move: writing the new place failed; the move is abandoned");
             self.break_with(&e);
@@ -131,9 +132,15 @@ impl Routed {
         &self.home.place.backend
     }
 
-    fn route(&self, lu: LuId) -> Route {
+    /// Where home LU `lu` is routed; `None`: at home, where nearly every LU is (no copy
+    /// of anything on the I/O path then).
+    fn routed(&self, lu: LuId) -> Option<Route> {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        routes.get(&lu.0).cloned().unwrap_or_else(|| {
+        routes.get(&lu.0).cloned()
+    }
+
+    fn route(&self, lu: LuId) -> Route {
+        self.routed(lu).unwrap_or_else(|| {
             Route::At(Target {
                 place: Place {
                     backend: self.home.place.backend.clone(),
@@ -171,11 +178,12 @@ impl Routed {
     fn each<T>(
         &self,
         lu: LuId,
-        op: impl FnOnce(&Target) -> Result<T, BackendError>,
+        op: impl FnOnce(&dyn Backend, LuId) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        match self.route(lu) {
-            Route::At(t) => op(&t),
-            Route::Moving(m) => op(&m.from),
+        match self.routed(lu) {
+            None => op(&*self.home.backend, lu),
+            Some(Route::At(t)) => op(&*t.backend, t.lu()),
+            Some(Route::Moving(m)) => op(&*m.from.backend, m.from.lu()),
         }
     }
 
@@ -183,11 +191,12 @@ impl Routed {
         &self,
         lu: LuId,
         range: Option<Extent>,
-        op: impl Fn(&Target) -> Result<(), BackendError> + Sync,
+        op: impl Fn(&dyn Backend, LuId) -> Result<(), BackendError> + Sync,
     ) -> Result<(), BackendError> {
-        match self.route(lu) {
-            Route::At(t) => op(&t),
-            Route::Moving(m) => {
+        match self.routed(lu) {
+            None => op(&*self.home.backend, lu),
+            Some(Route::At(t)) => op(&*t.backend, t.lu()),
+            Some(Route::Moving(m)) => {
                 let _held = range.map(|r| m.locks.lock(r));
                 m.both(&self.companion, op)
             }
@@ -233,25 +242,25 @@ impl Backend for Routed {
     }
 
     fn read(&self, lu: LuId, lba: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.each(lu, |t| t.backend.read(t.lu(), lba, buf))
+        self.each(lu, |b, l| b.read(l, lba, buf))
     }
 
     fn write(&self, lu: LuId, lba: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.write_op(lu, extent(lba, data.len()), |t| {
-            t.backend.write(t.lu(), lba, data, fua)
+        self.write_op(lu, extent(lba, data.len()), |b, l| {
+            b.write(l, lba, data, fua)
         })
     }
 
     fn flush(&self, lu: LuId) -> Result<(), BackendError> {
-        self.write_op(lu, None, |t| t.backend.flush(t.lu()))
+        self.write_op(lu, None, |b, l| b.flush(l))
     }
 
     fn mode_sense(&self, lu: LuId) -> Result<Vec<u8>, BackendError> {
-        self.each(lu, |t| t.backend.mode_sense(t.lu()))
+        self.each(lu, |b, l| b.mode_sense(l))
     }
 
     fn mode_select(&self, lu: LuId, page: &[u8]) -> Result<(), BackendError> {
-        self.write_op(lu, None, |t| t.backend.mode_select(t.lu(), page))
+        self.write_op(lu, None, |b, l| b.mode_select(l, page))
     }
 
     fn copy(&self, src: LuId, dst: LuId, extent: Extent) -> Result<(), BackendError> {
@@ -277,9 +286,7 @@ impl Backend for Routed {
         fua: bool,
     ) -> Result<(), BackendError> {
         let range = Extent::new(lba, lba + blocks.max(1) - 1);
-        self.write_op(lu, range, |t| {
-            t.backend.write_zeroes(t.lu(), lba, blocks, unmap, fua)
-        })
+        self.write_op(lu, range, |b, l| b.write_zeroes(l, lba, blocks, unmap, fua))
     }
 
     fn identity(&self, lu: LuId) -> Result<Option<String>, BackendError> {
