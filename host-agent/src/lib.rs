@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod arrayctl;
+pub mod backups;
 pub mod config;
 pub mod control;
 pub mod coord;

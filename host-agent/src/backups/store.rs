@@ -1,0 +1,252 @@
+//! Where backups live: a [`Store`] of named objects. A directory today; an object store
+//! (`s3://BUCKET/PREFIX`) is another implementation of the same trait.
+//!
+//! Keys are relative, `/`-separated names made of `[A-Za-z0-9._-]` parts (no empty part,
+//! none starting with `.`). Every write is all-or-nothing: a reader sees the whole object
+//! or no object, also after a crash. That is what lets the backup format write its chunks
+//! first and its manifest last, so a half-written backup is never listed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{location}: no object {key}")]
+    NotFound { location: String, key: String },
+    #[error("{location}: object key {key:?} is not a plain relative name")]
+    BadKey { location: String, key: String },
+    #[error("{location}: {key}: {source}")]
+    Io {
+        location: String,
+        key: String,
+        source: std::io::Error,
+    },
+    /// A remote store's error, already one line.
+    #[error("{location}: {message}")]
+    Remote { location: String, message: String },
+}
+
+/// Named objects, written whole.
+pub trait Store: Send + Sync {
+    /// Where this is, as a user would write it: a path or `s3://bucket/prefix`.
+    fn location(&self) -> String;
+    /// Write `key` whole, replacing any old object; durable once this returns.
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// Write `key` unless it exists (content-addressed chunks); `true` if written.
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
+        if self.exists(key)? {
+            return Ok(false);
+        }
+        self.put(key, data)?;
+        Ok(true)
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
+    fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    /// Every key that starts with `prefix`, sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Remove `key`; removing what is not there is not an error.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// A plain relative key, checked before it is joined to anything.
+pub fn check_key(location: &str, key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && key.len() <= 1024
+        && key.split('/').all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadKey {
+            location: location.to_string(),
+            key: key.to_string(),
+        })
+    }
+}
+
+/// A directory on the backup host. Objects are files (0600) under it; a write goes to a
+/// temporary file that is synced and renamed, then the directory is synced.
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    /// `root` is created (0700) if missing.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|source| StoreError::Io {
+                location: root.display().to_string(),
+                key: String::new(),
+                source,
+            })?;
+        Ok(DirStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(&self.location(), key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn io(&self, key: &str, source: std::io::Error) -> StoreError {
+        if source.kind() == ErrorKind::NotFound {
+            StoreError::NotFound {
+                location: self.location(),
+                key: key.to_string(),
+            }
+        } else {
+            StoreError::Io {
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+
+    fn write_whole(path: &Path, data: &[u8]) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    }
+
+    fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // temporary files of writes in progress
+            }
+            let key = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if e.file_type()?.is_dir() {
+                self.walk(&e.path(), &key, out)?;
+            } else {
+                out.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for DirStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        let p = self.path(key)?;
+        Self::write_whole(&p, data).map_err(|e| self.io(key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let p = self.path(key)?;
+        fs::read(p).map_err(|e| self.io(key, e))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let p = self.path(key)?;
+        match fs::symlink_metadata(p) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        self.walk(&self.root, "", &mut out)
+            .map_err(|e| self.io(prefix, e))?;
+        out.retain(|k| k.starts_with(prefix));
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key)?;
+        match fs::remove_file(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn directory_store_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::open(&d.path().join("repo")).unwrap();
+        s.put("backups/b1/manifest.json", b"{}").unwrap();
+        assert!(s.put_if_absent("chunks/ab/abcd", b"x").unwrap());
+        assert!(!s.put_if_absent("chunks/ab/abcd", b"y").unwrap());
+        assert_eq!(s.get("chunks/ab/abcd").unwrap(), b"x");
+        assert_eq!(
+            s.list("").unwrap(),
+            vec!["backups/b1/manifest.json", "chunks/ab/abcd"]
+        );
+        assert_eq!(s.list("chunks/").unwrap(), vec!["chunks/ab/abcd"]);
+        s.delete("chunks/ab/abcd").unwrap();
+        s.delete("chunks/ab/abcd").unwrap();
+        assert!(matches!(
+            s.get("chunks/ab/abcd"),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(!s.exists("chunks/ab/abcd").unwrap());
+    }
+
+    #[test]
+    fn keys_must_be_plain() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::open(d.path()).unwrap();
+        for bad in ["", "/abs", "a/../b", "a//b", ".hidden", "a/.tmp", "sp ace"] {
+            assert!(
+                matches!(s.put(bad, b""), Err(StoreError::BadKey { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+}
