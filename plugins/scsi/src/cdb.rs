@@ -45,7 +45,7 @@
 //! | internal failure (a file I/O error) | HARDWARE ERROR (4h) | 44h/00h |
 //! | backup function refused (the reason follows as data-in text) | ILLEGAL REQUEST, or NOT READY for a working volume | 80h/01h-0Ah |
 
-use crate::format::PAIR_SPLIT_PARAM_LEN;
+use crate::format::{be32, be64, PAIR_SPLIT_PARAM_LEN};
 use crate::sense::Sense;
 
 pub const TEST_UNIT_READY: u8 = 0x00;
@@ -120,16 +120,6 @@ pub enum Command {
         split: bool,
         params: u16,
     },
-}
-
-pub(crate) fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-pub(crate) fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 /// CDB length of an operation code, or `None` for one array-sim does not know.

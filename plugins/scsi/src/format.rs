@@ -4,7 +4,6 @@
 
 use hvm_core::array_backup::{Area, PairState, PairStatus};
 
-use crate::cdb::{be32, be64};
 use crate::sense::Sense;
 
 /// Bytes of a READ CAPACITY(16) answer.
@@ -255,6 +254,18 @@ pub fn decode_identity(d: &[u8]) -> Option<String> {
         }
     }
     best.map(|(_, n)| n)
+}
+
+/// A big-endian u64 field of a CDB or a data format (the first 8 bytes of `b`).
+pub(crate) fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// A big-endian u32 field (the first 4 bytes of `b`).
+pub(crate) fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 #[cfg(test)]
