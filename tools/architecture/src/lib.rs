@@ -301,7 +301,7 @@ pub fn scan_crate(member: &str, src: &Path, out: &mut Findings) {
     }
     let graph = edges(&modules);
     for scc in strongly_connected(&graph) {
-        let names: Vec<String> = scc.iter().map(|m| display(m)).collect();
+        let names: Vec<String> = scc.iter().map(display).collect();
         out.circles
             .insert(format!("{member}: {}", names.join(", ")));
     }
