@@ -37,12 +37,13 @@
 //! user volume (see [`crate::mirror`]) over whole bitmap units, then the state mutex only
 //! to read or flip bits; I/O is never done under the state mutex.
 //!
-//! What survives a restart of the array: the pair table with its split areas, and the
-//! attributes (files `pairs` and `attributes`). The difference bitmaps live in the
-//! array's memory: after a restart every unit not split is copied again (`forming`) and
-//! every split unit counts as different, as ShadowImage does after losing its
-//! differential tables. Copy jobs in progress are lost; their media have no trailer, so
-//! a restore of one refuses.
+//! What survives a restart of the array: the pair table with its split areas, the
+//! attributes (files `pairs` and `attributes`), and each pair's difference bitmap (file
+//! `diff-PRIMARY.bits`, see [`crate::bitmaps`]): after an orderly stop the resync copies
+//! only the units marked before it; after a death of the array the split units keep
+//! their marks and the units not split are copied again (`forming`), since a write to
+//! both volumes may have been cut between them. Copy jobs in progress are lost; their
+//! media have no trailer, so a restore of one refuses.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -56,6 +57,7 @@ use hvm_core::array_backup::{
     PairStatus,
 };
 
+use crate::bitmaps::{Bitmap, DiffFile};
 use crate::config::BackupConfig;
 use crate::engine::{Store, BLOCK_SIZE};
 use crate::scsi::Sense;
@@ -94,60 +96,6 @@ const KEPT_JOBS: usize = 256;
 /// Blocks a resync or initial copy handles under one range lock (512 KiB).
 const SYNC_BATCH_BLOCKS: u64 = 1024;
 
-/// A bitmap with one bit per unit.
-#[derive(Clone, Debug)]
-struct Bitmap {
-    words: Vec<u64>,
-    units: u64,
-}
-
-impl Bitmap {
-    fn new(units: u64) -> Bitmap {
-        Bitmap {
-            words: vec![0; units.div_ceil(64) as usize],
-            units,
-        }
-    }
-
-    fn get(&self, u: u64) -> bool {
-        self.words[(u / 64) as usize] & (1 << (u % 64)) != 0
-    }
-
-    fn put(&mut self, u: u64, on: bool) {
-        let w = &mut self.words[(u / 64) as usize];
-        if on {
-            *w |= 1 << (u % 64);
-        } else {
-            *w &= !(1 << (u % 64));
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    fn ones(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.units).filter(|u| self.get(*u))
-    }
-
-    /// The set units among `first..first + count` as runs `(first, count)`.
-    fn runs_in(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for u in (first..(first + count).min(self.units)).filter(|u| self.get(*u)) {
-            match out.last_mut() {
-                Some((f, n)) if *f + *n == u => *n += 1,
-                _ => out.push((u, 1)),
-            }
-        }
-        out
-    }
-
-    /// The set units as runs `(first, count)`.
-    fn runs(&self) -> Vec<(u64, u64)> {
-        self.runs_in(0, self.units)
-    }
-}
-
 struct Pair {
     primary: u8,
     secondary: u8,
@@ -156,6 +104,8 @@ struct Pair {
     split: Bitmap,
     /// The difference bitmap ([0020]).
     diff: Bitmap,
+    /// Where `diff` survives a restart (see [`crate::bitmaps`]).
+    diff_file: Arc<DiffFile>,
     copied_bytes: u64,
 }
 
@@ -320,13 +270,7 @@ impl Firmware {
                     }
                     (a.start..a.end()).for_each(|u| split.put(u, true));
                 }
-                // The difference bitmap was in memory: every unit counts as different.
-                let mut diff = Bitmap::new(units);
-                (0..units).for_each(|u| diff.put(u, true));
-                let mut todo = Bitmap::new(units);
-                (0..units)
-                    .filter(|u| !split.get(*u))
-                    .for_each(|u| todo.put(u, true));
+                let (diff, todo, file) = restored_diff(dir, p, &split)?;
                 restart.push((p, todo));
                 st.pairs.push(Pair {
                     primary: p,
@@ -334,6 +278,7 @@ impl Firmware {
                     state: PairState::Forming,
                     split,
                     diff,
+                    diff_file: Arc::new(file),
                     copied_bytes: 0,
                 });
             }
@@ -428,6 +373,7 @@ impl Firmware {
         let (first, span) = self.unit_span(lba, blocks);
         let _locked = self.store.locks.lock(root, first, span);
         self.save_before_write(lun, lba, blocks)?;
+        self.mark_split(lun, lba, blocks)?;
         self.store
             .write(lun, lba, data)
             .map_err(|s| io_err(s, "writing the user volume"))?;
@@ -502,6 +448,55 @@ impl Firmware {
         Ok(())
     }
 
+    /// Put on disk, before a write to `lun` lands, the difference bits it sets: the
+    /// split units of the pair `lun` is the user volume of (see [`crate::bitmaps`]).
+    fn mark_split(&self, lun: u8, lba: u64, blocks: u64) -> Result<(), Refusal> {
+        let (file, changed) = {
+            let mut st = self.lock();
+            let Some(i) = st.pair_of_primary(lun) else {
+                return Ok(());
+            };
+            let p = &mut st.pairs[i];
+            let mut changed = Vec::new();
+            for u in lba / self.n..(lba + blocks).div_ceil(self.n) {
+                if p.split.get(u) && !p.diff.get(u) {
+                    changed.extend(p.diff.set_span(u, u + 1));
+                }
+            }
+            if changed.is_empty() {
+                return Ok(());
+            }
+            changed.dedup();
+            (p.diff_file.clone(), changed)
+        };
+        file.persist(|| {
+            let st = self.lock();
+            st.pair_of_primary(lun).map_or_else(Vec::new, |i| {
+                let p = &st.pairs[i];
+                changed.iter().map(|w| (*w, p.diff.words[*w])).collect()
+            })
+        })
+        .map_err(|e| {
+            refuse(
+                Sense::WRITE_ERROR,
+                format!("{}: {e}", file.path().display()),
+            )
+        })
+    }
+
+    /// An orderly stop: once every write in progress has ended, each pair's difference
+    /// bitmap is written whole and marked clean, so the next start trusts it.
+    pub(crate) fn shutdown(&self) -> Result<(), String> {
+        let _all = self.store.locks.lock(0, 0, u64::MAX / 2);
+        let st = self.lock();
+        for p in &st.pairs {
+            p.diff_file
+                .write_all(&p.diff, true)
+                .map_err(|e| format!("{}: {e}", p.diff_file.path().display()))?;
+        }
+        Ok(())
+    }
+
     /// Fig. 6 steps 63-65, down a cascade: the units of the write that are split only
     /// mark the difference bitmap; the others reach the secondary, and its own pair.
     fn propagate(&self, lun: u8, lba: u64, data: &[u8]) -> Result<(), Refusal> {
@@ -533,6 +528,7 @@ impl Firmware {
         let bs = BLOCK_SIZE as usize;
         for (s, e) in runs {
             let part = &data[(s - lba) as usize * bs..(e - lba) as usize * bs];
+            self.mark_split(secondary, s, e - s)?;
             self.store
                 .write(secondary, s, part)
                 .map_err(|x| io_err(x, "writing the secondary volume"))?;
@@ -613,6 +609,7 @@ impl Firmware {
                     self.store
                         .read(primary, lba, &mut buf)
                         .map_err(|s| io_err(s, "reading the user volume"))?;
+                    self.mark_split(secondary, lba, blocks)?;
                     self.store
                         .write(secondary, lba, &buf)
                         .map_err(|s| io_err(s, "writing the secondary volume"))?;
@@ -673,14 +670,17 @@ impl Firmware {
             return Err(state_err(format!("LU {secondary} is under copying")));
         }
         let units = pc.div_ceil(self.n);
-        let mut all = Bitmap::new(units);
-        (0..units).for_each(|u| all.put(u, true));
+        let all = Bitmap::full(units);
+        let path = diff_path(&self.dir, primary);
+        let file = DiffFile::create(&path, &all)
+            .map_err(|e| refuse(Sense::INTERNAL_FAILURE, format!("{}: {e}", path.display())))?;
         st.pairs.push(Pair {
             primary,
             secondary,
             state: PairState::Forming,
             split: Bitmap::new(units),
             diff: all.clone(),
+            diff_file: Arc::new(file),
             copied_bytes: 0,
         });
         if let Err(e) = self.save_pairs(&st) {
@@ -792,6 +792,7 @@ impl Firmware {
             st.pairs.insert(i, removed);
             return Err(e);
         }
+        let _ = std::fs::remove_file(removed.diff_file.path());
         Ok(())
     }
 
@@ -979,6 +980,55 @@ impl Firmware {
             fw.ended.notify_all();
         });
         Ok(job)
+    }
+
+    /// CCOPY of a volume frozen by another function (the secondary of a remote pair,
+    /// see [`crate::remote`]); the caller checked that it is split ([0030]).
+    pub(crate) fn ccopy_frozen(
+        self: &Arc<Self>,
+        lun: u8,
+        device: &str,
+        ranges: Vec<Area>,
+    ) -> Result<u32, Refusal> {
+        let total = self.check_ranges(lun, &ranges)?;
+        let (job, path) = {
+            let mut st = self.lock();
+            let path = self.device(&st, device)?;
+            st.hold(lun);
+            (self.new_job(&mut st, "ccopy", lun, device, total), path)
+        };
+        let fw = Arc::clone(self);
+        let dev = device.to_string();
+        std::thread::spawn(move || {
+            let r = fw.copy_to_device(job, lun, &ranges, &path, None);
+            let mut st = fw.lock();
+            st.release(lun);
+            st.busy_devices.remove(&dev);
+            finish_job(&mut st, job, r.err());
+            fw.ended.notify_all();
+        });
+        Ok(job)
+    }
+
+    /// Whether a copy job reads `lun` now.
+    pub(crate) fn is_copying(&self, lun: u8) -> bool {
+        self.lock().copying(lun)
+    }
+
+    /// Whether `lun` is in a pair of this array: as user volume (`Some(true)`) or
+    /// secondary (`Some(false)`).
+    pub(crate) fn paired(&self, lun: u8) -> Option<bool> {
+        let st = self.lock();
+        if st.pair_of_primary(lun).is_some() {
+            Some(true)
+        } else {
+            st.pair_of_secondary(lun).map(|_| false)
+        }
+    }
+
+    /// Whether `lun` has the "work" attribute.
+    pub(crate) fn is_work(&self, lun: u8) -> bool {
+        self.lock().work.contains(&lun)
     }
 
     /// The copy process: the ranges in the request's order, a step at a time, to the
@@ -1334,7 +1384,7 @@ fn working(lun: u8) -> Refusal {
     )
 }
 
-fn write_atomic(path: &Path, text: &str) -> Result<(), Refusal> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), Refusal> {
     let tmp = path.with_extension("tmp");
     let r = (|| {
         let mut f = std::os::unix::fs::OpenOptionsExt::mode(
@@ -1350,4 +1400,34 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), Refusal> {
         std::fs::rename(&tmp, path)
     })();
     r.map_err(|e| refuse(Sense::INTERNAL_FAILURE, format!("{}: {e}", path.display())))
+}
+
+/// The file of the difference bitmap of the pair of user volume `primary`.
+fn diff_path(dir: &Path, primary: u8) -> PathBuf {
+    dir.join(format!("diff-{primary}.bits"))
+}
+
+/// At a start, the difference bitmap of a pair with split bitmap `split`, the units to
+/// copy again, and its file. A clean file's bits are exact; after a death of the array
+/// (a dirty file, or none from an older version) the units not split count as
+/// different too, since a write to both volumes may have been cut between them; the
+/// split units' bits were on disk before their writes.
+fn restored_diff(dir: &Path, p: u8, split: &Bitmap) -> Result<(Bitmap, Bitmap, DiffFile), String> {
+    let path = diff_path(dir, p);
+    let units = split.units;
+    let (mut diff, clean) = match DiffFile::open(&path, units)? {
+        Some(f) => (f.bits, f.clean),
+        None => (Bitmap::full(units), false),
+    };
+    let mut todo = Bitmap::new(units);
+    for u in (0..units).filter(|u| !split.get(*u)) {
+        if !clean {
+            diff.put(u, true);
+        }
+        if diff.get(u) {
+            todo.put(u, true);
+        }
+    }
+    let file = DiffFile::create(&path, &diff).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((diff, todo, file))
 }

@@ -196,6 +196,9 @@ pub struct ArrayConfig {
     /// How a read that may use several legs picks one (issue 20's [0077] benchmark).
     #[serde(default)]
     pub read_distribution: ReadDistribution,
+    /// Channel paths to other arrays (see [`crate::channel`]); needs `backup`.
+    #[serde(default)]
+    pub channel: Option<crate::channel::ChannelConfig>,
 }
 
 /// How a read that may use several legs (a mirroring LU's) picks one.
@@ -356,6 +359,15 @@ impl ArrayConfig {
                     ));
                 }
             }
+        }
+        if let Some(c) = &self.channel {
+            if self.backup.is_none() {
+                return Err(
+                    "channel: remote pairs need the backup functions; add a `backup` section"
+                        .into(),
+                );
+            }
+            c.check()?;
         }
         if let Some(b) = &self.backup {
             if self.kind == FirmwareKind::Stateless {

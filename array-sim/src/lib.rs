@@ -8,13 +8,19 @@
 //! - [`engine`]: the firmware of the three kinds over LU files.
 //! - [`backup`] and [`tape`]: the array-side backup functions of EP 1 058 190 and the
 //!   backup device's medium.
+//! - [`bitmaps`]: the difference bitmaps and the file that keeps them across a restart.
+//! - [`channel`] and [`remote`]: channel paths between arrays, the channel port, and
+//!   remote pairs (Fig. 8, [0053]-[0058]).
 //! - [`mirror`]: what keeps a mirror's legs identical (range locks, write intents).
 //! - [`proto`] and [`server`]: the daemon's wire format and server.
 //! - [`client`]: the engine in this process as a transport of hvm-scsi's `ArrayClient`
 //!   (re-exported with the socket client), and the SET FAULT command.
+//! - [`switch`]: the copy agents of [0059] (the switch) and [0060] (the backup device).
 //! - [`driver`]: the embedded transport of the driver plugins (the array in their process).
 
 pub mod backup;
+pub mod bitmaps;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod disk;
@@ -23,6 +29,8 @@ pub mod engine;
 pub mod fault;
 pub mod mirror;
 pub mod proto;
+pub mod remote;
 pub mod scsi;
 pub mod server;
+pub mod switch;
 pub mod tape;

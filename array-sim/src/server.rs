@@ -66,9 +66,21 @@ impl Listener {
     }
 }
 
+/// What a port of the daemon runs its commands on: the array's host port (an
+/// [`Engine`]), its channel port (`crate::channel::ChannelPort`), or a copy agent.
+pub trait Executor: Send + Sync + 'static {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome;
+}
+
+impl Executor for Engine {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        Engine::execute(self, lun, cdb, data_out)
+    }
+}
+
 /// Serve `engine` on `listener` until `shutdown` completes.
 pub async fn run(
-    engine: Arc<Engine>,
+    engine: Arc<dyn Executor>,
     listener: Listener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -220,7 +232,10 @@ async fn hold(budget: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit>
 /// A reply on its way to the writer, with the budget its command holds until written.
 type Queued = (Vec<u8>, Vec<u8>, OwnedSemaphorePermit);
 
-async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(engine: Arc<Engine>, stream: S) {
+async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
+    engine: Arc<dyn Executor>,
+    stream: S,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let (close_tx, mut close_rx) = watch::channel(false);
