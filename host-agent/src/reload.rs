@@ -66,17 +66,45 @@ fn access(v: &VirtualLuConfig) -> Access {
 /// Compare the config in effect with a new one.
 pub fn plan(old: &Config, new: &Config) -> Plan {
     let mut p = Plan::default();
-    let mut restart = |cond: bool, path: &str| {
-        if cond {
-            p.restart.push(path.to_string());
+    settings(old, new, &mut p);
+    backends(old, new, &mut p);
+    virtual_lus(old, new, &mut p);
+    live_settings(old, new, &mut p);
+    p
+}
+
+/// Top-level settings that need a restart.
+fn settings(old: &Config, new: &Config, p: &mut Plan) {
+    let fields = [
+        ("state_dir", old.state_dir != new.state_dir),
+        ("plugin_dir", old.plugin_dir != new.plugin_dir),
+        ("runtime_dir", old.runtime_dir != new.runtime_dir),
+        ("journal", old.journal != new.journal),
+        ("listen", old.listen != new.listen),
+        ("coordination", old.coordination != new.coordination),
+    ];
+    for (f, changed) in fields {
+        if changed {
+            p.restart.push(f.to_string());
         }
-    };
-    restart(old.state_dir != new.state_dir, "state_dir");
-    restart(old.plugin_dir != new.plugin_dir, "plugin_dir");
-    restart(old.runtime_dir != new.runtime_dir, "runtime_dir");
-    restart(old.journal != new.journal, "journal");
-    restart(old.listen != new.listen, "listen");
-    restart(old.coordination != new.coordination, "coordination");
+    }
+}
+
+/// The log level and the resync's pace change live.
+fn live_settings(old: &Config, new: &Config, p: &mut Plan) {
+    if old.log_level != new.log_level {
+        p.live.push(Live::LogLevel(new.log_level));
+    }
+    if old.resync.rate_mib != new.resync.rate_mib {
+        p.live.push(Live::ResyncRate(new.resync.rate_mib << 20));
+    }
+    if old.resync.chunk_kib != new.resync.chunk_kib {
+        p.live.push(Live::ResyncChunk(new.resync.chunk_kib << 10));
+    }
+}
+
+/// Backends added, removed or changed: all restart-time.
+fn backends(old: &Config, new: &Config, p: &mut Plan) {
     for b in &old.backends {
         match new.backends.iter().find(|n| n.name == b.name) {
             None => p.restart.push(format!("backends[{}] (removed)", b.name)),
@@ -89,6 +117,22 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             p.restart.push(format!("backends[{}] (added)", n.name));
         }
     }
+}
+
+/// Virtual LUs: their place and exports need a restart, their access is live.
+fn virtual_lus(old: &Config, new: &Config, p: &mut Plan) {
+    for v in &old.virtual_lus {
+        let Some(n) = new.virtual_lus.iter().find(|n| n.name == v.name) else {
+            p.restart.push(format!("virtual_lus[{}] (removed)", v.name));
+            continue;
+        };
+        virtual_lu(v, n, p);
+    }
+    for n in &new.virtual_lus {
+        if !old.virtual_lus.iter().any(|v| v.name == n.name) {
+            p.restart.push(format!("virtual_lus[{}] (added)", n.name));
+        }
+    }
     // Virtual LU ids follow the order of the list within a backend, and the journal is
     // keyed by them, so an order change is a restart-time change too.
     let order = |c: &Config| {
@@ -97,55 +141,38 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             .map(|v| v.name.clone())
             .collect::<Vec<_>>()
     };
-    for v in &old.virtual_lus {
-        let Some(n) = new.virtual_lus.iter().find(|n| n.name == v.name) else {
-            p.restart.push(format!("virtual_lus[{}] (removed)", v.name));
-            continue;
-        };
-        let fields = [
-            ("backend", v.backend != n.backend),
-            ("lu", v.lu != n.lu),
-            ("mirroring", v.mirroring != n.mirroring),
-            ("snapshots", v.snapshots != n.snapshots),
-            ("save_area", v.save_area != n.save_area),
-        ];
-        for (f, changed) in fields {
-            if changed {
-                p.restart.push(format!("virtual_lus[{}].{f}", v.name));
-            }
-        }
-        if access(v) != access(n) {
-            p.live.push(Live::Access {
-                vlu: v.name.clone(),
-                exports: std::iter::once(&v.name)
-                    .chain(&v.snapshots)
-                    .cloned()
-                    .collect(),
-                access: access(n),
-            });
-        }
-    }
-    for n in &new.virtual_lus {
-        if !old.virtual_lus.iter().any(|v| v.name == n.name) {
-            p.restart.push(format!("virtual_lus[{}] (added)", n.name));
-        }
-    }
     let (mut a, mut b) = (order(old), order(new));
     a.retain(|x| b.contains(x));
     b.retain(|x| a.contains(x));
     if a != b {
         p.restart.push("virtual_lus (order)".into());
     }
-    if old.log_level != new.log_level {
-        p.live.push(Live::LogLevel(new.log_level));
+}
+
+/// One virtual LU in both configs.
+fn virtual_lu(v: &VirtualLuConfig, n: &VirtualLuConfig, p: &mut Plan) {
+    let fields = [
+        ("backend", v.backend != n.backend),
+        ("lu", v.lu != n.lu),
+        ("mirroring", v.mirroring != n.mirroring),
+        ("snapshots", v.snapshots != n.snapshots),
+        ("save_area", v.save_area != n.save_area),
+    ];
+    for (f, changed) in fields {
+        if changed {
+            p.restart.push(format!("virtual_lus[{}].{f}", v.name));
+        }
     }
-    if old.resync.rate_mib != new.resync.rate_mib {
-        p.live.push(Live::ResyncRate(new.resync.rate_mib << 20));
+    if access(v) != access(n) {
+        p.live.push(Live::Access {
+            vlu: v.name.clone(),
+            exports: std::iter::once(&v.name)
+                .chain(&v.snapshots)
+                .cloned()
+                .collect(),
+            access: access(n),
+        });
     }
-    if old.resync.chunk_kib != new.resync.chunk_kib {
-        p.live.push(Live::ResyncChunk(new.resync.chunk_kib << 10));
-    }
-    p
 }
 
 /// `old` with the live changes of `new` taken over: the config in effect after a reload

@@ -391,34 +391,7 @@ impl Moves {
             .iter()
             .map(|lu| self.routed(s.home).map(|r| r.place(*lu)))
             .collect::<Result<_, _>>()?;
-        let fits = |d: &MirrorDefinition| {
-            same_kind(d, &def)
-                && d.lus().iter().all(|lu| {
-                    !in_use.contains(&Place {
-                        backend: req.to.clone(),
-                        lu: lu.0,
-                    })
-                })
-        };
-        let target = match req.lus {
-            Some(p) => desc
-                .mirroring
-                .iter()
-                .find(|d| d.primary() == LuId(p))
-                .ok_or_else(|| refuse(format!("backend {} has no mirroring definition whose primary LU is {p}", req.to)))?,
-            None => desc.mirroring.iter().find(|d| fits(d)).ok_or_else(|| {
-                refuse(format!(
-                    "backend {} has no free mirroring definition of the same kind as {def} (its data is on {})",
-                    req.to, from[0].place
-                ))
-            })?,
-        };
-        if !fits(target) {
-            return Err(refuse(format!(
-                "{target} on backend {} is of another kind than {def}, or a virtual LU uses it",
-                req.to
-            )));
-        }
+        let target = choose_target(&desc.mirroring, req, &def, in_use, &from[0], &refuse)?;
         let cap = desc.capacity(target.primary()).unwrap_or(0);
         if cap < capacity_lbas {
             return Err(refuse(format!(
@@ -446,6 +419,46 @@ impl Moves {
             capacity_lbas,
         })
     }
+}
+
+/// The mirroring definition of the target backend a move goes to: the one asked for
+/// (`--lus`), or the first free one of the same kind as `def`.
+fn choose_target<'d>(
+    mirroring: &'d [MirrorDefinition],
+    req: &MoveRequest,
+    def: &MirrorDefinition,
+    in_use: &BTreeSet<Place>,
+    from: &Target,
+    refuse: &dyn Fn(String) -> MoveError,
+) -> Result<&'d MirrorDefinition, MoveError> {
+    let fits = |d: &MirrorDefinition| {
+        same_kind(d, def)
+            && d.lus().iter().all(|lu| {
+                !in_use.contains(&Place {
+                    backend: req.to.clone(),
+                    lu: lu.0,
+                })
+            })
+    };
+    let target = match req.lus {
+        Some(p) => mirroring
+            .iter()
+            .find(|d| d.primary() == LuId(p))
+            .ok_or_else(|| refuse(format!("backend {} has no mirroring definition whose primary LU is {p}", req.to)))?,
+        None => mirroring.iter().find(|d| fits(d)).ok_or_else(|| {
+            refuse(format!(
+                "backend {} has no free mirroring definition of the same kind as {def} (its data is on {})",
+                req.to, from.place
+            ))
+        })?,
+    };
+    if !fits(target) {
+        return Err(refuse(format!(
+            "{target} on backend {} is of another kind than {def}, or a virtual LU uses it",
+            req.to
+        )));
+    }
+    Ok(target)
 }
 
 /// A move worked out: home LUs and their old and new places, in the same order.
