@@ -9,10 +9,13 @@ cd "$(dirname "$0")/.."
 # NBD legs, systemd-analyze for the unit file, and
 # for the backup tests a real PostgreSQL with pgbench on ext4 on a loop device (mkfs.ext4,
 # losetup, mount, fsfreeze, runuser, pgrep), and for the RBD tests a throwaway Ceph
-# cluster (ceph-mon, ceph-osd, ceph, rbd) and librbd/librados to link the rbd plugin.
+# cluster (ceph-mon, ceph-osd, ceph, rbd) and librbd/librados to link the rbd plugin, and
+# for the S3 backup tests radosgw on that cluster (buckets made with curl's SigV4) and
+# boto3, the S3 benchmark's peer, and jq and zstd for the README's restore of a backup
+# without hvm (tests/tests/backup_product.rs).
 # A test that needs a tool fails
 # loudly when it is missing; this list is how a fresh machine gets them.
-PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2)
+PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2 radosgw curl python3-boto3 jq zstd)
 
 . scripts/install.sh
 install_packages "${PACKAGES[@]}"

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod backup;
 pub mod ceph;
 pub mod pg;
+pub mod rgw;
 pub mod tgt;
 
 use std::path::{Path, PathBuf};
