@@ -91,6 +91,8 @@ pub(crate) struct RemotePair {
     file: Arc<DiffFile>,
     copied: u64,
     reason: Option<String>,
+    /// A copy over the path runs (one at a time).
+    busy: bool,
 }
 
 const PAIRS_FILE: &str = "remote-pairs";
@@ -155,6 +157,7 @@ impl Channel {
                 copied: 0,
                 reason: (state == RemoteState::Suspended)
                     .then(|| "the array restarted".to_string()),
+                busy: false,
             });
         }
         Ok(out)
@@ -246,6 +249,7 @@ impl Channel {
                 file: Arc::new(file),
                 copied: 0,
                 reason: None,
+                busy: true,
             });
             if let Err(e) = self.save_pairs(&pairs) {
                 pairs.pop();
@@ -330,7 +334,7 @@ impl Channel {
             // Every write in flight ends first: the split is one instant.
             let _all = self.store.locks.lock(lun, 0, u64::MAX / 2);
             self.with_pair(lun, |p| {
-                if p.state != RemoteState::Duplex {
+                if p.state != RemoteState::Duplex || p.busy {
                     return Err(state_err(format!(
                         "the remote pair of LU {lun} is {}; a split needs it duplex",
                         p.state.word()
@@ -357,6 +361,9 @@ impl Channel {
     pub(crate) fn remote_resync(self: &Arc<Self>, lun: u8) -> Result<(), Refusal> {
         let (link, secondary) = self.pair_link(lun)?;
         self.with_pair(lun, |p| match p.state {
+            _ if p.busy => Err(state_err(format!(
+                "a copy of the remote pair of LU {lun} is still running; try when it ends"
+            ))),
             RemoteState::Split | RemoteState::Suspended => Ok(((), false)),
             s => Err(state_err(format!(
                 "the remote pair of LU {lun} is {}; nothing to resync",
@@ -370,8 +377,12 @@ impl Channel {
         })
         .map_err(|e| state_err(format!("the resync cannot start: {e}")))?;
         self.with_pair(lun, |p| {
+            if p.busy || p.state == RemoteState::Resyncing {
+                return Err(state_err("another resync of the pair started first"));
+            }
             p.state = RemoteState::Resyncing;
             p.reason = None;
+            p.busy = true;
             Ok(((), true))
         })?;
         self.spawn_copy(lun, None);
@@ -381,6 +392,7 @@ impl Channel {
     pub(crate) fn remote_delete(&self, lun: u8) -> Result<(), Refusal> {
         let (link, secondary) = self.pair_link(lun)?;
         self.with_pair(lun, |p| match p.state {
+            _ if p.busy => Err(state_err("the remote pair is copying; wait for it")),
             RemoteState::Forming | RemoteState::Resyncing => {
                 Err(state_err("the remote pair is copying; wait for it"))
             }
@@ -458,13 +470,17 @@ impl Channel {
             }
             let r = ch.copy_marked(lun);
             let _ = ch.with_pair(lun, |p| {
-                p.state = match &r {
-                    Ok(()) => RemoteState::Duplex,
+                p.busy = false;
+                match &r {
+                    // A write that failed meanwhile suspended the pair and marked its
+                    // units: it stays suspended.
+                    Ok(()) if p.state == RemoteState::Suspended => {}
+                    Ok(()) => p.state = RemoteState::Duplex,
                     Err(e) => {
                         p.reason = Some(e.clone());
-                        RemoteState::Suspended
+                        p.state = RemoteState::Suspended;
                     }
-                };
+                }
                 Ok(((), true))
             });
         });
