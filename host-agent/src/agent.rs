@@ -179,6 +179,8 @@ fn open_backend(
     let params = with_state_dir(&b.params, state_dir);
     let text = serde_yaml::to_string(&params).unwrap_or_default();
     let backend: Shared = Arc::new(plugin.open(&text).map_err(err)?);
+    // issue 22: an array's EP 1 058 190 pairs are reported as mirroring definitions.
+    let backend = crate::pairs::wrap(backend);
     let desc = backend.describe().map_err(|source| AgentError::Describe {
         backend: b.name.clone(),
         source,

@@ -26,6 +26,8 @@ pub mod gate;
 pub mod moves;
 pub mod nbd;
 pub mod notify;
+// issue 22: EP 1 058 190 pairs as mirroring definitions for virtual LUs.
+pub mod pairs;
 pub mod reload;
 pub mod resync;
 
