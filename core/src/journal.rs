@@ -1,5 +1,5 @@
-//! The journal that persists hvm's tables: the LU mode table, the update-location tables
-//! and the E4 save maps.
+//! The journal that persists hvm's tables: the LU mode table, the update-location tables,
+//! the E4 save maps and the changed-block records of [`crate::change_tracking`].
 //!
 //! File layout: a 16-byte header (`HVMJRNL1`, version u32 LE, CRC32C of the first 12
 //! bytes as u32 LE), then records. A record is `len: u32 LE`, `crc: u32 LE`, then `len`
@@ -14,10 +14,19 @@
 //! storage before `append` returns, because the data write they describe is issued next.
 //! Records that only shrink the tables (`Remove`, `Clear`) may be deferred: losing one in a
 //! crash costs a redundant copy, never a lost range.
+//!
+//! Changed-block tracking follows the same rule: `TrackAdd` (a client write's extent) is
+//! durable before the data write; `TrackCut` moves the written set to a backup's pending
+//! set without shrinking their union, and `TrackAbort` moves it back; `TrackComplete`
+//! drops a completed backup's pending set. Losing any of them in a crash leaves a record
+//! that covers more, never less. Version 2 of the format added these records; version 1
+//! files (which have none) replay as before, and a version-1 reader refuses a version-2
+//! file instead of dropping its tail.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use crate::change_tracking::{BackupId, ChangedBlocks};
 use crate::lba::Extent;
 use crate::mode::Mode;
 use crate::save_area::SaveArea;
@@ -25,7 +34,9 @@ use crate::tables::{LuId, LuModeEntry, LuModeTable, VirtualLuId};
 use crate::update_location::UpdateLocationTable;
 
 pub const MAGIC: &[u8; 8] = b"HVMJRNL1";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest version replay reads.
+pub const OLDEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a record may have; anything longer is corruption.
 pub const MAX_RECORD: u32 = 256;
@@ -59,6 +70,18 @@ pub enum JournalRecord {
     /// E4: the save area filled up and the snapshot was invalidated (or made valid again
     /// by a new acquire).
     SnapshotInvalid { pair: PairKey, invalid: bool },
+    /// Changed-block tracking: a client write of `extent` to the pair's origin.
+    TrackAdd { pair: PairKey, extent: Extent },
+    /// Changed-block tracking: the snapshot of `backup` was taken; what was written
+    /// since the last cut is now its pending set.
+    TrackCut { pair: PairKey, backup: BackupId },
+    /// Changed-block tracking: `backup` was copied; it is the base from now on.
+    TrackComplete { pair: PairKey, backup: BackupId },
+    /// Changed-block tracking: `backup` failed; its pending set is written again.
+    TrackAbort { pair: PairKey, backup: BackupId },
+    /// Changed-block tracking: start the pair's record afresh (a checkpoint's first
+    /// record for it).
+    TrackReset { pair: PairKey },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +90,7 @@ pub enum JournalError {
         "not an hvm journal: the header is {found:02x?}, expected it to start with \"HVMJRNL1\""
     )]
     BadMagic { found: Vec<u8> },
-    #[error("journal version {found} is not supported (this build reads version {VERSION})")]
+    #[error("journal version {found} is not supported (this build reads versions {OLDEST_VERSION} to {VERSION})")]
     Version { found: u32 },
     #[error("journal header checksum mismatch")]
     HeaderChecksum,
@@ -146,6 +169,11 @@ const TAG_REMOVE: u8 = 3;
 const TAG_CLEAR: u8 = 4;
 const TAG_SAVE: u8 = 5;
 const TAG_INVALID: u8 = 6;
+const TAG_TRACK_ADD: u8 = 7;
+const TAG_TRACK_CUT: u8 = 8;
+const TAG_TRACK_COMPLETE: u8 = 9;
+const TAG_TRACK_ABORT: u8 = 10;
+const TAG_TRACK_RESET: u8 = 11;
 
 fn put_lu(p: &mut Vec<u8>, lu: Option<LuId>) {
     match lu {
@@ -163,6 +191,33 @@ fn put_lu(p: &mut Vec<u8>, lu: Option<LuId>) {
 fn put_extent(p: &mut Vec<u8>, e: Extent) {
     p.extend_from_slice(&e.first().to_le_bytes());
     p.extend_from_slice(&e.last().to_le_bytes());
+}
+
+fn put_backup(p: &mut Vec<u8>, b: &BackupId) {
+    let s = b.as_str().as_bytes();
+    p.push(s.len() as u8);
+    p.extend_from_slice(s);
+}
+
+fn encode_tracking(rec: &JournalRecord, p: &mut Vec<u8>) {
+    let (tag, pair, extent, backup) = match rec {
+        JournalRecord::TrackAdd { pair, extent } => (TAG_TRACK_ADD, pair, Some(extent), None),
+        JournalRecord::TrackCut { pair, backup } => (TAG_TRACK_CUT, pair, None, Some(backup)),
+        JournalRecord::TrackComplete { pair, backup } => {
+            (TAG_TRACK_COMPLETE, pair, None, Some(backup))
+        }
+        JournalRecord::TrackAbort { pair, backup } => (TAG_TRACK_ABORT, pair, None, Some(backup)),
+        JournalRecord::TrackReset { pair } => (TAG_TRACK_RESET, pair, None, None),
+        _ => return,
+    };
+    p.push(tag);
+    p.extend_from_slice(&pair.0.to_le_bytes());
+    if let Some(e) = extent {
+        put_extent(p, *e);
+    }
+    if let Some(b) = backup {
+        put_backup(p, b);
+    }
 }
 
 fn encode_payload(rec: &JournalRecord, p: &mut Vec<u8>) {
@@ -205,6 +260,11 @@ fn encode_payload(rec: &JournalRecord, p: &mut Vec<u8>) {
             p.extend_from_slice(&pair.0.to_le_bytes());
             p.push(u8::from(invalid));
         }
+        JournalRecord::TrackAdd { .. }
+        | JournalRecord::TrackCut { .. }
+        | JournalRecord::TrackComplete { .. }
+        | JournalRecord::TrackAbort { .. }
+        | JournalRecord::TrackReset { .. } => encode_tracking(rec, p),
     }
 }
 
@@ -251,6 +311,39 @@ impl Reader<'_> {
         let l = self.u64()?;
         Extent::new(f, l)
     }
+    fn backup(&mut self) -> Option<BackupId> {
+        let n = usize::from(self.u8()?);
+        if self.0.len() < n {
+            return None;
+        }
+        let (s, rest) = self.0.split_at(n);
+        self.0 = rest;
+        BackupId::new(std::str::from_utf8(s).ok()?).ok()
+    }
+}
+
+fn decode_tracking(tag: u8, r: &mut Reader<'_>) -> Option<JournalRecord> {
+    let pair = VirtualLuId(r.u32()?);
+    Some(match tag {
+        TAG_TRACK_ADD => JournalRecord::TrackAdd {
+            pair,
+            extent: r.extent()?,
+        },
+        TAG_TRACK_CUT => JournalRecord::TrackCut {
+            pair,
+            backup: r.backup()?,
+        },
+        TAG_TRACK_COMPLETE => JournalRecord::TrackComplete {
+            pair,
+            backup: r.backup()?,
+        },
+        TAG_TRACK_ABORT => JournalRecord::TrackAbort {
+            pair,
+            backup: r.backup()?,
+        },
+        TAG_TRACK_RESET => JournalRecord::TrackReset { pair },
+        _ => return None,
+    })
 }
 
 fn decode_payload(p: &[u8]) -> Option<JournalRecord> {
@@ -291,6 +384,7 @@ fn decode_payload(p: &[u8]) -> Option<JournalRecord> {
                 _ => return None,
             },
         },
+        tag @ TAG_TRACK_ADD..=TAG_TRACK_RESET => decode_tracking(tag, &mut r)?,
         _ => return None,
     };
     r.0.is_empty().then_some(rec)
@@ -347,7 +441,7 @@ pub fn replay(bytes: &[u8]) -> Result<Replay, JournalError> {
         });
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(JournalError::Version { found: version });
     }
     if crc32c::crc32c(&bytes[..12]).to_le_bytes() != bytes[12..16] {
@@ -397,6 +491,9 @@ pub struct JournalState {
     /// E4 save maps, keyed by pair; the save area LU comes from the records.
     pub save_maps: BTreeMap<PairKey, SaveArea>,
     pub invalid: BTreeMap<PairKey, bool>,
+    /// Changed-block records, keyed by pair (the origin virtual LU). A writer that keeps
+    /// a state may put budgeted empty records here first: replay keeps their budget.
+    pub tracking: BTreeMap<PairKey, ChangedBlocks>,
 }
 
 impl JournalState {
@@ -430,6 +527,43 @@ impl JournalState {
             JournalRecord::SnapshotInvalid { pair, invalid } => {
                 self.invalid.insert(pair, invalid);
             }
+            JournalRecord::TrackAdd { pair, extent } => {
+                self.tracking.entry(pair).or_default().mark(extent);
+            }
+            JournalRecord::TrackCut { pair, backup } => {
+                self.tracking.entry(pair).or_default().cut(backup);
+            }
+            JournalRecord::TrackComplete { pair, backup } => {
+                self.tracking.entry(pair).or_default().complete(&backup);
+            }
+            JournalRecord::TrackAbort { pair, backup } => {
+                self.tracking.entry(pair).or_default().abort(&backup);
+            }
+            JournalRecord::TrackReset { pair } => {
+                self.tracking.entry(pair).or_default().reset();
+            }
+        }
+    }
+
+    /// The records that rebuild `pair`'s changed-block record from nothing: the base
+    /// (a cut and complete of an empty set), the pending set, then the current one.
+    fn tracking_checkpoint(pair: PairKey, c: &ChangedBlocks, recs: &mut Vec<JournalRecord>) {
+        recs.push(JournalRecord::TrackReset { pair });
+        if let Some(backup) = c.base() {
+            recs.push(JournalRecord::TrackCut { pair, backup });
+            recs.push(JournalRecord::TrackComplete { pair, backup });
+        }
+        if let Some(p) = c.pending() {
+            for extent in p.blocks.iter() {
+                recs.push(JournalRecord::TrackAdd { pair, extent });
+            }
+            recs.push(JournalRecord::TrackCut {
+                pair,
+                backup: p.backup,
+            });
+        }
+        for extent in c.current().iter() {
+            recs.push(JournalRecord::TrackAdd { pair, extent });
         }
     }
 
@@ -471,6 +605,9 @@ impl JournalState {
                 }
             }
         }
+        for (&pair, c) in &self.tracking {
+            Self::tracking_checkpoint(pair, c, &mut recs);
+        }
         recs
     }
 }
@@ -479,6 +616,7 @@ impl JournalState {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn ext(f: u64, l: u64) -> Extent {
         Extent::new(f, l).unwrap()
@@ -509,12 +647,30 @@ mod tests {
             (pair.clone(), any::<bool>())
                 .prop_map(|(pair, invalid)| JournalRecord::SnapshotInvalid { pair, invalid }),
             // Saves of distinct blocks, as copy-on-write makes them.
-            (pair, 0u64..50, 1u64..8).prop_map(|(pair, k, n)| JournalRecord::Save {
+            (pair.clone(), 0u64..50, 1u64..8).prop_map(|(pair, k, n)| JournalRecord::Save {
                 pair,
                 extent: ext(1000 + k * 10, 1000 + k * 10 + n - 1),
                 lu: LuId(9),
                 save_lba: k * 10,
             }),
+            tracking_record(pair),
+        ]
+    }
+
+    fn backup(k: u8) -> BackupId {
+        BackupId::new(&format!("backup-{k}")).unwrap()
+    }
+
+    fn tracking_record(
+        pair: impl Strategy<Value = VirtualLuId> + Clone,
+    ) -> impl Strategy<Value = JournalRecord> {
+        let extent = (0u64..500, 1u64..40).prop_map(|(f, n)| ext(f, f + n - 1));
+        prop_oneof![
+            4 => (pair.clone(), extent).prop_map(|(pair, extent)| JournalRecord::TrackAdd { pair, extent }),
+            1 => (pair.clone(), 0u8..3).prop_map(|(pair, k)| JournalRecord::TrackCut { pair, backup: backup(k) }),
+            1 => (pair.clone(), 0u8..3).prop_map(|(pair, k)| JournalRecord::TrackComplete { pair, backup: backup(k) }),
+            1 => (pair.clone(), 0u8..3).prop_map(|(pair, k)| JournalRecord::TrackAbort { pair, backup: backup(k) }),
+            1 => pair.prop_map(|pair| JournalRecord::TrackReset { pair }),
         ]
     }
 
@@ -548,6 +704,157 @@ mod tests {
             replay(&h),
             Err(JournalError::Version { found: 9 })
         ));
+    }
+
+    /// A journal written before changed-block tracking (version 1, no tracking records)
+    /// replays to the same tables; a record too long for the frame never fits.
+    #[test]
+    fn version_1_journals_replay_and_tracking_records_fit() {
+        let recs = [
+            JournalRecord::Add {
+                pair: VirtualLuId(1),
+                extent: ext(8, 15),
+            },
+            JournalRecord::Clear {
+                pair: VirtualLuId(2),
+            },
+        ];
+        let mut b = journal_of(&recs);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..12]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        let r = replay(&b).unwrap();
+        assert_eq!((r.records.len(), r.tail), (2, Tail::Clean));
+        assert_eq!(r.state.tables[&VirtualLuId(1)].total(), 8);
+        assert!(r.state.tracking.is_empty());
+        let longest = JournalRecord::TrackComplete {
+            pair: VirtualLuId(u32::MAX),
+            backup: BackupId::new(&"z".repeat(crate::change_tracking::MAX_BACKUP_ID)).unwrap(),
+        };
+        let mut one = Vec::new();
+        encode_record(&longest, &mut one);
+        assert!(
+            one.len() - FRAME_LEN <= MAX_RECORD as usize,
+            "{} bytes",
+            one.len()
+        );
+        assert_eq!(
+            replay(&journal_of(&[longest])).unwrap().records,
+            vec![longest]
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum TrackOp {
+        Write(u64, u64),
+        Cut(u8),
+        Complete(u8),
+        Abort(u8),
+    }
+
+    fn track_op() -> impl Strategy<Value = TrackOp> {
+        prop_oneof![
+            6 => (0u64..2000, 1u64..30).prop_map(|(f, n)| TrackOp::Write(f, f + n - 1)),
+            1 => (0u8..3).prop_map(TrackOp::Cut),
+            1 => (0u8..3).prop_map(TrackOp::Complete),
+            1 => (0u8..3).prop_map(TrackOp::Abort),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Tracking ops journaled as the manager does (a write's record, when it needs
+        /// one, before its data write; a compaction to a checkpoint somewhere, written
+        /// whole): a crash after any prefix of the records replays to a record whose
+        /// current and pending sets cover every write issued in that prefix after the cut
+        /// of the last backup whose complete is in it, with that backup as base.
+        #[test]
+        fn a_crash_at_any_prefix_keeps_every_write_since_the_last_complete(
+            ops in prop::collection::vec(track_op(), 1..80),
+            checkpoint_at in any::<prop::sample::Index>(),
+        ) {
+            let p = VirtualLuId(0);
+            let mut live = ChangedBlocks::new();
+            let mut recs: Vec<JournalRecord> = Vec::new();
+            let cp = checkpoint_at.index(ops.len());
+            // Per op: the records durable once it was done, and what it was.
+            let mut done: Vec<(usize, TrackOp)> = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                if i == cp {
+                    let mut st = JournalState::default();
+                    st.tracking.insert(p, live.clone());
+                    recs = st.checkpoint();
+                    for d in done.iter_mut() {
+                        d.0 = recs.len();
+                    }
+                }
+                match *op {
+                    TrackOp::Write(f, l) => {
+                        if live.mark(ext(f, l)) {
+                            recs.push(JournalRecord::TrackAdd { pair: p, extent: ext(f, l) });
+                        }
+                    }
+                    TrackOp::Cut(k) => {
+                        live.cut(backup(k));
+                        recs.push(JournalRecord::TrackCut { pair: p, backup: backup(k) });
+                    }
+                    TrackOp::Complete(k) => {
+                        if live.complete(&backup(k)) {
+                            recs.push(JournalRecord::TrackComplete { pair: p, backup: backup(k) });
+                        }
+                    }
+                    TrackOp::Abort(k) => {
+                        if live.abort(&backup(k)) {
+                            recs.push(JournalRecord::TrackAbort { pair: p, backup: backup(k) });
+                        }
+                    }
+                }
+                done.push((recs.len(), op.clone()));
+            }
+            let full = replay(&journal_of(&recs)).unwrap().state;
+            prop_assert_eq!(full.tracking.get(&p).cloned().unwrap_or_default(), live.clone());
+            let first = if cp == 0 { 0 } else { done[cp - 1].0 };
+            for n in first..=recs.len() {
+                let st = replay(&journal_of(&recs[..n])).unwrap().state;
+                let got = st.tracking.get(&p).cloned().unwrap_or_default();
+                let mut covered: BTreeSet<u64> = got.current().iter().flat_map(|e| e.first()..=e.last()).collect();
+                if let Some(pd) = got.pending() {
+                    covered.extend(pd.blocks.iter().flat_map(|e| e.first()..=e.last()));
+                }
+                // The model over the ops done within the prefix.
+                let mut model = ChangedBlocks::new();
+                let mut cut_at = BTreeMap::new();
+                let mut since = 0;
+                for (t, (pos, op)) in done.iter().enumerate() {
+                    if *pos > n {
+                        break;
+                    }
+                    match *op {
+                        TrackOp::Cut(k) => {
+                            model.cut(backup(k));
+                            cut_at.insert(k, t);
+                        }
+                        TrackOp::Complete(k) => {
+                            if model.complete(&backup(k)) {
+                                since = cut_at[&k];
+                            }
+                        }
+                        TrackOp::Abort(k) => {
+                            model.abort(&backup(k));
+                        }
+                        TrackOp::Write(..) => {}
+                    }
+                }
+                prop_assert_eq!(got.base(), model.base(), "prefix {}", n);
+                for (t, (pos, op)) in done.iter().enumerate() {
+                    if let (true, true, TrackOp::Write(f, l)) = (*pos <= n, t >= since, op) {
+                        prop_assert!((*f..=*l).all(|x| covered.contains(&x)),
+                            "prefix {}: write {}-{} (op {}) lost: {:?}", n, f, l, t, got);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -632,6 +939,7 @@ mod tests {
             prop_assert_eq!(&rebuilt.lu_mode, &state.lu_mode);
             prop_assert_eq!(&rebuilt.tables, &state.tables);
             prop_assert_eq!(&rebuilt.invalid, &state.invalid);
+            prop_assert_eq!(&rebuilt.tracking, &state.tracking);
             let maps = |s: &JournalState| s.save_maps.iter()
                 .map(|(k, v)| (*k, v.iter().collect::<Vec<_>>()))
                 .filter(|(_, v)| !v.is_empty())

@@ -7,12 +7,14 @@
 //! - [`backend`]: the `Backend` trait array drivers implement.
 //! - [`router`]: the strategies (E1, E2, E4) and the routing of one I/O.
 //! - [`manager`]: the snapshot manager: acquire, delete, I/O, resync (Fig. 5, Fig. 7).
+//! - [`change_tracking`]: changed-block tracking across backups (issue 19).
 //! - [`journal`]: the on-disk format that persists the tables.
 //!
 //! No sockets and no async runtime live here; the service builds on this.
 
 pub mod array_backup;
 pub mod backend;
+pub mod change_tracking;
 pub mod journal;
 pub mod lba;
 pub mod manager;
@@ -26,6 +28,7 @@ pub mod tables;
 pub mod update_location;
 
 pub use backend::{Backend, BackendDescription, BackendError, BackendErrorKind, Capabilities};
+pub use change_tracking::{BackupId, ChangedBlocks};
 pub use lba::{Extent, SECTOR_SIZE};
 pub use manager::{ManagerError, PairConfig, ResyncProgress, SnapshotManager};
 pub use mode::Mode;

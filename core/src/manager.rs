@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backend::{errno, Backend, BackendError, Capabilities};
+use crate::change_tracking::{BackupId, ChangedBlocks, Cut, TrackingSummary};
 use crate::journal::{JournalError, JournalRecord, JournalState, StateLog};
 use crate::lba::{Extent, SECTOR_SIZE};
 use crate::mode::{self, Mode, PageError};
@@ -178,6 +179,8 @@ struct Pair {
     resync: Mutex<ResyncState>,
     /// Why acquire is refused for now, when it is.
     hold: Mutex<Option<String>>,
+    /// What was written to the origin since its last completed backup (issue 19).
+    tracking: Mutex<ChangedBlocks>,
 }
 
 impl Pair {
@@ -292,6 +295,19 @@ impl<B: Backend> SnapshotManager<B> {
         log: Arc<dyn StateLog>,
         recovered: Option<&JournalState>,
     ) -> Result<Self> {
+        Self::open_budgeted(backend, pairs, log, recovered, TableBudget::PER_TIB)
+    }
+
+    /// [`Self::open`] with `per_tib` bytes of table memory per TiB of LU (the config's
+    /// `tables.budget_mib_per_tib`) for the update-location tables (but an E4 pair's,
+    /// which stays exact) and for each set of the changed-block record.
+    pub fn open_budgeted(
+        backend: B,
+        pairs: Vec<PairConfig>,
+        log: Arc<dyn StateLog>,
+        recovered: Option<&JournalState>,
+        per_tib: u64,
+    ) -> Result<Self> {
         let desc = backend.describe().map_err(ManagerError::Describe)?;
         let caps = desc.capabilities;
         let mut definitions = MirroringDefinitionTable::new();
@@ -374,13 +390,18 @@ impl<B: Backend> SnapshotManager<B> {
                 table: Mutex::new(if save.is_some() {
                     UpdateLocationTable::new()
                 } else {
-                    UpdateLocationTable::with_budget(TableBudget::for_lu(capacity_lbas))
+                    let budget = TableBudget::for_lu_at(capacity_lbas, per_tib);
+                    UpdateLocationTable::with_budget(budget)
                 }),
                 locks: RangeLock::new(),
                 save,
                 invalid: AtomicBool::new(false),
                 resync: Mutex::new(ResyncState::default()),
                 hold: Mutex::new(None),
+                tracking: Mutex::new(ChangedBlocks::with_budget(TableBudget::for_lu_at(
+                    capacity_lbas,
+                    per_tib,
+                ))),
             });
         }
         let mgr = SnapshotManager {
@@ -411,6 +432,7 @@ impl<B: Backend> SnapshotManager<B> {
         for pair in &self.pairs {
             let key = pair.key();
             st.tables.insert(key, lock(&pair.table).clone());
+            st.tracking.insert(key, lock(&pair.tracking).clone());
             if let Some(save) = &pair.save {
                 st.save_maps.insert(key, lock(save).clone());
                 st.invalid.insert(key, pair.invalid.load(Ordering::SeqCst));
@@ -498,6 +520,11 @@ impl<B: Backend> SnapshotManager<B> {
             }
         }
         drop(table);
+        // Tracking does not depend on the mode: the journal's record, whatever the array
+        // says (none: no base, so the next backup is a full one).
+        if let Some(t) = recovered.and_then(|s| s.tracking.get(&key)) {
+            lock(&pair.tracking).assign(t);
+        }
         let mut lu_mode = write(&self.lu_mode);
         for (vlu, entry) in pair.rows(mode) {
             lu_mode.set(vlu, entry);
@@ -641,6 +668,32 @@ impl<B: Backend> SnapshotManager<B> {
     pub fn acquire(&self, vlu: VirtualLuId) -> Result<()> {
         let pair = self.origin_pair(vlu)?;
         let _gate = write(&pair.gate);
+        self.acquire_locked(pair, vlu)
+    }
+
+    /// [`Self::acquire`] for backup `backup`, cutting the changed-block record of `vlu`
+    /// at the same instant (under the same exclusive gate, no write between): what was
+    /// written since the last cut becomes `backup`'s pending set (see
+    /// [`crate::change_tracking`]). If the acquire fails the cut is aborted again.
+    /// Returns the base and the pending set's size; [`Self::pending_extents`] has it.
+    pub fn acquire_for_backup(&self, vlu: VirtualLuId, backup: BackupId) -> Result<Cut> {
+        let pair = self.origin_pair(vlu)?;
+        let _gate = write(&pair.gate);
+        self.acquirable(pair, vlu)?;
+        self.append(JournalRecord::TrackCut {
+            pair: pair.key(),
+            backup,
+        })?;
+        let cut = lock(&pair.tracking).cut(backup);
+        if let Err(e) = self.acquire_locked(pair, vlu) {
+            // A failed abort leaves the set pending; the next cut merges it.
+            let _ = self.track_end(pair, &backup, false);
+            return Err(e);
+        }
+        Ok(cut)
+    }
+
+    fn acquirable(&self, pair: &Pair, vlu: VirtualLuId) -> Result<()> {
         if let Some(reason) = lock(&pair.hold).clone() {
             return Err(ManagerError::Held { vlu, reason });
         }
@@ -648,6 +701,12 @@ impl<B: Backend> SnapshotManager<B> {
         if found != Mode::Synchronized {
             return Err(ManagerError::NotSynchronized { vlu, found });
         }
+        Ok(())
+    }
+
+    /// Acquire with the pair's gate held exclusively.
+    fn acquire_locked(&self, pair: &Pair, vlu: VirtualLuId) -> Result<()> {
+        self.acquirable(pair, vlu)?;
         self.clear_tables(pair)?;
         if pair.invalid.swap(false, Ordering::SeqCst) {
             self.append(JournalRecord::SnapshotInvalid {
@@ -671,6 +730,67 @@ impl<B: Backend> SnapshotManager<B> {
         Ok(())
     }
 
+    /// Backup `backup` of origin `vlu` was copied: it becomes the base of the changed-block
+    /// record. Idempotent (a backup that is not pending changes nothing). Returns the base.
+    pub fn complete_backup(&self, vlu: VirtualLuId, backup: &BackupId) -> Result<Option<BackupId>> {
+        let pair = self.origin_pair(vlu)?;
+        self.track_end(pair, backup, true)?;
+        Ok(lock(&pair.tracking).base())
+    }
+
+    /// Backup `backup` of origin `vlu` failed: its pending set is counted as written
+    /// again, the base stays. Idempotent. Returns the base.
+    pub fn abort_backup(&self, vlu: VirtualLuId, backup: &BackupId) -> Result<Option<BackupId>> {
+        let pair = self.origin_pair(vlu)?;
+        self.track_end(pair, backup, false)?;
+        Ok(lock(&pair.tracking).base())
+    }
+
+    /// Complete (or abort) `backup` if it is the pending one: journaled first, so a
+    /// failed append changes nothing.
+    fn track_end(&self, pair: &Pair, backup: &BackupId, complete: bool) -> Result<()> {
+        let is_pending = |p: &Pair| {
+            lock(&p.tracking)
+                .pending()
+                .is_some_and(|p| p.backup == *backup)
+        };
+        if !is_pending(pair) {
+            return Ok(());
+        }
+        let (key, backup) = (pair.key(), *backup);
+        self.append(if complete {
+            JournalRecord::TrackComplete { pair: key, backup }
+        } else {
+            JournalRecord::TrackAbort { pair: key, backup }
+        })?;
+        let mut t = lock(&pair.tracking);
+        if complete {
+            t.complete(&backup);
+        } else {
+            t.abort(&backup);
+        }
+        Ok(())
+    }
+
+    /// The LBA ranges of `backup`'s pending set on origin `vlu` (sorted, disjoint), or
+    /// `None` when `backup` is not pending.
+    pub fn pending_extents(
+        &self,
+        vlu: VirtualLuId,
+        backup: &BackupId,
+    ) -> Result<Option<Vec<Extent>>> {
+        let pair = self.origin_pair(vlu)?;
+        let t = lock(&pair.tracking);
+        Ok(t.pending()
+            .filter(|p| p.backup == *backup)
+            .map(|p| p.blocks.iter().collect()))
+    }
+
+    /// The changed-block record of origin `vlu`, for status.
+    pub fn tracking(&self, vlu: VirtualLuId) -> Result<TrackingSummary> {
+        Ok(lock(&self.origin_pair(vlu)?.tracking).summary())
+    }
+
     /// Roll the origin virtual LU `vlu` back to its snapshot (the resync of Fig. 7 in the
     /// other direction, an undo without a backup): every recorded range is read through
     /// the (first) snapshot virtual LU and written to the origin through the ordinary
@@ -678,7 +798,8 @@ impl<B: Backend> SnapshotManager<B> {
     /// equals the snapshot at its instant (with any writes made to the snapshot since),
     /// and the legs are made equal again by the resync that follows (E1, E2) or at once
     /// (E4). The caller keeps clients' writes out meanwhile (a client write during the
-    /// rollback may be overwritten). Returns the blocks rolled back.
+    /// rollback may be overwritten). The rollback's writes change the origin, so the
+    /// changed-block record counts them as written. Returns the blocks rolled back.
     pub fn rollback(&self, vlu: VirtualLuId) -> Result<u64> {
         const CHUNK: u64 = 2048;
         let pair = self.origin_pair(vlu)?;
@@ -924,6 +1045,9 @@ impl<B: Backend> SnapshotManager<B> {
             return Ok(());
         };
         let _range = pair.locks.lock(ext);
+        if role == Role::Origin {
+            self.track_write(pair, ext)?;
+        }
         match route.bookkeeping {
             Bookkeeping::Record => {
                 // Steps 802-803: record, durably, before the WRITE is issued. A coarse
@@ -964,6 +1088,18 @@ impl<B: Backend> SnapshotManager<B> {
             Bookkeeping::None | Bookkeeping::SnapshotRead => {}
         }
         self.write_payload_blocks(entry, route.lu, offset, payload, ext, fua)
+    }
+
+    /// Changed-block tracking: mark a write to the origin, durably (per the journal's
+    /// contract) before the data write is issued, in every mode.
+    fn track_write(&self, pair: &Pair, ext: Extent) -> Result<()> {
+        if lock(&pair.tracking).mark(ext) {
+            self.append(JournalRecord::TrackAdd {
+                pair: pair.key(),
+                extent: ext,
+            })?;
+        }
+        Ok(())
     }
 
     fn write_payload_blocks(

@@ -437,8 +437,14 @@ impl TableBudget {
     /// The default budget for an LU of `lbas` 512-byte LBAs: [`Self::PER_TIB`] per TiB
     /// (one byte per 64 LBAs), at least [`Self::FLOOR`].
     pub fn for_lu(lbas: u64) -> Self {
+        Self::for_lu_at(lbas, Self::PER_TIB)
+    }
+
+    /// The budget for an LU of `lbas` LBAs at `per_tib` bytes per TiB (the config's
+    /// `tables.budget_mib_per_tib`), at least [`Self::FLOOR`].
+    pub fn for_lu_at(lbas: u64, per_tib: u64) -> Self {
         let tib_lbas = (1u64 << 40) / crate::lba::SECTOR_SIZE;
-        let per_lba = (lbas as u128 * u128::from(Self::PER_TIB)) / u128::from(tib_lbas);
+        let per_lba = (lbas as u128 * u128::from(per_tib)) / u128::from(tib_lbas);
         TableBudget::bytes(u64::try_from(per_lba).unwrap_or(u64::MAX).max(Self::FLOOR))
     }
 

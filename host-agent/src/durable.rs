@@ -16,7 +16,10 @@
 //!
 //! Mode changes, E4 saves and invalidations are always durable before `append` returns;
 //! removals and clears are written with the next flush (losing one costs a redundant
-//! copy). The journal keeps the exact state its records describe, and compacts itself
+//! copy). Changed-block tracking (issue 19) works the same way: a client write's
+//! `TrackAdd` marks its activity region of the tracking set durably on the first write
+//! into it since the last cut (a cut empties the set the marks were for, so it unmarks
+//! them all); cuts, completes and aborts are durable before `append` returns. The journal keeps the exact state its records describe, and compacts itself
 //! into a checkpoint of that state when the file grows past `compact_bytes`; a checkpoint
 //! is exact, so the regions start afresh after it. That state repeats the manager's tables
 //! on purpose: taken from the manager instead, a compaction under the journal's lock would
@@ -27,6 +30,11 @@
 //! next append or [`FileJournal::retry`]) has written a whole checkpoint of the state
 //! again, for example once a full disk has room: the data write that needed it fails
 //! with it, and [`FileJournal::failure`] says why for the agent's health.
+//!
+//! The state's tables are bounded like the manager's: [`FileJournal::set_budgets`] gives
+//! each pair's update-location table (unless it is an E4 pair's, which stays exact) and
+//! changed-block sets the same [`TableBudget`], so past it they coarsen (cover more,
+//! never less) instead of growing without bound.
 //!
 //! On start, [`recover`] replays the file, [`FileJournal::create`] opens the next one (the
 //! manager writes its checkpoint there while it opens), and [`FileJournal::commit`]
@@ -43,8 +51,9 @@ use std::time::{Duration, Instant};
 /// Least time between two attempts to write a failed journal again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 
+use hvm_core::change_tracking::Pending;
 use hvm_core::journal::{self, JournalError, JournalRecord, JournalState, PairKey, StateLog, Tail};
-use hvm_core::Extent;
+use hvm_core::{ChangedBlocks, Extent, TableBudget, UpdateLocationTable};
 
 /// Tuning of a journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +148,8 @@ struct Inner {
     state: JournalState,
     /// Regions durably marked since the last checkpoint, per pair.
     regions: BTreeMap<PairKey, BTreeSet<u64>>,
+    /// Regions of the changed-block sets durably marked since the last checkpoint or cut.
+    track_regions: BTreeMap<PairKey, BTreeSet<u64>>,
     /// Counters for status and tests.
     flushes: u64,
     compactions: u64,
@@ -152,6 +163,16 @@ pub struct FileJournal {
     capacity: BTreeMap<PairKey, u64>,
     inner: Mutex<Inner>,
     flushed: Condvar,
+}
+
+/// The memory budgets of one pair's tables in a journal's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    /// The update-location table's; `None`: exact (an E4 pair's table is the set of
+    /// saved LBAs, which must not grow).
+    pub table: Option<TableBudget>,
+    /// Each changed-block set's.
+    pub tracking: TableBudget,
 }
 
 /// Counters of a journal.
@@ -221,6 +242,7 @@ impl FileJournal {
                 checkpoint_len: len,
                 state: JournalState::default(),
                 regions: BTreeMap::new(),
+                track_regions: BTreeMap::new(),
                 flushes: 0,
                 compactions: 0,
             }),
@@ -253,6 +275,23 @@ impl FileJournal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bound the state's tables of each pair in `budgets` (call before appending).
+    pub fn set_budgets(&self, budgets: &BTreeMap<PairKey, Budgets>) {
+        let mut g = lock(&self.inner);
+        for (&pair, b) in budgets {
+            g.state
+                .tables
+                .entry(pair)
+                .or_insert_with(UpdateLocationTable::new)
+                .set_budget(b.table);
+            g.state
+                .tracking
+                .entry(pair)
+                .or_insert_with(ChangedBlocks::new)
+                .set_budget(Some(b.tracking));
+        }
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -392,11 +431,17 @@ impl FileJournal {
         }
     }
 
-    /// The region marks `extent` of `pair` needs that are not durable yet.
-    fn new_regions(&self, g: &mut Inner, pair: PairKey, extent: Extent) -> Vec<Extent> {
+    /// The region marks `extent` of `pair` needs that are not durable yet, in `marks`
+    /// (the update-location table's or the tracking's).
+    fn new_regions(
+        &self,
+        marks: &mut BTreeMap<PairKey, BTreeSet<u64>>,
+        pair: PairKey,
+        extent: Extent,
+    ) -> Vec<Extent> {
         let r = self.tuning.region_lbas.max(1);
         let cap = self.capacity.get(&pair).copied().unwrap_or(u64::MAX);
-        let marked = g.regions.entry(pair).or_default();
+        let marked = marks.entry(pair).or_default();
         let mut out = Vec::new();
         for region in extent.first() / r..=extent.last() / r {
             if marked.insert(region) {
@@ -421,18 +466,37 @@ fn closed(reason: &str) -> JournalError {
 impl StateLog for FileJournal {
     fn append(&self, rec: &JournalRecord) -> Result<(), JournalError> {
         let mut g = self.retry_locked(lock(&self.inner))?;
-        // A mode change that does not reach the disk is not made by the manager either:
-        // the state must not keep it, or a later checkpoint would write it.
-        let undo = match *rec {
-            JournalRecord::LuMode { vlu, .. } => g.state.lu_mode.get(vlu).map(|e| (vlu, e)),
-            _ => None,
-        };
+        // A mode change (or a cut, complete or abort) that does not reach the disk is not
+        // made by the manager either: the state must not keep it, or a later checkpoint
+        // would write it.
+        let undo = Undo::of(&g.state, rec);
         g.state.apply(rec);
         let mut durable = true;
         match *rec {
+            JournalRecord::TrackAdd { pair, extent } => {
+                if !g.loading {
+                    let g = &mut *g;
+                    let marks = self.new_regions(&mut g.track_regions, pair, extent);
+                    durable = !marks.is_empty();
+                    for m in marks {
+                        let mark = JournalRecord::TrackAdd { pair, extent: m };
+                        journal::encode_record(&mark, &mut g.pending);
+                        g.appended += 1;
+                    }
+                }
+            }
+            JournalRecord::TrackCut { pair, .. } => {
+                // The marks were of the set the cut emptied.
+                g.track_regions.remove(&pair);
+            }
+            JournalRecord::TrackReset { pair } => {
+                durable = false;
+                g.track_regions.remove(&pair);
+            }
+            JournalRecord::TrackComplete { .. } | JournalRecord::TrackAbort { .. } => {}
             JournalRecord::Add { pair, extent } => {
                 if !g.loading {
-                    let marks = self.new_regions(&mut g, pair, extent);
+                    let marks = self.new_regions(&mut g.regions, pair, extent);
                     durable = !marks.is_empty();
                     for m in marks {
                         let mark = JournalRecord::Add { pair, extent: m };
@@ -478,10 +542,55 @@ impl StateLog for FileJournal {
             return Ok(());
         }
         let res = self.wait_durable(g, seq);
-        if let (Err(_), Some((vlu, entry))) = (&res, undo) {
-            lock(&self.inner).state.lu_mode.set(vlu, entry);
+        if res.is_err() {
+            undo.apply(&mut lock(&self.inner).state);
         }
         res
+    }
+}
+
+/// What a failed durable append takes back from the journal's state: a mode change, and
+/// a complete (which drops a pending set). A cut or abort that failed needs nothing:
+/// both keep the union of the sets, so the state then covers at least what the manager's
+/// does.
+enum Undo {
+    Nothing,
+    LuMode(hvm_core::VirtualLuId, hvm_core::LuModeEntry),
+    Complete(PairKey, Option<hvm_core::BackupId>, Box<Pending>),
+}
+
+impl Undo {
+    fn of(state: &JournalState, rec: &JournalRecord) -> Undo {
+        match *rec {
+            JournalRecord::LuMode { vlu, .. } => state
+                .lu_mode
+                .get(vlu)
+                .map_or(Undo::Nothing, |e| Undo::LuMode(vlu, e)),
+            JournalRecord::TrackComplete { pair, backup } => {
+                let c = state.tracking.get(&pair);
+                match c.and_then(|c| c.pending()).filter(|p| p.backup == backup) {
+                    Some(p) => {
+                        Undo::Complete(pair, c.and_then(ChangedBlocks::base), Box::new(p.clone()))
+                    }
+                    None => Undo::Nothing,
+                }
+            }
+            _ => Undo::Nothing,
+        }
+    }
+
+    fn apply(self, state: &mut JournalState) {
+        match self {
+            Undo::Nothing => {}
+            Undo::LuMode(vlu, entry) => state.lu_mode.set(vlu, entry),
+            Undo::Complete(pair, base, pending) => {
+                state
+                    .tracking
+                    .entry(pair)
+                    .or_default()
+                    .reinstate(base, *pending);
+            }
+        }
     }
 }
 
@@ -680,6 +789,103 @@ mod tests {
         let t: Vec<Extent> = on_disk(&path).tables[&P].iter().collect();
         let has = |lba: u64| t.iter().any(|e| e.first() <= lba && lba <= e.last());
         assert!(has(0) && has(55), "{t:?}");
+    }
+
+    fn track(j: &FileJournal, e: Extent) {
+        j.append(&JournalRecord::TrackAdd { pair: P, extent: e })
+            .unwrap();
+    }
+
+    fn backup(s: &str) -> hvm_core::BackupId {
+        hvm_core::BackupId::new(s).unwrap()
+    }
+
+    /// Changed-block tracking: a write's region is on disk before append returns; a cut
+    /// unmarks the regions (their marks were of the set it emptied), so the next write
+    /// into the same region is durable again and lands in the new current set; cuts and
+    /// completes are durable at once.
+    #[test]
+    fn tracking_records_follow_the_durability_rule() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.journal");
+        let j = open(&path, tuning());
+        track(&j, ext(10, 11));
+        assert!(on_disk(&path).tracking[&P].current().covers(ext(0, 1023)));
+        let flushes = j.stats().flushes;
+        track(&j, ext(500, 507));
+        assert_eq!(
+            j.stats().flushes,
+            flushes,
+            "same region: nothing waited for"
+        );
+        j.append(&JournalRecord::TrackCut {
+            pair: P,
+            backup: backup("b1"),
+        })
+        .unwrap();
+        let st = on_disk(&path);
+        assert!(st.tracking[&P].current().is_empty());
+        assert!(st.tracking[&P]
+            .pending()
+            .unwrap()
+            .blocks
+            .covers(ext(500, 507)));
+        track(&j, ext(600, 600));
+        let st = on_disk(&path);
+        assert!(st.tracking[&P].current().covers(ext(600, 600)), "{st:?}");
+        j.append(&JournalRecord::TrackComplete {
+            pair: P,
+            backup: backup("b1"),
+        })
+        .unwrap();
+        let st = on_disk(&path);
+        assert_eq!(st.tracking[&P].base(), Some(backup("b1")));
+        assert!(st.tracking[&P].pending().is_none());
+        // The journal's own state stays exact, and a compaction keeps it.
+        assert_eq!(j.state().tracking[&P].current().total(), 1);
+        j.compact().unwrap();
+        assert_eq!(on_disk(&path).tracking, j.state().tracking);
+    }
+
+    /// With budgets the journal's copy of the tables stays bounded and covers every
+    /// write; without, it would hold every range exactly.
+    #[test]
+    fn budgets_bound_the_journal_state() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.journal");
+        let t = Tuning {
+            region_lbas: 1 << 20,
+            compact_bytes: 1 << 30,
+        };
+        let j = FileJournal::create(&path, BTreeMap::from([(P, 1 << 30)]), t).unwrap();
+        let b = TableBudget::bytes(256 << 10);
+        j.set_budgets(&BTreeMap::from([(
+            P,
+            Budgets {
+                table: Some(b),
+                tracking: b,
+            },
+        )]));
+        j.commit().unwrap();
+        for i in 0..40_000u64 {
+            add(&j, ext(i * 64, i * 64));
+            track(&j, ext(i * 64 + 1, i * 64 + 1));
+        }
+        let st = j.state();
+        assert!(st.tables[&P].is_coarse() && st.tracking[&P].is_coarse());
+        assert!(st.tables[&P].memory_bytes() <= 128 << 10);
+        assert!(st.tracking[&P].memory_bytes() <= 128 << 10);
+        assert!(
+            (0..40_000u64).all(|i| st.tables[&P].covers(ext(i * 64, i * 64))
+                && st.tracking[&P]
+                    .current()
+                    .covers(ext(i * 64 + 1, i * 64 + 1)))
+        );
+        j.compact().unwrap();
+        let back = on_disk(&path);
+        assert!((0..40_000u64).all(|i| back.tracking[&P]
+            .current()
+            .covers(ext(i * 64 + 1, i * 64 + 1))));
     }
 
     #[test]
