@@ -308,12 +308,33 @@ fn state_log(
             (p.origin, lbas)
         })
         .collect();
+    let budgets = budgets(cfg, pairs, desc);
     let j = Arc::new(FileJournal::create(&path, capacity, tuning).map_err(jerr)?);
+    j.set_budgets(&budgets);
     Ok(StateLogOf {
         log: j.clone(),
         journal: Some(j),
         recovered,
     })
+}
+
+/// The journal's copy of each pair's tables gets the manager's budgets: the config's
+/// `tables.budget_mib_per_tib` for the update-location table (an E4 pair's stays exact)
+/// and for each changed-block set.
+fn budgets(
+    cfg: &Config,
+    pairs: &[PairConfig],
+    desc: &BackendDescription,
+) -> BTreeMap<hvm_core::VirtualLuId, durable::Budgets> {
+    pairs
+        .iter()
+        .map(|p| {
+            let lbas = desc.capacity(p.definition.primary()).unwrap_or(0);
+            let b = hvm_core::TableBudget::for_lu_at(lbas, cfg.tables.per_tib());
+            let table = p.save_area.is_none().then_some(b);
+            (p.origin, durable::Budgets { table, tracking: b })
+        })
+        .collect()
 }
 
 /// Home backend `name` as its manager sees it: the placement's routes applied.
@@ -376,11 +397,16 @@ fn build_manager(
     } = state_log(cfg, name, state_dir, &pairs, desc)?;
     let backend: Box<dyn Backend> = Box::new(routed.clone());
     let mgr = Arc::new(
-        SnapshotManager::open(backend, pairs, log, recovered.as_ref()).map_err(|source| {
-            AgentError::Manager {
-                backend: name.to_string(),
-                source,
-            }
+        SnapshotManager::open_budgeted(
+            backend,
+            pairs,
+            log,
+            recovered.as_ref(),
+            cfg.tables.per_tib(),
+        )
+        .map_err(|source| AgentError::Manager {
+            backend: name.to_string(),
+            source,
         })?,
     );
     if let Some(j) = journal {

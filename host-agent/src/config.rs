@@ -12,6 +12,10 @@
 //!   durable: true                    # false: tables in memory only (lost on a crash)
 //!   region_kib: 4096                 # activity region: one flush per region per epoch
 //!   compact_mib: 64                  # compact a journal file past this size
+//! tables:                            # memory of the update-location tables and of the
+//!   budget_mib_per_tib: 32           #   changed-block sets, each, per TiB of LU (at
+//!                                    #   least 4 MiB); past it they coarsen: cover
+//!                                    #   more than was written, never less
 //! resync:
 //!   chunk_kib: 1024                  # LBAs copied per resync step
 //!   rate_mib: 0                      # bytes per second per backend; 0: unlimited
@@ -123,6 +127,7 @@ ranged!(compact_mib, 1, 1 << 20, "MiB");
 ranged!(chunk_kib, 1, 32 * 1024, "KiB");
 ranged!(rate_mib, 0, 1 << 20, "MiB/s (0: unlimited)");
 ranged!(deadline_ms, 1, 24 * 3_600_000, "milliseconds");
+ranged!(budget_mib_per_tib, 1, 1 << 16, "MiB per TiB of LU");
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +144,8 @@ pub struct Config {
     pub journal: JournalConfig,
     #[serde(default)]
     pub resync: ResyncConfig,
+    #[serde(default)]
+    pub tables: TablesConfig,
     pub listen: Listen,
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
@@ -254,6 +261,31 @@ impl Default for JournalConfig {
             region_kib: 4096,
             compact_mib: 64,
         }
+    }
+}
+
+/// The memory of the tables (issue 20): each update-location table (but an E4 pair's,
+/// which stays exact) and each changed-block set (issue 19) may hold this much per TiB
+/// of its LU, at least 4 MiB; past it, its ranges are coarsened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TablesConfig {
+    #[serde(deserialize_with = "budget_mib_per_tib")]
+    pub budget_mib_per_tib: u64,
+}
+
+impl Default for TablesConfig {
+    fn default() -> Self {
+        TablesConfig {
+            budget_mib_per_tib: 32,
+        }
+    }
+}
+
+impl TablesConfig {
+    /// The budget in bytes per TiB.
+    pub fn per_tib(&self) -> u64 {
+        self.budget_mib_per_tib << 20
     }
 }
 
@@ -661,6 +693,9 @@ virtual_lus:
     fn parses() {
         let c = Config::parse(OK, "c.yaml").unwrap();
         assert_eq!(c.virtual_lus[0].snapshots, vec!["db-snap".to_string()]);
+        assert_eq!(c.tables.per_tib(), 32 << 20);
+        let c = Config::parse(&format!("{OK}tables: {{ budget_mib_per_tib: 8 }}\n"), "c.yaml");
+        assert_eq!(c.unwrap().tables.per_tib(), 8 << 20);
     }
 
     #[test]
@@ -682,6 +717,11 @@ virtual_lus:
                 8,
             ),
             ("resync: { chunk_kib: 0 }\n", "resync.chunk_kib", 7),
+            (
+                "tables:\n  budget_mib_per_tib: 0\n",
+                "tables.budget_mib_per_tib",
+                8,
+            ),
             ("resync: { chunk_kib: -1 }\n", "resync.chunk_kib", 7),
         ] {
             let e = Config::parse(&format!("{OK}{yaml}"), "c.yaml")

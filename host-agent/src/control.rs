@@ -90,6 +90,41 @@ pub struct LuView {
     /// The move under way or last ended, if any.
     #[serde(rename = "move")]
     pub moving: Option<MoveStatus>,
+    /// Changed-block tracking across backups (origin virtual LUs only).
+    pub tracking: Option<TrackingView>,
+}
+
+/// What was written to an origin since its last completed backup (issue 19).
+#[derive(Serialize)]
+pub struct TrackingView {
+    /// The last completed backup; null: none yet (the next backup copies everything).
+    pub base: Option<String>,
+    /// Bytes written since the last backup's snapshot.
+    pub current_bytes: u64,
+    /// The backup being copied, and the bytes it copies.
+    pub pending: Option<PendingView>,
+    /// Bytes the ranges are rounded out to: 512 while exact, more once the sets
+    /// coarsened past their memory budget.
+    pub granule: u64,
+}
+
+#[derive(Serialize)]
+pub struct PendingView {
+    pub backup: String,
+    pub bytes: u64,
+}
+
+fn tracking_view(mgr: &Manager, vlu: VirtualLuId) -> Option<TrackingView> {
+    let t = mgr.tracking(vlu).ok()?;
+    Some(TrackingView {
+        base: t.base.map(|b| b.to_string()),
+        current_bytes: t.current_lbas * hvm_core::SECTOR_SIZE,
+        pending: t.pending.map(|(b, lbas)| PendingView {
+            backup: b.to_string(),
+            bytes: lbas * hvm_core::SECTOR_SIZE,
+        }),
+        granule: t.granularity * hvm_core::SECTOR_SIZE,
+    })
 }
 
 #[derive(Serialize)]
@@ -138,6 +173,7 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
             recorded_lbas: recorded,
             placement: agent.moved_to(name).map(|p| p.to_string()),
             moving: agent.moves.job(name).map(|j| j.status()),
+            tracking: tracking_view(mgr, *vlu),
         });
     }
     out

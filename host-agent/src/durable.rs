@@ -53,7 +53,7 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 use hvm_core::change_tracking::Pending;
 use hvm_core::journal::{self, JournalError, JournalRecord, JournalState, PairKey, StateLog, Tail};
-use hvm_core::{ChangedBlocks, Extent, TableBudget, UpdateLocationTable};
+use hvm_core::{ChangedBlocks, Extent, TableBudget};
 
 /// Tuning of a journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,15 +281,11 @@ impl FileJournal {
     pub fn set_budgets(&self, budgets: &BTreeMap<PairKey, Budgets>) {
         let mut g = lock(&self.inner);
         for (&pair, b) in budgets {
-            g.state
-                .tables
-                .entry(pair)
-                .or_insert_with(UpdateLocationTable::new)
-                .set_budget(b.table);
+            g.state.tables.entry(pair).or_default().set_budget(b.table);
             g.state
                 .tracking
                 .entry(pair)
-                .or_insert_with(ChangedBlocks::new)
+                .or_default()
                 .set_budget(Some(b.tracking));
         }
     }

@@ -427,6 +427,7 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
         vlus: vec!["a".into()],
         deadline_ms: None,
         vars: Default::default(),
+        backup: None,
     };
     let first = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();
     let again = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();

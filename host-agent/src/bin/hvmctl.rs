@@ -344,6 +344,24 @@ fn s(v: &Value) -> String {
 }
 
 /// A move's status in one line.
+/// An LU's changed-block tracking: bytes since the base, and the backup being copied.
+fn tracking_cell(t: &Value) -> String {
+    if t.is_null() {
+        return "-".into();
+    }
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+    let base = t["base"].as_str().unwrap_or("no backup");
+    let mut out = format!("{:.1} MiB since {base}", mib(&t["current_bytes"]));
+    if !t["pending"].is_null() {
+        let p = &t["pending"];
+        out += &format!(", {} copying {:.1} MiB", s(&p["backup"]), mib(&p["bytes"]));
+    }
+    if t["granule"].as_u64().unwrap_or(512) > 512 {
+        out += &format!(" ({} KiB granules)", t["granule"].as_u64().unwrap_or(0) >> 10);
+    }
+    out
+}
+
 fn move_line(b: &Value) -> String {
     let pct = |b: &Value| {
         let total = b["total_bytes"].as_u64().unwrap_or(0).max(1);
@@ -407,6 +425,7 @@ fn human(cmd: &Cmd, body: &Value) -> String {
                 "SNAPSHOT OF",
                 "SIZE",
                 "RECORDED LBAS",
+                "CHANGED SINCE BACKUP",
                 "DATA ON",
                 "MOVE",
             ]
@@ -424,6 +443,7 @@ fn human(cmd: &Cmd, body: &Value) -> String {
                     s(&l["snapshot_of"]),
                     format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
                     s(&l["recorded_lbas"]),
+                    tracking_cell(&l["tracking"]),
                     l["placement"]
                         .as_str()
                         .map_or_else(|| s(&l["backend"]), str::to_string),

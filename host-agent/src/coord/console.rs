@@ -146,6 +146,7 @@ pub fn run(o: &Options) -> Report {
         &Op::Snapshot {
             vlus: o.vlus.clone(),
             deadline_ms: o.deadline_ms,
+            backup: None,
             vars: [
                 ("target".to_string(), o.target.clone()),
                 ("backup_host".to_string(), o.backup.address.clone()),

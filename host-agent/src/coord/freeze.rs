@@ -7,11 +7,17 @@
 //! snapshot: past it, the hooks are resumed at once, and a snapshot that was taken or is
 //! still being taken is deleted, so the database is never left frozen and no snapshot
 //! of a failed run remains.
+//!
+//! With a backup id, each virtual LU's changed-block record is cut at the same instant
+//! (inside the manager's acquire, under the same gate), and the reply says what changed
+//! since the last completed backup ([`super::tracking`]); a run that fails aborts the
+//! cuts, so the record loses nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvm_core::{Mode, Strategy, VirtualLuId};
+use hvm_core::change_tracking::Cut;
+use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
 use serde_json::{json, Value};
 
 use super::hooks::{Files, Hook, Outcome};
@@ -73,9 +79,18 @@ fn resolve(agent: &Agent, vlus: &[String]) -> Result<Vec<Member>, Failure> {
     Ok(out)
 }
 
-/// Close the group's gates, acquire every snapshot, open the gates. On any failure the
-/// snapshots acquired are deleted again. Returns the instant (ms since the epoch).
-fn acquire_group(agent: &Agent, group: &[Member], deadline: Instant) -> Result<u64, String> {
+/// What the group's acquire gives: the instant and each cut, or why it failed.
+type Acquired = Result<(u64, Vec<Cut>), String>;
+
+/// Close the group's gates, acquire every snapshot (cutting the changed-block records
+/// for `backup`), open the gates. On any failure the snapshots acquired are deleted and
+/// the cuts aborted again. Returns the instant (ms since the epoch) and each cut.
+fn acquire_group(
+    agent: &Agent,
+    group: &[Member],
+    deadline: Instant,
+    backup: Option<BackupId>,
+) -> Acquired {
     let gates: Vec<_> = group
         .iter()
         .filter_map(|m| agent.exports.export(&m.name).cloned())
@@ -94,9 +109,14 @@ fn acquire_group(agent: &Agent, group: &[Member], deadline: Instant) -> Result<u
         closed.push(e.clone());
     }
     let mut acquired: Vec<&Member> = Vec::new();
+    let mut cuts = Vec::new();
     let mut result = Ok(());
     for m in group {
-        match m.mgr.acquire(m.vlu) {
+        let done = match backup {
+            Some(b) => m.mgr.acquire_for_backup(m.vlu, b).map(|c| cuts.push(c)),
+            None => m.mgr.acquire(m.vlu),
+        };
+        match done {
             Ok(()) => acquired.push(m),
             Err(e) => {
                 result = Err(format!("acquiring the snapshot of {}: {e}", m.name));
@@ -107,16 +127,26 @@ fn acquire_group(agent: &Agent, group: &[Member], deadline: Instant) -> Result<u
     let instant = unix_ms();
     open_all(&closed);
     if let Err(e) = result {
-        rollback(agent, acquired.into_iter());
+        rollback(agent, acquired.into_iter(), backup);
         return Err(e);
     }
-    Ok(instant)
+    Ok((instant, cuts))
 }
 
-/// Delete the snapshots of `members` that are in Snapshot mode; resync starts.
-fn rollback<'a>(agent: &Agent, members: impl Iterator<Item = &'a Member>) -> Vec<String> {
+/// Delete the snapshots of `members` that are in Snapshot mode; resync starts. Abort
+/// `backup`'s cuts (a member whose cut is not pending is left as it is).
+fn rollback<'a>(
+    agent: &Agent,
+    members: impl Iterator<Item = &'a Member>,
+    backup: Option<BackupId>,
+) -> Vec<String> {
     let mut done = Vec::new();
     for m in members {
+        if let Some(b) = &backup {
+            if let Err(e) = m.mgr.abort_backup(m.vlu, b) {
+                tracing::error!(vlu = %m.name, backup = %b, error = %e, "aborting a changed-block cut failed; it stays pending and the next cut merges it");
+            }
+        }
         if m.mgr.mode(m.vlu) == Mode::Snapshot {
             match m.mgr.delete(m.vlu) {
                 Ok(()) => done.push(m.name.clone()),
@@ -134,15 +164,33 @@ fn step(name: String, since: Instant) -> Value {
     json!({ "step": name, "ms": since.elapsed().as_secs_f64() * 1000.0 })
 }
 
+/// What the console asked of a `snapshot`.
+pub struct SnapshotRequest {
+    pub id: String,
+    pub vlus: Vec<String>,
+    pub deadline_ms: Option<u64>,
+    pub vars: std::collections::BTreeMap<String, String>,
+    /// Cut the changed-block records for this backup.
+    pub backup: Option<String>,
+}
+
 /// The `snapshot` operation.
 pub async fn snapshot(
     agent: Arc<Agent>,
     cfg: FreezeConfig,
-    id: String,
-    vlus: Vec<String>,
-    deadline_ms: Option<u64>,
-    vars: std::collections::BTreeMap<String, String>,
+    req: SnapshotRequest,
 ) -> Result<Value, Failure> {
+    let SnapshotRequest {
+        id,
+        vlus,
+        deadline_ms,
+        vars,
+        backup,
+    } = req;
+    let backup = backup
+        .map(|b| BackupId::new(&b))
+        .transpose()
+        .map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
     let group = Arc::new(resolve(&agent, &vlus)?);
     for m in group.iter() {
         let mode = m.mgr.mode(m.vlu);
@@ -180,7 +228,7 @@ pub async fn snapshot(
     let mut steps = Vec::new();
     let mut started = 0usize;
     let mut current = String::new();
-    let mut acquire: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
+    let mut acquire: Option<tokio::task::JoinHandle<Acquired>> = None;
     let work = async {
         for h in hooks.iter_mut() {
             started += 1;
@@ -195,14 +243,14 @@ pub async fn snapshot(
         let t = Instant::now();
         let (a, g) = (agent.clone(), group.clone());
         let task = acquire.insert(tokio::task::spawn_blocking(move || {
-            acquire_group(&a, &g, deadline)
+            acquire_group(&a, &g, deadline, backup)
         }));
         let instant = task
             .await
             .map_err(|e| format!("{current}: {e}"))?
             .map_err(|e| format!("{current}: {e}"))?;
         steps.push(step(current.clone(), t));
-        Ok::<u64, String>(instant)
+        Ok::<(u64, Vec<Cut>), String>(instant)
     };
     let result = tokio::time::timeout_at(deadline.into(), work).await;
     let outcome = match &result {
@@ -231,8 +279,8 @@ pub async fn snapshot(
             "rolled_back": rolled_back,
         }))
     };
-    let rollback_all = |agent: Arc<Agent>, group: Arc<Vec<Member>>| async move {
-        tokio::task::spawn_blocking(move || rollback(&agent, group.iter()))
+    let rollback_all = move |agent: Arc<Agent>, group: Arc<Vec<Member>>| async move {
+        tokio::task::spawn_blocking(move || rollback(&agent, group.iter(), backup))
             .await
             .unwrap_or_default()
     };
@@ -278,7 +326,23 @@ pub async fn snapshot(
             let rolled = rollback_all(agent.clone(), group.clone()).await;
             Err(fail(Code::Failed, resume_errors.join("; "), rolled, steps))
         }
-        Ok(Ok(instant)) => {
+        Ok(Ok((instant, cuts))) => {
+            let changes = match backup {
+                Some(b) => {
+                    let g = group.clone();
+                    let c = tokio::task::spawn_blocking(move || changes(&g, &cuts, &b))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                    match c {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            let rolled = rollback_all(agent.clone(), group.clone()).await;
+                            return Err(fail(Code::Failed, e, rolled, steps));
+                        }
+                    }
+                }
+                None => None,
+            };
             let snapshots: Vec<Value> = group
                 .iter()
                 .map(|m| {
@@ -305,7 +369,7 @@ pub async fn snapshot(
                 })
                 .collect();
             tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
-            Ok(json!({
+            let mut reply = json!({
                 "instant_unix_ms": instant,
                 "freeze_ms": freeze_ms,
                 "deadline_ms": deadline_ms,
@@ -313,9 +377,24 @@ pub async fn snapshot(
                 "snapshots": snapshots,
                 "files": files,
                 "nbd_tcp": agent.tcp_bound.get(),
-            }))
+            });
+            if let Some(c) = changes {
+                reply["changes"] = c;
+            }
+            Ok(reply)
         }
     }
+}
+
+/// The reply's `changes`: per virtual LU, the base and the byte ranges of its cut.
+fn changes(group: &[Member], cuts: &[Cut], backup: &BackupId) -> Result<Value, String> {
+    let mut out = serde_json::Map::new();
+    for (m, cut) in group.iter().zip(cuts) {
+        let c = super::tracking::changes_json(&m.mgr, m.vlu, backup, cut.base)
+            .map_err(|e| format!("the changed blocks of {}: {e}", m.name))?;
+        out.insert(m.name.clone(), c);
+    }
+    Ok(Value::Object(out))
 }
 
 /// `lead`, then what else went wrong, as one message.

@@ -23,6 +23,7 @@ pub mod freeze;
 pub mod hooks;
 pub mod server;
 pub mod tls;
+pub mod tracking;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -56,6 +57,11 @@ pub enum Op {
         /// Extra `HVM_*` variables for command hooks.
         #[serde(default)]
         vars: BTreeMap<String, String>,
+        /// The backup the console chose an id for: each virtual LU's changed-block record
+        /// is cut at the snapshot instant and the reply's `changes` says what was written
+        /// since the last completed backup ([`tracking`]).
+        #[serde(default)]
+        backup: Option<String>,
     },
     /// Database role: delete the snapshots (resync starts). Deleting what is already
     /// deleted is not an error.
@@ -66,6 +72,12 @@ pub enum Op {
     Verify { vlus: Vec<String> },
     /// Database role: counters (bytes read through snapshot exports).
     Counters,
+    /// Database role: `backup` is stored; it becomes the virtual LUs' tracking base.
+    /// Idempotent.
+    Complete { vlus: Vec<String>, backup: String },
+    /// Database role: `backup` failed; the ranges its snapshot's cut took count as
+    /// written again. Idempotent.
+    Abort { vlus: Vec<String>, backup: String },
     /// Backup role: copy snapshots into a directory under `target_root`.
     Copy(CopyRequest),
 }
@@ -80,6 +92,8 @@ impl Op {
             Op::Resync { .. } => "resync",
             Op::Verify { .. } => "verify",
             Op::Counters => "counters",
+            Op::Complete { .. } => "complete",
+            Op::Abort { .. } => "abort",
             Op::Copy(_) => "copy",
         }
     }
@@ -342,9 +356,20 @@ mod tests {
             Op::Snapshot {
                 vlus: vec!["db".into()],
                 deadline_ms: None,
-                vars: BTreeMap::new()
+                vars: BTreeMap::new(),
+                backup: None,
             }
         );
+        let r: Request = serde_json::from_str(
+            r#"{"token":"t","id":"2","op":{"type":"complete","vlus":["db"],"backup":"b1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.op.name(), "complete");
+        let r: Request = serde_json::from_str(
+            r#"{"token":"t","id":"3","op":{"type":"snapshot","vlus":["db"],"backup":"b2"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r.op, Op::Snapshot { backup: Some(b), .. } if b == "b2"));
         let l = serde_json::to_string(&Line::Progress { done: 1, total: 2 }).unwrap();
         assert_eq!(l, r#"{"progress":{"done":1,"total":2}}"#);
         let src: Source = serde_json::from_str(r#"{"array":{"backend":"a","lu":2}}"#).unwrap();

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::{copy, freeze, tls, Code, Failure, Line, Op, Request};
+use super::{copy, freeze, tracking, tls, Code, Failure, Line, Op, Request};
 use crate::agent::Agent;
 use crate::config::{CoordinationConfig, Role};
 use crate::nbd::server::AcceptBackoff;
@@ -231,7 +231,9 @@ impl Service {
             | Op::Delete { .. }
             | Op::Resync { .. }
             | Op::Verify { .. }
-            | Op::Counters => Some(Role::Database),
+            | Op::Counters
+            | Op::Complete { .. }
+            | Op::Abort { .. } => Some(Role::Database),
             Op::Copy(_) => Some(Role::Backup),
         };
         if let Some(role) = need {
@@ -322,17 +324,23 @@ impl Service {
                 vlus,
                 deadline_ms,
                 vars,
+                backup,
             } => {
                 let _one = self.freeze.lock().await;
-                freeze::snapshot(
-                    agent,
-                    self.cfg.freeze.clone(),
-                    req.id,
+                let req = freeze::SnapshotRequest {
+                    id: req.id,
                     vlus,
                     deadline_ms,
                     vars,
-                )
-                .await
+                    backup,
+                };
+                freeze::snapshot(agent, self.cfg.freeze.clone(), req).await
+            }
+            Op::Complete { vlus, backup } => {
+                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, true))).await
+            }
+            Op::Abort { vlus, backup } => {
+                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, false))).await
             }
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,

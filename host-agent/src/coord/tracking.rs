@@ -1,0 +1,124 @@
+//! Changed-block tracking over the coordination protocol (issue 19): the database role's
+//! `complete` and `abort` operations, the `changes` of a snapshot reply, and the
+//! console's calls.
+//!
+//! A `snapshot` with a `backup` id cuts each virtual LU's record at the snapshot instant
+//! ([`super::freeze`]); its reply carries, per virtual LU, `{"base": ID | null, "extents":
+//! [[offset, length], ...], "bytes": N}`: the byte ranges written since the last
+//! completed backup `base` (sorted, disjoint; `base` null: no backup completed yet, copy
+//! everything). Once the copy is stored the console sends `complete` (the backup becomes
+//! the base); if it fails, `abort` (the ranges count as written again). Both are
+//! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}`.
+
+use std::sync::Arc;
+
+use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
+use serde_json::{json, Value};
+
+use super::{new_id, Code, Failure, Op, Peer};
+use crate::agent::Agent;
+use crate::exports::Manager;
+
+/// Tell the database host that `backup` of `vlus` is stored: it becomes their base.
+pub fn complete(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure> {
+    let op = Op::Complete {
+        vlus: vlus.to_vec(),
+        backup: backup.to_string(),
+    };
+    db.call(&new_id(), &op, 3, &mut |_, _| {})
+}
+
+/// Tell the database host that `backup` of `vlus` failed: what it would have copied
+/// counts as written again.
+pub fn abort(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure> {
+    let op = Op::Abort {
+        vlus: vlus.to_vec(),
+        backup: backup.to_string(),
+    };
+    db.call(&new_id(), &op, 3, &mut |_, _| {})
+}
+
+/// The origin virtual LUs named, with their managers.
+fn origins(
+    agent: &Agent,
+    vlus: &[String],
+) -> Result<Vec<(String, Arc<Manager>, VirtualLuId)>, Failure> {
+    let bad = |m: String| Failure::new(Code::BadRequest, m);
+    if vlus.is_empty() {
+        return Err(bad("no virtual LU named".into()));
+    }
+    let mut out = Vec::new();
+    for name in vlus {
+        if agent.snapshot_of.contains_key(name) {
+            return Err(bad(format!(
+                "{name} is a snapshot export; name the virtual LU it is the snapshot of"
+            )));
+        }
+        let (mgr, vlu) = agent
+            .virtual_lu(name)
+            .ok_or_else(|| bad(format!("no virtual LU named {name}")))?;
+        out.push((name.clone(), mgr, vlu));
+    }
+    Ok(out)
+}
+
+/// The `complete` (or, with `complete` false, `abort`) operation.
+pub fn finish(
+    agent: &Agent,
+    vlus: &[String],
+    backup: &str,
+    complete: bool,
+) -> Result<Value, Failure> {
+    let id = BackupId::new(backup).map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
+    let group = origins(agent, vlus)?;
+    let mut out = serde_json::Map::new();
+    for (name, mgr, vlu) in group {
+        let base = if complete {
+            mgr.complete_backup(vlu, &id)
+        } else {
+            mgr.abort_backup(vlu, &id)
+        }
+        .map_err(|e| {
+            let what = if complete { "completing" } else { "aborting" };
+            Failure::new(Code::Failed, format!("{what} backup {id} of {name}: {e}"))
+        })?;
+        out.insert(name, json!({ "base": base.map(|b| b.to_string()) }));
+    }
+    Ok(json!({ "vlus": out }))
+}
+
+/// One virtual LU's entry of a snapshot reply's `changes`: `backup`'s pending ranges in
+/// bytes, clipped to the LU (a coarsened set may round past its end).
+pub fn changes_json(
+    mgr: &Manager,
+    vlu: VirtualLuId,
+    backup: &BackupId,
+    base: Option<BackupId>,
+) -> Result<Value, String> {
+    let capacity = mgr.capacity_bytes(vlu).map_err(|e| e.to_string())?;
+    let extents = mgr
+        .pending_extents(vlu, backup)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("backup {backup} is not pending (cut by another run?)"))?;
+    let mut bytes = 0u64;
+    let ranges: Vec<[u64; 2]> = extents
+        .into_iter()
+        .filter_map(|e| {
+            let off = e.first().checked_mul(SECTOR_SIZE)?;
+            let end = e
+                .last()
+                .checked_add(1)?
+                .saturating_mul(SECTOR_SIZE)
+                .min(capacity);
+            (off < end).then(|| {
+                bytes += end - off;
+                [off, end - off]
+            })
+        })
+        .collect();
+    Ok(json!({
+        "base": base.map(|b| b.to_string()),
+        "extents": ranges,
+        "bytes": bytes,
+    }))
+}
