@@ -488,11 +488,15 @@ impl Firmware {
     /// bitmap is written whole and marked clean, so the next start trusts it.
     pub(crate) fn shutdown(&self) -> Result<(), String> {
         let _all = self.store.locks.lock(0, 0, u64::MAX / 2);
-        let st = self.lock();
-        for p in &st.pairs {
-            p.diff_file
-                .write_all(&p.diff, true)
-                .map_err(|e| format!("{}: {e}", p.diff_file.path().display()))?;
+        // Each file's lock is taken before the state's, as everywhere.
+        let primaries: Vec<u8> = self.lock().pairs.iter().map(|p| p.primary).collect();
+        for primary in primaries {
+            let Some(f) = p_file(&self.lock(), primary) else {
+                continue;
+            };
+            let read = || p_file_bits(&self.lock(), primary);
+            f.rewrite(read, true)
+                .map_err(|e| format!("{}: {e}", f.path().display()))?;
         }
         Ok(())
     }
@@ -567,6 +571,12 @@ impl Firmware {
             // restart before it treats those units as split and different: a redundant
             // copy, never a lost one.
             let _ = self.save_pairs(&st);
+            let file = p_file(&st, primary);
+            drop(st);
+            if let (Ok(()), Some(f)) = (&r, file) {
+                // The copied units' marks leave the file too.
+                let _ = f.rewrite(|| p_file_bits(&self.lock(), primary), false);
+            }
         }
         r
     }
@@ -1430,4 +1440,16 @@ fn restored_diff(dir: &Path, p: u8, split: &Bitmap) -> Result<(Bitmap, Bitmap, D
     }
     let file = DiffFile::create(&path, &diff).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((diff, todo, file))
+}
+
+/// The difference bitmap file of the pair of user volume `primary`.
+fn p_file(st: &State, primary: u8) -> Option<Arc<DiffFile>> {
+    st.pair_of_primary(primary)
+        .map(|i| st.pairs[i].diff_file.clone())
+}
+
+/// A copy of the difference bitmap of the pair of user volume `primary`.
+fn p_file_bits(st: &State, primary: u8) -> Option<Bitmap> {
+    st.pair_of_primary(primary)
+        .map(|i| st.pairs[i].diff.clone())
 }

@@ -169,7 +169,22 @@ impl DiffFile {
 
     /// Write the whole bitmap and the clean flag, durably.
     pub(crate) fn write_all(&self, bits: &Bitmap, clean: bool) -> std::io::Result<()> {
+        self.rewrite(|| Some(bits.clone()), clean)
+    }
+
+    /// Write the whole bitmap `read` returns (none: nothing to write) and the clean
+    /// flag, durably; `read` runs under this file's lock, so a mark persisted meanwhile
+    /// is never overwritten by an older copy. After a resync this drops the stale marks
+    /// of the units it copied.
+    pub(crate) fn rewrite(
+        &self,
+        read: impl FnOnce() -> Option<Bitmap>,
+        clean: bool,
+    ) -> std::io::Result<()> {
         let f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(bits) = read() else {
+            return Ok(());
+        };
         let mut buf = Vec::with_capacity(HEADER as usize + 8 * bits.words.len());
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&self.units.to_le_bytes());

@@ -469,6 +469,9 @@ impl Channel {
                 return;
             }
             let r = ch.copy_marked(lun);
+            if r.is_ok() {
+                ch.drop_stale_marks(lun);
+            }
             let _ = ch.with_pair(lun, |p| {
                 p.busy = false;
                 match &r {
@@ -484,6 +487,23 @@ impl Channel {
                 Ok(((), true))
             });
         });
+    }
+
+    /// After a copy, write the bitmap whole: the copied units' marks leave the file.
+    fn drop_stale_marks(&self, lun: u8) {
+        let Ok(file) = self.with_pair(lun, |p| Ok((p.file.clone(), false))) else {
+            return;
+        };
+        let read = || {
+            let pairs = self.lock_pairs();
+            pairs
+                .iter()
+                .find(|p| p.primary == lun)
+                .map(|p| p.diff.clone())
+        };
+        if let Err(e) = file.rewrite(read, false) {
+            eprintln!("array-sim: {}: {e}", file.path().display());
+        }
     }
 
     /// Copy the units marked now, in batches under the range lock; a unit's bit is
@@ -583,11 +603,22 @@ impl Channel {
 
     /// Write each remote pair's bitmap whole and mark it clean (an orderly stop).
     pub(crate) fn shutdown_pairs(&self) -> Result<(), String> {
-        let pairs = self.lock_pairs();
-        for p in pairs.iter() {
-            p.file
-                .write_all(&p.diff, true)
-                .map_err(|e| format!("{}: {e}", p.file.path().display()))?;
+        // Each file's lock is taken before the table's, as everywhere.
+        let files: Vec<(u8, Arc<DiffFile>)> = self
+            .lock_pairs()
+            .iter()
+            .map(|p| (p.primary, p.file.clone()))
+            .collect();
+        for (lun, f) in files {
+            let read = || {
+                let pairs = self.lock_pairs();
+                pairs
+                    .iter()
+                    .find(|p| p.primary == lun)
+                    .map(|p| p.diff.clone())
+            };
+            f.rewrite(read, true)
+                .map_err(|e| format!("{}: {e}", f.path().display()))?;
         }
         Ok(())
     }

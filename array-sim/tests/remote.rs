@@ -679,7 +679,8 @@ fn the_switch_and_the_device_copy_without_host_or_array_controller() {
 }
 
 /// Issue 22 item 4 for remote pairs: the bitmap on the user volume's side survives an
-/// orderly restart of that array, and the resync copies only the marked units.
+/// orderly restart of that array, and the resync copies only the marked units; after a
+/// death of the array a split pair's marks are still exact.
 #[test]
 fn remote_bitmaps_survive_a_restart() {
     let root = tempfile::tempdir().unwrap();
@@ -704,5 +705,37 @@ fn remote_bitmaps_survive_a_restart() {
     chan(&ca, ChannelOp::RemotePairResync { lu: 10 });
     let q = wait_remote(&ca, 10, RemoteState::Duplex);
     assert_eq!(q.copied_bytes, 4 * N * BS as u64);
+    assert_eq!(read_lu(&b.client(), 20), read_lu(&ca, 10));
+    // A death of the array (SIGKILL): the split pair's marks were on disk before their
+    // writes, so they are exact; a duplex pair may have lost an update between the
+    // arrays, so it comes back suspended with every unit marked.
+    chan(&ca, ChannelOp::RemotePairSplit { lu: 10 });
+    for lba in [16u64, 2000, 2008] {
+        ca.write(LuId(10), lba, &[8u8; BS], false).unwrap();
+    }
+    drop(ca);
+    drop(a);
+    let a = Daemon::array(root.path(), "a");
+    let ca = a.client();
+    let p = remote(&ca, 10);
+    assert_eq!(
+        (p.state, p.diff_units),
+        (Some(RemoteState::Split), 3),
+        "{p:?}"
+    );
+    chan(&ca, ChannelOp::RemotePairResync { lu: 10 });
+    wait_remote(&ca, 10, RemoteState::Duplex);
+    drop(ca);
+    drop(a);
+    let a = Daemon::array(root.path(), "a");
+    let ca = a.client();
+    let p = remote(&ca, 10);
+    assert_eq!(
+        (p.state, p.diff_units),
+        (Some(RemoteState::Suspended), p.units),
+        "{p:?}"
+    );
+    chan(&ca, ChannelOp::RemotePairResync { lu: 10 });
+    wait_remote(&ca, 10, RemoteState::Duplex);
     assert_eq!(read_lu(&b.client(), 20), read_lu(&ca, 10));
 }
