@@ -222,7 +222,8 @@ impl Hosts {
     pub fn hvmctl(&self, args: &[&str]) -> Output {
         let mut c = Command::new(binary("hvmctl"));
         c.arg("--json").args(args);
-        if args.get(1).is_some_and(|a| *a == "run" || *a == "delete") {
+        let remote = ["run", "delete", "list", "verify", "restore", "prune"];
+        if args.get(1).is_some_and(|a| remote.contains(a)) {
             c.arg("--ca")
                 .arg(self.tls.join("ca.pem"))
                 .arg("--token-file")
@@ -252,25 +253,87 @@ impl Hosts {
         (out, v)
     }
 
-    /// `hvmctl backup restore` of `vlu` (the only one if `None`) from `backup` to `to`,
-    /// expecting success.
-    pub fn restore(&self, backup: &Path, vlu: Option<&str>, to: &Path) {
+    /// `hvmctl backup restore` of `vlu` (the only one if `None`) at backup `id` to `to`
+    /// (a new file on this, the backup host), expecting success.
+    pub fn restore(&self, id: &str, vlu: Option<&str>, to: &Path) {
+        let out = self.try_restore(id, vlu, to);
+        assert!(
+            out.status.success(),
+            "restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `hvmctl backup restore` of `vlu` at backup `id` to `to`.
+    pub fn try_restore(&self, id: &str, vlu: Option<&str>, to: &Path) -> Output {
         let mut args = vec![
             "backup",
             "restore",
-            backup.to_str().unwrap(),
+            id,
+            "--backup",
+            &self.backup_addr,
             "--to",
             to.to_str().unwrap(),
         ];
         if let Some(v) = vlu {
             args.extend(["--vlu", v]);
         }
+        self.hvmctl(&args)
+    }
+
+    /// `hvmctl backup verify ID`.
+    pub fn verify(&self, id: &str) -> Output {
+        self.hvmctl(&["backup", "verify", id, "--backup", &self.backup_addr])
+    }
+
+    /// `hvmctl backup list --json` (of one repository if `target` is given).
+    pub fn list(&self, target: Option<&str>) -> serde_json::Value {
+        let mut args = vec!["backup", "list", "--backup", &self.backup_addr];
+        if let Some(t) = target {
+            args.extend(["--target", t]);
+        }
         let out = self.hvmctl(&args);
         assert!(
             out.status.success(),
-            "restore: {}",
+            "list: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The manifest of backup `id` in repository `target`, read directly.
+    pub fn manifest(&self, target: &str, id: &str) -> serde_json::Value {
+        let p = self
+            .target_root
+            .join(target)
+            .join(format!("backups/{id}/manifest.json"));
+        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+    }
+
+    /// The file of chunk `hash` in repository `target`.
+    pub fn chunk_path(&self, target: &str, hash: &str) -> PathBuf {
+        self.target_root
+            .join(target)
+            .join(format!("chunks/{}/{hash}", &hash[..2]))
+    }
+
+    /// A small file of backup `id` (the PostgreSQL `backup_label`), decompressed from
+    /// its chunk with the `zstd` tool.
+    pub fn backup_file(&self, target: &str, id: &str, name: &str) -> Vec<u8> {
+        let m = self.manifest(target, id);
+        let f = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no file {name} in {m}"));
+        let out = Command::new("zstd")
+            .arg("-dc")
+            .arg(self.chunk_path(target, f["chunk"].as_str().unwrap()))
+            .output()
+            .expect("zstd (Debian package zstd) is needed");
+        assert!(out.status.success(), "zstd: {:?}", out);
+        out.stdout
     }
 
     /// The database host's `snapshot_read_bytes` counter.

@@ -388,7 +388,7 @@ impl Deployment {
     }
 }
 
-/// Restore the backup in `backup` (virtual LU `pg`) into an image in `work`, mount it and
+/// Restore backup `backup` (its id; virtual LU `pg`) into a new image in `work`, mount it and
 /// start a cluster on it (on `port`): it must recover from the snapshot's WAL and satisfy
 /// pgbench's invariants, with some but fewer history rows than the live cluster's
 /// `live_rows` at the end of the run (an instant during it). Returns the restored
@@ -396,11 +396,11 @@ impl Deployment {
 pub fn restore_and_recover(
     hosts: &crate::backup::Hosts,
     work: &Path,
-    backup: &Path,
+    backup: &str,
     port: u16,
     live_rows: i64,
 ) -> (i64, i64) {
-    let img = work.join("restored.img");
+    let img = work.join(format!("restored-{backup}.img"));
     hosts.restore(backup, None, &img);
     let rfs = Mounted::file(work, &img, "restored", false);
     // The snapshot copied the live cluster's lock file; it names a live postmaster.
@@ -409,7 +409,7 @@ pub fn restore_and_recover(
         &rfs.dir.join("data"),
         &work.join("restored-sock"),
         port,
-        &work.join("restored.log"),
+        &work.join(format!("restored-{backup}.log")),
     );
     restored.start();
     let (sum, rows) = restored.pgbench_invariants();
@@ -466,6 +466,6 @@ pub fn backup_online_via_nbd(
     let rs = d.hosts.db.json(&["resync", "status"]);
     assert_eq!(rs["pairs"][0]["mode"], "Synchronized", "{rs}");
     legs_identical();
-    let backup = d.hosts.target_root.join("pg-backup");
-    restore_and_recover(&d.hosts, work, &backup, live.port + 1, live_rows);
+    let id = v["id"].as_str().unwrap();
+    restore_and_recover(&d.hosts, work, id, live.port + 1, live_rows);
 }

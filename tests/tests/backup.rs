@@ -95,9 +95,9 @@ fn start(dir: &Path, freeze: &str) -> Hosts {
     )
 }
 
-fn restore(hosts: &Hosts, backup: &Path, vlu: &str) -> std::path::PathBuf {
-    let to = hosts.dir.join(format!("restored-{vlu}.img"));
-    hosts.restore(backup, Some(vlu), &to);
+fn restore(hosts: &Hosts, id: &str, vlu: &str) -> std::path::PathBuf {
+    let to = hosts.dir.join(format!("restored-{id}-{vlu}.img"));
+    hosts.restore(id, Some(vlu), &to);
     to
 }
 
@@ -167,9 +167,9 @@ fn consistency_group_backup_from_the_array_while_writes_go_on() {
 
     // The backup holds one instant of both virtual LUs: every write acknowledged before
     // it and none after, with b's writes depending on a's.
-    let backup = hosts.target_root.join("monday");
-    let ga = generations(&restore(&hosts, &backup, "a"));
-    let gb = generations(&restore(&hosts, &backup, "b"));
+    let id = v["id"].as_str().unwrap();
+    let ga = generations(&restore(&hosts, id, "a"));
+    let gb = generations(&restore(&hosts, id, "b"));
     let (ma, mb) = (assert_prefix("a", &ga), assert_prefix("b", &gb));
     assert!(
         ma == mb || ma == mb + 1,
@@ -185,35 +185,34 @@ fn consistency_group_backup_from_the_array_while_writes_go_on() {
     );
     println!("snapshot at generation a={ma} b={mb}; writer reached {final_gen}");
 
-    // verify passes, and fails on a changed byte.
-    let out = hosts.hvmctl(&["backup", "verify", backup.to_str().unwrap()]);
+    // verify passes, and fails on a changed byte, naming the chunk.
+    let out = hosts.verify(id);
     assert!(
         out.status.success(),
         "verify: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let img = backup.join("a.img");
-    let mut data = std::fs::read(&img).unwrap();
-    data[12345] ^= 1;
-    std::fs::write(&img, &data).unwrap();
-    let out = hosts.hvmctl(&["backup", "verify", backup.to_str().unwrap()]);
+    let m = hosts.manifest("monday", id);
+    let chunk = m["lus"][0]["extents"][0]["chunk"].as_str().unwrap();
+    let path = hosts.chunk_path("monday", chunk);
+    let key = format!("chunks/{}/{chunk}", &chunk[..2]);
+    let good = std::fs::read(&path).unwrap();
+    let mut data = good.clone();
+    let at = data.len() / 2;
+    data[at] ^= 1;
+    std::fs::write(&path, &data).unwrap();
+    let out = hosts.verify(id);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("a.img: SHA-256"),
+        String::from_utf8_lossy(&out.stderr).contains(&key),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = hosts.hvmctl(&[
-        "backup",
-        "restore",
-        backup.to_str().unwrap(),
-        "--vlu",
-        "a",
-        "--to",
-        dir.path().join("x.img").to_str().unwrap(),
-    ]);
+    let x = dir.path().join("x.img");
+    let out = hosts.try_restore(id, Some("a"), &x);
     assert_eq!(out.status.code(), Some(1), "a corrupt image was restored");
-    assert!(!dir.path().join("x.img").exists());
+    assert!(!x.exists());
+    std::fs::write(&path, &good).unwrap();
 
     // After the resync the legs are identical again.
     for (o, m) in [(1, 2), (4, 5)] {
@@ -222,12 +221,21 @@ fn consistency_group_backup_from_the_array_while_writes_go_on() {
             "LU {o} and LU {m} differ after resync"
         );
     }
-    // A second run into the same directory is refused before anything is frozen... and
-    // leaves no snapshot behind.
-    let (out, v) = hosts.run(&["a"], "monday", &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(v["error"]["step"], "copy", "{v}");
-    assert_eq!(v["error"]["clean"], true, "{v}");
+    // A second run into the same repository adds a backup; the catalog lists both.
+    let (out, v2) = hosts.run(&["a"], "monday", &[]);
+    assert!(
+        out.status.success(),
+        "second run: {}\n{v2}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = hosts.list(Some("monday"));
+    let ids: Vec<&str> = listed["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id, v2["id"].as_str().unwrap()], "{listed}");
     assert!(hosts.db.mode("a") != "Snapshot");
 }
 
@@ -259,14 +267,20 @@ fn backup_over_nbd_and_the_read_counter() {
     );
     // Pulling over NBD is the database host's work: the counter sees every byte.
     assert_eq!(hosts.db_snapshot_reads() - before, LU);
-    let g = generations(&restore(&hosts, &hosts.target_root.join("nbd"), "a"));
+    let id = v["id"].as_str().unwrap();
+    let g = generations(&restore(&hosts, id, "a"));
     assert!(assert_prefix("a", &g) >= 500);
-    // --via array on a stateless array works; the manifest names the instant.
+    // The manifest names the instant.
     let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(hosts.target_root.join("nbd/manifest.json")).unwrap(),
+        &std::fs::read(
+            hosts
+                .target_root
+                .join(format!("nbd/backups/{id}/manifest.json")),
+        )
+        .unwrap(),
     )
     .unwrap();
-    assert_eq!(m["format"], "hvm-backup/1");
+    assert_eq!(m["format"], "hvm-backup/2");
     assert!(m["info"]["instant_unix_ms"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["lus"][0]["size"], LU);
 }

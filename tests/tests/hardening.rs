@@ -622,11 +622,11 @@ fn a_full_journal_disk_is_reported_and_recovered_from() {
     );
 }
 
-/// A backup copy that fails half-way (the backup host's disk fills up) removes its
-/// directory, so the retry of the same target, once there is room, succeeds. Before,
-/// the partial directory stayed and the retry was refused as "never written over".
+/// A backup copy that fails half-way (the backup host's disk fills up) leaves no
+/// backup (no manifest: the chunks it wrote are garbage for the next prune), so the
+/// retry, once there is room, succeeds and is the repository's only backup.
 #[test]
-fn a_failed_backup_copy_leaves_no_directory_behind() {
+fn a_failed_backup_copy_leaves_no_backup_behind() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = hvm_tests::backup::Hosts::start(
         dir.path(),
@@ -636,13 +636,30 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
             freeze: "    deadline_ms: 5000\n",
         },
     );
+    // Data that does not compress, so the copy cannot fit.
+    let mut c = hvm_host_agent::nbd::client::Client::connect(&hosts.db.state.join("nbd.sock"), "a")
+        .unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    c.write(0, &noise, true).unwrap();
+    c.disconnect();
     let fs = Tmpfs::mount(&hosts.target_root, "1m");
     let (out, _) = hosts.run(&["a"], "nightly", &[]);
     assert!(!out.status.success(), "a 4 MiB copy fit in 1 MiB");
-    assert!(
-        !hosts.target_root.join("nightly").exists(),
-        "the failed copy left its directory"
-    );
+    let manifests = |p: &std::path::Path| {
+        std::fs::read_dir(p.join("backups"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let repo = hosts.target_root.join("nightly");
+    assert_eq!(manifests(&repo), 0, "the failed copy left a backup");
     let grown = Command::new("mount")
         .args(["-o", "remount,size=64m"])
         .arg(&fs.0)
@@ -655,19 +672,25 @@ fn a_failed_backup_copy_leaves_no_directory_behind() {
         assert!(std::time::Instant::now() < deadline, "never resynchronized");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let (out, _) = hosts.run(&["a"], "nightly", &[]);
+    let (out, v) = hosts.run(&["a"], "nightly", &[]);
     assert!(
         out.status.success(),
         "the retry: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(hosts.target_root.join("nightly/manifest.json").exists());
+    assert_eq!(manifests(&repo), 1);
+    let id = v["id"].as_str().unwrap();
     // A backup holds the database's data: only its owner reads it, whatever the umask.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(hosts.target_root.join("nightly")), 0o700);
-    assert_eq!(mode(hosts.target_root.join("nightly/a.img")), 0o600);
-    assert_eq!(mode(hosts.target_root.join("nightly/manifest.json")), 0o600);
+    let m = hosts.manifest("nightly", id);
+    let chunk = m["lus"][0]["extents"][0]["chunk"].as_str().unwrap();
+    assert_eq!(mode(repo.clone()), 0o700);
+    assert_eq!(mode(hosts.chunk_path("nightly", chunk)), 0o600);
+    assert_eq!(
+        mode(repo.join(format!("backups/{id}/manifest.json"))),
+        0o600
+    );
 }
 
 /// Journals and the embedded arrays' LU images are 0600, and the arrays' directories

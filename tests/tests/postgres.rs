@@ -62,14 +62,14 @@ fn postgresql_backed_up_online_and_restored() {
         "the legs differ after resync"
     );
 
-    // The backup: a label from pg_backup_stop beside the image, verified.
-    let backup = hosts.target_root.join("pg-backup");
-    let label = std::fs::read_to_string(backup.join("backup_label")).unwrap();
+    // The backup: a label from pg_backup_stop stored with the image, verified.
+    let id = v["id"].as_str().unwrap();
+    let label = String::from_utf8(hosts.backup_file("pg-backup", id, "backup_label")).unwrap();
     assert!(
         label.contains("START WAL LOCATION") && label.contains("LABEL: hvm "),
         "{label}"
     );
-    let out = hosts.hvmctl(&["backup", "verify", backup.to_str().unwrap()]);
+    let out = hosts.verify(id);
     assert!(
         out.status.success(),
         "verify: {}",
@@ -77,5 +77,5 @@ fn postgresql_backed_up_online_and_restored() {
     );
 
     // Restore into a new image, mount it, start a cluster on it: it recovers.
-    restore_and_recover(hosts, work, &backup, live.port + 1, live_rows);
+    restore_and_recover(hosts, work, id, live.port + 1, live_rows);
 }

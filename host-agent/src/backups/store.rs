@@ -50,6 +50,24 @@ pub trait Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), StoreError>;
 }
 
+/// The store a user names: `s3://BUCKET/PREFIX`, or a directory path (created if
+/// missing).
+pub fn open(url_or_path: &str) -> Result<Box<dyn Store>, StoreError> {
+    if url_or_path.starts_with("s3://") {
+        // Endpoint, region, keys and AWS_ALLOW_HTTP from the environment (backups::s3).
+        return Ok(Box::new(super::s3::S3Store::open(url_or_path)?));
+    }
+    if let Some((scheme, _)) = url_or_path.split_once("://") {
+        return Err(StoreError::Remote {
+            location: url_or_path.to_string(),
+            message: format!(
+                "unknown store scheme {scheme}:// (a directory path or s3://BUCKET/PREFIX)"
+            ),
+        });
+    }
+    Ok(Box::new(DirStore::open(Path::new(url_or_path))?))
+}
+
 /// A plain relative key, checked before it is joined to anything.
 pub fn check_key(location: &str, key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
@@ -127,17 +145,27 @@ impl DirStore {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("object");
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
+        // Unique per write: two threads may put the same chunk at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            // A full disk must not keep the half-written file.
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
         File::open(dir)?.sync_all()
     }
 
@@ -194,7 +222,13 @@ impl Store for DirStore {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        self.walk(&self.root, "", &mut out)
+        // Walk only the directory the prefix names up to its last `/` (`chunks/`
+        // lists the chunks, not the manifests too).
+        let dir = match prefix.rsplit_once('/') {
+            Some((d, _)) if check_key(&self.location(), d).is_ok() => d,
+            _ => "",
+        };
+        self.walk(&self.root.join(dir), dir, &mut out)
             .map_err(|e| self.io(prefix, e))?;
         out.retain(|k| k.starts_with(prefix));
         out.sort();

@@ -13,9 +13,11 @@
 //! hvmctl reload
 //! hvmctl demo            # the whole online backup on embedded arrays
 //! hvmctl tls init /etc/hvm/tls --host db1 --host bk1
-//! hvmctl backup run --db db1:7430 --backup bk1:7430 --vlu pg --target pg-monday
-//! hvmctl backup verify /srv/backups/pg-monday
-//! hvmctl backup restore /srv/backups/pg-monday --vlu pg --to /dev/sdx
+//! hvmctl backup run --db db1:7430 --backup bk1:7430 --vlu pg --target pg [--full] [--rate 200M]
+//! hvmctl backup list --backup bk1:7430 [--target pg] [--vlu pg] [--rebuild]
+//! hvmctl backup verify --backup bk1:7430 ID
+//! hvmctl backup restore --backup bk1:7430 ID --vlu pg --to /dev/sdx | --in-place --db db1:7430
+//! hvmctl backup prune --backup bk1:7430 --target pg --keep-last 7 --keep-daily 7 [--dry-run]
 //! hvmctl pair create|split|resync|delete|status|wait ...   # array-side, EP 1 058 190
 //! hvmctl backup ccopy|auto|cow|job ...
 //! hvmctl volume attribute LU user|work
@@ -32,12 +34,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hvm_host_agent::arrayctl::{
     self, ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd,
 };
+use hvm_host_agent::backups::legacy;
 use hvm_host_agent::coord::console::{self, Via};
-use hvm_host_agent::coord::{copy, tls, Code, Peer};
+use hvm_host_agent::coord::{tls, Code, Peer};
 use hvm_host_agent::ctl::{call, wait_resync};
 use serde_json::Value;
 
@@ -140,6 +143,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ArrayCmd,
     },
+    /// Print the shell completion script of hvmctl (bash, zsh, fish, elvish, powershell).
+    Completions { shell: hvm_host_agent::docs::Shell },
+    /// Write the man pages of hvmctl and its subcommands into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(clap::Args, Clone)]
@@ -160,8 +168,23 @@ struct PeerArgs {
     key: Option<PathBuf>,
 }
 
+/// The backup host of the catalog operations.
+#[derive(clap::Args, Clone)]
+struct BackupHost {
+    /// The backup host's coordination address, HOST:PORT.
+    #[arg(long)]
+    backup: Option<String>,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
 #[derive(Subcommand)]
 enum BackupCmd {
+    /// Backups of many database hosts from a policy file (`run`, `status`).
+    Policy {
+        #[command(subcommand)]
+        command: hvm_host_agent::policy::PolicyCmd,
+    },
     /// Quiesce the database host, snapshot the virtual LUs at one instant, resume; copy
     /// on the backup host; delete the snapshots (resync starts).
     Run {
@@ -174,9 +197,20 @@ enum BackupCmd {
         /// A virtual LU to back up; several make one consistency group.
         #[arg(long = "vlu", required = true)]
         vlus: Vec<String>,
-        /// The backup directory, relative to the backup host's target_root; new.
+        /// The repository: a directory relative to the backup host's target_root
+        /// (created on first use), later s3://BUCKET/PREFIX.
         #[arg(long)]
         target: String,
+        /// Copy the whole virtual LUs even when an incremental backup is possible.
+        #[arg(long, conflicts_with = "incremental")]
+        full: bool,
+        /// Copy only what was written since the last backup when the repository holds
+        /// it (the default; a full backup when it does not, and the report says why).
+        #[arg(long)]
+        incremental: bool,
+        /// Copy rate limit, bytes per second (100M, 1G; 0: unlimited).
+        #[arg(long)]
+        rate: Option<String>,
         /// Where the backup host reads the snapshot.
         #[arg(long, value_enum, default_value_t = Via::Auto)]
         via: Via,
@@ -202,16 +236,76 @@ enum BackupCmd {
         #[command(flatten)]
         peer: PeerArgs,
     },
-    /// Check every file of a backup directory against its manifest.
-    Verify { dir: PathBuf },
-    /// Write a virtual LU's image from a backup directory to a file or block device,
-    /// after checking it against the manifest.
-    Restore {
-        dir: PathBuf,
+    /// The backup host's catalog: id, time, virtual LUs, kind, parent, bytes stored
+    /// and logical, verified-at.
+    List {
+        #[command(flatten)]
+        host: BackupHost,
+        /// Only the backups of this repository.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only the backups holding this virtual LU.
         #[arg(long)]
         vlu: Option<String>,
+        /// Rebuild the catalog from the repositories' manifests first.
         #[arg(long)]
-        to: PathBuf,
+        rebuild: bool,
+    },
+    /// Read every chunk of backup ID and check it against its SHA-256; a bad chunk is
+    /// named. (A directory of the old format hvm-backup/1 is checked here, locally.)
+    Verify {
+        id: String,
+        #[command(flatten)]
+        host: BackupHost,
+    },
+    /// Write a virtual LU's image at backup ID to a new file or a block device on the
+    /// backup host (--to), or onto the live virtual LU on the database host
+    /// (--in-place). (A directory of the old format hvm-backup/1 is restored here,
+    /// locally.)
+    Restore {
+        id: String,
+        #[arg(long)]
+        vlu: Option<String>,
+        /// An absolute path on the backup host: a new file, or a block device that is
+        /// not mounted or in use.
+        #[arg(
+            long,
+            required_unless_present = "in_place",
+            conflicts_with = "in_place"
+        )]
+        to: Option<PathBuf>,
+        /// Restore onto the live virtual LU over the database host's NBD listener,
+        /// writing only the blocks that differ. Stop the database first.
+        #[arg(long, requires = "db")]
+        in_place: bool,
+        /// The database host's coordination address (with --in-place).
+        #[arg(long)]
+        db: Option<String>,
+        /// The database host's NBD TCP address, if not its listen.tcp.
+        #[arg(long)]
+        db_nbd: Option<String>,
+        #[command(flatten)]
+        host: BackupHost,
+    },
+    /// Delete the backups of a repository that a retention policy does not keep, then
+    /// the chunks no remaining backup uses. The newest backup is always kept.
+    Prune {
+        #[command(flatten)]
+        host: BackupHost,
+        #[arg(long)]
+        target: String,
+        /// Keep the newest N backups (of each set of virtual LUs).
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Keep the newest backup of each of the last D days that have one.
+        #[arg(long)]
+        keep_daily: Option<u32>,
+        /// Keep the newest backup of each of the last W weeks that have one.
+        #[arg(long)]
+        keep_weekly: Option<u32>,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Array-side: copy ranges of a split secondary volume to a backup device inside
     /// the array; no data passes through a host ([0029]-[0030]).
@@ -344,6 +438,49 @@ fn s(v: &Value) -> String {
 }
 
 /// A move's status in one line.
+/// `hvmctl lu list`: one row per virtual LU.
+fn lu_table(body: &Value) -> String {
+    let mut rows = vec![[
+        "NAME",
+        "BACKEND",
+        "MODE",
+        "READ",
+        "WRITE",
+        "SNAPSHOT OF",
+        "SIZE",
+        "RECORDED LBAS",
+        "CHANGED SINCE BACKUP",
+        "DATA ON",
+        "MOVE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for l in body.as_array().into_iter().flatten() {
+        rows.push(vec![
+            s(&l["name"]),
+            s(&l["backend"]),
+            s(&l["mode"]),
+            l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
+            l["write"]
+                .as_u64()
+                .map_or("-".into(), |x| format!("LU {x}")),
+            s(&l["snapshot_of"]),
+            format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
+            s(&l["recorded_lbas"]),
+            tracking_cell(&l["tracking"]),
+            l["placement"]
+                .as_str()
+                .map_or_else(|| s(&l["backend"]), str::to_string),
+            if l["move"].is_null() {
+                "-".into()
+            } else {
+                move_line(&l["move"])
+            },
+        ]);
+    }
+    table(&rows)
+}
+
 /// An LU's changed-block tracking: bytes since the base, and the backup being copied.
 fn tracking_cell(t: &Value) -> String {
     if t.is_null() {
@@ -415,47 +552,7 @@ fn human(cmd: &Cmd, body: &Value) -> String {
         Cmd::Lu {
             command: LuCmd::Move { vlu, .. },
         } => format!("{vlu}: {}\n", move_line(body)),
-        Cmd::Lu { .. } => {
-            let mut rows = vec![[
-                "NAME",
-                "BACKEND",
-                "MODE",
-                "READ",
-                "WRITE",
-                "SNAPSHOT OF",
-                "SIZE",
-                "RECORDED LBAS",
-                "CHANGED SINCE BACKUP",
-                "DATA ON",
-                "MOVE",
-            ]
-            .map(String::from)
-            .to_vec()];
-            for l in body.as_array().into_iter().flatten() {
-                rows.push(vec![
-                    s(&l["name"]),
-                    s(&l["backend"]),
-                    s(&l["mode"]),
-                    l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
-                    l["write"]
-                        .as_u64()
-                        .map_or("-".into(), |x| format!("LU {x}")),
-                    s(&l["snapshot_of"]),
-                    format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
-                    s(&l["recorded_lbas"]),
-                    tracking_cell(&l["tracking"]),
-                    l["placement"]
-                        .as_str()
-                        .map_or_else(|| s(&l["backend"]), str::to_string),
-                    if l["move"].is_null() {
-                        "-".into()
-                    } else {
-                        move_line(&l["move"])
-                    },
-                ]);
-            }
-            table(&rows)
-        }
+        Cmd::Lu { .. } => lu_table(body),
         Cmd::Extents { vlu } => {
             let mut out = format!(
                 "{vlu}: {}, {} LBAs recorded\n",
@@ -644,6 +741,7 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
         BackupCmd::Auto(a) => arrayctl::copy(sock, json, CopyKind::Auto, a),
         BackupCmd::Cow(a) => arrayctl::cow(sock, json, a),
         BackupCmd::Job(a) => arrayctl::job(sock, json, a),
+        BackupCmd::Policy { command } => hvm_host_agent::policy::main(command, json),
         BackupCmd::Run {
             db,
             backup,
@@ -653,8 +751,19 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
             db_nbd,
             deadline_ms,
             wait_resync,
+            full,
+            incremental: _,
+            rate,
             peer: p,
         } => {
+            let rate = match rate.as_deref().map(parse_rate) {
+                None => None,
+                Some(Some(r)) => Some(r),
+                Some(None) => {
+                    eprintln!("hvmctl backup run: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)");
+                    return ExitCode::from(2);
+                }
+            };
             let (db, backup) = match (peer(db, p), peer(backup, p)) {
                 (Ok(d), Ok(b)) => (d, b),
                 (Err(e), _) | (_, Err(e)) => {
@@ -671,6 +780,8 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
                 db_nbd: db_nbd.clone(),
                 deadline_ms: *deadline_ms,
                 wait_resync: *wait_resync,
+                full: *full,
+                rate,
                 human: !json,
             };
             let r = console::run(&o);
@@ -714,51 +825,188 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
                 }
             }
         }
-        BackupCmd::Verify { dir } => match copy::verify(dir, &mut bar(json)) {
-            Ok(v) => {
-                if !json && hvm_host_agent::ctl::bars() {
-                    eprintln!();
-                }
-                let n = v["files"].as_array().map_or(0, Vec::len);
-                print(
-                    &v,
-                    format!(
-                        "{}: backup {} of {}: {n} files match the manifest\n",
-                        dir.display(),
-                        s(&v["id"]),
-                        s(&v["created"])
-                    ),
-                );
-                ExitCode::SUCCESS
+        BackupCmd::List { .. }
+        | BackupCmd::Verify { .. }
+        | BackupCmd::Restore { .. }
+        | BackupCmd::Prune { .. } => catalog_cmd(cmd, json),
+    }
+}
+
+/// The backup host of a catalog command, or why not.
+fn backup_peer(h: &BackupHost) -> Result<Peer, String> {
+    let a = h.backup.as_deref().ok_or(
+        "--backup HOST:PORT is required: the catalog and the repositories are on the backup host",
+    )?;
+    peer(a, &h.peer)
+}
+
+/// An old-format (hvm-backup/1) directory named instead of a backup id.
+fn legacy_dir(id: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(id);
+    legacy::is_legacy(&p).then_some(p)
+}
+
+/// An old-format directory named by `backup verify` or `backup restore --to`: handled
+/// here, locally.
+fn legacy_cmd(cmd: &BackupCmd, json: bool) -> Option<ExitCode> {
+    match cmd {
+        BackupCmd::Verify { id, .. } => legacy_dir(id).map(|d| legacy_verify(&d, json)),
+        BackupCmd::Restore {
+            id,
+            vlu,
+            to: Some(to),
+            ..
+        } => legacy_dir(id).map(|d| legacy_restore(&d, vlu.as_deref(), to, json)),
+        _ => None,
+    }
+}
+
+/// `backup list|verify|restore|prune`: on the backup host over the coordination
+/// service (old-format directories here).
+fn catalog_cmd(cmd: &BackupCmd, json: bool) -> ExitCode {
+    let (name, host) = match cmd {
+        BackupCmd::List { host, .. } => ("list", host),
+        BackupCmd::Verify { host, .. } => ("verify", host),
+        BackupCmd::Restore { host, .. } => ("restore", host),
+        BackupCmd::Prune { host, .. } => ("prune", host),
+        _ => return ExitCode::from(2),
+    };
+    if let Some(code) = legacy_cmd(cmd, json) {
+        return code;
+    }
+    let r = backup_peer(host).and_then(|bk| catalog_call(&bk, cmd, json));
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hvmctl backup {name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", console::human(name, &v));
             }
-            Err(e) => {
-                eprintln!("hvmctl backup verify: {e}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "error": f }));
+            }
+            eprintln!("hvmctl backup {name}: {f}");
+            if f.code == Code::BadRequest {
+                ExitCode::from(2)
+            } else {
                 ExitCode::FAILURE
             }
-        },
-        BackupCmd::Restore { dir, vlu, to } => {
-            match copy::restore(dir, vlu.as_deref(), to, &mut bar(json)) {
-                Ok(v) => {
-                    if !json && hvm_host_agent::ctl::bars() {
-                        eprintln!();
+        }
+    }
+}
+
+/// Send a catalog command to the backup host `bk`; `Err` for a usage error.
+fn catalog_call(
+    bk: &Peer,
+    cmd: &BackupCmd,
+    json: bool,
+) -> Result<Result<Value, hvm_host_agent::coord::Failure>, String> {
+    Ok(match cmd {
+        BackupCmd::List {
+            target,
+            vlu,
+            rebuild,
+            ..
+        } => console::list(bk, target.clone(), vlu.clone(), *rebuild),
+        BackupCmd::Verify { id, .. } => console::verify(bk, id, !json),
+        BackupCmd::Restore {
+            id,
+            vlu,
+            to,
+            in_place,
+            db,
+            db_nbd,
+            host,
+        } => {
+            let to = match (to, in_place, db) {
+                (Some(t), _, _) => console::RestoreDest::Path(t.clone()),
+                (None, true, Some(db)) => console::RestoreDest::InPlace {
+                    db: peer(db, &host.peer)?,
+                    db_nbd: db_nbd.clone(),
+                },
+                _ => return Err("--to PATH or --in-place --db HOST:PORT".into()),
+            };
+            console::restore(bk, id, vlu.clone(), &to, !json)
+        }
+        BackupCmd::Prune {
+            target,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            dry_run,
+            ..
+        } => {
+            let keep =
+                (keep_last.is_some() || keep_daily.is_some() || keep_weekly.is_some()).then(|| {
+                    hvm_host_agent::backups::retention::Keep {
+                        last: keep_last.unwrap_or(0),
+                        daily: keep_daily.unwrap_or(0),
+                        weekly: keep_weekly.unwrap_or(0),
                     }
-                    print(
-                        &v,
-                        format!(
-                            "restored {} ({} bytes, SHA-256 {}) to {}\n",
-                            s(&v["vlu"]),
-                            s(&v["size"]),
-                            s(&v["sha256"]),
-                            to.display()
-                        ),
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("hvmctl backup restore: {e}");
-                    ExitCode::FAILURE
-                }
+                });
+            console::prune(bk, target, keep, *dry_run)
+        }
+        _ => return Err("not a catalog command".into()),
+    })
+}
+
+fn legacy_verify(dir: &std::path::Path, json: bool) -> ExitCode {
+    match legacy::verify(dir, &mut bar(json)) {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                let n = v["files"].as_array().map_or(0, Vec::len);
+                println!(
+                    "{}: backup {} of {} (hvm-backup/1): {n} files match the manifest",
+                    dir.display(),
+                    s(&v["id"]),
+                    s(&v["created"])
+                );
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hvmctl backup verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn legacy_restore(
+    dir: &std::path::Path,
+    vlu: Option<&str>,
+    to: &std::path::Path,
+    json: bool,
+) -> ExitCode {
+    match legacy::restore(dir, vlu, to, &mut bar(json)) {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "restored {} ({} bytes, SHA-256 {}) to {}",
+                    s(&v["vlu"]),
+                    s(&v["size"]),
+                    s(&v["sha256"]),
+                    to.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hvmctl backup restore: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -766,11 +1014,7 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
-    let enc = |n: &str| {
-        n.replace('%', "%25")
-            .replace('/', "%2F")
-            .replace(' ', "%20")
-    };
+    let enc = hvm_host_agent::ctl::segment;
     let (method, path, body) = match &cli.command {
         Cmd::Status => ("GET", "/v1/status".to_string(), None),
         Cmd::Lu {
@@ -851,6 +1095,10 @@ fn main() -> ExitCode {
         Cmd::Volume { command } => return arrayctl::volume(&sock, cli.json, command),
         Cmd::Device { command } => return arrayctl::device(&sock, cli.json, command),
         Cmd::Array { command } => return arrayctl::array(&sock, cli.json, command),
+        Cmd::Completions { shell } => {
+            return hvm_host_agent::docs::completions(Cli::command(), *shell)
+        }
+        Cmd::Man { dir } => return hvm_host_agent::docs::man(Cli::command(), dir),
         Cmd::Tls {
             command: TlsCmd::Init { dir, hosts },
         } => {

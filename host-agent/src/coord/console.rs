@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{new_id, Code, CopyLu, CopyRequest, Failure, Op, Peer, Source};
+use super::{
+    new_id, Code, CopyLu, CopyRequest, Failure, Op, Peer, RestoreRequest, RestoreTo, Source,
+};
+use crate::backups::retention::Keep;
 use crate::ctl;
 
 /// Where the backup host reads the snapshot from.
@@ -34,8 +37,58 @@ pub struct Options {
     pub db_nbd: Option<String>,
     pub deadline_ms: Option<u64>,
     pub wait_resync: bool,
+    /// Copy the whole virtual LUs even if the repository holds the tracking's base.
+    pub full: bool,
+    /// Copy rate limit, bytes per second.
+    pub rate: Option<u64>,
     /// Print step lines and bars (false with --json).
     pub human: bool,
+}
+
+/// Most ranges one copy request carries (the request line is at most 1 MiB); more are
+/// merged across their smallest gaps, copying a little more than was written.
+const MAX_RANGES: usize = 30_000;
+
+/// `ranges` (sorted, disjoint) merged across their smallest gaps down to `max`.
+pub fn coalesce(ranges: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> {
+    if ranges.len() <= max || max == 0 {
+        return ranges.to_vec();
+    }
+    let mut gaps: Vec<u64> = ranges
+        .windows(2)
+        .map(|w| w[1].0.saturating_sub(w[0].0 + w[0].1))
+        .collect();
+    gaps.sort_unstable();
+    let limit = gaps[ranges.len() - max - 1];
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(o, l) in ranges {
+        match out.last_mut() {
+            Some(last) if o.saturating_sub(last.0 + last.1) <= limit => {
+                last.1 = (o + l).max(last.0 + last.1) - last.0;
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// Changes from the tracking: the base backup, ranges, bytes written.
+type Tracked = (Option<String>, Vec<(u64, u64)>, u64);
+
+/// What the database host's snapshot reply says changed in `vlu` since its last
+/// completed backup: (base, ranges, bytes written); `None` without tracking.
+fn changes(snap: &Value, vlu: &str) -> Option<Tracked> {
+    let c = snap.get("changes")?.get(vlu)?;
+    let base = c["base"].as_str().map(str::to_string);
+    let ranges: Vec<(u64, u64)> = c["extents"]
+        .as_array()?
+        .iter()
+        .filter_map(|e| Some((e.get(0)?.as_u64()?, e.get(1)?.as_u64()?)))
+        .collect();
+    let bytes = c["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| ranges.iter().map(|r| r.1).sum());
+    Some((base, coalesce(&ranges, MAX_RANGES), bytes))
 }
 
 /// What a run did, and how it failed if it did.
@@ -70,8 +123,29 @@ impl Run<'_> {
         }
     }
 
-    /// Delete the snapshots: what every failure after a snapshot does.
+    /// The backup is stored: the database host's tracking counts from it from now on.
+    /// If that fails the next incremental copies from the previous base (more, never
+    /// less), so it is a warning.
+    fn complete(&mut self) -> Value {
+        let t = Instant::now();
+        match super::tracking::complete(&self.o.db, &self.o.vlus, &self.id) {
+            Ok(v) => {
+                self.step("complete (tracking base)", ms(t), "");
+                v
+            }
+            Err(f) => {
+                self.say(&format!("  warning: the database host did not record the backup as the tracking's base: {f}"));
+                json!({ "error": f.to_string() })
+            }
+        }
+    }
+
+    /// Delete the snapshots: what every failure after a snapshot does. The tracking's
+    /// ranges of this backup count as written again.
     fn cleanup(&mut self) -> Result<String, String> {
+        if let Err(f) = super::tracking::abort(&self.o.db, &self.o.vlus, &self.id) {
+            tracing::warn!(error = %f, "the database host did not abort the backup's tracking cut (its next cut merges it)");
+        }
         let t = Instant::now();
         match self.o.db.call(
             &format!("{}-delete", self.id),
@@ -103,6 +177,59 @@ pub fn fmt_ms(ms: f64) -> String {
     } else {
         format!("{ms:.1} ms")
     }
+}
+
+/// What the backup host is to copy of each snapshot the database host took: where to
+/// read it and, from the tracking, what changed since which backup.
+fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<CopyLu>, Failure> {
+    let mut lus = Vec::new();
+    for s in snap["snapshots"].as_array().into_iter().flatten() {
+        let vlu = s["vlu"].as_str().unwrap_or_default().to_string();
+        let array = match (s["backend"].as_str(), s["array_lu"].as_u64()) {
+            (Some(b), Some(lu)) => Some(Source::Array {
+                backend: b.into(),
+                lu: lu as u32,
+            }),
+            _ => None,
+        };
+        let nbd = nbd_address.map(|a| Source::Nbd {
+            address: a.to_string(),
+            export: s["export"].as_str().unwrap_or_default().into(),
+        });
+        let source = match o.via {
+            Via::Array => array,
+            Via::Nbd => nbd,
+            Via::Auto => array.or(nbd),
+        };
+        let Some(source) = source else {
+            return Err(Failure::new(
+                Code::BadRequest,
+                format!(
+                    "no way to read the snapshot of {vlu} with --via {:?}: {}",
+                    o.via,
+                    if s["array_lu"].is_null() {
+                        "its snapshot is kept by the database host (pre-update array); use --via nbd with an NBD TCP listener"
+                    } else {
+                        "the database host has no listen.tcp; give --db-nbd HOST:PORT"
+                    }
+                ),
+            ));
+        };
+        let (base, ranges, written) = match changes(snap, &vlu) {
+            Some((b, r, w)) if !o.full => (b, Some(r), Some(w)),
+            Some((_, _, w)) => (None, None, Some(w)),
+            None => (None, None, None),
+        };
+        lus.push(CopyLu {
+            vlu,
+            size: s["size"].as_u64().unwrap_or(0),
+            source,
+            changes: ranges.filter(|_| base.is_some()),
+            base,
+            written_bytes: written,
+        });
+    }
+    Ok(lus)
 }
 
 /// Run one backup.
@@ -146,7 +273,7 @@ pub fn run(o: &Options) -> Report {
         &Op::Snapshot {
             vlus: o.vlus.clone(),
             deadline_ms: o.deadline_ms,
-            backup: None,
+            backup: Some(r.id.clone()),
             vars: [
                 ("target".to_string(), o.target.clone()),
                 ("backup_host".to_string(), o.backup.address.clone()),
@@ -192,47 +319,13 @@ pub fn run(o: &Options) -> Report {
             _ => a.to_string(),
         })
     });
-    let mut lus = Vec::new();
-    for s in snap["snapshots"].as_array().into_iter().flatten() {
-        let vlu = s["vlu"].as_str().unwrap_or_default().to_string();
-        let array = match (s["backend"].as_str(), s["array_lu"].as_u64()) {
-            (Some(b), Some(lu)) => Some(Source::Array {
-                backend: b.into(),
-                lu: lu as u32,
-            }),
-            _ => None,
-        };
-        let nbd = nbd_address.as_ref().map(|a| Source::Nbd {
-            address: a.clone(),
-            export: s["export"].as_str().unwrap_or_default().into(),
-        });
-        let source = match o.via {
-            Via::Array => array,
-            Via::Nbd => nbd,
-            Via::Auto => array.or(nbd),
-        };
-        let Some(source) = source else {
-            let f = Failure::new(
-                Code::BadRequest,
-                format!(
-                    "no way to read the snapshot of {vlu} with --via {:?}: {}",
-                    o.via,
-                    if s["array_lu"].is_null() {
-                        "its snapshot is kept by the database host (pre-update array); use --via nbd with an NBD TCP listener"
-                    } else {
-                        "the database host has no listen.tcp; give --db-nbd HOST:PORT"
-                    }
-                ),
-            );
+    let lus = match copy_lus(o, &snap, nbd_address.as_deref()) {
+        Ok(l) => l,
+        Err(f) => {
             let c = r.cleanup();
             return fail(&mut r, out, "copy", &f, c);
-        };
-        lus.push(CopyLu {
-            vlu,
-            size: s["size"].as_u64().unwrap_or(0),
-            source,
-        });
-    }
+        }
+    };
     let files = snap["files"]
         .as_object()
         .map(|m| {
@@ -251,6 +344,8 @@ pub fn run(o: &Options) -> Report {
             "freeze_ms": freeze_ms,
             "snapshots": snap["snapshots"],
         }),
+        rate: o.rate,
+        backup: Some(r.id.clone()),
     };
     let t = Instant::now();
     let bars = o.human && ctl::bars();
@@ -274,21 +369,13 @@ pub fn run(o: &Options) -> Report {
             return fail(&mut r, out, "copy", &f, c);
         }
     };
-    let bytes: u64 = copied["lus"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["size"].as_u64())
-        .sum();
     let secs = t.elapsed().as_secs_f64();
-    let note = format!(
-        "  {} MiB at {:.0} MiB/s from {}",
-        bytes >> 20,
-        bytes as f64 / 1048576.0 / secs.max(1e-9),
-        copied["lus"][0]["source"].as_str().unwrap_or("?")
-    );
-    r.step("copy", secs * 1000.0, &note);
+    r.step("copy", secs * 1000.0, &copy_note(&copied, secs));
+    for l in copied["lus"].as_array().into_iter().flatten() {
+        r.say(&lu_line(l));
+    }
     out["copy"] = copied.clone();
+    out["tracking"] = r.complete();
 
     // 3. Delete the snapshots; resync starts.
     let t = Instant::now();
@@ -301,8 +388,9 @@ pub fn run(o: &Options) -> Report {
         &mut |_, _| {},
     ) {
         let cleanup = Err(format!(
-            "the backup at {} is complete; finish by hand with `hvmctl backup delete --db {} --ca CA --token-file TOKEN {}`",
-            copied["dir"].as_str().unwrap_or("?"),
+            "backup {} in {} is complete; finish by hand with `hvmctl backup delete --db {} --ca CA --token-file TOKEN {}`",
+            r.id,
+            copied["location"].as_str().unwrap_or("?"),
             o.db.address,
             o.vlus.iter().map(|v| format!("--vlu {v}")).collect::<Vec<_>>().join(" ")
         ));
@@ -415,8 +503,10 @@ pub fn run(o: &Options) -> Report {
         }
     }
     r.say(&format!(
-        "backup written to {} (manifest.json)",
-        copied["dir"].as_str().unwrap_or("?")
+        "backup {} ({}) stored in {}",
+        r.id,
+        copied["kind"].as_str().unwrap_or("?"),
+        copied["location"].as_str().unwrap_or("?")
     ));
     out["ok"] = json!(true);
     out["steps"] = json!(r.steps);
@@ -436,4 +526,248 @@ pub fn delete(db: &Peer, vlus: &[String]) -> Result<Value, Failure> {
         3,
         &mut |_, _| {},
     )
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+/// The copy step's note: bytes read, rate, source.
+fn copy_note(copied: &Value, secs: f64) -> String {
+    let bytes: u64 = copied["lus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["copied_bytes"].as_u64())
+        .sum();
+    format!(
+        "  {} at {:.0} MiB/s from {}; {} new in the repository",
+        mib(bytes),
+        bytes as f64 / 1048576.0 / secs.max(1e-9),
+        copied["lus"][0]["source"].as_str().unwrap_or("?"),
+        mib(copied["stored_bytes"].as_u64().unwrap_or(0)),
+    )
+}
+
+/// One LU of the copy: full or incremental (and why not), bytes copied vs written.
+pub fn lu_line(l: &Value) -> String {
+    let copied = l["copied_bytes"].as_u64().unwrap_or(0);
+    let kind = match (l["kind"].as_str(), l["base"].as_str(), l["reason"].as_str()) {
+        (Some("incremental"), Some(b), _) => format!("incremental from {b}"),
+        (_, _, Some(why)) => format!("full ({why})"),
+        _ => "full".to_string(),
+    };
+    let written = match l["written_bytes"].as_u64() {
+        Some(w) => format!(
+            ", {} written since the last backup per tracking ({:.2}x)",
+            mib(w),
+            copied as f64 / (w.max(1)) as f64
+        ),
+        None => String::new(),
+    };
+    format!(
+        "    {}: {kind}: {} copied of {}{written}",
+        l["vlu"].as_str().unwrap_or("?"),
+        mib(copied),
+        mib(l["size"].as_u64().unwrap_or(0)),
+    )
+}
+
+/// Where `hvmctl backup restore` writes.
+pub enum RestoreDest {
+    /// A new file or a block device on the backup host.
+    Path(std::path::PathBuf),
+    /// The live virtual LU on the database host `db`, over its NBD listener.
+    InPlace { db: Peer, db_nbd: Option<String> },
+}
+
+fn bar(human: bool, label: &'static str, unit: &'static str) -> impl FnMut(u64, u64) {
+    let draw = human && ctl::bars();
+    move |d, t| {
+        if draw {
+            ctl::progress(label, d, t, unit);
+        }
+    }
+}
+
+pub fn list(
+    bk: &Peer,
+    target: Option<String>,
+    vlu: Option<String>,
+    rebuild: bool,
+) -> Result<Value, Failure> {
+    bk.call(
+        &new_id(),
+        &Op::BackupList {
+            target,
+            vlu,
+            rebuild,
+        },
+        3,
+        &mut |_, _| {},
+    )
+}
+
+pub fn verify(bk: &Peer, id: &str, human: bool) -> Result<Value, Failure> {
+    let op = Op::BackupVerify {
+        backup: id.to_string(),
+    };
+    let r = bk.call(&new_id(), &op, 3, &mut bar(human, "  verify", "chunks"));
+    if human && ctl::bars() {
+        eprintln!();
+    }
+    r
+}
+
+pub fn prune(bk: &Peer, target: &str, keep: Option<Keep>, dry_run: bool) -> Result<Value, Failure> {
+    let op = Op::BackupPrune {
+        target: target.to_string(),
+        keep,
+        dry_run,
+    };
+    bk.call(&new_id(), &op, 3, &mut |_, _| {})
+}
+
+/// The database host's NBD listener as the backup host reaches it.
+fn db_nbd(db: &Peer, given: Option<&str>) -> Result<String, Failure> {
+    if let Some(a) = given {
+        return Ok(a.to_string());
+    }
+    let hello = db.call(&new_id(), &Op::Hello, 3, &mut |_, _| {})?;
+    let a = hello["nbd_tcp"].as_str().ok_or_else(|| {
+        Failure::new(
+            Code::BadRequest,
+            "the database host has no listen.tcp; give --db-nbd HOST:PORT",
+        )
+    })?;
+    Ok(match a.rsplit_once(':') {
+        Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{}:{p}", db.host()),
+        _ => a.to_string(),
+    })
+}
+
+pub fn restore(
+    bk: &Peer,
+    id: &str,
+    vlu: Option<String>,
+    to: &RestoreDest,
+    human: bool,
+) -> Result<Value, Failure> {
+    let to = match to {
+        RestoreDest::Path(p) => RestoreTo::Path(p.display().to_string()),
+        RestoreDest::InPlace { db, db_nbd: given } => {
+            let Some(export) = vlu.clone() else {
+                return Err(Failure::new(Code::BadRequest, "--in-place needs --vlu"));
+            };
+            RestoreTo::Nbd {
+                address: db_nbd(db, given.as_deref())?,
+                export,
+            }
+        }
+    };
+    let op = Op::BackupRestore(RestoreRequest {
+        backup: id.to_string(),
+        vlu,
+        to,
+    });
+    let r = bk.call(&new_id(), &op, 3, &mut bar(human, "  restore", "bytes"));
+    if human && ctl::bars() {
+        eprintln!();
+    }
+    r
+}
+
+fn text(x: &Value) -> String {
+    match x {
+        Value::String(t) => t.clone(),
+        Value::Null => "-".into(),
+        o => o.to_string(),
+    }
+}
+
+/// `hvmctl backup list` as a table.
+fn list_table(v: &Value) -> String {
+    let s = text;
+    let mut out = format!(
+        "{:<30} {:<20} {:<11} {:<30} {:>10} {:>10} {:<20} {}\n",
+        "ID", "CREATED", "KIND", "PARENT", "STORED", "LOGICAL", "VERIFIED", "VLUS"
+    );
+    for b in v["backups"].as_array().into_iter().flatten() {
+        let verified = match (b["verified_unix_ms"].as_u64(), b["verify_error"].is_null()) {
+            (Some(ms), true) => super::rfc3339(ms / 1000),
+            (Some(_), false) => "FAILED".into(),
+            (None, _) => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<30} {:<20} {:<11} {:<30} {:>10} {:>10} {:<20} {}\n",
+            s(&b["id"]),
+            s(&b["created"]),
+            s(&b["kind"]),
+            s(&b["parent"]),
+            mib(b["stored_bytes"].as_u64().unwrap_or(0)),
+            mib(b["logical_bytes"].as_u64().unwrap_or(0)),
+            verified,
+            b["vlus"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(","),
+        ));
+    }
+    for e in v["errors"].as_array().into_iter().flatten() {
+        out.push_str(&format!("error: {}\n", s(e)));
+    }
+    out
+}
+
+/// The human form of a catalog command's answer.
+pub fn human(command: &str, v: &Value) -> String {
+    let s = text;
+    match command {
+        "list" => list_table(v),
+        "verify" => format!(
+            "backup {} of {}: all {} chunks check out\n",
+            s(&v["id"]),
+            s(&v["created"]),
+            s(&v["chunks"])
+        ),
+        "restore" => match v.get("written_bytes") {
+            Some(w) => format!(
+                "restored {} at backup {} onto the live virtual LU: {} compared, {} written\n",
+                s(&v["vlu"]),
+                s(&v["backup"]),
+                mib(v["compared_bytes"].as_u64().unwrap_or(0)),
+                mib(w.as_u64().unwrap_or(0))
+            ),
+            None => format!(
+                "restored {} at backup {} ({} bytes, SHA-256 {}) to {}\n",
+                s(&v["vlu"]),
+                s(&v["backup"]),
+                s(&v["size"]),
+                s(&v["sha256"]),
+                s(&v["to"])
+            ),
+        },
+        _ => format!(
+            "{}keep {}; delete {}{}\n",
+            if v["dry_run"] == true {
+                "dry run: "
+            } else {
+                ""
+            },
+            s(&v["keep"]),
+            s(&v["delete"]),
+            if v["dry_run"] == true {
+                String::new()
+            } else {
+                format!(
+                    "; {} unused chunks removed ({})",
+                    s(&v["chunks_deleted"]),
+                    mib(v["bytes_freed"].as_u64().unwrap_or(0))
+                )
+            }
+        ),
+    }
 }

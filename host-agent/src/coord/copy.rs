@@ -1,86 +1,30 @@
-//! The backup role: copy a snapshot into a backup directory, and the manifest that
-//! `hvmctl backup verify` and `hvmctl backup restore` check.
-//!
-//! A backup directory holds one raw image per virtual LU (`<vlu>.img`), the small files
-//! the freeze produced (PostgreSQL's `backup_label`), and `manifest.json`: format, id,
-//! time, what the database host reported (instant, freeze), and each file's size and
-//! SHA-256. Images are written as `.partial` and renamed once complete and synced; the
-//! manifest is written last, so a directory with a manifest is a complete backup.
+//! The backup role's copy: read each snapshot (from the array, or the database host's
+//! snapshot export over NBD) and store it in a repository (`hvm-backup/2`, see
+//! [`crate::backups::format`]) under `target_root`: the whole LU for a full backup, only
+//! the ranges the database host's tracking reports for an incremental one. Chunks first,
+//! the manifest last, then the catalog row.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use hvm_core::{LuId, SECTOR_SIZE};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
-use super::{rfc3339, unix_ms, Code, CopyRequest, Failure, Source};
+use super::repository::BackupRole;
+use super::{rfc3339, unix_ms, Code, CopyLu, CopyRequest, Failure, Source};
 use crate::agent::Agent;
+use crate::backups::catalog::Row;
+use crate::backups::chunks::{default_threads, store_ranges, Rate};
+use crate::backups::extents::{overlay, pieces};
+use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo, FORMAT};
 use crate::nbd::client::Client;
-
-pub const MANIFEST: &str = "manifest.json";
-pub const FORMAT: &str = "hvm-backup/1";
-const CHUNK: usize = 1 << 20;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub id: String,
-    pub created: String,
-    pub created_unix_ms: u64,
-    /// What the console passed on: database host, instant, freeze window.
-    pub info: Value,
-    pub lus: Vec<LuEntry>,
-    pub files: Vec<FileEntry>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LuEntry {
-    pub vlu: String,
-    pub file: String,
-    pub size: u64,
-    pub sha256: String,
-    pub source: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub size: u64,
-    pub sha256: String,
-}
-
-fn hex(d: impl AsRef<[u8]>) -> String {
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn failed(m: impl Into<String>) -> Failure {
     Failure::new(Code::Failed, m)
 }
 
-/// A plain name for a file in a backup directory.
-fn plain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-/// `target` under `root`: relative, no `..`, no absolute parts.
-pub fn target_dir(root: &Path, target: &str) -> Result<PathBuf, Failure> {
-    let p = Path::new(target);
-    if target.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(Failure::new(
-            Code::BadRequest,
-            format!("target {target:?} must be a relative path with no `..` (it is placed under the backup host's target_root)"),
-        ));
-    }
-    Ok(root.join(p))
+fn bad(m: impl Into<String>) -> Failure {
+    Failure::new(Code::BadRequest, m)
 }
 
 enum Reader<'a> {
@@ -150,7 +94,7 @@ fn open_source<'a>(
 /// TLS for pulling a snapshot over TCP: this agent's coordination certificate, key and
 /// CA, which the database host's `listen.tls` (made by the same `hvmctl tls init`)
 /// accepts.
-fn nbd_tls(agent: &Agent) -> Result<std::sync::Arc<super::tls::ClientConfig>, Failure> {
+pub(super) fn nbd_tls(agent: &Agent) -> Result<std::sync::Arc<super::tls::ClientConfig>, Failure> {
     let c = agent.coordination.as_ref().ok_or_else(|| {
         failed("this agent has no coordination TLS files to reach the database host's NBD listener with")
     })?;
@@ -158,365 +102,215 @@ fn nbd_tls(agent: &Agent) -> Result<std::sync::Arc<super::tls::ClientConfig>, Fa
         .map_err(|e| failed(format!("TLS for the NBD copy: {e}")))
 }
 
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+/// One virtual LU's part of the copy: what to read and the map it starts from.
+struct Plan {
+    kind: Kind,
+    base: Option<String>,
+    /// Why this is a full backup when an incremental was asked for.
+    reason: Option<String>,
+    ranges: Vec<(u64, u64)>,
+    base_extents: Vec<crate::backups::format::Extent>,
+}
+
+/// Incremental if the request has changes from a base that this repository holds for
+/// this LU at this size; otherwise full, and why.
+fn plan(repo: &Repo, lu: &CopyLu) -> Plan {
+    let full = |reason: Option<String>| Plan {
+        kind: Kind::Full,
+        base: None,
+        reason,
+        ranges: pieces(&[(0, lu.size)], lu.size),
+        base_extents: Vec::new(),
+    };
+    let (Some(base), Some(changes)) = (&lu.base, &lu.changes) else {
+        return full(None);
+    };
+    let parent = match repo.manifest(base) {
+        Ok(m) => m,
+        Err(e) => return full(Some(format!("base {base} is not in this repository ({e})"))),
+    };
+    match parent.lu(&lu.vlu) {
+        Some(p) if p.size == lu.size => Plan {
+            kind: Kind::Incremental,
+            base: Some(base.clone()),
+            reason: None,
+            ranges: pieces(changes, lu.size),
+            base_extents: p.extents.clone(),
+        },
+        Some(p) => full(Some(format!(
+            "{} was {} bytes in base {base}, is {} now",
+            lu.vlu, p.size, lu.size
+        ))),
+        None => full(Some(format!("base {base} has no {}", lu.vlu))),
     }
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), Failure> {
-    let tmp = path.with_extension("partial");
-    let io = |e: std::io::Error| failed(format!("{}: {e}", path.display()));
-    let mut f = private_file(&tmp).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
-}
-
-/// A new file only its owner reads (0600 whatever the umask): a backup holds a
-/// database's data.
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
-/// The `copy` operation: read each snapshot, write the images, then the manifest.
-/// `progress(done, total)` sees bytes copied.
-pub fn copy(
-    agent: &Agent,
-    root: &Path,
-    id: &str,
-    req: &CopyRequest,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, Failure> {
-    let dir = target_dir(root, &req.target)?;
+/// Check names before anything is written.
+fn check_request(id: &str, req: &CopyRequest) -> Result<(), Failure> {
+    if !plain(id) {
+        return Err(bad(format!("{id:?} cannot name a backup")));
+    }
     for lu in &req.lus {
         if !plain(&lu.vlu) {
-            return Err(Failure::new(
-                Code::BadRequest,
-                format!("{:?} cannot name a file", lu.vlu),
-            ));
+            return Err(bad(format!("{:?} cannot name a virtual LU here", lu.vlu)));
         }
     }
     for name in req.files.keys() {
-        if !plain(name) || name == MANIFEST || name.ends_with(".img") {
-            return Err(Failure::new(
-                Code::BadRequest,
-                format!("{name:?} cannot name a file here"),
-            ));
+        if !plain(name) {
+            return Err(bad(format!("{name:?} cannot name a file here")));
         }
     }
-    std::fs::create_dir_all(root).map_err(|e| failed(format!("{}: {e}", root.display())))?;
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| failed(format!("{}: {e}", parent.display())))?;
+    if req.lus.is_empty() {
+        return Err(bad("no virtual LU to copy"));
     }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| {
-            failed(format!(
-                "{}: {e}{}",
-                dir.display(),
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    " (a backup is never written over another)"
-                } else {
-                    ""
-                }
-            ))
-        })?;
-    // The directory is this call's own from here: a copy that fails removes it, so a
-    // retry of the same target is not refused as a backup that exists.
-    let written = fill(agent, &dir, id, req, progress);
-    if written.is_err() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the failed backup's directory");
-        }
-    }
-    written
+    Ok(())
 }
 
-/// Write the images, the files and last the manifest into the new directory `dir`.
-fn fill(
+/// The `copy` operation: store each snapshot in the repository `req.target`, then the
+/// files, then the manifest; then the catalog row. `progress(done, total)` sees bytes
+/// read. A retry of a backup whose manifest exists answers from the manifest.
+pub fn copy(
     agent: &Agent,
-    dir: &Path,
+    role: &BackupRole,
     id: &str,
     req: &CopyRequest,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Value, Failure> {
-    let total: u64 = req.lus.iter().map(|l| l.size).sum();
+    let id = req.backup.as_deref().unwrap_or(id);
+    check_request(id, req)?;
+    let repo = role.open_repo(&req.target, true)?;
+    let lock = crate::backups::format::lock(&repo.location());
+    let _shared = lock
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let manifest = match repo.manifest(id) {
+        Ok(m) => m,
+        Err(_) => write_backup(agent, &repo, id, req, progress)?,
+    };
+    let cat = role.catalog()?;
+    cat.put(&Row::of(&repo.location(), &manifest))
+        .map_err(failed)?;
+    Ok(report(&repo, &manifest))
+}
+
+/// Read one snapshot's planned ranges and store them; its map and the new bytes.
+fn store_lu(
+    agent: &Agent,
+    repo: &Repo,
+    lu: &CopyLu,
+    p: Plan,
+    rate: &mut Rate,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(LuMap, u64), Failure> {
+    let (mut reader, source) = open_source(agent, &lu.source, lu.size)?;
+    let t = Instant::now();
+    let out = store_ranges(
+        repo,
+        &p.ranges,
+        default_threads(),
+        rate,
+        &mut |o, b| reader.read(o, b),
+        progress,
+    )
+    .map_err(|e| failed(format!("{}: {e}", lu.vlu)))?;
+    if let Reader::Nbd(c) = reader {
+        c.disconnect();
+    }
+    tracing::info!(vlu = %lu.vlu, kind = %p.kind, bytes = out.read_bytes,
+        seconds = t.elapsed().as_secs_f64(), reason = ?p.reason, "virtual LU stored");
+    let map = LuMap {
+        vlu: lu.vlu.clone(),
+        size: lu.size,
+        kind: p.kind,
+        base: p.base,
+        source,
+        copied_bytes: out.read_bytes,
+        written_bytes: lu.written_bytes,
+        extents: overlay(&p.base_extents, &out.stored),
+        reason: p.reason,
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    Ok((map, out.new_bytes))
+}
+
+fn write_backup(
+    agent: &Agent,
+    repo: &Repo,
+    id: &str,
+    req: &CopyRequest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Manifest, Failure> {
+    let plans: Vec<Plan> = req.lus.iter().map(|l| plan(repo, l)).collect();
+    let total: u64 = plans
+        .iter()
+        .flat_map(|p| p.ranges.iter().map(|r| r.1))
+        .sum();
     let mut done = 0u64;
-    let mut entries = Vec::new();
-    let mut reports = Vec::new();
-    for lu in &req.lus {
-        let (mut reader, source) = open_source(agent, &lu.source, lu.size)?;
-        let file = format!("{}.img", lu.vlu);
-        let path = dir.join(&file);
-        let tmp = dir.join(format!("{file}.partial"));
-        let io = |e: std::io::Error| failed(format!("{}: {e}", tmp.display()));
-        let out = private_file(&tmp).map_err(io)?;
-        let t = Instant::now();
-        // Read on this thread; hash and write on another, so the two overlap.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let hashed = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || {
-                let mut out = out;
-                let mut hash = Sha256::new();
-                for chunk in rx {
-                    hash.update(&chunk);
-                    out.write_all(&chunk)?;
-                    let _ = back_tx.send(chunk);
-                }
-                out.sync_all()?;
-                Ok::<_, std::io::Error>(hash)
-            });
-            let mut at = 0u64;
-            let mut read_result = Ok(());
-            while at < lu.size {
-                let n = (lu.size - at).min(CHUNK as u64) as usize;
-                let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-                buf.resize(n, 0);
-                if let Err(e) = reader.read(at, &mut buf) {
-                    read_result = Err(failed(format!("reading {} at {at}: {e}", lu.vlu)));
-                    break;
-                }
-                if tx.send(buf).is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-                at += n as u64;
-                done += n as u64;
-                progress(done, total);
-            }
-            drop(tx);
-            let written = writer
-                .join()
-                .map_err(|_| failed("the image writer panicked"))?
-                .map_err(io);
-            read_result?;
-            written
-        })?;
-        if let Reader::Nbd(c) = reader {
-            c.disconnect();
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
-        let secs = t.elapsed().as_secs_f64();
-        let sha = hex(hashed.finalize());
-        reports.push(json!({
-            "vlu": lu.vlu, "file": file, "size": lu.size, "sha256": sha, "source": source,
-            "seconds": secs, "mib_per_s": lu.size as f64 / (1 << 20) as f64 / secs.max(1e-9),
-        }));
-        entries.push(LuEntry {
-            vlu: lu.vlu.clone(),
-            file,
-            size: lu.size,
-            sha256: sha,
-            source,
-        });
+    let mut rate = Rate::new(req.rate.unwrap_or(0));
+    let mut lus = Vec::new();
+    let mut stored_bytes = 0u64;
+    for (lu, p) in req.lus.iter().zip(plans) {
+        let (map, new_bytes) = store_lu(agent, repo, lu, p, &mut rate, &mut |n| {
+            progress(done + n, total)
+        })
+        .map_err(|f| Failure::new(f.code, format!("backup {id}: {}", f.message)))?;
+        done += map.copied_bytes;
+        stored_bytes += new_bytes;
+        lus.push(map);
     }
     let mut files = Vec::new();
     for (name, text) in &req.files {
-        write_synced(&dir.join(name), text.as_bytes())?;
-        files.push(FileEntry {
+        let (chunk, n) = repo
+            .put_chunk(text.as_bytes())
+            .map_err(|e| failed(e.to_string()))?;
+        stored_bytes += n;
+        files.push(FileRef {
             name: name.clone(),
             size: text.len() as u64,
-            sha256: hex(Sha256::digest(text.as_bytes())),
+            chunk,
         });
     }
+    let incremental = lus.iter().all(|l| l.kind == Kind::Incremental);
+    let parent = lus.first().and_then(|l| l.base.clone());
     let now = unix_ms();
-    let manifest = Manifest {
+    let m = Manifest {
         format: FORMAT.into(),
         id: id.into(),
         created: rfc3339(now / 1000),
         created_unix_ms: now,
+        kind: if incremental {
+            Kind::Incremental
+        } else {
+            Kind::Full
+        },
+        parent: parent.filter(|p| lus.iter().all(|l| l.base.as_ref() == Some(p))),
         info: req.info.clone(),
-        lus: entries,
+        lus,
         files,
+        stored_bytes,
     };
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| failed(e.to_string()))?;
-    write_synced(&dir.join(MANIFEST), text.as_bytes())?;
-    sync_dir(dir);
-    tracing::info!(backup = %id, dir = %dir.display(), bytes = total, "backup written");
-    Ok(json!({ "dir": dir, "lus": reports, "manifest": manifest }))
-}
-
-/// Read and check a backup directory's manifest.
-pub fn load(dir: &Path) -> Result<Manifest, String> {
-    let p = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-    if m.format != FORMAT {
-        return Err(format!(
-            "{}: format {:?}, expected {FORMAT:?}",
-            p.display(),
-            m.format
-        ));
-    }
-    for name in m
-        .lus
-        .iter()
-        .map(|l| &l.file)
-        .chain(m.files.iter().map(|f| &f.name))
-    {
-        if !plain(name) {
-            return Err(format!(
-                "{}: {name:?} is not a plain file name",
-                p.display()
-            ));
-        }
-    }
+    repo.put_manifest(&m).map_err(|e| failed(e.to_string()))?;
+    tracing::info!(backup = %id, repository = %repo.location(), kind = %m.kind, stored_bytes, "backup written");
     Ok(m)
 }
 
-/// Size and SHA-256 of `path`'s first `size` bytes (all of it if `None`), calling
-/// `progress` as it reads.
-pub fn digest(
-    path: &Path,
-    size: Option<u64>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(u64, String), String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut n = 0u64;
-    loop {
-        let want = match size {
-            Some(s) => (s - n).min(CHUNK as u64) as usize,
-            None => CHUNK,
-        };
-        if want == 0 {
-            break;
-        }
-        let r = f
-            .read(&mut buf[..want])
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if r == 0 {
-            break;
-        }
-        hash.update(&buf[..r]);
-        n += r as u64;
-        progress(n);
-    }
-    Ok((n, hex(hash.finalize())))
-}
-
-/// `hvmctl backup verify DIR`: every file's size and checksum against the manifest.
-/// Returns the report, or the list of what does not match.
-pub fn verify(dir: &Path, progress: &mut dyn FnMut(&str, u64, u64)) -> Result<Value, String> {
-    let m = load(dir)?;
-    let mut bad = Vec::new();
-    let mut checked = Vec::new();
-    let items = m
+/// What `copy` answers: the manifest without the extents (they can be many).
+fn report(repo: &Repo, m: &Manifest) -> Value {
+    let lus: Vec<Value> = m
         .lus
         .iter()
-        .map(|l| (&l.file, l.size, &l.sha256))
-        .chain(m.files.iter().map(|f| (&f.name, f.size, &f.sha256)));
-    for (name, size, sha) in items {
-        let path = dir.join(name);
-        let actual_size = std::fs::metadata(&path).map(|md| md.len());
-        match actual_size {
-            Err(e) => bad.push(format!("{name}: {e}")),
-            Ok(s) if s != size => bad.push(format!("{name}: {s} bytes, the manifest says {size}")),
-            Ok(_) => {
-                let (_, got) = digest(&path, None, &mut |n| progress(name, n, size))?;
-                if &got != sha {
-                    bad.push(format!("{name}: SHA-256 {got}, the manifest says {sha}"));
-                } else {
-                    checked.push(json!({ "file": name, "size": size, "sha256": sha }));
-                }
-            }
-        }
-    }
-    if bad.is_empty() {
-        Ok(json!({ "dir": dir, "id": m.id, "created": m.created, "ok": true, "files": checked }))
-    } else {
-        Err(format!(
-            "{} does not match its manifest: {}",
-            dir.display(),
-            bad.join("; ")
-        ))
-    }
-}
-
-/// `hvmctl backup restore DIR --vlu NAME --to PATH`: check the image against the
-/// manifest, then write it to PATH (a file, created or replaced, or a block device), sync
-/// it and check what was written.
-pub fn restore(
-    dir: &Path,
-    vlu: Option<&str>,
-    to: &Path,
-    progress: &mut dyn FnMut(&str, u64, u64),
-) -> Result<Value, String> {
-    let m = load(dir)?;
-    let lu = match vlu {
-        Some(v) => m.lus.iter().find(|l| l.vlu == v).ok_or_else(|| {
-            format!(
-                "the backup has no virtual LU {v} (it has {})",
-                m.lus
-                    .iter()
-                    .map(|l| l.vlu.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?,
-        None if m.lus.len() == 1 => &m.lus[0],
-        None => {
-            return Err(format!(
-                "the backup has several virtual LUs; name one with --vlu ({})",
-                m.lus
-                    .iter()
-                    .map(|l| l.vlu.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        }
-    };
-    let src = dir.join(&lu.file);
-    let (n, sha) = digest(&src, None, &mut |n| progress("verify", n, lu.size))?;
-    if n != lu.size || sha != lu.sha256 {
-        return Err(format!(
-            "{}: does not match the manifest (size {n}, SHA-256 {sha}); nothing was written to {}",
-            src.display(),
-            to.display()
-        ));
-    }
-    let is_block = std::fs::metadata(to)
-        .map(|md| std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()))
-        .unwrap_or(false);
-    let io = |e: std::io::Error| format!("{}: {e}", to.display());
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(!is_block)
-        .truncate(!is_block)
-        .open(to)
-        .map_err(io)?;
-    let mut input = std::fs::File::open(&src).map_err(|e| format!("{}: {e}", src.display()))?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = 0u64;
-    while at < lu.size {
-        let want = (lu.size - at).min(CHUNK as u64) as usize;
-        input
-            .read_exact(&mut buf[..want])
-            .map_err(|e| format!("{}: {e}", src.display()))?;
-        out.write_all(&buf[..want]).map_err(io)?;
-        at += want as u64;
-        progress("restore", at, lu.size);
-    }
-    out.sync_all().map_err(io)?;
-    drop(out);
-    let (_, back) = digest(to, Some(lu.size), &mut |n| progress("check", n, lu.size))?;
-    if back != lu.sha256 {
-        return Err(format!(
-            "{}: what was written reads back as SHA-256 {back}, not {}",
-            to.display(),
-            lu.sha256
-        ));
-    }
-    Ok(json!({ "vlu": lu.vlu, "to": to, "size": lu.size, "sha256": lu.sha256 }))
+        .map(|l| {
+            json!({
+                "vlu": l.vlu, "size": l.size, "kind": l.kind, "base": l.base, "reason": l.reason,
+                "source": l.source, "copied_bytes": l.copied_bytes, "written_bytes": l.written_bytes,
+                "extents": l.extents.len(), "seconds": l.seconds,
+                "mib_per_s": l.copied_bytes as f64 / f64::from(1 << 20) / l.seconds.max(1e-9),
+            })
+        })
+        .collect();
+    json!({
+        "location": repo.location(), "id": m.id, "created": m.created, "kind": m.kind,
+        "parent": m.parent, "stored_bytes": m.stored_bytes, "lus": lus,
+        "files": m.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+    })
 }

@@ -14,13 +14,15 @@
 //! - [`server`]: the listener, authentication and the id table;
 //! - [`freeze`]: the database role: hooks, the group snapshot, delete and resync;
 //! - [`hooks`]: command, `fsfreeze` and PostgreSQL hooks;
-//! - [`copy`]: the backup role's copy, the manifest, `verify` and `restore`;
+//! - [`copy`]: the backup role's copy into a repository ([`crate::backups`]);
+//! - [`repository`]: the backup role's list, verify, prune and restore;
 //! - [`console`]: `hvmctl backup run`.
 
 pub mod console;
 pub mod copy;
 pub mod freeze;
 pub mod hooks;
+pub mod repository;
 pub mod server;
 pub mod tls;
 pub mod tracking;
@@ -78,8 +80,32 @@ pub enum Op {
     /// Database role: `backup` failed; the ranges its snapshot's cut took count as
     /// written again. Idempotent.
     Abort { vlus: Vec<String>, backup: String },
-    /// Backup role: copy snapshots into a directory under `target_root`.
+    /// Backup role: store snapshots in a repository under `target_root`.
     Copy(CopyRequest),
+    /// Backup role: the catalog's backups, synchronised with the repositories' manifests
+    /// first (`rebuild`: from nothing).
+    BackupList {
+        #[serde(default)]
+        target: Option<String>,
+        #[serde(default)]
+        vlu: Option<String>,
+        #[serde(default)]
+        rebuild: bool,
+    },
+    /// Backup role: read every chunk of a backup and check it against its name.
+    BackupVerify { backup: String },
+    /// Backup role: delete the backups of a repository that `keep` does not keep (none
+    /// if `dry_run`), then the chunks no manifest names.
+    BackupPrune {
+        target: String,
+        #[serde(default)]
+        keep: Option<crate::backups::retention::Keep>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Backup role: write a virtual LU's image at a backup to a new file or a block
+    /// device on the backup host, or onto the live virtual LU over NBD.
+    BackupRestore(RestoreRequest),
 }
 
 impl Op {
@@ -95,6 +121,10 @@ impl Op {
             Op::Complete { .. } => "complete",
             Op::Abort { .. } => "abort",
             Op::Copy(_) => "copy",
+            Op::BackupList { .. } => "backup_list",
+            Op::BackupVerify { .. } => "backup_verify",
+            Op::BackupPrune { .. } => "backup_prune",
+            Op::BackupRestore(_) => "backup_restore",
         }
     }
 }
@@ -111,6 +141,13 @@ pub struct CopyRequest {
     /// Recorded in the manifest as given (database host, freeze, instant).
     #[serde(default)]
     pub info: Value,
+    /// Read at most this many bytes per second (absent or 0: no limit).
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// The backup's id, as the console gave it to the database host's tracking; absent:
+    /// the request id.
+    #[serde(default)]
+    pub backup: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +156,36 @@ pub struct CopyLu {
     pub vlu: String,
     pub size: u64,
     pub source: Source,
+    /// The backup the database host's tracking counts `changes` from.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// `[offset, length]` byte ranges written since `base`: copied alone if the
+    /// repository holds `base`, else the whole LU is.
+    #[serde(default)]
+    pub changes: Option<Vec<(u64, u64)>>,
+    /// Bytes written since `base`, as the tracking counts them.
+    #[serde(default)]
+    pub written_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub backup: String,
+    /// The virtual LU (may be left out when the backup has one).
+    #[serde(default)]
+    pub vlu: Option<String>,
+    pub to: RestoreTo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestoreTo {
+    /// An absolute path on the backup host: a new file, or a block device nobody holds.
+    Path(String),
+    /// The live virtual LU: its export on the database host's NBD listener
+    /// (`HOST:PORT`), written where it differs.
+    Nbd { address: String, export: String },
 }
 
 /// Where the backup host reads a snapshot from.
@@ -291,46 +358,26 @@ enum CallError {
 /// A fresh request id: time and randomness, unique enough across consoles.
 pub fn new_id() -> String {
     let mut raw = [0u8; 8];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!(
-        "{}-{}",
-        now.as_millis(),
-        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    // The OS's generator (getrandom(2)); should it fail, the time alone still orders ids.
+    let _ = getrandom::fill(&mut raw);
+    format!("{}-{}", unix_ms(), hex::encode(raw))
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
-/// `secs` since the epoch as an RFC 3339 UTC time.
+/// `secs` since the epoch as an RFC 3339 UTC time (`time`'s formatter).
 pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{secs}"))
 }
 
 #[cfg(test)]
@@ -343,6 +390,15 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_392_000 + 3661), "2026-11-23T01:01:01Z");
+        assert_eq!(rfc3339(u64::MAX), format!("@{}", u64::MAX));
+        let (a, b) = (new_id(), new_id());
+        let (ms, rand) = a.split_once('-').unwrap();
+        assert!(ms.parse::<u64>().unwrap() > 1_700_000_000_000, "{a}");
+        assert!(
+            rand.len() == 16 && rand.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+        assert_ne!(a, b);
     }
 
     #[test]

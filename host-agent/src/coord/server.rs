@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::{copy, freeze, tracking, tls, Code, Failure, Line, Op, Request};
+use super::{copy, freeze, repository, tls, Code, Failure, Line, Op, Request};
 use crate::agent::Agent;
 use crate::config::{CoordinationConfig, Role};
 use crate::nbd::server::AcceptBackoff;
@@ -95,6 +95,59 @@ impl Service {
 
     fn target_root(&self) -> Option<PathBuf> {
         self.cfg.backup.as_ref().map(|b| b.target_root.clone())
+    }
+
+    fn backup_role(&self) -> Result<repository::BackupRole, Failure> {
+        let root = self
+            .target_root()
+            .ok_or_else(|| Failure::new(Code::NotMyRole, "no backup.target_root"))?;
+        Ok(repository::BackupRole {
+            root,
+            catalog: self.agent.state_dir.join("backup-catalog.sqlite"),
+            keep: self.cfg.backup.as_ref().and_then(|b| b.keep),
+        })
+    }
+
+    /// The backup role's catalog operations: list, verify, prune, restore.
+    async fn catalog_op(
+        &self,
+        op: Op,
+        progress: watch::Sender<(u64, u64)>,
+    ) -> Result<Value, Failure> {
+        let role = self.backup_role()?;
+        let agent = self.agent.clone();
+        let mut p = move |d, t| {
+            progress.send_replace((d, t));
+        };
+        let work: Box<dyn FnOnce() -> Result<Value, Failure> + Send> = match op {
+            Op::BackupList {
+                target,
+                vlu,
+                rebuild,
+            } => Box::new(move || {
+                repository::list(&role, target.as_deref(), vlu.as_deref(), rebuild)
+            }),
+            Op::BackupVerify { backup } => {
+                Box::new(move || repository::verify(&role, &backup, &mut p))
+            }
+            Op::BackupPrune {
+                target,
+                keep,
+                dry_run,
+            } => Box::new(move || repository::prune(&role, &target, keep, dry_run)),
+            Op::BackupRestore(r) => {
+                Box::new(move || repository::restore(&role, &r, &|| copy::nbd_tls(&agent), &mut p))
+            }
+            other => {
+                return Err(Failure::new(
+                    Code::BadRequest,
+                    format!("{} is not a backup-role operation", other.name()),
+                ))
+            }
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(Failure::new(Code::Failed, e.to_string())))
     }
 
     /// Serve until `shutdown`; connections being served finish on their own.
@@ -234,7 +287,11 @@ impl Service {
             | Op::Counters
             | Op::Complete { .. }
             | Op::Abort { .. } => Some(Role::Database),
-            Op::Copy(_) => Some(Role::Backup),
+            Op::Copy(_)
+            | Op::BackupList { .. }
+            | Op::BackupVerify { .. }
+            | Op::BackupPrune { .. }
+            | Op::BackupRestore(_) => Some(Role::Backup),
         };
         if let Some(role) = need {
             if !self.cfg.roles.contains(&role) {
@@ -258,7 +315,11 @@ impl Service {
     ) -> (watch::Receiver<(u64, u64)>, watch::Receiver<Option<Line>>) {
         let mutating = matches!(
             req.op,
-            Op::Snapshot { .. } | Op::Delete { .. } | Op::Copy(_)
+            Op::Snapshot { .. }
+                | Op::Delete { .. }
+                | Op::Copy(_)
+                | Op::BackupPrune { .. }
+                | Op::BackupRestore(_)
         );
         let fingerprint = serde_json::to_string(&req.op).unwrap_or_default();
         let (ptx, prx) = watch::channel((0, 0));
@@ -319,6 +380,7 @@ impl Service {
                 "version": env!("CARGO_PKG_VERSION"),
                 "virtual_lus": agent.virtual_lus.keys().collect::<Vec<_>>(),
                 "backends": agent.managers.keys().collect::<Vec<_>>(),
+                "nbd_tcp": agent.tcp_bound.get(),
             })),
             Op::Snapshot {
                 vlus,
@@ -337,10 +399,10 @@ impl Service {
                 freeze::snapshot(agent, self.cfg.freeze.clone(), req).await
             }
             Op::Complete { vlus, backup } => {
-                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, true))).await
+                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, true))).await
             }
             Op::Abort { vlus, backup } => {
-                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, false))).await
+                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, false))).await
             }
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
@@ -349,17 +411,16 @@ impl Service {
                 "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
             })),
             Op::Copy(c) => {
-                let root = self
-                    .target_root()
-                    .ok_or_else(|| Failure::new(Code::NotMyRole, "no backup.target_root"))?;
+                let role = self.backup_role()?;
                 let id = req.id;
                 blocking(Box::new(move || {
-                    copy::copy(&agent, &root, &id, &c, &mut |d, t| {
+                    copy::copy(&agent, &role, &id, &c, &mut |d, t| {
                         progress.send_replace((d, t));
                     })
                 }))
                 .await
             }
+            op => self.catalog_op(op, progress).await,
         }
     }
 }

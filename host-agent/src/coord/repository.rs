@@ -1,0 +1,370 @@
+//! The backup role's repositories and catalog: the copy stores backups through it, and
+//! `hvmctl backup list`, `verify`, `prune` and `restore` reach it over the coordination
+//! service, since the catalog, the repositories (and later the object store's
+//! credentials) live on the backup host.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::tls::ClientConfig;
+use super::{unix_ms, Code, Failure, RestoreRequest, RestoreTo};
+use crate::backups::catalog::{Catalog, Row};
+use crate::backups::chunks::default_threads;
+use crate::backups::format::{LuMap, Manifest, Repo, MARKER};
+use crate::backups::retention::{self, Keep};
+use crate::backups::{restore, store};
+use crate::nbd::client::Client;
+
+fn failed(m: impl Into<String>) -> Failure {
+    Failure::new(Code::Failed, m)
+}
+
+fn bad(m: impl Into<String>) -> Failure {
+    Failure::new(Code::BadRequest, m)
+}
+
+/// The backup host's side: where repositories go and where its catalog is.
+pub struct BackupRole {
+    /// `coordination.backup.target_root`: repositories named by a path live under it.
+    pub root: PathBuf,
+    /// The SQLite catalog (in the agent's state directory).
+    pub catalog: PathBuf,
+    /// The configured retention (`coordination.backup.keep`).
+    pub keep: Option<Keep>,
+}
+
+/// `target` under `root`: relative, no `..`, no absolute parts.
+pub fn target_dir(root: &Path, target: &str) -> Result<PathBuf, Failure> {
+    let p = Path::new(target);
+    if target.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(bad(format!(
+            "target {target:?} must be a relative path with no `..` (it is placed under the backup host's target_root)"
+        )));
+    }
+    Ok(root.join(p))
+}
+
+impl BackupRole {
+    pub fn catalog(&self) -> Result<Catalog, Failure> {
+        Catalog::open(&self.catalog).map_err(failed)
+    }
+
+    /// The repository `target` names: a directory under the root, or a store URL.
+    pub fn open_repo(&self, target: &str, create: bool) -> Result<Repo, Failure> {
+        let s = if target.contains("://") {
+            store::open(target).map_err(|e| bad(e.to_string()))?
+        } else {
+            let dir = target_dir(&self.root, target)?;
+            if !create && !dir.join(MARKER).exists() {
+                return Err(bad(format!("{} is not a backup repository", dir.display())));
+            }
+            store::open(&dir.display().to_string()).map_err(|e| failed(e.to_string()))?
+        };
+        let r = if create {
+            Repo::create(s)
+        } else {
+            Repo::open(s)
+        };
+        r.map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// Directories under `root` (at most 4 levels down) that hold a repository.
+fn repositories_under(root: &Path) -> Vec<String> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<String>) {
+        if dir.join(MARKER).is_file() {
+            out.push(dir.display().to_string());
+            return;
+        }
+        if depth == 0 {
+            return;
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, 4, &mut out);
+    out
+}
+
+fn open_location(location: &str) -> Result<Repo, Failure> {
+    let s = store::open(location).map_err(|e| failed(e.to_string()))?;
+    Repo::open(s).map_err(|e| failed(e.to_string()))
+}
+
+/// Synchronise the catalog with every repository it knows or finds under `root`;
+/// returns the errors of those that could not be read.
+fn sync_all(cat: &Catalog, root: &Path) -> Result<Vec<String>, Failure> {
+    let mut locations = repositories_under(root);
+    for l in cat.locations().map_err(failed)? {
+        if !locations.contains(&l) {
+            locations.push(l);
+        }
+    }
+    let mut errors = Vec::new();
+    for l in locations {
+        if let Err(e) = open_location(&l).and_then(|r| cat.sync(&r).map_err(failed)) {
+            errors.push(format!("{l}: {}", e.message));
+        }
+    }
+    Ok(errors)
+}
+
+/// `backup_list`.
+pub fn list(
+    role: &BackupRole,
+    target: Option<&str>,
+    vlu: Option<&str>,
+    rebuild: bool,
+) -> Result<Value, Failure> {
+    let cat = role.catalog()?;
+    if rebuild {
+        cat.clear().map_err(failed)?;
+    }
+    let (rows, errors) = match target {
+        Some(t) => {
+            let repo = role.open_repo(t, false)?;
+            cat.sync(&repo).map_err(failed)?;
+            (
+                cat.list(Some(&repo.location())).map_err(failed)?,
+                Vec::new(),
+            )
+        }
+        None => {
+            let errors = sync_all(&cat, &role.root)?;
+            (cat.list(None).map_err(failed)?, errors)
+        }
+    };
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| vlu.is_none_or(|v| r.vlus.iter().any(|x| x == v)))
+        .collect();
+    Ok(json!({ "backups": rows, "errors": errors }))
+}
+
+/// The catalog row of `id` (looking through the repositories once if it is not there),
+/// its repository and manifest.
+fn find(role: &BackupRole, id: &str) -> Result<(Catalog, Repo, Manifest), Failure> {
+    let root = &role.root;
+    let cat = role.catalog()?;
+    let row = match cat.get(id).map_err(failed)? {
+        Some(r) => r,
+        None => {
+            sync_all(&cat, root)?;
+            cat.get(id).map_err(failed)?.ok_or_else(|| {
+                bad(format!(
+                    "no backup {id} in the catalog or under {}",
+                    root.display()
+                ))
+            })?
+        }
+    };
+    let repo = open_location(&row.location)?;
+    let m = repo.manifest(&row.id).map_err(|e| failed(e.to_string()))?;
+    Ok((cat, repo, m))
+}
+
+/// `backup_verify`: every chunk the backup names, read, decompressed and hashed, in
+/// parallel; the result goes into the catalog.
+pub fn verify(
+    role: &BackupRole,
+    id: &str,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<Value, Failure> {
+    let (cat, repo, m) = find(role, id)?;
+    let chunks = m.chunks();
+    let next = AtomicUsize::new(0);
+    let bad_chunks = Mutex::new(Vec::new());
+    let checked = AtomicUsize::new(0);
+    let progress = Mutex::new(progress);
+    std::thread::scope(|s| {
+        for _ in 0..default_threads() {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(c) = chunks.get(i) else { break };
+                if let Err(e) = repo.get_chunk(c) {
+                    bad_chunks.lock().map(|mut b| b.push(e.to_string())).ok();
+                }
+                let n = checked.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Ok(mut p) = progress.lock() {
+                    p(n as u64, chunks.len() as u64);
+                }
+            });
+        }
+    });
+    let mut bad_chunks = bad_chunks.into_inner().unwrap_or_default();
+    bad_chunks.sort();
+    let now = unix_ms();
+    if bad_chunks.is_empty() {
+        cat.verified(id, now, None).map_err(failed)?;
+        Ok(
+            json!({ "id": id, "location": repo.location(), "created": m.created, "ok": true,
+                   "chunks": chunks.len(), "vlus": m.vlus() }),
+        )
+    } else {
+        let msg = format!(
+            "backup {id}: {} of {} chunks are bad: {}",
+            bad_chunks.len(),
+            chunks.len(),
+            bad_chunks
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        cat.verified(id, now, Some(&msg)).map_err(failed)?;
+        Err(failed(msg).with(json!({ "bad_chunks": bad_chunks })))
+    }
+}
+
+/// `backup_prune`, with the request's policy or else the configured one.
+pub fn prune(
+    role: &BackupRole,
+    target: &str,
+    keep: Option<Keep>,
+    dry_run: bool,
+) -> Result<Value, Failure> {
+    let keep = keep.or(role.keep).ok_or_else(|| {
+        bad("no retention policy: give --keep-last/--keep-daily/--keep-weekly or set coordination.backup.keep")
+    })?;
+    let repo = role.open_repo(target, false)?;
+    let cat = role.catalog()?;
+    let lock = crate::backups::format::lock(&repo.location());
+    let _alone = lock
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut v = retention::prune(&repo, &keep, dry_run, &mut |id| {
+        if let Err(e) = cat.remove(id) {
+            tracing::warn!(backup = %id, error = %e, "catalog row not removed (the next list drops it)");
+        }
+    })
+    .map_err(failed)?;
+    cat.sync(&repo).map_err(failed)?;
+    v["location"] = json!(repo.location());
+    v["policy"] = json!(keep);
+    Ok(v)
+}
+
+fn pick<'a>(m: &'a Manifest, vlu: Option<&str>) -> Result<&'a LuMap, Failure> {
+    let names = || m.vlus().join(", ");
+    match vlu {
+        Some(v) => m.lu(v).ok_or_else(|| {
+            bad(format!(
+                "backup {} has no virtual LU {v} (it has {})",
+                m.id,
+                names()
+            ))
+        }),
+        None if m.lus.len() == 1 => Ok(&m.lus[0]),
+        None => Err(bad(format!(
+            "backup {} has several virtual LUs; name one with --vlu ({})",
+            m.id,
+            names()
+        ))),
+    }
+}
+
+/// `backup_restore`.
+/// `backup_restore`; `tls` is how this host reaches the database host's NBD listener.
+pub fn restore(
+    role: &BackupRole,
+    req: &RestoreRequest,
+    tls: &dyn Fn() -> Result<Arc<ClientConfig>, Failure>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, Failure> {
+    let (_, repo, m) = find(role, &req.backup)?;
+    let lu = pick(&m, req.vlu.as_deref())?;
+    let mut v = match &req.to {
+        RestoreTo::Path(p) => to_path(&repo, lu, Path::new(p), progress)?,
+        RestoreTo::Nbd { address, export } => {
+            let mut c = Client::connect_tls(address, export, tls()?)
+                .map_err(|e| failed(format!("NBD {address} export {export}: {e}")))?;
+            if c.size() != lu.size {
+                return Err(failed(format!(
+                    "export {export} has {} bytes, the backup's {} has {}",
+                    c.size(),
+                    lu.vlu,
+                    lu.size
+                )));
+            }
+            let r = restore::onto(&repo, lu, &mut NbdTarget(&mut c), progress).map_err(failed)?;
+            c.disconnect();
+            r
+        }
+    };
+    v["backup"] = json!(m.id);
+    v["created"] = json!(m.created);
+    Ok(v)
+}
+
+/// A new file (removed again if the restore fails), or a block device opened
+/// exclusively: the kernel refuses that while it is mounted or held.
+fn to_path(
+    repo: &Repo,
+    lu: &LuMap,
+    to: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, Failure> {
+    if !to.is_absolute() {
+        return Err(bad(format!(
+            "--to {}: an absolute path on the backup host",
+            to.display()
+        )));
+    }
+    let device = match std::fs::metadata(to) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => true,
+        Ok(_) => {
+            return Err(bad(format!(
+                "{} exists; a restore writes a new file or a block device, never over a file",
+                to.display()
+            )))
+        }
+        Err(_) => false,
+    };
+    let _exclusive = if device {
+        use std::os::unix::fs::OpenOptionsExt;
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc_o_excl())
+                .open(to)
+                .map_err(|e| bad(format!("{}: {e} (mounted or in use?)", to.display())))?,
+        )
+    } else {
+        None
+    };
+    restore::to_path(repo, lu, to, progress).map_err(|e| {
+        if !device {
+            let _ = std::fs::remove_file(to);
+        }
+        failed(e)
+    })
+}
+
+/// `O_EXCL`: on a block device, an exclusive open.
+fn libc_o_excl() -> i32 {
+    nix::fcntl::OFlag::O_EXCL.bits()
+}
+
+struct NbdTarget<'a>(&'a mut Client);
+
+impl restore::Target for NbdTarget<'_> {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.0.read(offset, buf).map_err(|e| e.to_string())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.0.write(offset, data, false).map_err(|e| e.to_string())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush().map_err(|e| e.to_string())
+    }
+}
