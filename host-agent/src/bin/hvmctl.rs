@@ -34,7 +34,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use hvm_host_agent::arrayctl::{
     self, ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd,
 };
@@ -143,11 +143,6 @@ enum Cmd {
         #[command(subcommand)]
         command: ArrayCmd,
     },
-    /// Print the shell completion script of hvmctl (bash, zsh, fish, elvish, powershell).
-    Completions { shell: hvm_host_agent::docs::Shell },
-    /// Write the man pages of hvmctl and its subcommands into DIR (for packaging).
-    #[command(hide = true)]
-    Man { dir: PathBuf },
 }
 
 #[derive(clap::Args, Clone)]
@@ -180,11 +175,6 @@ struct BackupHost {
 
 #[derive(Subcommand)]
 enum BackupCmd {
-    /// Backups of many database hosts from a policy file (`run`, `status`).
-    Policy {
-        #[command(subcommand)]
-        command: hvm_host_agent::policy::PolicyCmd,
-    },
     /// Quiesce the database host, snapshot the virtual LUs at one instant, resume; copy
     /// on the backup host; delete the snapshots (resync starts).
     Run {
@@ -438,49 +428,6 @@ fn s(v: &Value) -> String {
 }
 
 /// A move's status in one line.
-/// `hvmctl lu list`: one row per virtual LU.
-fn lu_table(body: &Value) -> String {
-    let mut rows = vec![[
-        "NAME",
-        "BACKEND",
-        "MODE",
-        "READ",
-        "WRITE",
-        "SNAPSHOT OF",
-        "SIZE",
-        "RECORDED LBAS",
-        "CHANGED SINCE BACKUP",
-        "DATA ON",
-        "MOVE",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for l in body.as_array().into_iter().flatten() {
-        rows.push(vec![
-            s(&l["name"]),
-            s(&l["backend"]),
-            s(&l["mode"]),
-            l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
-            l["write"]
-                .as_u64()
-                .map_or("-".into(), |x| format!("LU {x}")),
-            s(&l["snapshot_of"]),
-            format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
-            s(&l["recorded_lbas"]),
-            tracking_cell(&l["tracking"]),
-            l["placement"]
-                .as_str()
-                .map_or_else(|| s(&l["backend"]), str::to_string),
-            if l["move"].is_null() {
-                "-".into()
-            } else {
-                move_line(&l["move"])
-            },
-        ]);
-    }
-    table(&rows)
-}
-
 /// An LU's changed-block tracking: bytes since the base, and the backup being copied.
 fn tracking_cell(t: &Value) -> String {
     if t.is_null() {
@@ -552,7 +499,47 @@ fn human(cmd: &Cmd, body: &Value) -> String {
         Cmd::Lu {
             command: LuCmd::Move { vlu, .. },
         } => format!("{vlu}: {}\n", move_line(body)),
-        Cmd::Lu { .. } => lu_table(body),
+        Cmd::Lu { .. } => {
+            let mut rows = vec![[
+                "NAME",
+                "BACKEND",
+                "MODE",
+                "READ",
+                "WRITE",
+                "SNAPSHOT OF",
+                "SIZE",
+                "RECORDED LBAS",
+                "CHANGED SINCE BACKUP",
+                "DATA ON",
+                "MOVE",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for l in body.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&l["name"]),
+                    s(&l["backend"]),
+                    s(&l["mode"]),
+                    l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
+                    l["write"]
+                        .as_u64()
+                        .map_or("-".into(), |x| format!("LU {x}")),
+                    s(&l["snapshot_of"]),
+                    format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
+                    s(&l["recorded_lbas"]),
+                    tracking_cell(&l["tracking"]),
+                    l["placement"]
+                        .as_str()
+                        .map_or_else(|| s(&l["backend"]), str::to_string),
+                    if l["move"].is_null() {
+                        "-".into()
+                    } else {
+                        move_line(&l["move"])
+                    },
+                ]);
+            }
+            table(&rows)
+        }
         Cmd::Extents { vlu } => {
             let mut out = format!(
                 "{vlu}: {}, {} LBAs recorded\n",
@@ -741,7 +728,6 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
         BackupCmd::Auto(a) => arrayctl::copy(sock, json, CopyKind::Auto, a),
         BackupCmd::Cow(a) => arrayctl::cow(sock, json, a),
         BackupCmd::Job(a) => arrayctl::job(sock, json, a),
-        BackupCmd::Policy { command } => hvm_host_agent::policy::main(command, json),
         BackupCmd::Run {
             db,
             backup,
@@ -1014,7 +1000,11 @@ fn legacy_restore(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
-    let enc = hvm_host_agent::ctl::segment;
+    let enc = |n: &str| {
+        n.replace('%', "%25")
+            .replace('/', "%2F")
+            .replace(' ', "%20")
+    };
     let (method, path, body) = match &cli.command {
         Cmd::Status => ("GET", "/v1/status".to_string(), None),
         Cmd::Lu {
@@ -1095,10 +1085,6 @@ fn main() -> ExitCode {
         Cmd::Volume { command } => return arrayctl::volume(&sock, cli.json, command),
         Cmd::Device { command } => return arrayctl::device(&sock, cli.json, command),
         Cmd::Array { command } => return arrayctl::array(&sock, cli.json, command),
-        Cmd::Completions { shell } => {
-            return hvm_host_agent::docs::completions(Cli::command(), *shell)
-        }
-        Cmd::Man { dir } => return hvm_host_agent::docs::man(Cli::command(), dir),
         Cmd::Tls {
             command: TlsCmd::Init { dir, hosts },
         } => {
