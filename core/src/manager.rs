@@ -184,6 +184,39 @@ struct Pair {
 }
 
 impl Pair {
+    fn new(
+        cfg: PairConfig,
+        strategy: Strategy,
+        capacity_lbas: u64,
+        save: Option<Mutex<SaveArea>>,
+        per_tib: u64,
+    ) -> Pair {
+        Pair {
+            cfg,
+            strategy,
+            capacity_lbas,
+            gate: RwLock::new(()),
+            // Issue 20: a budget of 32 MiB per TiB, past which the table coarsens; a
+            // pair with a host save area keeps it exact, since there the table is the
+            // set of LBAs whose pre-update data was saved.
+            table: Mutex::new(if save.is_some() {
+                UpdateLocationTable::new()
+            } else {
+                let budget = TableBudget::for_lu_at(capacity_lbas, per_tib);
+                UpdateLocationTable::with_budget(budget)
+            }),
+            locks: RangeLock::new(),
+            save,
+            invalid: AtomicBool::new(false),
+            resync: Mutex::new(ResyncState::default()),
+            hold: Mutex::new(None),
+            tracking: Mutex::new(ChangedBlocks::with_budget(TableBudget::for_lu_at(
+                capacity_lbas,
+                per_tib,
+            ))),
+        }
+    }
+
     fn key(&self) -> VirtualLuId {
         self.cfg.origin
     }
@@ -379,30 +412,7 @@ impl<B: Backend> SnapshotManager<B> {
                     return Err(bad(format!("{vlu} is used by two pairs")));
                 }
             }
-            built.push(Pair {
-                cfg,
-                strategy,
-                capacity_lbas,
-                gate: RwLock::new(()),
-                // Issue 20: a budget of 32 MiB per TiB, past which the table coarsens; a
-                // pair with a host save area keeps it exact, since there the table is the
-                // set of LBAs whose pre-update data was saved.
-                table: Mutex::new(if save.is_some() {
-                    UpdateLocationTable::new()
-                } else {
-                    let budget = TableBudget::for_lu_at(capacity_lbas, per_tib);
-                    UpdateLocationTable::with_budget(budget)
-                }),
-                locks: RangeLock::new(),
-                save,
-                invalid: AtomicBool::new(false),
-                resync: Mutex::new(ResyncState::default()),
-                hold: Mutex::new(None),
-                tracking: Mutex::new(ChangedBlocks::with_budget(TableBudget::for_lu_at(
-                    capacity_lbas,
-                    per_tib,
-                ))),
-            });
+            built.push(Pair::new(cfg, strategy, capacity_lbas, save, per_tib));
         }
         let mgr = SnapshotManager {
             backend,
@@ -415,6 +425,11 @@ impl<B: Backend> SnapshotManager<B> {
         };
         for pair in &mgr.pairs {
             mgr.restore_pair(pair, recovered)?;
+            // Tracking does not depend on the mode: the journal's record, whatever the
+            // array says (none: no base, so the next backup is a full one).
+            if let Some(t) = recovered.and_then(|s| s.tracking.get(&pair.key())) {
+                lock(&pair.tracking).assign(t);
+            }
         }
         // The journal describes the tables from here on, whatever it held before.
         for rec in mgr.state().checkpoint() {
@@ -520,11 +535,6 @@ impl<B: Backend> SnapshotManager<B> {
             }
         }
         drop(table);
-        // Tracking does not depend on the mode: the journal's record, whatever the array
-        // says (none: no base, so the next backup is a full one).
-        if let Some(t) = recovered.and_then(|s| s.tracking.get(&key)) {
-            lock(&pair.tracking).assign(t);
-        }
         let mut lu_mode = write(&self.lu_mode);
         for (vlu, entry) in pair.rows(mode) {
             lu_mode.set(vlu, entry);

@@ -427,6 +427,35 @@ impl FileJournal {
         }
     }
 
+    /// For an `Add` or a `TrackAdd`: queue the region marks it needs that are not durable
+    /// yet; true when there are some (the append then waits for them).
+    fn mark_regions(&self, g: &mut Inner, rec: &JournalRecord) -> bool {
+        let (pair, extent, track) = match *rec {
+            JournalRecord::Add { pair, extent } => (pair, extent, false),
+            JournalRecord::TrackAdd { pair, extent } => (pair, extent, true),
+            _ => return false,
+        };
+        if g.loading {
+            return false;
+        }
+        let marks = if track {
+            &mut g.track_regions
+        } else {
+            &mut g.regions
+        };
+        let new = self.new_regions(marks, pair, extent);
+        for &extent in &new {
+            let mark = if track {
+                JournalRecord::TrackAdd { pair, extent }
+            } else {
+                JournalRecord::Add { pair, extent }
+            };
+            journal::encode_record(&mark, &mut g.pending);
+            g.appended += 1;
+        }
+        !new.is_empty()
+    }
+
     /// The region marks `extent` of `pair` needs that are not durable yet, in `marks`
     /// (the update-location table's or the tracking's).
     fn new_regions(
@@ -469,18 +498,6 @@ impl StateLog for FileJournal {
         g.state.apply(rec);
         let mut durable = true;
         match *rec {
-            JournalRecord::TrackAdd { pair, extent } => {
-                if !g.loading {
-                    let g = &mut *g;
-                    let marks = self.new_regions(&mut g.track_regions, pair, extent);
-                    durable = !marks.is_empty();
-                    for m in marks {
-                        let mark = JournalRecord::TrackAdd { pair, extent: m };
-                        journal::encode_record(&mark, &mut g.pending);
-                        g.appended += 1;
-                    }
-                }
-            }
             JournalRecord::TrackCut { pair, .. } => {
                 // The marks were of the set the cut emptied.
                 g.track_regions.remove(&pair);
@@ -490,16 +507,8 @@ impl StateLog for FileJournal {
                 g.track_regions.remove(&pair);
             }
             JournalRecord::TrackComplete { .. } | JournalRecord::TrackAbort { .. } => {}
-            JournalRecord::Add { pair, extent } => {
-                if !g.loading {
-                    let marks = self.new_regions(&mut g.regions, pair, extent);
-                    durable = !marks.is_empty();
-                    for m in marks {
-                        let mark = JournalRecord::Add { pair, extent: m };
-                        journal::encode_record(&mark, &mut g.pending);
-                        g.appended += 1;
-                    }
-                }
+            JournalRecord::Add { .. } | JournalRecord::TrackAdd { .. } => {
+                durable = self.mark_regions(&mut g, rec);
             }
             JournalRecord::Remove { pair, extent } => {
                 durable = false;

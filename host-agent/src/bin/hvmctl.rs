@@ -428,6 +428,49 @@ fn s(v: &Value) -> String {
 }
 
 /// A move's status in one line.
+/// `hvmctl lu list`: one row per virtual LU.
+fn lu_table(body: &Value) -> String {
+    let mut rows = vec![[
+        "NAME",
+        "BACKEND",
+        "MODE",
+        "READ",
+        "WRITE",
+        "SNAPSHOT OF",
+        "SIZE",
+        "RECORDED LBAS",
+        "CHANGED SINCE BACKUP",
+        "DATA ON",
+        "MOVE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for l in body.as_array().into_iter().flatten() {
+        rows.push(vec![
+            s(&l["name"]),
+            s(&l["backend"]),
+            s(&l["mode"]),
+            l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
+            l["write"]
+                .as_u64()
+                .map_or("-".into(), |x| format!("LU {x}")),
+            s(&l["snapshot_of"]),
+            format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
+            s(&l["recorded_lbas"]),
+            tracking_cell(&l["tracking"]),
+            l["placement"]
+                .as_str()
+                .map_or_else(|| s(&l["backend"]), str::to_string),
+            if l["move"].is_null() {
+                "-".into()
+            } else {
+                move_line(&l["move"])
+            },
+        ]);
+    }
+    table(&rows)
+}
+
 /// An LU's changed-block tracking: bytes since the base, and the backup being copied.
 fn tracking_cell(t: &Value) -> String {
     if t.is_null() {
@@ -499,47 +542,7 @@ fn human(cmd: &Cmd, body: &Value) -> String {
         Cmd::Lu {
             command: LuCmd::Move { vlu, .. },
         } => format!("{vlu}: {}\n", move_line(body)),
-        Cmd::Lu { .. } => {
-            let mut rows = vec![[
-                "NAME",
-                "BACKEND",
-                "MODE",
-                "READ",
-                "WRITE",
-                "SNAPSHOT OF",
-                "SIZE",
-                "RECORDED LBAS",
-                "CHANGED SINCE BACKUP",
-                "DATA ON",
-                "MOVE",
-            ]
-            .map(String::from)
-            .to_vec()];
-            for l in body.as_array().into_iter().flatten() {
-                rows.push(vec![
-                    s(&l["name"]),
-                    s(&l["backend"]),
-                    s(&l["mode"]),
-                    l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
-                    l["write"]
-                        .as_u64()
-                        .map_or("-".into(), |x| format!("LU {x}")),
-                    s(&l["snapshot_of"]),
-                    format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
-                    s(&l["recorded_lbas"]),
-                    tracking_cell(&l["tracking"]),
-                    l["placement"]
-                        .as_str()
-                        .map_or_else(|| s(&l["backend"]), str::to_string),
-                    if l["move"].is_null() {
-                        "-".into()
-                    } else {
-                        move_line(&l["move"])
-                    },
-                ]);
-            }
-            table(&rows)
-        }
+        Cmd::Lu { .. } => lu_table(body),
         Cmd::Extents { vlu } => {
             let mut out = format!(
                 "{vlu}: {}, {} LBAs recorded\n",

@@ -327,47 +327,14 @@ pub async fn snapshot(
             Err(fail(Code::Failed, resume_errors.join("; "), rolled, steps))
         }
         Ok(Ok((instant, cuts))) => {
-            let changes = match backup {
-                Some(b) => {
-                    let g = group.clone();
-                    let c = tokio::task::spawn_blocking(move || changes(&g, &cuts, &b))
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()));
-                    match c {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            let rolled = rollback_all(agent.clone(), group.clone()).await;
-                            return Err(fail(Code::Failed, e, rolled, steps));
-                        }
-                    }
+            let changes = match cut_changes(group.clone(), cuts, backup).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let rolled = rollback_all(agent.clone(), group.clone()).await;
+                    return Err(fail(Code::Failed, e, rolled, steps));
                 }
-                None => None,
             };
-            let snapshots: Vec<Value> = group
-                .iter()
-                .map(|m| {
-                    let strategy = m.mgr.strategy(m.vlu).ok();
-                    // E1/E2: the snapshot is a real LU, frozen on the array, that a
-                    // backup host can read directly. E4's is host-side (saved
-                    // pre-update data plus the mate), so only its export has it.
-                    let array_lu = match strategy {
-                        Some(Strategy::ModeSelect | Strategy::VirtualLuRouting) => m
-                            .mgr
-                            .lu_mode_entry(m.snap_vlu)
-                            .and_then(|e| e.read)
-                            .map(|lu| lu.0),
-                        _ => None,
-                    };
-                    json!({
-                        "vlu": m.name,
-                        "export": m.snapshot,
-                        "backend": m.backend,
-                        "size": m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
-                        "strategy": strategy.map(|s| format!("{s:?}")),
-                        "array_lu": array_lu,
-                    })
-                })
-                .collect();
+            let snapshots = snapshots_json(&group);
             tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
             let mut reply = json!({
                 "instant_unix_ms": instant,
@@ -384,6 +351,49 @@ pub async fn snapshot(
             Ok(reply)
         }
     }
+}
+
+/// The reply's `snapshots`: what the backup host reads, per virtual LU.
+fn snapshots_json(group: &[Member]) -> Vec<Value> {
+    group
+        .iter()
+        .map(|m| {
+            let strategy = m.mgr.strategy(m.vlu).ok();
+            // E1/E2: the snapshot is a real LU, frozen on the array, that a
+            // backup host can read directly. E4's is host-side (saved
+            // pre-update data plus the mate), so only its export has it.
+            let array_lu = match strategy {
+                Some(Strategy::ModeSelect | Strategy::VirtualLuRouting) => m
+                    .mgr
+                    .lu_mode_entry(m.snap_vlu)
+                    .and_then(|e| e.read)
+                    .map(|lu| lu.0),
+                _ => None,
+            };
+            json!({
+                "vlu": m.name,
+                "export": m.snapshot,
+                "backend": m.backend,
+                "size": m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
+                "strategy": strategy.map(|s| format!("{s:?}")),
+                "array_lu": array_lu,
+            })
+        })
+        .collect()
+}
+
+/// The reply's `changes` for `backup`, if given (off the async threads).
+async fn cut_changes(
+    group: Arc<Vec<Member>>,
+    cuts: Vec<Cut>,
+    backup: Option<BackupId>,
+) -> Result<Option<Value>, String> {
+    let Some(b) = backup else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || changes(&group, &cuts, &b).map(Some))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// The reply's `changes`: per virtual LU, the base and the byte ranges of its cut.
@@ -457,6 +467,55 @@ pub fn resync(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
             "copied_lbas": p.as_ref().map_or(0, |p| p.copied),
             "done": m.mgr.mode(m.vlu) == Mode::Synchronized,
         }));
+    }
+    Ok(json!({ "vlus": out }))
+}
+
+/// The origin virtual LUs named, with their managers.
+fn origins(
+    agent: &Agent,
+    vlus: &[String],
+) -> Result<Vec<(String, Arc<Manager>, VirtualLuId)>, Failure> {
+    let bad = |m: String| Failure::new(Code::BadRequest, m);
+    if vlus.is_empty() {
+        return Err(bad("no virtual LU named".into()));
+    }
+    let mut out = Vec::new();
+    for name in vlus {
+        if agent.snapshot_of.contains_key(name) {
+            return Err(bad(format!(
+                "{name} is a snapshot export; name the virtual LU it is the snapshot of"
+            )));
+        }
+        let (mgr, vlu) = agent
+            .virtual_lu(name)
+            .ok_or_else(|| bad(format!("no virtual LU named {name}")))?;
+        out.push((name.clone(), mgr, vlu));
+    }
+    Ok(out)
+}
+
+/// The `complete` (or, with `complete` false, `abort`) operation.
+pub fn finish(
+    agent: &Agent,
+    vlus: &[String],
+    backup: &str,
+    complete: bool,
+) -> Result<Value, Failure> {
+    let id = BackupId::new(backup).map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
+    let group = origins(agent, vlus)?;
+    let mut out = serde_json::Map::new();
+    for (name, mgr, vlu) in group {
+        let base = if complete {
+            mgr.complete_backup(vlu, &id)
+        } else {
+            mgr.abort_backup(vlu, &id)
+        }
+        .map_err(|e| {
+            let what = if complete { "completing" } else { "aborting" };
+            Failure::new(Code::Failed, format!("{what} backup {id} of {name}: {e}"))
+        })?;
+        out.insert(name, json!({ "base": base.map(|b| b.to_string()) }));
     }
     Ok(json!({ "vlus": out }))
 }

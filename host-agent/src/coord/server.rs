@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::{copy, freeze, tracking, repository, tls, Code, Failure, Line, Op, Request};
+use super::{copy, freeze, repository, tls, Code, Failure, Line, Op, Request};
 use crate::agent::Agent;
 use crate::config::{CoordinationConfig, Role};
 use crate::nbd::server::AcceptBackoff;
@@ -399,10 +399,10 @@ impl Service {
                 freeze::snapshot(agent, self.cfg.freeze.clone(), req).await
             }
             Op::Complete { vlus, backup } => {
-                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, true))).await
+                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, true))).await
             }
             Op::Abort { vlus, backup } => {
-                blocking(Box::new(move || tracking::finish(&agent, &vlus, &backup, false))).await
+                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, false))).await
             }
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,

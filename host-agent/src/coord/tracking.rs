@@ -10,13 +10,10 @@
 //! the base); if it fails, `abort` (the ranges count as written again). Both are
 //! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}`.
 
-use std::sync::Arc;
-
 use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
 use serde_json::{json, Value};
 
-use super::{new_id, Code, Failure, Op, Peer};
-use crate::agent::Agent;
+use super::{new_id, Failure, Op, Peer};
 use crate::exports::Manager;
 
 /// Tell the database host that `backup` of `vlus` is stored: it becomes their base.
@@ -36,55 +33,6 @@ pub fn abort(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure>
         backup: backup.to_string(),
     };
     db.call(&new_id(), &op, 3, &mut |_, _| {})
-}
-
-/// The origin virtual LUs named, with their managers.
-fn origins(
-    agent: &Agent,
-    vlus: &[String],
-) -> Result<Vec<(String, Arc<Manager>, VirtualLuId)>, Failure> {
-    let bad = |m: String| Failure::new(Code::BadRequest, m);
-    if vlus.is_empty() {
-        return Err(bad("no virtual LU named".into()));
-    }
-    let mut out = Vec::new();
-    for name in vlus {
-        if agent.snapshot_of.contains_key(name) {
-            return Err(bad(format!(
-                "{name} is a snapshot export; name the virtual LU it is the snapshot of"
-            )));
-        }
-        let (mgr, vlu) = agent
-            .virtual_lu(name)
-            .ok_or_else(|| bad(format!("no virtual LU named {name}")))?;
-        out.push((name.clone(), mgr, vlu));
-    }
-    Ok(out)
-}
-
-/// The `complete` (or, with `complete` false, `abort`) operation.
-pub fn finish(
-    agent: &Agent,
-    vlus: &[String],
-    backup: &str,
-    complete: bool,
-) -> Result<Value, Failure> {
-    let id = BackupId::new(backup).map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
-    let group = origins(agent, vlus)?;
-    let mut out = serde_json::Map::new();
-    for (name, mgr, vlu) in group {
-        let base = if complete {
-            mgr.complete_backup(vlu, &id)
-        } else {
-            mgr.abort_backup(vlu, &id)
-        }
-        .map_err(|e| {
-            let what = if complete { "completing" } else { "aborting" };
-            Failure::new(Code::Failed, format!("{what} backup {id} of {name}: {e}"))
-        })?;
-        out.insert(name, json!({ "base": base.map(|b| b.to_string()) }));
-    }
-    Ok(json!({ "vlus": out }))
 }
 
 /// One virtual LU's entry of a snapshot reply's `changes`: `backup`'s pending ranges in
