@@ -253,7 +253,7 @@ fn backend(sock: &Path, t: &Target) -> Result<String, Failure> {
 /// Send one operation to the backend's array.
 fn op(sock: &Path, backend: &str, op: &BackupOp) -> Result<BackupReply, Failure> {
     let body = serde_json::to_value(op).map_err(|e| Failure(2, e.to_string()))?;
-    let path = format!("/v1/backends/{}/backup", backend.replace('/', "%2F"));
+    let path = format!("/v1/backends/{}/backup", crate::ctl::segment(backend));
     let r = call(sock, "POST", &path, Some(&body)).map_err(|e| Failure(3, e))?;
     if r.status >= 400 {
         let m = r.body["error"]

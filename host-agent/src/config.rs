@@ -8,6 +8,8 @@
 //! runtime_dir: /run/hvm              # the control socket (control.sock) lives here, in a
 //!                                    #   0700 directory; default: $RUNTIME_DIRECTORY
 //!                                    #   (systemd), else <state_dir>/run
+//! control_group: hvm                # optional: members may use the control socket
+//!                                    #   (socket 0660, its directory 0750, this group)
 //! journal:                           # the tables' journal files, in state_dir
 //!   durable: true                    # false: tables in memory only (lost on a crash)
 //!   region_kib: 4096                 # activity region: one flush per region per epoch
@@ -27,6 +29,8 @@
 //!     key: tls/db1-key.pem
 //!     ca: tls/ca.pem
 //!   insecure: false                  # true: serve tcp in plain text instead
+//!   metrics: 127.0.0.1:9100          # optional: GET /metrics (Prometheus text) over
+//!                                    #   plain HTTP, read-only, nothing else served
 //! backends:
 //!   - name: array0
 //!     plugin: stateless              # a name in plugin_dir, or a path to the .so
@@ -138,6 +142,10 @@ pub struct Config {
     pub plugin_dir: Option<PathBuf>,
     #[serde(default)]
     pub runtime_dir: Option<PathBuf>,
+    /// The group whose members may use the control socket (`hvmctl` without root): the
+    /// socket is made 0660 and its directory 0750, both of this group. Default: none.
+    #[serde(default)]
+    pub control_group: Option<String>,
     #[serde(default)]
     pub log_level: LogLevel,
     #[serde(default)]
@@ -349,6 +357,41 @@ pub struct Listen {
     /// unrestricted exports); refused unless written here.
     #[serde(default)]
     pub insecure: bool,
+    /// `HOST:PORT` of a plain-HTTP listener that serves `GET /metrics` (Prometheus text)
+    /// and nothing else, for a scraper; the control socket serves it too.
+    #[serde(default, deserialize_with = "host_port")]
+    pub metrics: Option<String>,
+}
+
+/// A `HOST:PORT` checked while it is parsed (so the error names the field and its line):
+/// a host and a port from 0 to 65535 (0: any free port).
+fn host_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_str(HostPort).map(Some)
+}
+
+/// The visitor behind [`host_port`], raising its error inside the scalar's deserialize
+/// call as [`Ranged`] does.
+struct HostPort;
+
+impl serde::de::Visitor<'_> for HostPort {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HOST:PORT")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<String, E> {
+        let ok = s
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if ok {
+            Ok(s.to_string())
+        } else {
+            Err(E::custom(format!(
+                "{s:?} is not HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:9100)"
+            )))
+        }
+    }
 }
 
 /// `listen.tls`: the server's certificate chain and key, and the CA client
@@ -744,6 +787,31 @@ virtual_lus:
                 && e.contains("line 14"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_host_and_port() {
+        let with = |m: &str| {
+            Config::parse(
+                &OK.replace("nbd.sock }", &format!("nbd.sock, metrics: {m} }}")),
+                "c.yaml",
+            )
+        };
+        assert_eq!(
+            with("127.0.0.1:9100").unwrap().listen.metrics.as_deref(),
+            Some("127.0.0.1:9100")
+        );
+        assert!(with("'[::1]:0'").is_ok());
+        for bad in ["9100", "localhost:65536", "':9100'", "host:port"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("c.yaml: listen.metrics: ")
+                    && e.contains("not HOST:PORT")
+                    && e.contains("line 2"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(Config::parse(OK, "c.yaml").unwrap().listen.metrics, None);
     }
 
     #[test]

@@ -24,12 +24,11 @@
 //! | `POST /v1/lus/{name}/verify` | `{rate?, repair?}`: compare a Synchronized pair's legs |
 //! | `POST /v1/backends/{name}/backup` `BackupOp` | an array-side backup function of EP 1 058 190 (pair, CCOPY, AUTO, COW, pool); answers `BackupReply`; a CCOPY or COW without ranges covers the whole LU |
 //! | `POST /v1/reload` | reload the config file, as SIGHUP does (see [`crate::reload`]); 422 if it is not valid |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]); also on `listen.metrics` |
 //!
 //! Errors are `{"error": "..."}` with 404 (no such LU), 409 (the strategy's precondition
 //! does not hold, e.g. acquire while Re-synchronizing), 400 (bad request) or 500.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -44,6 +43,7 @@ use serde_json::json;
 
 use crate::agent::Agent;
 use crate::exports::Manager;
+use crate::metrics::{Scrape, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 use crate::moves::{MoveError, MoveRequest, MoveStatus};
 
 type Shared = Arc<Agent>;
@@ -644,54 +644,64 @@ async fn array_backup(
     .await
 }
 
-/// Prometheus text exposition.
-pub fn metrics_text(a: &Agent) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP hvm_recorded_lbas LBAs recorded in the update-location table of a pair.\n# TYPE hvm_recorded_lbas gauge");
-    for l in lus(a).iter().filter(|l| l.snapshot_of.is_none()) {
-        let _ = writeln!(
-            out,
-            "hvm_recorded_lbas{{vlu=\"{}\",backend=\"{}\",mode=\"{}\"}} {}",
-            l.name, l.backend, l.mode, l.recorded_lbas
-        );
-    }
-    let _ = writeln!(out, "# HELP hvm_resync_copied_lbas LBAs written back by resync since the last delete.\n# TYPE hvm_resync_copied_lbas counter");
-    for r in resync_views(a) {
-        let _ = writeln!(
-            out,
-            "hvm_resync_copied_lbas{{vlu=\"{}\",backend=\"{}\"}} {}",
-            r.name, r.backend, r.copied_lbas
-        );
-    }
-    let _ = writeln!(out, "# HELP hvm_journal_flushes Journal flushes (fdatasync).\n# TYPE hvm_journal_flushes counter");
-    for (name, j) in &a.journals {
-        let _ = writeln!(
-            out,
-            "hvm_journal_flushes{{backend=\"{name}\"}} {}",
-            j.stats().flushes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP hvm_journal_bytes Size of the journal file.\n# TYPE hvm_journal_bytes gauge"
+/// The agent's metrics now (see [`crate::metrics`]).
+pub fn scrape(a: &Agent) -> Scrape {
+    let mut s = Scrape::default();
+    let recorded = lus(a)
+        .into_iter()
+        .filter(|l| l.snapshot_of.is_none())
+        .map(|l| {
+            let labels = vec![("vlu", l.name), ("backend", l.backend), ("mode", l.mode)];
+            (labels, l.recorded_lbas)
+        })
+        .collect();
+    s.gauge(
+        "hvm_recorded_lbas",
+        "LBAs recorded in the update-location table of a pair.",
+        recorded,
     );
-    for (name, j) in &a.journals {
-        let _ = writeln!(
-            out,
-            "hvm_journal_bytes{{backend=\"{name}\"}} {}",
-            j.stats().file_bytes
-        );
-    }
-    let _ = writeln!(out, "# HELP hvm_snapshot_read_bytes Bytes read through snapshot exports.\n# TYPE hvm_snapshot_read_bytes counter\nhvm_snapshot_read_bytes {}", a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP hvm_resync_paused 1 when the resync service is paused.\n# TYPE hvm_resync_paused gauge\nhvm_resync_paused {}", u8::from(a.resync.paused()));
-    out
+    let copied = resync_views(a)
+        .into_iter()
+        .map(|r| (vec![("vlu", r.name), ("backend", r.backend)], r.copied_lbas))
+        .collect();
+    s.counter(
+        "hvm_resync_copied_lbas",
+        "LBAs written back by resync since the last delete.",
+        copied,
+    );
+    let journal = |f: fn(&crate::durable::JournalStats) -> u64| {
+        a.journals
+            .iter()
+            .map(|(name, j)| (vec![("backend", name.clone())], f(&j.stats())))
+            .collect::<Vec<_>>()
+    };
+    s.counter(
+        "hvm_journal_flushes",
+        "Journal flushes (fdatasync).",
+        journal(|j| j.flushes),
+    );
+    s.gauge(
+        "hvm_journal_bytes",
+        "Size of the journal file.",
+        journal(|j| j.file_bytes),
+    );
+    let reads = a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed);
+    s.counter(
+        "hvm_snapshot_read_bytes",
+        "Bytes read through snapshot exports.",
+        vec![(vec![], reads)],
+    );
+    let paused = u64::from(a.resync.paused());
+    s.gauge(
+        "hvm_resync_paused",
+        "1 when the resync service is paused.",
+        vec![(vec![], paused)],
+    );
+    s
 }
 
 async fn metrics(State(a): State<Shared>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        metrics_text(&a),
-    )
+    ([("content-type", METRICS_CONTENT_TYPE)], scrape(&a).text())
 }
 
 async fn not_found() -> ApiError {
@@ -726,6 +736,29 @@ pub fn router(agent: Shared) -> Router {
         .with_state(agent)
 }
 
+/// Connections the metrics listener serves at once; past it a new one is closed at once.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// The routes of the metrics listener (`listen.metrics`): `GET /metrics`, 405 for another
+/// method on it, 404 for any other path.
+pub fn metrics_router(agent: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
+        .with_state(agent)
+}
+
+/// Serve [`metrics_router`] on `listener` until `shutdown`, with the control API's limits:
+/// a header-read timeout, at most [`METRICS_MAX_CONNECTIONS`], back-off on failed accepts.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    agent: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = metrics_router(agent);
+    serve_app(listener, app, "metrics", METRICS_MAX_CONNECTIONS, shutdown).await
+}
+
 /// Bind the control socket: in a 0700 directory, the socket itself 0660.
 pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -741,6 +774,30 @@ pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener>
     Ok(l)
 }
 
+/// `control_group`: let the members of `group` use the control socket at `path`: the
+/// socket 0660 and its directory 0750, both of that group (the agent may do this without
+/// CAP_CHOWN when it runs with that group, as the packaged unit's `Group=hvm` does).
+pub fn share_with_group(path: &std::path::Path, group: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = nix::unistd::Group::from_name(group)
+        .map_err(std::io::Error::from)?
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("control_group: no group named {group:?}"),
+            )
+        })?
+        .gid;
+    let share = |p: &std::path::Path, mode: u32| {
+        nix::unistd::chown(p, None, Some(gid)).map_err(std::io::Error::from)?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+    };
+    if let Some(dir) = path.parent() {
+        share(dir, 0o750)?;
+    }
+    share(path, 0o660)
+}
+
 /// Time a client has to send a request's header, from connecting or from the previous
 /// reply: a client that connects and says nothing must not hold a connection for ever.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -748,6 +805,27 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time requests being served get to finish at shutdown.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A listener [`serve_app`] accepts connections from: the control socket, the metrics
+/// TCP port.
+pub trait Accept: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_io(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
 
 /// Serve the API on `listener` until `shutdown`, then let requests being served finish.
 /// Each connection is HTTP/1 with [`HEADER_READ_TIMEOUT`]; at most [`MAX_CONNECTIONS`];
@@ -757,17 +835,36 @@ pub async fn serve(
     agent: Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    serve_app(
+        listener,
+        router(agent),
+        "control API",
+        MAX_CONNECTIONS,
+        shutdown,
+    )
+    .await
+}
+
+/// Serve `app` on `listener` until `shutdown`, then let requests being served finish:
+/// HTTP/1 with [`HEADER_READ_TIMEOUT`], at most `cap` connections, back-off on failed
+/// accepts; `what` names the listener in logs.
+pub async fn serve_app(
+    listener: impl Accept,
+    app: Router,
+    what: &'static str,
+    cap: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let app = router(agent);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = crate::nbd::server::AcceptBackoff::new("control API");
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(cap));
+    let mut backoff = crate::nbd::server::AcceptBackoff::new(what);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+            accepted = listener.accept_io() => match accepted {
+                Ok(s) => s,
                 Err(e) => {
                     backoff.failed(&e).await;
                     continue;
@@ -776,10 +873,7 @@ pub async fn serve(
         };
         backoff.succeeded();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                cap = MAX_CONNECTIONS,
-                "control API: connection refused: too many connections"
-            );
+            tracing::warn!(cap, "{what}: connection refused: too many connections");
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
@@ -798,8 +892,6 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!(
-            "control API: requests still running after the drain deadline; leaving them"
-        );
+        tracing::warn!("{what}: requests still running after the drain deadline; leaving them");
     }
 }

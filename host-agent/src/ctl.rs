@@ -1,10 +1,11 @@
 //! The control API's client side, shared by `hvmctl` and its demo: one HTTP/1.1 request
-//! per connection on the Unix socket, and the progress bar both draw.
+//! per connection on the Unix socket (hyper's client: framing, chunked bodies and status
+//! lines are hyper's, not ours), and the progress bar both draw.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 use serde_json::Value;
 
 /// A reply: the HTTP status and the JSON body (a string if it was not JSON).
@@ -13,17 +14,31 @@ pub struct Reply {
     pub body: Value,
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
-        if n == 0 || b.len() < i + 2 + n {
-            break;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + n]);
-        b = &b[(i + 4 + n).min(b.len())..];
-    }
-    out
+/// How long a request may take, from connecting to the reply's last byte.
+pub const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Characters escaped in a path segment: controls, space, `"#%/<>?\^`{|}` and every
+/// byte outside ASCII (RFC 3986's segment without `pchar`'s sub-delims we do not need).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// `name` as one path segment of a request (`/v1/lus/{segment}/move`): percent-encoded,
+/// so a name with `/`, `%`, a space, a quote or a newline reaches the API whole.
+pub fn segment(name: &str) -> String {
+    percent_encoding::utf8_percent_encode(name, SEGMENT).to_string()
 }
 
 /// One request on a fresh connection; an error says the agent could not be reached or
@@ -34,31 +49,68 @@ pub fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Reply, String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("cannot reach host-agent at {}: {e}", sock.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: hvm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("malformed reply from host-agent")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("malformed status line from host-agent")?;
-    let mut payload = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        payload = dechunk(&payload);
+    let run = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        rt.block_on(async {
+            tokio::time::timeout(TIMEOUT, request(sock, method, path, body))
+                .await
+                .unwrap_or_else(|_| Err(format!("host-agent did not answer within {TIMEOUT:?}")))
+        })
+    };
+    // Called from inside a runtime (an async caller), the request gets a thread of its
+    // own: a runtime cannot block on another on its own threads.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(run).join())
+            .unwrap_or_else(|_| Err("the request's thread panicked".into()))
+    } else {
+        run()
     }
+}
+
+async fn request(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Reply, String> {
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("cannot reach host-agent at {}: {e}", sock.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("host-agent: {e}"))?;
+    // The connection is driven beside the request; it ends with the reply.
+    let conn = tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "hvm");
+    let body = match body {
+        Some(b) => {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| format!("bad request {method} {path}: {e}"))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("malformed reply from host-agent: {e}"))?;
+    let status = res.status().as_u16();
+    let payload = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("malformed reply from host-agent: {e}"))?
+        .to_bytes();
+    conn.abort();
     let body = serde_json::from_slice(&payload)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into_owned()));
     Ok(Reply { status, body })
@@ -112,7 +164,7 @@ pub fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Val
 /// terminal; the move's last status, or why it did not end Done.
 pub fn wait_move(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
     let quiet = quiet || !bars();
-    let path = format!("/v1/lus/{vlu}/move");
+    let path = format!("/v1/lus/{}/move", segment(vlu));
     loop {
         let r = call(sock, "GET", &path, None)?;
         if r.status >= 400 {
@@ -156,7 +208,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunked_bodies() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    fn names_are_one_path_segment() {
+        assert_eq!(segment("db"), "db");
+        assert_eq!(segment("a/b c%\"\n\u{e9}"), "a%2Fb%20c%25%22%0A%C3%A9");
+    }
+
+    /// A chunked reply and a reply cut short, from a server that is not hyper's.
+    #[test]
+    fn chunked_replies_are_read_and_cut_ones_refused() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            for reply in [
+                &b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n6\r\n\":17}\n\r\n0\r\n\r\n"[..],
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"[..],
+            ] {
+                let (mut c, _) = l.accept().unwrap();
+                let mut head = [0u8; 1024];
+                let _ = c.read(&mut head);
+                let _ = c.write_all(reply);
+            }
+        });
+        let r = call(&sock, "POST", "/x", Some(&serde_json::json!({"k": 1}))).unwrap();
+        assert_eq!((r.status, r.body), (409, serde_json::json!({"a": 17})));
+        let e = call(&sock, "GET", "/x", None).err().unwrap_or_default();
+        assert!(e.contains("malformed reply"), "{e}");
+        server.join().unwrap();
     }
 }

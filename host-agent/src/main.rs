@@ -1,10 +1,12 @@
-//! `host-agent --config FILE [--state-dir DIR]`: serve the configured virtual LUs over
-//! NBD. `host-agent plugin check PATH`: inspect a backend plugin.
+//! `host-agent [--config FILE] [--state-dir DIR]`: serve the configured virtual LUs over
+//! NBD (default config: /etc/hvm/host-agent.yaml, as the package installs it).
+//! `host-agent plugin check PATH`: inspect a backend plugin. `host-agent man DIR`,
+//! `host-agent completions SHELL`: its man page and completions, for packaging.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hvm_host_agent::agent::{Agent, LogHook};
 use hvm_host_agent::config::{Config, LogLevel};
 use hvm_host_agent::notify::notify;
@@ -14,25 +16,57 @@ use hvm_plugin_abi::host::Plugin;
 #[command(name = "host-agent", about = "hvm host volume manager service")]
 struct Cli {
     /// The service's YAML config.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
     /// Where state (embedded arrays, the NBD socket) lives; overrides the config's.
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Log level; overrides the config's `log_level` (RUST_LOG overrides both).
     #[arg(long, value_enum)]
     log_level: Option<LogLevel>,
-    /// Log lines as text or as JSON objects, on standard error.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Where log lines go: auto is journald when standard error is the journal
+    /// (systemd's JOURNAL_STREAM), else text; text or JSON objects on standard error;
+    /// journald, with syslog priorities (error 3, warn 4, info 6, debug and trace 7).
+    #[arg(long, value_enum, default_value = "auto")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+/// The config the package installs, and the default of `--config`.
+const DEFAULT_CONFIG: &str = "/etc/hvm/host-agent.yaml";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
+    Auto,
     Text,
     Json,
+    Journald,
+}
+
+impl LogFormat {
+    /// `auto` decided: journald when standard error is the journal stream.
+    fn resolve(self) -> LogFormat {
+        if self != LogFormat::Auto {
+            return self;
+        }
+        let stderr = nix::sys::stat::fstat(std::io::stderr()).ok();
+        let var = std::env::var("JOURNAL_STREAM").ok();
+        match stderr {
+            Some(st) if is_journal_stream(var.as_deref(), st.st_dev, st.st_ino) => {
+                LogFormat::Journald
+            }
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// systemd sets `JOURNAL_STREAM=DEV:INODE` for a service whose standard error is the
+/// journal; the variable is inherited by children whose stderr may be elsewhere, so it
+/// counts only when it names this stderr.
+fn is_journal_stream(var: Option<&str>, dev: u64, ino: u64) -> bool {
+    var.and_then(|v| v.split_once(':'))
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 #[derive(Subcommand)]
@@ -42,6 +76,12 @@ enum Cmd {
         #[command(subcommand)]
         command: PluginCmd,
     },
+    /// Write host-agent's man page into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+    /// Print the shell completion script of host-agent.
+    #[command(hide = true)]
+    Completions { shell: hvm_host_agent::docs::Shell },
 }
 
 #[derive(Subcommand)]
@@ -80,11 +120,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        (None, Some(config)) => run(&config, cli.state_dir, cli.log_level, cli.log_format),
-        (None, None) => {
-            eprintln!("host-agent: give --config FILE, or a subcommand (see --help)");
-            ExitCode::from(2)
+        (Some(Cmd::Man { dir }), _) => hvm_host_agent::docs::man(Cli::command(), &dir),
+        (Some(Cmd::Completions { shell }), _) => {
+            hvm_host_agent::docs::completions(Cli::command(), shell)
         }
+        (None, config) => run(&config, cli.state_dir, cli.log_level, cli.log_format),
     }
 }
 
@@ -102,15 +142,26 @@ fn init_logging(level: LogLevel, overridden: bool, format: LogFormat) -> LogHook
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
+    let mut no_journal = None;
+    let out = match format.resolve() {
         LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Journald => match journald() {
+            Ok(j) => j.boxed(),
+            Err(e) => {
+                no_journal = Some(e);
+                fmt.boxed()
+            }
+        },
+        LogFormat::Text | LogFormat::Auto => fmt.boxed(),
     };
     // A subscriber already set (impossible here) only means these lines go elsewhere.
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(out)
         .try_init();
+    if let Some(e) = no_journal {
+        tracing::warn!(error = %e, "cannot log to journald; logging text on standard error");
+    }
     Box::new(move |level: LogLevel| {
         if by_env {
             return Err("RUST_LOG overrides the config's log_level".into());
@@ -122,6 +173,22 @@ fn init_logging(level: LogLevel, overridden: bool, format: LogFormat) -> LogHook
             .reload(EnvFilter::new(level.as_str()))
             .map_err(|e| e.to_string())
     })
+}
+
+/// The journald layer, with syslog's priorities for tracing's levels (tracing-journald's
+/// own default puts info at notice).
+fn journald() -> std::io::Result<tracing_journald::Layer> {
+    use tracing_journald::{Priority, PriorityMappings};
+    let p = PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    };
+    Ok(tracing_journald::layer()?
+        .with_priority_mappings(p)
+        .with_syslog_identifier("host-agent".into()))
 }
 
 fn run(
@@ -175,6 +242,7 @@ fn run(
         // With listen.tls the NBD TCP listener is served here, each connection upgraded
         // with STARTTLS; the agent serves the rest.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics = admin_extras(&cfg, &agent, stop_rx.clone()).await?;
         let tls_server = match (nbd_tls, listeners.tcp.take()) {
             (Some(tls), Some(tcp)) => {
                 let exports: std::sync::Arc<dyn hvm_host_agent::nbd::server::Exports> =
@@ -196,21 +264,8 @@ fn run(
             }
         };
         // Scripts and tests wait for this line: the sockets are bound.
-        // listen() recorded the TCP listener's bound address.
         let tcp = agent.tcp_bound.get();
-        let coord = listeners
-            .coordination
-            .as_ref()
-            .and_then(|(l, _)| l.local_addr().ok());
-        println!(
-            "host-agent: serving {} virtual LUs on unix:{}{}{}",
-            agent.virtual_lus.len(),
-            agent.socket.display(),
-            tcp.map(|t| format!(" and tcp:{t}")).unwrap_or_default(),
-            coord
-                .map(|c| format!(", coordination on tls:{c}"))
-                .unwrap_or_default()
-        );
+        println!("{}", serving_line(&agent, &listeners, metrics.as_ref().map(|m| m.0)));
         tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, control = %agent.control.display(), "serving");
         let status = format!("serving {} virtual LUs", agent.virtual_lus.len());
         notify(&format!("READY=1\nSTATUS={status}"));
@@ -226,26 +281,15 @@ fn run(
         if let Some(t) = tls_server {
             let _ = t.await;
         }
+        if let Some((_, m)) = metrics {
+            let _ = m.await;
+        }
         reloads.abort();
         retries.abort();
         Ok::<(), hvm_host_agent::agent::AgentError>(())
     });
-    // serve() ended with a checkpoint of every journal; one that failed is not a clean
-    // stop: the next start replays the older file and copies more than needed, or finds
-    // the state dir still full.
-    let unsaved: Vec<String> = agent
-        .journals
-        .iter()
-        .filter_map(|(name, j)| {
-            j.failure()
-                .map(|why| format!("backend {name}: journal {}: {why}", j.path().display()))
-        })
-        .collect();
-    if result.is_ok() && !unsaved.is_empty() {
-        eprintln!(
-            "host-agent: the final checkpoint failed: {}",
-            unsaved.join("; ")
-        );
+    if let (Ok(()), Some(unsaved)) = (&result, unsaved_journals(&agent)) {
+        eprintln!("host-agent: the final checkpoint failed: {unsaved}");
         return ExitCode::FAILURE;
     }
     match result {
@@ -287,6 +331,102 @@ async fn reload_on_sighup(agent: std::sync::Arc<Agent>, status: String) {
         };
         notify(&format!("READY=1\nSTATUS={status}; {line}"));
     }
+}
+
+/// The line scripts and tests wait for: what is served where (listen() recorded the TCP
+/// listener's bound address).
+fn serving_line(
+    agent: &Agent,
+    listeners: &hvm_host_agent::agent::Listeners,
+    metrics: Option<std::net::SocketAddr>,
+) -> String {
+    let coord = listeners
+        .coordination
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok());
+    format!(
+        "host-agent: serving {} virtual LUs on unix:{}{}{}{}",
+        agent.virtual_lus.len(),
+        agent.socket.display(),
+        agent
+            .tcp_bound
+            .get()
+            .map(|t| format!(" and tcp:{t}"))
+            .unwrap_or_default(),
+        coord
+            .map(|c| format!(", coordination on tls:{c}"))
+            .unwrap_or_default(),
+        metrics
+            .map(|a| format!(", metrics on http://{a}/metrics"))
+            .unwrap_or_default()
+    )
+}
+
+/// serve() ends with a checkpoint of every journal; one that failed is not a clean stop:
+/// the next start replays the older file and copies more than needed, or finds the state
+/// dir still full.
+fn unsaved_journals(agent: &Agent) -> Option<String> {
+    let unsaved: Vec<String> = agent
+        .journals
+        .iter()
+        .filter_map(|(name, j)| {
+            j.failure()
+                .map(|why| format!("backend {name}: journal {}: {why}", j.path().display()))
+        })
+        .collect();
+    (!unsaved.is_empty()).then(|| unsaved.join("; "))
+}
+
+/// What an admin's config adds once the sockets are bound: `control_group` on the
+/// control socket, and with `listen.metrics` a listener serving `GET /metrics` until
+/// `stop` changes (its bound address, the port chosen when it was 0, and its task).
+async fn admin_extras(
+    cfg: &Config,
+    agent: &std::sync::Arc<Agent>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<
+    Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    hvm_host_agent::agent::AgentError,
+> {
+    if let Some(group) = &cfg.control_group {
+        hvm_host_agent::control::share_with_group(&agent.control, group).map_err(|source| {
+            hvm_host_agent::agent::AgentError::Io {
+                path: agent.control.clone(),
+                source,
+            }
+        })?;
+    }
+    serve_metrics(cfg, agent, stop).await
+}
+
+/// With `listen.metrics`: bind it and serve `GET /metrics` there until `stop` changes;
+/// the bound address (the port chosen when it was 0) and the server's task.
+async fn serve_metrics(
+    cfg: &Config,
+    agent: &std::sync::Arc<Agent>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<
+    Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    hvm_host_agent::agent::AgentError,
+> {
+    let Some(addr) = &cfg.listen.metrics else {
+        return Ok(None);
+    };
+    let io = |source| hvm_host_agent::agent::AgentError::Io {
+        path: PathBuf::from(format!("listen.metrics {addr}")),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
+    let bound = listener.local_addr().map_err(io)?;
+    tracing::info!(address = %bound, "metrics listening (GET /metrics, plain HTTP)");
+    let task = tokio::spawn(hvm_host_agent::control::serve_metrics(
+        listener,
+        agent.clone(),
+        async move {
+            let _ = stop.changed().await;
+        },
+    ));
+    Ok(Some((bound, task)))
 }
 
 /// The TLS server config of `listen.tls` (files relative to the config's directory).
@@ -333,5 +473,29 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_counts_only_for_this_stderr() {
+        assert!(is_journal_stream(Some("8:1234"), 8, 1234));
+        assert!(!is_journal_stream(Some("8:1234"), 8, 1235));
+        assert!(!is_journal_stream(Some("8"), 8, 1234));
+        assert!(!is_journal_stream(None, 8, 1234));
+        // Not under systemd here: auto is text.
+        std::env::remove_var("JOURNAL_STREAM");
+        assert_eq!(LogFormat::Auto.resolve(), LogFormat::Text);
+        assert_eq!(LogFormat::Json.resolve(), LogFormat::Json);
+    }
+
+    #[test]
+    fn the_default_config_is_the_packaged_one() {
+        let cli = Cli::try_parse_from(["host-agent"]).unwrap();
+        assert_eq!(cli.config, PathBuf::from("/etc/hvm/host-agent.yaml"));
+        Cli::command().debug_assert();
     }
 }

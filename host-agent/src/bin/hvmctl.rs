@@ -34,7 +34,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hvm_host_agent::arrayctl::{
     self, ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd,
 };
@@ -143,6 +143,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ArrayCmd,
     },
+    /// Print the shell completion script of hvmctl (bash, zsh, fish, elvish, powershell).
+    Completions { shell: hvm_host_agent::docs::Shell },
+    /// Write the man pages of hvmctl and its subcommands into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(clap::Args, Clone)]
@@ -1003,11 +1008,7 @@ fn legacy_restore(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sock = socket_path(&cli);
-    let enc = |n: &str| {
-        n.replace('%', "%25")
-            .replace('/', "%2F")
-            .replace(' ', "%20")
-    };
+    let enc = hvm_host_agent::ctl::segment;
     let (method, path, body) = match &cli.command {
         Cmd::Status => ("GET", "/v1/status".to_string(), None),
         Cmd::Lu {
@@ -1088,6 +1089,10 @@ fn main() -> ExitCode {
         Cmd::Volume { command } => return arrayctl::volume(&sock, cli.json, command),
         Cmd::Device { command } => return arrayctl::device(&sock, cli.json, command),
         Cmd::Array { command } => return arrayctl::array(&sock, cli.json, command),
+        Cmd::Completions { shell } => {
+            return hvm_host_agent::docs::completions(Cli::command(), *shell)
+        }
+        Cmd::Man { dir } => return hvm_host_agent::docs::man(Cli::command(), dir),
         Cmd::Tls {
             command: TlsCmd::Init { dir, hosts },
         } => {

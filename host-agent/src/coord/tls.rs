@@ -175,13 +175,8 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError> {
         written.push(p);
     }
     let mut raw = [0u8; 32];
-    let urandom = Path::new("/dev/urandom");
-    std::io::Read::read_exact(
-        &mut std::fs::File::open(urandom).map_err(|e| file_err(urandom, e))?,
-        &mut raw,
-    )
-    .map_err(|e| file_err(urandom, e))?;
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    getrandom::fill(&mut raw).map_err(|e| file_err(Path::new("getrandom(2)"), e))?;
+    let token = hex::encode(raw);
     let p = dir.join("token");
     write_private(&p, &format!("{token}\n"))?;
     written.push(p);

@@ -234,7 +234,7 @@ pub fn decode_identity(d: &[u8]) -> Option<String> {
         if assoc != 0 {
             continue;
         }
-        let hex = || id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hex = || hex::encode(id);
         let text = || ascii(id).trim_matches('\0').to_string();
         let (rank, name) = match kind {
             3 => (0, format!("naa.{}", hex())),

@@ -1,0 +1,72 @@
+//! Man pages and shell completions, made from the commands' clap definitions
+//! (`clap_mangen`, `clap_complete`) so they never drift from `--help`: `hvmctl man DIR`,
+//! `hvmctl completions SHELL`, and the same subcommands of `host-agent`. The package
+//! (`scripts/package.sh`) installs their output.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+pub use clap_complete::Shell;
+
+/// Write the man page of `cmd` and of each of its (visible) subcommands into `dir`
+/// (`hvmctl.1`, `hvmctl-lu-list.1`, ...), listing the files written.
+pub fn man(cmd: clap::Command, dir: &Path) -> ExitCode {
+    let name = cmd.get_name().to_string();
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(cmd, dir))
+        .and_then(|()| std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>());
+    match written {
+        Ok(entries) => {
+            let mut files: Vec<String> = entries
+                .iter()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with(&name) && f.ends_with(".1"))
+                .collect();
+            files.sort();
+            for f in files {
+                println!("{}", dir.join(f).display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name} man: {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The completion script of `cmd` for `shell`, on standard output.
+pub fn completions(mut cmd: clap::Command, shell: Shell) -> ExitCode {
+    let name = cmd.get_name().to_string();
+    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> clap::Command {
+        clap::Command::new("demo")
+            .about("a demo")
+            .subcommand(clap::Command::new("list").about("list things"))
+            .subcommand(clap::Command::new("secret").hide(true))
+    }
+
+    #[test]
+    fn pages_for_the_command_and_its_visible_subcommands() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(man(cli(), d.path()), ExitCode::SUCCESS);
+        let mut files: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["demo-list.1", "demo.1"]);
+        let page = std::fs::read_to_string(d.path().join("demo.1")).unwrap();
+        assert!(
+            page.contains(".TH demo 1") && page.contains("a demo"),
+            "{page}"
+        );
+    }
+}
