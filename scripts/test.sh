@@ -18,6 +18,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2 radosgw curl python3-boto3 jq zstd)
 
 . scripts/install.sh
+# the packaging tests render man pages with man(1) and fake journald in a mount namespace
+# (unshare, in util-linux)
+PACKAGES+=(man-db)
 install_packages "${PACKAGES[@]}"
 
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }

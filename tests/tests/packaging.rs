@@ -204,3 +204,86 @@ fn the_control_group_may_use_the_socket() {
         "{err}"
     );
 }
+
+/// Under systemd (`JOURNAL_STREAM` names standard error) host-agent logs to journald with
+/// syslog priorities (info is 6, where tracing-journald's default says 5) and not to
+/// standard error. journald is a datagram socket of the test's, which host-agent finds at
+/// /run/systemd/journal/socket in a mount namespace of its own (unshare: a tmpfs on /run).
+#[test]
+fn logs_go_to_journald_with_syslog_priorities() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("journal.sock");
+    let journal = UnixDatagram::bind(&sock).unwrap();
+    journal
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let setup = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+         ln -s {} /run/systemd/journal/socket && exec \"$@\"",
+        sock.display()
+    );
+    let mut cmd = tool("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &setup,
+        "sh",
+    ])
+    .arg(binary("host-agent"))
+    .arg("--config")
+    .arg(workspace().join("host-agent/examples/quickstart.yaml"))
+    .arg("--state-dir")
+    .arg(dir.path().join("state"))
+    .env_remove("RUNTIME_DIRECTORY")
+    .env_remove("NOTIFY_SOCKET")
+    .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+    .stderr(stderr);
+    let (proc, line) = hvm_tests::spawn_ready(&mut cmd);
+    assert!(line.starts_with("host-agent: serving"), "{line:?}");
+    let mut buf = vec![0u8; 64 << 10];
+    let serving = loop {
+        let n = journal
+            .recv(&mut buf)
+            .expect("no journal entry for `serving`");
+        let entry = journal_fields(&buf[..n]);
+        if entry.get("MESSAGE").map(String::as_str) == Some("serving") {
+            break entry;
+        }
+    };
+    assert_eq!(serving["PRIORITY"], "6", "{serving:?}");
+    assert_eq!(serving["SYSLOG_IDENTIFIER"], "host-agent", "{serving:?}");
+    drop(proc);
+    let logged = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        !logged.contains("serving"),
+        "stderr has the log too: {logged}"
+    );
+}
+
+/// The fields of one entry of journald's native protocol: `NAME=value\n`, or `NAME\n`, a
+/// little-endian u64 length, the value and `\n`.
+fn journal_fields(mut b: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(end) = b.iter().position(|&c| c == b'=' || c == b'\n') {
+        let name = String::from_utf8_lossy(&b[..end]).into_owned();
+        let value;
+        if b[end] == b'=' {
+            let stop = end + 1 + b[end + 1..].iter().position(|&c| c == b'\n').unwrap();
+            value = &b[end + 1..stop];
+            b = &b[stop + 1..];
+        } else {
+            let len = u64::from_le_bytes(b[end + 1..end + 9].try_into().unwrap()) as usize;
+            value = &b[end + 9..end + 9 + len];
+            b = &b[end + 10 + len..];
+        }
+        out.insert(name, String::from_utf8_lossy(value).into_owned());
+    }
+    out
+}
