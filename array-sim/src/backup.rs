@@ -59,8 +59,9 @@ use hvm_core::array_backup::{
 
 use crate::bitmaps::{Bitmap, DiffFile};
 use crate::config::BackupConfig;
-use crate::engine::{Store, BLOCK_SIZE};
+use crate::geometry::BLOCK_SIZE;
 use crate::scsi::Sense;
+use crate::store::Store;
 use crate::tape::TapeWriter;
 
 /// A refused or failed function: the sense data and the reason for the host.

@@ -35,6 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use hvm_scsi::socket::Address;
 use serde::{Deserialize, Deserializer};
 
 use crate::fault::FaultRule;
@@ -198,7 +199,7 @@ pub struct ArrayConfig {
     pub read_distribution: ReadDistribution,
     /// Channel paths to other arrays (see [`crate::channel`]); needs `backup`.
     #[serde(default)]
-    pub channel: Option<crate::channel::ChannelConfig>,
+    pub channel: Option<ChannelConfig>,
 }
 
 /// How a read that may use several legs (a mirroring LU's) picks one.
@@ -317,10 +318,10 @@ impl ArrayConfig {
         for row in &self.mirroring {
             let (stored, virtual_lu): (Vec<u8>, Option<u8>) = match (self.kind, row) {
                 (FirmwareKind::ModeSelect, MirrorConfig::Managed { lu, mates }) => {
-                    if mates.is_empty() || mates.len() >= crate::engine::MAX_LEGS {
+                    if mates.is_empty() || mates.len() >= crate::geometry::MAX_LEGS {
                         return Err(format!(
                             "LU {lu}: a mirroring row needs 1 to {} mates",
-                            crate::engine::MAX_LEGS - 1
+                            crate::geometry::MAX_LEGS - 1
                         ));
                     }
                     (row.lus(), None)
@@ -395,6 +396,48 @@ impl ArrayConfig {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// The `channel` section of an array's config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// This array's name on its channel paths.
+    pub name: String,
+    #[serde(default)]
+    pub paths: Vec<PathConfig>,
+}
+
+/// One channel path: the array at its other end and that array's channel port.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathConfig {
+    pub name: String,
+    /// The other array's `channel.name`.
+    pub peer: String,
+    /// The other array's channel port: `unix:PATH` or `tcp:HOST:PORT`.
+    pub address: String,
+}
+
+impl ChannelConfig {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains(char::is_whitespace) {
+            return Err("channel.name must be a word".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.paths {
+            if p.name.is_empty() || p.name.contains(char::is_whitespace) || !names.insert(&p.name) {
+                return Err(format!(
+                    "channel.paths: the name {:?} is empty, not a word or used twice",
+                    p.name
+                ));
+            }
+            p.address
+                .parse::<Address>()
+                .map_err(|e| format!("channel.paths {}: address {:?}: {e}", p.name, p.address))?;
         }
         Ok(())
     }

@@ -33,21 +33,10 @@ use crate::disk::{Disk, DiskStats};
 use crate::fault::{FaultOp, FaultRule, Faults, Injected};
 use crate::mirror::{Intent, IntentError, RangeLocks, WriteIntents};
 use crate::scsi::{self, Command, Sense, CHECK_CONDITION};
-/// The answer to one command (hvm-scsi's, which both sides share).
-pub use hvm_scsi::Response;
+use crate::store::{Lu, Store};
 
-pub const BLOCK_SIZE: u32 = 512;
-/// Largest transfer one command may ask for (32 MiB); more is ILLEGAL REQUEST, so a bad
-/// CDB cannot make the array allocate without bound.
-pub const MAX_TRANSFER_BLOCKS: u32 = 65536;
-
-/// What the transport must do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Reply(Response),
-    /// An injected fault: close the connection without answering.
-    Drop,
-}
+pub use crate::geometry::{BLOCK_SIZE, MAX_LEGS, MAX_TRANSFER_BLOCKS};
+pub use crate::outcome::{EngineCounters, Outcome, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -69,85 +58,6 @@ pub enum EngineError {
     NoDirectory,
     #[error(transparent)]
     Intent(#[from] IntentError),
-}
-
-pub(crate) struct Lu {
-    pub(crate) blocks: u64,
-    file: File,
-    disk: Arc<Disk>,
-}
-
-/// The LU files and the locks over them; shared with the array's background copies.
-pub(crate) struct Store {
-    pub(crate) lus: BTreeMap<u8, Lu>,
-    /// Overlapping mirrored writes and copies between legs, one at a time.
-    pub(crate) locks: RangeLocks,
-}
-
-impl Store {
-    /// One I/O on the file of `leg`, counted on its disk.
-    fn leg_io(
-        &self,
-        leg: u8,
-        lba: u64,
-        f: impl FnOnce(&File, u64) -> std::io::Result<()>,
-        write: bool,
-        bytes: usize,
-    ) -> Result<(), Sense> {
-        let lu = self.lus.get(&leg).ok_or(Sense::INTERNAL_FAILURE)?;
-        let _busy = lu.disk.begin(write, bytes as u64);
-        f(&lu.file, lba * u64::from(BLOCK_SIZE)).map_err(|_| Sense::INTERNAL_FAILURE)
-    }
-
-    pub(crate) fn read(&self, lun: u8, lba: u64, buf: &mut [u8]) -> Result<(), Sense> {
-        let len = buf.len();
-        self.leg_io(lun, lba, |f, off| f.read_exact_at(buf, off), false, len)
-            .map_err(|_| Sense::UNRECOVERED_READ_ERROR)
-    }
-
-    /// Make `lun`'s written blocks stable.
-    pub(crate) fn sync(&self, lun: u8) -> Result<(), Sense> {
-        let lu = self.lus.get(&lun).ok_or(Sense::INTERNAL_FAILURE)?;
-        lu.file.sync_data().map_err(|_| Sense::INTERNAL_FAILURE)
-    }
-
-    pub(crate) fn write(&self, lun: u8, lba: u64, data: &[u8]) -> Result<(), Sense> {
-        self.leg_io(
-            lun,
-            lba,
-            |f, off| write_in_pieces(f, data, off),
-            true,
-            data.len(),
-        )
-        .map_err(|_| Sense::WRITE_ERROR)
-    }
-}
-
-/// Most bytes one `pwrite` of an LU file carries; pieces end at multiples of it.
-///
-/// The page cache keeps a file's pages in folios as large as the writes that brought
-/// them in, and ext4 walks every block of a folio on each write into it: on the 2-core
-/// VM (Linux 6.18) a 4 KiB write into a file written in 1 MiB writes took 13 us, into one
-/// written in 64 KiB pieces 5 us, while sequential 64 KiB writes ran as fast as 1 MiB ones.
-const WRITE_PIECE: u64 = 64 << 10;
-
-fn write_in_pieces(f: &File, mut data: &[u8], mut off: u64) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let n = (WRITE_PIECE - off % WRITE_PIECE).min(data.len() as u64) as usize;
-        f.write_all_at(&data[..n], off)?;
-        (data, off) = (&data[n..], off + n as u64);
-    }
-    Ok(())
-}
-
-/// Counters of array-side work, for showing what did not pass through a host.
-#[derive(Debug, Default)]
-pub struct EngineCounters {
-    pub commands: AtomicU64,
-    pub copied_bytes: AtomicU64,
-    /// Bytes hosts read and wrote.
-    pub host_read_bytes: AtomicU64,
-    pub host_write_bytes: AtomicU64,
 }
 
 pub struct Engine {
@@ -179,9 +89,6 @@ impl std::fmt::Debug for Engine {
             .finish_non_exhaustive()
     }
 }
-
-/// Most legs one LU can have: the LU and up to 15 mates (the config enforces it).
-pub const MAX_LEGS: usize = 16;
 
 /// The physical legs of one access, inline: the read path allocates nothing for them.
 #[derive(Clone, Copy)]
@@ -1045,21 +952,4 @@ fn load_modes(text: &str, path: &Path, modes: &mut BTreeMap<u8, Mode>) -> Result
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_write_in_pieces_lands_whole_across_piece_boundaries() {
-        let f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let off = WRITE_PIECE - 1000; // starts 1000 bytes before a boundary
-        write_in_pieces(&f, &data, off).unwrap();
-        let mut back = vec![0u8; data.len()];
-        f.read_exact_at(&mut back, off).unwrap();
-        assert_eq!(back, data);
-        assert_eq!(f.metadata().unwrap().len(), off + data.len() as u64);
-    }
 }

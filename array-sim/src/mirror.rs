@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use crate::engine::MAX_LEGS;
+use crate::geometry::MAX_LEGS;
 
 /// Blocks per lock stripe unit (64 KiB).
 const LOCK_CHUNK_BLOCKS: u64 = 128;

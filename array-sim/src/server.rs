@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::channel::ChannelPort;
 use crate::engine::{Engine, Outcome};
 use crate::proto::{self, Request, Response};
 
@@ -313,4 +314,11 @@ async fn read_frame<R: AsyncRead + Unpin>(
     let mut body = vec![0u8; len];
     rd.read_exact(&mut body).await.ok()?;
     Some((body, held))
+}
+
+/// The channel port answers channel commands the way the host port answers SCSI ones.
+impl Executor for ChannelPort {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        ChannelPort::execute(self, lun, cdb, data_out)
+    }
 }

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::engine::BLOCK_SIZE;
+use crate::geometry::BLOCK_SIZE;
 
 const MAGIC: &[u8; 8] = b"HVMTAPE1";
 const REC: &[u8; 4] = b"REC1";

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use hvm_core::array_backup::{Area, BackupReply, JobState};
 use serde::{Deserialize, Serialize};
 
+use super::{param_err, refuse, state_err, Channel, Link, PortOp};
 use crate::backup::Refusal;
 use crate::bitmaps::{Bitmap, DiffFile};
-use crate::channel::{param_err, refuse, state_err, Channel, Link, PortOp};
 use crate::engine::BLOCK_SIZE;
 use crate::scsi::Sense;
 
@@ -415,10 +415,7 @@ impl Channel {
         Ok(())
     }
 
-    pub(crate) fn remote_status(
-        &self,
-        lun: u8,
-    ) -> Result<crate::remote::RemotePairStatus, Refusal> {
+    pub(crate) fn remote_status(&self, lun: u8) -> Result<RemotePairStatus, Refusal> {
         if let Some(s) = self.attached_status(lun) {
             return Ok(s);
         }

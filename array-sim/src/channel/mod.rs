@@ -28,6 +28,8 @@
 //! which the switch of [0059] uses to split and resync). Hosts reach the functions of
 //! this module with JSON [`ChannelOp`]s on the host port (see [`ChannelClient`]).
 
+pub mod remote;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,52 +43,13 @@ use hvm_scsi::Transport;
 use serde::{Deserialize, Serialize};
 
 use crate::backup::{Firmware, Refusal};
-use crate::client::ArrayClient;
-use crate::engine::{EngineCounters, Outcome, Response, Store, BLOCK_SIZE, MAX_TRANSFER_BLOCKS};
-use crate::remote::{RemotePair, RemotePairStatus};
+use crate::config::{ChannelConfig, PathConfig};
+use crate::geometry::{BLOCK_SIZE, MAX_TRANSFER_BLOCKS};
+use crate::outcome::{EngineCounters, Outcome, Response};
 use crate::scsi::{self, Command, Sense, CHECK_CONDITION};
-
-/// The `channel` section of an array's config.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelConfig {
-    /// This array's name on its channel paths.
-    pub name: String,
-    #[serde(default)]
-    pub paths: Vec<PathConfig>,
-}
-
-/// One channel path: the array at its other end and that array's channel port.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathConfig {
-    pub name: String,
-    /// The other array's `channel.name`.
-    pub peer: String,
-    /// The other array's channel port: `unix:PATH` or `tcp:HOST:PORT`.
-    pub address: String,
-}
-
-impl ChannelConfig {
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.contains(char::is_whitespace) {
-            return Err("channel.name must be a word".into());
-        }
-        let mut names = std::collections::BTreeSet::new();
-        for p in &self.paths {
-            if p.name.is_empty() || p.name.contains(char::is_whitespace) || !names.insert(&p.name) {
-                return Err(format!(
-                    "channel.paths: the name {:?} is empty, not a word or used twice",
-                    p.name
-                ));
-            }
-            p.address
-                .parse::<Address>()
-                .map_err(|e| format!("channel.paths {}: address {:?}: {e}", p.name, p.address))?;
-        }
-        Ok(())
-    }
-}
+use crate::store::Store;
+use hvm_scsi::client::ArrayClient;
+use remote::{RemotePair, RemotePairStatus};
 
 /// A host's operation on the channel functions (JSON on the host port's C3h command).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -852,7 +815,7 @@ impl Channel {
             secondary: u32::from(lun),
             path: String::new(),
             peer: a.from,
-            here: crate::remote::Role::Secondary,
+            here: remote::Role::Secondary,
             state: None,
             frozen: a.frozen,
             blocks_per_bit: self.n as u32,
@@ -905,8 +868,9 @@ fn save_attached(path: &Path, at: &BTreeMap<u8, Attached>) -> Result<(), Refusal
 /// --channel-listen`).
 pub struct ChannelPort(pub(crate) Arc<Channel>);
 
-impl crate::server::Executor for ChannelPort {
-    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
+impl ChannelPort {
+    /// One command on the channel port (served by `server` like the host port's).
+    pub(crate) fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
         let r = Command::parse(cdb)
             .map_err(|s| refuse(s, format!("{s}")))
             .and_then(|cmd| {
