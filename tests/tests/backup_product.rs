@@ -120,7 +120,9 @@ fn postgresql_full_and_incrementals_restore_verify_and_prune() {
         }
         ids.push(v["id"].as_str().unwrap().to_string());
     }
-    // --full forces a full copy, whatever the tracking says.
+    // --full forces a full copy, whatever the tracking says (after more pgbench, so the
+    // live cluster ends past the last incremental).
+    Bench::start(&live, 2, 2).finish();
     let v = run(hosts, &["--full"]);
     assert_eq!(v["copy"]["kind"], "full", "{v}");
     assert_eq!(v["copy"]["lus"][0]["copied_bytes"], LU, "{v}");
