@@ -291,6 +291,26 @@ impl ArrayConfig {
         for (i, r) in self.faults.iter().enumerate() {
             r.validate().map_err(|e| format!("faults[{i}]: {e}"))?;
         }
+        let disks = self.check_disks()?;
+        let lus = self.check_lus(&disks)?;
+        let used = self.check_mirroring(&lus)?;
+        if let Some(c) = &self.channel {
+            if self.backup.is_none() {
+                return Err(
+                    "channel: remote pairs need the backup functions; add a `backup` section"
+                        .into(),
+                );
+            }
+            c.check()?;
+        }
+        if let Some(b) = &self.backup {
+            self.check_backup(b, &lus, &used)?;
+        }
+        Ok(())
+    }
+
+    /// Disk names unique, their rates positive; gives the names.
+    fn check_disks(&self) -> Result<BTreeSet<&str>, String> {
         let disks: BTreeSet<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
         if disks.len() != self.disks.len() {
             return Err("two disks have the same name".into());
@@ -302,6 +322,11 @@ impl ArrayConfig {
                 }
             }
         }
+        Ok(disks)
+    }
+
+    /// Each LU on a listed disk, not empty, listed once; gives LU → blocks.
+    fn check_lus(&self, disks: &BTreeSet<&str>) -> Result<BTreeMap<u8, u64>, String> {
         let mut lus = BTreeMap::new();
         for lu in &self.lus {
             if !disks.contains(lu.disk.as_str()) {
@@ -314,6 +339,12 @@ impl ArrayConfig {
                 return Err(format!("LU {} is listed twice", lu.lun));
             }
         }
+        Ok(lus)
+    }
+
+    /// The mirroring rows fit the kind, their LUs exist, match in size and are in one row
+    /// only; gives the LUs the rows use.
+    fn check_mirroring(&self, lus: &BTreeMap<u8, u64>) -> Result<BTreeSet<u8>, String> {
         let mut used = BTreeSet::new();
         for row in &self.mirroring {
             let (stored, virtual_lu): (Vec<u8>, Option<u8>) = match (self.kind, row) {
@@ -361,40 +392,38 @@ impl ArrayConfig {
                 }
             }
         }
-        if let Some(c) = &self.channel {
-            if self.backup.is_none() {
-                return Err(
-                    "channel: remote pairs need the backup functions; add a `backup` section"
-                        .into(),
-                );
-            }
-            c.check()?;
+        Ok(used)
+    }
+
+    fn check_backup(
+        &self,
+        b: &BackupConfig,
+        lus: &BTreeMap<u8, u64>,
+        used: &BTreeSet<u8>,
+    ) -> Result<(), String> {
+        if self.kind == FirmwareKind::Stateless {
+            return Err("backup: the stateless kind keeps no state ([0051]); pairs and copy jobs need a mode-select or pre-update array".into());
         }
-        if let Some(b) = &self.backup {
-            if self.kind == FirmwareKind::Stateless {
-                return Err("backup: the stateless kind keeps no state ([0051]); pairs and copy jobs need a mode-select or pre-update array".into());
+        if b.blocks_per_bit == 0 {
+            return Err("backup.blocks_per_bit must be at least 1".into());
+        }
+        let mut names = BTreeSet::new();
+        for d in &b.devices {
+            if d.name.is_empty() || !names.insert(d.name.as_str()) {
+                return Err(format!(
+                    "backup.devices: the name {:?} is empty or used twice",
+                    d.name
+                ));
             }
-            if b.blocks_per_bit == 0 {
-                return Err("backup.blocks_per_bit must be at least 1".into());
+        }
+        for lun in &b.work {
+            if !lus.contains_key(lun) {
+                return Err(format!("backup.work: LU {lun} is not listed under lus"));
             }
-            let mut names = BTreeSet::new();
-            for d in &b.devices {
-                if d.name.is_empty() || !names.insert(d.name.as_str()) {
-                    return Err(format!(
-                        "backup.devices: the name {:?} is empty or used twice",
-                        d.name
-                    ));
-                }
-            }
-            for lun in &b.work {
-                if !lus.contains_key(lun) {
-                    return Err(format!("backup.work: LU {lun} is not listed under lus"));
-                }
-                if used.contains(lun) {
-                    return Err(format!(
-                        "backup.work: LU {lun} is in a mirroring row; working volumes are plain LUs"
-                    ));
-                }
+            if used.contains(lun) {
+                return Err(format!(
+                    "backup.work: LU {lun} is in a mirroring row; working volumes are plain LUs"
+                ));
             }
         }
         Ok(())

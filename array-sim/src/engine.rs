@@ -138,71 +138,18 @@ impl Engine {
             .map(Path::to_path_buf)
             .or_else(|| cfg.dir.clone())
             .ok_or(EngineError::NoDirectory)?;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EngineError::Io { path, source }
-        };
         // The array's files are its disks: readable by its owner only, whatever the umask.
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&dir)
-            .map_err(io(&dir))?;
+            .map_err(io_error(&dir))?;
         let disks: BTreeMap<&str, Arc<Disk>> = cfg
             .disks
             .iter()
             .map(|d| (d.name.as_str(), Arc::new(Disk::new(d))))
             .collect();
-        let mut lus = BTreeMap::new();
-        for lu in &cfg.lus {
-            let path = dir.join(format!("lu{}.img", lu.lun));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io(&path))?;
-            // Sparse: only written blocks take space.
-            file.set_len(lu.blocks * u64::from(BLOCK_SIZE))
-                .map_err(io(&path))?;
-            let disk = disks
-                .get(lu.disk.as_str())
-                .cloned()
-                .ok_or_else(|| EngineError::Fault(format!("LU {}: no disk {}", lu.lun, lu.disk)))?;
-            lus.insert(
-                lu.lun,
-                Lu {
-                    blocks: lu.blocks,
-                    file,
-                    disk,
-                },
-            );
-        }
-        let mut modes = BTreeMap::new();
-        if cfg.kind == FirmwareKind::ModeSelect {
-            for row in &cfg.mirroring {
-                if let MirrorConfig::Managed { lu, .. } = row {
-                    modes.insert(*lu, Mode::Synchronized);
-                }
-            }
-            let path = dir.join(MODES_FILE);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => load_modes(&text, &path, &mut modes)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(EngineError::Io { path, source }),
-            }
-        }
-        let (intents, pending) = WriteIntents::open(&dir)?;
-        for (slot, i) in &pending {
-            repair(&lus, i).map_err(|message| {
-                EngineError::Intent(IntentError::Corrupt {
-                    path: dir.join(crate::mirror::INTENT_FILE),
-                    slot: *slot,
-                    message,
-                })
-            })?;
-        }
-        intents.clear(&dir)?;
+        let lus = open_lus(cfg, &dir, &disks)?;
+        let modes = open_modes(cfg, &dir)?;
+        let intents = open_intents(&dir, &lus)?;
         let store = Arc::new(Store {
             lus,
             locks: RangeLocks::default(),
@@ -549,49 +496,9 @@ impl Engine {
                 d.truncate(alloc_len as usize);
                 Ok(d)
             }
-            Command::Read16 { lba, blocks, .. } => {
-                let len = self.check_range(lun, lba, blocks)?;
-                self.counters
-                    .host_read_bytes
-                    .fetch_add(len as u64, Ordering::Relaxed);
-                let legs = self.legs(lun, false)?;
-                let leg = self.pick(legs.as_slice());
-                let mut own = Vec::new();
-                let buf: &mut [u8] = match data_in {
-                    Some(b) if b.len() == len => b,
-                    _ => {
-                        own.resize(len, 0);
-                        &mut own
-                    }
-                };
-                self.store.read(leg, lba, buf)?;
-                Ok(own)
-            }
+            Command::Read16 { lba, blocks, .. } => self.read(lun, lba, blocks, data_in),
             Command::Write16 { lba, blocks, fua } => {
-                self.check_range(lun, lba, blocks)?;
-                self.counters
-                    .host_write_bytes
-                    .fetch_add(data_out.len() as u64, Ordering::Relaxed);
-                let legs = self.legs(lun, true)?;
-                let legs = legs.as_slice();
-                // A write to several legs is one unit: see `mirror`.
-                let (_locked, _in_flight) = if legs.len() > 1 {
-                    let locked = self.store.locks.lock(legs[0], lba, u64::from(blocks));
-                    let slot = self
-                        .intents
-                        .begin(legs, lba, blocks)
-                        .map_err(|_| Sense::WRITE_ERROR)?;
-                    (locked, Some(slot))
-                } else {
-                    (Vec::new(), None)
-                };
-                self.on_legs(legs, fua, |leg| {
-                    self.store.write(leg, lba, data_out)?;
-                    if fua {
-                        self.sync(leg)?;
-                    }
-                    Ok(())
-                })?;
+                self.write(lun, lba, blocks, fua, data_out)?;
                 Ok(Vec::new())
             }
             Command::SynchronizeCache16 { .. } => {
@@ -600,17 +507,7 @@ impl Engine {
                 self.on_legs(legs.as_slice(), true, |leg| self.sync(leg))?;
                 Ok(Vec::new())
             }
-            Command::ModeSense6 { page, alloc_len } => {
-                if page != mode::PAGE_CODE {
-                    return Err(Sense::INVALID_FIELD_IN_CDB);
-                }
-                let page = self.mode_page(lun)?;
-                let protected =
-                    matches!(self.legs(lun, true), Err(s) if s == Sense::WRITE_PROTECTED);
-                let mut d = scsi::encode_mode_sense_6(&page, protected);
-                d.truncate(usize::from(alloc_len));
-                Ok(d)
-            }
+            Command::ModeSense6 { page, alloc_len } => self.mode_sense(lun, page, alloc_len),
             Command::ModeSelect6 { .. } => {
                 self.mode_select(lun, scsi::mode_page_6(data_out)?)?;
                 Ok(Vec::new())
@@ -624,18 +521,97 @@ impl Engine {
                 Ok(Vec::new())
             }
             Command::SetFault { .. } => {
-                match FaultRule::decode(data_out)? {
-                    Some(rule) => self
-                        .faults
-                        .add(rule)
-                        .map_err(|_| Sense::INVALID_FIELD_IN_PARAMETERS)?,
-                    None => self.faults.clear(),
-                }
+                self.set_fault(data_out)?;
                 Ok(Vec::new())
             }
             // Answered by `backup_command`.
             Command::Backup { .. } | Command::PairSplit { .. } => Err(Sense::INVALID_OPCODE),
         }
+    }
+
+    /// READ (16): from one leg, the least busy ([0077]), into `data_in` when it fits.
+    fn read(
+        &self,
+        lun: u8,
+        lba: u64,
+        blocks: u32,
+        data_in: Option<&mut [u8]>,
+    ) -> Result<Vec<u8>, Sense> {
+        let len = self.check_range(lun, lba, blocks)?;
+        self.counters
+            .host_read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let legs = self.legs(lun, false)?;
+        let leg = self.pick(legs.as_slice());
+        let mut own = Vec::new();
+        let buf: &mut [u8] = match data_in {
+            Some(b) if b.len() == len => b,
+            _ => {
+                own.resize(len, 0);
+                &mut own
+            }
+        };
+        self.store.read(leg, lba, buf)?;
+        Ok(own)
+    }
+
+    /// WRITE (16): to every leg the LU's mode sends it to.
+    fn write(
+        &self,
+        lun: u8,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        data_out: &[u8],
+    ) -> Result<(), Sense> {
+        self.check_range(lun, lba, blocks)?;
+        self.counters
+            .host_write_bytes
+            .fetch_add(data_out.len() as u64, Ordering::Relaxed);
+        let legs = self.legs(lun, true)?;
+        let legs = legs.as_slice();
+        // A write to several legs is one unit: see `mirror`.
+        let (_locked, _in_flight) = if legs.len() > 1 {
+            let locked = self.store.locks.lock(legs[0], lba, u64::from(blocks));
+            let slot = self
+                .intents
+                .begin(legs, lba, blocks)
+                .map_err(|_| Sense::WRITE_ERROR)?;
+            (locked, Some(slot))
+        } else {
+            (Vec::new(), None)
+        };
+        self.on_legs(legs, fua, |leg| {
+            self.store.write(leg, lba, data_out)?;
+            if fua {
+                self.sync(leg)?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn mode_sense(&self, lun: u8, page: u8, alloc_len: u8) -> Result<Vec<u8>, Sense> {
+        if page != mode::PAGE_CODE {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let page = self.mode_page(lun)?;
+        let protected = matches!(self.legs(lun, true), Err(s) if s == Sense::WRITE_PROTECTED);
+        let mut d = scsi::encode_mode_sense_6(&page, protected);
+        d.truncate(usize::from(alloc_len));
+        Ok(d)
+    }
+
+    /// SET FAULT: install the rule, or clear them all.
+    fn set_fault(&self, data_out: &[u8]) -> Result<(), Sense> {
+        match FaultRule::decode(data_out)? {
+            Some(rule) => self
+                .faults
+                .add(rule)
+                .map_err(|_| Sense::INVALID_FIELD_IN_PARAMETERS)?,
+            None => self.faults.clear(),
+        }
+        Ok(())
     }
 
     /// Run `io` on every leg: one after the other, or with `at_once` each leg but the
@@ -861,6 +837,83 @@ impl Engine {
 
 /// The backup functions and the channel functions of an array.
 type Functions = (Option<Arc<Firmware>>, Option<Arc<Channel>>);
+
+/// `EngineError::Io` for `path`.
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
+    let path = path.to_path_buf();
+    move |source| EngineError::Io { path, source }
+}
+
+/// Open (creating as needed, sparse) each LU's file on its disk.
+fn open_lus(
+    cfg: &ArrayConfig,
+    dir: &Path,
+    disks: &BTreeMap<&str, Arc<Disk>>,
+) -> Result<BTreeMap<u8, Lu>, EngineError> {
+    let mut lus = BTreeMap::new();
+    for lu in &cfg.lus {
+        let path = dir.join(format!("lu{}.img", lu.lun));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        // Sparse: only written blocks take space.
+        file.set_len(lu.blocks * u64::from(BLOCK_SIZE))
+            .map_err(io_error(&path))?;
+        let disk = disks
+            .get(lu.disk.as_str())
+            .cloned()
+            .ok_or_else(|| EngineError::Fault(format!("LU {}: no disk {}", lu.lun, lu.disk)))?;
+        lus.insert(
+            lu.lun,
+            Lu {
+                blocks: lu.blocks,
+                file,
+                disk,
+            },
+        );
+    }
+    Ok(lus)
+}
+
+/// The Mode Select kind's mode table: every managed LU Synchronized, then the saved modes.
+fn open_modes(cfg: &ArrayConfig, dir: &Path) -> Result<BTreeMap<u8, Mode>, EngineError> {
+    let mut modes = BTreeMap::new();
+    if cfg.kind == FirmwareKind::ModeSelect {
+        for row in &cfg.mirroring {
+            if let MirrorConfig::Managed { lu, .. } = row {
+                modes.insert(*lu, Mode::Synchronized);
+            }
+        }
+        let path = dir.join(MODES_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => load_modes(&text, &path, &mut modes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EngineError::Io { path, source }),
+        }
+    }
+    Ok(modes)
+}
+
+/// The write intents, after repairing the legs of the writes a death left half-done.
+fn open_intents(dir: &Path, lus: &BTreeMap<u8, Lu>) -> Result<WriteIntents, EngineError> {
+    let (intents, pending) = WriteIntents::open(dir)?;
+    for (slot, i) in &pending {
+        repair(lus, i).map_err(|message| {
+            EngineError::Intent(IntentError::Corrupt {
+                path: dir.join(crate::mirror::INTENT_FILE),
+                slot: *slot,
+                message,
+            })
+        })?;
+    }
+    intents.clear(dir)?;
+    Ok(intents)
+}
 
 /// The backup functions and the channel functions over `store`, when the config has a
 /// `backup` section.

@@ -3,6 +3,10 @@
 use super::jobs::finish_job;
 use super::*;
 
+/// A started copy: the volume to copy, the primary to resync after it (AUTO), the job and
+/// the backup device's path.
+type Started = (u8, Option<u8>, u32, PathBuf);
+
 impl Firmware {
     pub(super) fn check_ranges(&self, lun: u8, ranges: &[Area]) -> Result<u64, Refusal> {
         let blocks = *self
@@ -58,55 +62,9 @@ impl Firmware {
     ) -> Result<u32, Refusal> {
         let total = self.check_ranges(lun, &ranges)?;
         let (source, primary, job, path) = if auto {
-            // Step 91: the user volume must have a secondary; step 94 otherwise.
-            let (primary, secondary) = {
-                let st = self.lock();
-                self.device(&st, device)?;
-                let i = st.pair_of_primary(lun).ok_or_else(|| {
-                    state_err(format!("LU {lun} is not paired: AUTO mode needs a user volume with a secondary (step 94)"))
-                })?;
-                let p = &st.pairs[i];
-                if p.state != PairState::Duplex {
-                    return Err(state_err(format!(
-                        "the pair of LU {lun} is {}; AUTO mode needs it duplex",
-                        p.state
-                    )));
-                }
-                (p.primary, p.secondary)
-            };
-            // Step 93: split the areas to back up ([0052]), then answer.
-            self.pair_split(lun, &ranges)?;
-            let mut st = self.lock();
-            let path = self.device(&st, device)?;
-            st.hold(secondary);
-            let job = self.new_job(&mut st, "auto", lun, device, total);
-            (secondary, Some(primary), job, path)
+            self.start_auto(lun, device, &ranges, total)?
         } else {
-            let mut st = self.lock();
-            let path = self.device(&st, device)?;
-            // [0030]: the volume must be a split secondary, and the ranges split.
-            let i = st.pair_of_secondary(lun).ok_or_else(|| {
-                state_err(format!(
-                    "LU {lun} is not a secondary volume; CCOPY copies a split secondary ([0030])"
-                ))
-            })?;
-            let p = &st.pairs[i];
-            if p.state != PairState::Split {
-                return Err(state_err(format!(
-                    "the pair of LU {} and LU {lun} is {}, not split; split it first ([0030])",
-                    p.primary, p.state
-                )));
-            }
-            for a in &ranges {
-                if (a.start / self.n..a.end().div_ceil(self.n)).any(|u| !p.split.get(u)) {
-                    return Err(state_err(format!(
-                        "range {a} of LU {lun} is not inside the split areas; its data is not frozen"
-                    )));
-                }
-            }
-            st.hold(lun);
-            let job = self.new_job(&mut st, "ccopy", lun, device, total);
-            (lun, None, job, path)
+            self.start_ccopy(lun, device, &ranges, total)?
         };
         let fw = Arc::clone(self);
         let dev = device.to_string();
@@ -135,6 +93,77 @@ impl Firmware {
             fw.ended.notify_all();
         });
         Ok(job)
+    }
+
+    /// AUTO's start (steps 91-93): the user volume must be in a duplex pair; split the
+    /// areas, hold the secondary and open the job. Gives the volume to copy, the primary
+    /// to resync afterwards, the job and the device's path.
+    fn start_auto(
+        &self,
+        lun: u8,
+        device: &str,
+        ranges: &[Area],
+        total: u64,
+    ) -> Result<Started, Refusal> {
+        // Step 91: the user volume must have a secondary; step 94 otherwise.
+        let (primary, secondary) = {
+            let st = self.lock();
+            self.device(&st, device)?;
+            let i = st.pair_of_primary(lun).ok_or_else(|| {
+                state_err(format!("LU {lun} is not paired: AUTO mode needs a user volume with a secondary (step 94)"))
+            })?;
+            let p = &st.pairs[i];
+            if p.state != PairState::Duplex {
+                return Err(state_err(format!(
+                    "the pair of LU {lun} is {}; AUTO mode needs it duplex",
+                    p.state
+                )));
+            }
+            (p.primary, p.secondary)
+        };
+        // Step 93: split the areas to back up ([0052]), then answer.
+        self.pair_split(lun, ranges)?;
+        let mut st = self.lock();
+        let path = self.device(&st, device)?;
+        st.hold(secondary);
+        let job = self.new_job(&mut st, "auto", lun, device, total);
+        Ok((secondary, Some(primary), job, path))
+    }
+
+    /// CCOPY's start ([0030]): the volume must be a split secondary and the ranges inside
+    /// the split areas; hold it and open the job.
+    fn start_ccopy(
+        &self,
+        lun: u8,
+        device: &str,
+        ranges: &[Area],
+        total: u64,
+    ) -> Result<Started, Refusal> {
+        let mut st = self.lock();
+        let path = self.device(&st, device)?;
+        // [0030]: the volume must be a split secondary, and the ranges split.
+        let i = st.pair_of_secondary(lun).ok_or_else(|| {
+            state_err(format!(
+                "LU {lun} is not a secondary volume; CCOPY copies a split secondary ([0030])"
+            ))
+        })?;
+        let p = &st.pairs[i];
+        if p.state != PairState::Split {
+            return Err(state_err(format!(
+                "the pair of LU {} and LU {lun} is {}, not split; split it first ([0030])",
+                p.primary, p.state
+            )));
+        }
+        for a in ranges {
+            if (a.start / self.n..a.end().div_ceil(self.n)).any(|u| !p.split.get(u)) {
+                return Err(state_err(format!(
+                    "range {a} of LU {lun} is not inside the split areas; its data is not frozen"
+                )));
+            }
+        }
+        st.hold(lun);
+        let job = self.new_job(&mut st, "ccopy", lun, device, total);
+        Ok((lun, None, job, path))
     }
 
     /// CCOPY of a volume frozen by another function (the secondary of a remote pair,

@@ -84,20 +84,7 @@ impl Firmware {
     ) -> Result<u32, Refusal> {
         let total = self.check_ranges(lun, &ranges)?;
         let blocks = self.plain[&lun];
-        let root = {
-            let st = self.lock();
-            if st.work.contains(&lun) {
-                return Err(state_err(format!(
-                    "LU {lun} is a working volume, not a user volume"
-                )));
-            }
-            if st.pair_of_secondary(lun).is_some() {
-                return Err(state_err(format!(
-                    "LU {lun} is a secondary volume; a copy request names a user volume"
-                )));
-            }
-            st.root(lun)
-        };
+        let root = self.user_volume_root(lun)?;
         // The request's instant: no write is half-way on the volume while it is set up.
         let _all = self.store.locks.lock(root, 0, u64::MAX / 2);
         let mut st = self.lock();
@@ -105,44 +92,11 @@ impl Firmware {
         let work = if wait_for_copy {
             None
         } else {
-            // Step 1200: a free working volume big enough ([0122]: compact saving needs
-            // only as many blocks as the request names).
-            let need = if same_block {
-                ranges.iter().map(Area::end).max().unwrap_or(0)
-            } else {
-                total
-            };
-            let w = st
-                .work
-                .iter()
-                .copied()
-                .find(|w| !st.copying(*w) && self.plain.get(w).is_some_and(|c| *c >= need))
-                .ok_or_else(|| {
-                    refuse(
-                        Sense::BACKUP_RESOURCE,
-                        format!(
-                            "no free working volume of {need} blocks or more (set one with `volume attribute LU work`)"
-                        ),
-                    )
-                })?;
-            Some(w)
+            Some(self.free_working_volume(&st, &ranges, same_block, total)?)
         };
         let job = self.new_job(&mut st, "cow", lun, device, total);
-        let mut states = vec![CopyState::Unnecessary; blocks as usize];
-        for a in &ranges {
-            for b in a.start..a.end() {
-                states[b as usize] = CopyState::Unsaved;
-            }
-        }
-        st.infos.push(CopyInfo {
-            job,
-            source: lun,
-            work,
-            states,
-            slots: HashMap::new(),
-            next_slot: 0,
-            same_block,
-        });
+        st.infos
+            .push(copy_info(job, lun, work, blocks, &ranges, same_block));
         st.hold(lun);
         if let Some(w) = work {
             st.hold(w);
@@ -167,6 +121,51 @@ impl Firmware {
             fw.ended.notify_all();
         });
         Ok(job)
+    }
+
+    /// The chain's first user volume of `lun`, which must be a user volume (not a working
+    /// or secondary one).
+    fn user_volume_root(&self, lun: u8) -> Result<u8, Refusal> {
+        let st = self.lock();
+        if st.work.contains(&lun) {
+            return Err(state_err(format!(
+                "LU {lun} is a working volume, not a user volume"
+            )));
+        }
+        if st.pair_of_secondary(lun).is_some() {
+            return Err(state_err(format!(
+                "LU {lun} is a secondary volume; a copy request names a user volume"
+            )));
+        }
+        Ok(st.root(lun))
+    }
+
+    /// Step 1200: a free working volume big enough for the request.
+    fn free_working_volume(
+        &self,
+        st: &State,
+        ranges: &[Area],
+        same_block: bool,
+        total: u64,
+    ) -> Result<u8, Refusal> {
+        // [0122]: compact saving needs only as many blocks as the request names.
+        let need = if same_block {
+            ranges.iter().map(Area::end).max().unwrap_or(0)
+        } else {
+            total
+        };
+        st.work
+            .iter()
+            .copied()
+            .find(|w| !st.copying(*w) && self.plain.get(w).is_some_and(|c| *c >= need))
+            .ok_or_else(|| {
+                refuse(
+                    Sense::BACKUP_RESOURCE,
+                    format!(
+                        "no free working volume of {need} blocks or more (set one with `volume attribute LU work`)"
+                    ),
+                )
+            })
     }
 
     /// Fig. 16.
@@ -203,5 +202,31 @@ impl Firmware {
             }
         }
         Ok(())
+    }
+}
+
+/// The copy information of a request (Fig. 10): its blocks "copy necessary & unsaved".
+fn copy_info(
+    job: u32,
+    source: u8,
+    work: Option<u8>,
+    blocks: u64,
+    ranges: &[Area],
+    same_block: bool,
+) -> CopyInfo {
+    let mut states = vec![CopyState::Unnecessary; blocks as usize];
+    for a in ranges {
+        for b in a.start..a.end() {
+            states[b as usize] = CopyState::Unsaved;
+        }
+    }
+    CopyInfo {
+        job,
+        source,
+        work,
+        states,
+        slots: HashMap::new(),
+        next_slot: 0,
+        same_block,
     }
 }
