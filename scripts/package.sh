@@ -19,6 +19,8 @@ gzip -9n "$doc"/man/*.1
 "$target/hvmctl" completions zsh >"$doc/completions/_hvmctl"
 "$target/hvmctl" completions fish >"$doc/completions/hvmctl.fish"
 mkdir -p target/debian
-deb=$(cargo deb -p hvm-host-agent --no-build --output target/debian/ | tail -n 1)
+# --strip: the release profile keeps line tables (debug = 1) for backtraces; the package
+# ships stripped binaries.
+deb=$(cargo deb -p hvm-host-agent --no-build --strip --output target/debian/ | tail -n 1)
 echo "$deb"
 dpkg-deb -c "$deb"

@@ -35,11 +35,20 @@ pub fn man(cmd: clap::Command, dir: &Path) -> ExitCode {
     }
 }
 
-/// The completion script of `cmd` for `shell`, on standard output.
+/// The completion script of `cmd` for `shell`, on standard output (a reader that stops
+/// early, as `| head` does, is no error).
 pub fn completions(mut cmd: clap::Command, shell: Shell) -> ExitCode {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
-    ExitCode::SUCCESS
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name.clone(), &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} completions: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
