@@ -79,6 +79,8 @@ fn settings(old: &Config, new: &Config, p: &mut Plan) {
         ("state_dir", old.state_dir != new.state_dir),
         ("plugin_dir", old.plugin_dir != new.plugin_dir),
         ("runtime_dir", old.runtime_dir != new.runtime_dir),
+        ("control_group", old.control_group != new.control_group),
+        ("tables", old.tables != new.tables),
         ("journal", old.journal != new.journal),
         ("listen", old.listen != new.listen),
         ("coordination", old.coordination != new.coordination),
@@ -229,6 +231,16 @@ virtual_lus:
     #[test]
     fn nothing_changed_is_an_empty_plan() {
         assert_eq!(plan(&cfg(BASE), &cfg(BASE)), Plan::default());
+    }
+
+    #[test]
+    fn control_group_and_table_budget_need_a_restart() {
+        let new = cfg(&format!(
+            "control_group: hvm\ntables: {{ budget_mib_per_tib: 64 }}\n{BASE}"
+        ));
+        let p = plan(&cfg(BASE), &new);
+        assert_eq!(p.restart, ["control_group", "tables"]);
+        assert!(p.live.is_empty());
     }
 
     #[test]
