@@ -6,7 +6,7 @@
 //! why they run here and not on the async reactor; a slow export only holds its own
 //! connection's workers.
 //!
-//! Workers are started as they are needed, up to [`Limits::in_flight`] per connection:
+//! Workers are started as they are needed, up to `in_flight` per connection:
 //! when a worker takes a request and no other worker is left waiting for the next one, it
 //! starts another. Closing is orderly: after `NBD_CMD_DISC`, end of stream or a bad
 //! request header, every request already read is still run and answered, then the socket
@@ -17,8 +17,8 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+use super::export::{errno, ExportError, Session};
 use super::proto::{self as p};
-use super::server::{errno, ExportError, Limits, Session};
 
 /// A connection's socket once it is in the transmission phase, in blocking mode.
 pub enum Socket {
@@ -196,7 +196,7 @@ impl Drop for Conn {
 pub(super) async fn transmission(
     socket: Socket,
     session: Session,
-    limits: Limits,
+    in_flight: usize,
     registry: &Connections,
 ) {
     let socket = Arc::new(socket);
@@ -213,7 +213,7 @@ pub(super) async fn transmission(
         closing: AtomicBool::new(false),
         workers: AtomicUsize::new(0),
         idle: AtomicUsize::new(0),
-        limit: limits.in_flight.max(1),
+        limit: in_flight.max(1),
         ended: Mutex::new(Some(tx)),
     });
     if !registry.add(&conn) || !start_worker(&conn) {
@@ -441,36 +441,7 @@ fn run(
         return 0;
     }
     let result = match req.kind {
-        p::CMD_READ => {
-            if !in_range {
-                error_reply(
-                    s,
-                    req.cookie,
-                    &inval("read past the end of the export"),
-                    head,
-                );
-                return 0;
-            }
-            let len = req.len as usize;
-            match e.read(req.offset, sized(data, len)) {
-                Ok(()) => {
-                    head.clear();
-                    if s.structured {
-                        head.extend_from_slice(&p::structured_header(
-                            req.cookie,
-                            p::REPLY_FLAG_DONE,
-                            p::REPLY_TYPE_OFFSET_DATA,
-                            8 + req.len,
-                        ));
-                        head.extend_from_slice(&req.offset.to_be_bytes());
-                    } else {
-                        head.extend_from_slice(&p::simple_reply(req.cookie, 0));
-                    }
-                    return len;
-                }
-                Err(err) => Err(err),
-            }
-        }
+        p::CMD_READ => return read(s, req, in_range, head, data),
         _ if !in_range && req.kind != p::CMD_FLUSH => {
             let code = if writes { errno::ENOSPC } else { errno::EINVAL };
             Err(ExportError::new(code, "request past the end of the export"))
@@ -495,6 +466,43 @@ fn run(
         Err(err) => error_reply(s, req.cookie, &err, head),
     }
     0
+}
+
+/// A READ: its reply's header to `head` and its data to `data`; returns the data's length.
+fn read(
+    s: &Session,
+    req: &p::Request,
+    in_range: bool,
+    head: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+) -> usize {
+    if !in_range {
+        let err = ExportError::new(errno::EINVAL, "read past the end of the export");
+        error_reply(s, req.cookie, &err, head);
+        return 0;
+    }
+    let len = req.len as usize;
+    match s.export.read(req.offset, sized(data, len)) {
+        Ok(()) => {
+            head.clear();
+            if s.structured {
+                head.extend_from_slice(&p::structured_header(
+                    req.cookie,
+                    p::REPLY_FLAG_DONE,
+                    p::REPLY_TYPE_OFFSET_DATA,
+                    8 + req.len,
+                ));
+                head.extend_from_slice(&req.offset.to_be_bytes());
+            } else {
+                head.extend_from_slice(&p::simple_reply(req.cookie, 0));
+            }
+            len
+        }
+        Err(err) => {
+            error_reply(s, req.cookie, &err, head);
+            0
+        }
+    }
 }
 
 /// One block-status chunk per negotiated metadata context, the last one final.
