@@ -54,8 +54,10 @@ pub trait Store: Send + Sync {
 /// missing).
 pub fn open(url_or_path: &str) -> Result<Box<dyn Store>, StoreError> {
     if url_or_path.starts_with("s3://") {
-        // Endpoint, region, keys and AWS_ALLOW_HTTP from the environment (backups::s3).
-        return Ok(Box::new(super::s3::S3Store::open(url_or_path)?));
+        return Err(StoreError::Remote {
+            location: url_or_path.to_string(),
+            message: "S3 targets are not supported here: open them with backups::open".into(),
+        });
     }
     if let Some((scheme, _)) = url_or_path.split_once("://") {
         return Err(StoreError::Remote {

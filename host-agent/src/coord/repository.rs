@@ -55,7 +55,7 @@ impl BackupRole {
     /// The repository `target` names: a directory under the root, or a store URL.
     pub fn open_repo(&self, target: &str, create: bool) -> Result<Repo, Failure> {
         let s = if target.contains("://") {
-            store::open(target).map_err(|e| bad(e.to_string()))?
+            crate::backups::open(target).map_err(|e| bad(e.to_string()))?
         } else {
             let dir = target_dir(&self.root, target)?;
             if !create && !dir.join(MARKER).exists() {
@@ -94,7 +94,7 @@ fn repositories_under(root: &Path) -> Vec<String> {
 }
 
 fn open_location(location: &str) -> Result<Repo, Failure> {
-    let s = store::open(location).map_err(|e| failed(e.to_string()))?;
+    let s = crate::backups::open(location).map_err(|e| failed(e.to_string()))?;
     Repo::open(s).map_err(|e| failed(e.to_string()))
 }
 
