@@ -30,6 +30,7 @@ pub mod nbd;
 pub mod notify;
 // issue 22: EP 1 058 190 pairs as mirroring definitions for virtual LUs.
 pub mod pairs;
+pub mod policy;
 pub mod reload;
 pub mod resync;
 

@@ -180,6 +180,11 @@ struct BackupHost {
 
 #[derive(Subcommand)]
 enum BackupCmd {
+    /// Backups of many database hosts from a policy file (`run`, `status`).
+    Policy {
+        #[command(subcommand)]
+        command: hvm_host_agent::policy::PolicyCmd,
+    },
     /// Quiesce the database host, snapshot the virtual LUs at one instant, resume; copy
     /// on the backup host; delete the snapshots (resync starts).
     Run {
@@ -736,6 +741,7 @@ fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
         BackupCmd::Auto(a) => arrayctl::copy(sock, json, CopyKind::Auto, a),
         BackupCmd::Cow(a) => arrayctl::cow(sock, json, a),
         BackupCmd::Job(a) => arrayctl::job(sock, json, a),
+        BackupCmd::Policy { command } => hvm_host_agent::policy::main(command, json),
         BackupCmd::Run {
             db,
             backup,
