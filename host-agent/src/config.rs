@@ -740,7 +740,10 @@ virtual_lus:
         let c = Config::parse(OK, "c.yaml").unwrap();
         assert_eq!(c.virtual_lus[0].snapshots, vec!["db-snap".to_string()]);
         assert_eq!(c.tables.per_tib(), 32 << 20);
-        let c = Config::parse(&format!("{OK}tables: {{ budget_mib_per_tib: 8 }}\n"), "c.yaml");
+        let c = Config::parse(
+            &format!("{OK}tables: {{ budget_mib_per_tib: 8 }}\n"),
+            "c.yaml",
+        );
         assert_eq!(c.unwrap().tables.per_tib(), 8 << 20);
     }
 

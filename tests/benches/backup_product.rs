@@ -72,7 +72,8 @@ fn change(sock: &Path, size: u64, seed: u64) -> u64 {
     let mut b = vec![0u8; 4096];
     for _ in 0..n {
         block(&mut rng, &mut b);
-        c.write((rng.next() % blocks) * 4096, &b, false).expect("write");
+        c.write((rng.next() % blocks) * 4096, &b, false)
+            .expect("write");
     }
     c.flush().expect("flush");
     n * 4096

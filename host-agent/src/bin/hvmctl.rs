@@ -494,7 +494,10 @@ fn tracking_cell(t: &Value) -> String {
         out += &format!(", {} copying {:.1} MiB", s(&p["backup"]), mib(&p["bytes"]));
     }
     if t["granule"].as_u64().unwrap_or(512) > 512 {
-        out += &format!(" ({} KiB granules)", t["granule"].as_u64().unwrap_or(0) >> 10);
+        out += &format!(
+            " ({} KiB granules)",
+            t["granule"].as_u64().unwrap_or(0) >> 10
+        );
     }
     out
 }

@@ -358,27 +358,17 @@ enum CallError {
 /// A fresh request id: time and randomness, unique enough across consoles.
 pub fn new_id() -> String {
     let mut raw = [0u8; 8];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!(
-        "{}-{}",
-        now.as_millis(),
-        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    // The OS's generator (getrandom(2)); should it fail, the time alone still orders ids.
+    let _ = getrandom::fill(&mut raw);
+    format!("{}-{}", unix_ms(), hex::encode(raw))
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
-/// `secs` since the epoch as an RFC 3339 UTC time.
+/// `secs` since the epoch as an RFC 3339 UTC time (`time`'s formatter).
 pub fn rfc3339(secs: u64) -> String {
     i64::try_from(secs)
         .ok()

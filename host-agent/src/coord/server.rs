@@ -399,10 +399,16 @@ impl Service {
                 freeze::snapshot(agent, self.cfg.freeze.clone(), req).await
             }
             Op::Complete { vlus, backup } => {
-                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, true))).await
+                blocking(Box::new(move || {
+                    freeze::finish(&agent, &vlus, &backup, true)
+                }))
+                .await
             }
             Op::Abort { vlus, backup } => {
-                blocking(Box::new(move || freeze::finish(&agent, &vlus, &backup, false))).await
+                blocking(Box::new(move || {
+                    freeze::finish(&agent, &vlus, &backup, false)
+                }))
+                .await
             }
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
