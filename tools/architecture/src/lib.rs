@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 
@@ -34,9 +35,7 @@ pub fn workspace() -> PathBuf {
 /// The `src/` directory of every workspace member.
 fn crate_sources(root: &Path) -> Vec<(String, PathBuf)> {
     let toml = std::fs::read_to_string(root.join("Cargo.toml")).expect("workspace Cargo.toml");
-    let value: toml_value::Members = toml_value::parse(&toml);
-    value
-        .0
+    members(&toml)
         .into_iter()
         .map(|m| (m.clone(), root.join(&m).join("src")))
         .filter(|(_, p)| p.is_dir())
@@ -44,21 +43,15 @@ fn crate_sources(root: &Path) -> Vec<(String, PathBuf)> {
 }
 
 /// Just enough of Cargo.toml: the `members = [...]` list.
-mod toml_value {
-    pub struct Members(pub Vec<String>);
-
-    pub fn parse(text: &str) -> Members {
-        let start = text.find("members").expect("a members list");
-        let open = start + text[start..].find('[').expect("[");
-        let close = open + text[open..].find(']').expect("]");
-        Members(
-            text[open + 1..close]
-                .split(',')
-                .map(|s| s.trim().trim_matches('"').to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
-        )
-    }
+fn members(text: &str) -> Vec<String> {
+    let start = text.find("members").expect("a members list");
+    let open = start + text[start..].find('[').expect("[");
+    let close = open + text[open..].find(']').expect("]");
+    text[open + 1..close]
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// A module path inside a crate, e.g. `["coord", "copy"]`.
@@ -172,7 +165,10 @@ impl FileVisitor {
         }
     }
 
-    fn function(&mut self, name: String, span: proc_macro2::Span) {
+    /// Measure a function from its `fn` keyword to the end of its body (attributes and
+    /// doc comments are not counted); `item` is the whole item, when the two cannot join.
+    fn function(&mut self, name: String, sig: &syn::Signature, body: &syn::Block, item: Span) {
+        let span = sig.fn_token.span().join(body.span()).unwrap_or(item);
         let lines = span.end().line.saturating_sub(span.start().line) + 1;
         if lines > MAX_FN_LINES {
             self.long_fns.push((name, lines));
@@ -203,13 +199,7 @@ impl<'ast> Visit<'ast> for FileVisitor {
         if is_test_attr(&f.attrs) {
             return;
         }
-        let span = f
-            .sig
-            .fn_token
-            .span()
-            .join(f.block.span())
-            .unwrap_or(f.span());
-        self.function(f.sig.ident.to_string(), span);
+        self.function(f.sig.ident.to_string(), &f.sig, &f.block, f.span());
         syn::visit::visit_item_fn(self, f);
     }
 
@@ -235,25 +225,18 @@ impl<'ast> Visit<'ast> for FileVisitor {
         if is_test_attr(&f.attrs) {
             return;
         }
-        let span = f
-            .sig
-            .fn_token
-            .span()
-            .join(f.block.span())
-            .unwrap_or(f.span());
         let name = format!(
             "{}::{}",
             self.impl_of.clone().unwrap_or_default(),
             f.sig.ident
         );
-        self.function(name, span);
+        self.function(name, &f.sig, &f.block, f.span());
         syn::visit::visit_impl_item_fn(self, f);
     }
 
     fn visit_trait_item_fn(&mut self, f: &'ast syn::TraitItemFn) {
         if let Some(block) = &f.default {
-            let span = f.sig.fn_token.span().join(block.span()).unwrap_or(f.span());
-            self.function(f.sig.ident.to_string(), span);
+            self.function(f.sig.ident.to_string(), &f.sig, block, f.span());
         }
         syn::visit::visit_trait_item_fn(self, f);
     }
