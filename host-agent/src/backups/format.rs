@@ -148,12 +148,8 @@ pub enum RepoError {
     },
 }
 
-pub fn hex(d: impl AsRef<[u8]>) -> String {
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub fn sha256(data: &[u8]) -> String {
-    hex(Sha256::digest(data))
+    hex::encode(Sha256::digest(data))
 }
 
 /// True if every byte is zero (vectorised: no early exit inside a block).

@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::format::hex;
-
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: &str = "hvm-backup/1";
 const CHUNK: usize = 1 << 20;
@@ -118,7 +116,7 @@ pub fn digest(
         n += r as u64;
         progress(n);
     }
-    Ok((n, hex(hash.finalize())))
+    Ok((n, hex::encode(hash.finalize())))
 }
 
 /// `hvmctl backup verify DIR`: every file's size and checksum against the manifest.
@@ -249,7 +247,7 @@ mod tests {
         let m = json!({ "format": FORMAT, "id": "x", "created": "c", "created_unix_ms": 1,
             "info": null, "files": [],
             "lus": [{ "vlu": "a", "file": "a.img", "size": 8192,
-                      "sha256": hex(Sha256::digest(&data)), "source": "s" }] });
+                      "sha256": hex::encode(Sha256::digest(&data)), "source": "s" }] });
         std::fs::write(d.path().join(MANIFEST), m.to_string()).unwrap();
         assert!(is_legacy(d.path()));
         verify(d.path(), &mut |_, _, _| {}).unwrap();

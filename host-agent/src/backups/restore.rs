@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::format::{hex, is_zeros, LuMap, Repo, EXTENT_MAX};
+use super::format::{is_zeros, LuMap, Repo, EXTENT_MAX};
 
 /// Bytes produced per window.
 const WINDOW: u64 = EXTENT_MAX;
@@ -114,7 +114,7 @@ pub fn to_path(
         Ok(())
     })?;
     out.sync_all().map_err(io)?;
-    let want = hex(hash.finalize());
+    let want = hex::encode(hash.finalize());
     let mut back = Sha256::new();
     let mut r = std::fs::File::open(to).map_err(io)?.take(lu.size);
     let mut buf = vec![0u8; 1 << 20];
@@ -125,7 +125,7 @@ pub fn to_path(
         }
         back.update(&buf[..n]);
     }
-    let got = hex(back.finalize());
+    let got = hex::encode(back.finalize());
     if got != want {
         return Err(format!(
             "{}: what was written reads back as SHA-256 {got}, not {want}",
@@ -170,6 +170,6 @@ pub fn onto(
     target.flush()?;
     Ok(
         json!({ "vlu": lu.vlu, "size": lu.size, "compared_bytes": lu.size,
-               "written_bytes": written, "sha256": hex(hash.finalize()) }),
+               "written_bytes": written, "sha256": hex::encode(hash.finalize()) }),
     )
 }
