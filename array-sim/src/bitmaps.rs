@@ -13,8 +13,8 @@
 //! Layout (little-endian): `HVMDIFF1`, units (8 bytes), clean flag (1 byte), 7 reserved
 //! bytes, then the bitmap's words.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -116,19 +116,9 @@ pub(crate) struct Found {
 }
 
 impl DiffFile {
-    fn open_file(path: &Path) -> std::io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-    }
-
     /// A new file holding `bits`, marked dirty (the array is running).
     pub(crate) fn create(path: &Path, bits: &Bitmap) -> std::io::Result<DiffFile> {
-        let f = Self::open_file(path)?;
+        let f = crate::store::open_private(path)?;
         f.set_len(0)?;
         let d = DiffFile {
             path: path.to_path_buf(),

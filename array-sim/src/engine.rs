@@ -16,9 +16,7 @@
 //! legs in turn whatever their load, to measure what that buys.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -711,21 +709,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Write the mode table durably: a temporary file, fsync, rename.
+    /// Write the mode table durably ([`crate::store::replace_file`]).
     fn save_modes(&self, modes: &BTreeMap<u8, Mode>) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{MODES_FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        for (lu, m) in modes {
-            writeln!(f, "{lu} {}", m.code())?;
-        }
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(MODES_FILE))?;
-        File::open(&self.dir)?.sync_all()
+        let text: String = modes
+            .iter()
+            .map(|(lu, m)| format!("{lu} {}\n", m.code()))
+            .collect();
+        crate::store::replace_file(&self.dir.join(MODES_FILE), text.as_bytes())
     }
 
     /// [0049]: copy between the duplicated LUs of one mirroring row, inside the array.
@@ -853,14 +843,7 @@ fn open_lus(
     let mut lus = BTreeMap::new();
     for lu in &cfg.lus {
         let path = dir.join(format!("lu{}.img", lu.lun));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_error(&path))?;
+        let file = crate::store::open_private(&path).map_err(io_error(&path))?;
         // Sparse: only written blocks take space.
         file.set_len(lu.blocks * u64::from(BLOCK_SIZE))
             .map_err(io_error(&path))?;

@@ -1,9 +1,12 @@
 //! The LU files on their disk units and the range locks over them, shared by the firmware
-//! and the array's background copies (backup, channel).
+//! and the array's background copies (backup, channel); and how the array opens and
+//! replaces its own files.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::disk::Disk;
@@ -61,6 +64,35 @@ impl Store {
         )
         .map_err(|_| Sense::WRITE_ERROR)
     }
+}
+
+/// One of the array's own files (an LU, a difference bitmap): opened for reading and
+/// writing, created readable by its owner only, never truncated.
+pub(crate) fn open_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Replace the file at `path` by `bytes` so that a crash leaves the old file or the new
+/// one whole: a temporary file beside it, fsync, rename, fsync of the directory.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Most bytes one `pwrite` of an LU file carries; pieces end at multiples of it.

@@ -58,7 +58,6 @@ mod jobs;
 mod pairs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -454,22 +453,10 @@ fn working(lun: u8) -> Refusal {
     )
 }
 
+/// [`crate::store::replace_file`] with `text`, an error naming the file as a refusal.
 pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), Refusal> {
-    let tmp = path.with_extension("tmp");
-    let r = (|| {
-        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true),
-            0o600,
-        )
-        .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    r.map_err(|e| refuse(Sense::INTERNAL_FAILURE, format!("{}: {e}", path.display())))
+    crate::store::replace_file(path, text.as_bytes())
+        .map_err(|e| refuse(Sense::INTERNAL_FAILURE, format!("{}: {e}", path.display())))
 }
 
 /// The file of the difference bitmap of the pair of user volume `primary`.
