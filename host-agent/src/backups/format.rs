@@ -129,6 +129,22 @@ impl Manifest {
         v
     }
 
+    /// Every chunk it names, sorted, with the uncompressed length its extents and files
+    /// need from it: a chunk that hashes to its name but is shorter cannot be restored.
+    pub fn chunk_needs(&self) -> Vec<(&str, u64)> {
+        let mut need: BTreeMap<&str, u64> = BTreeMap::new();
+        let uses = self.lus.iter().flat_map(|l| {
+            l.extents
+                .iter()
+                .map(|e| (e.chunk.as_str(), e.skip + e.length))
+        });
+        for (c, n) in uses.chain(self.files.iter().map(|f| (f.chunk.as_str(), f.size))) {
+            let v = need.entry(c).or_default();
+            *v = (*v).max(n);
+        }
+        need.into_iter().collect()
+    }
+
     pub fn vlus(&self) -> Vec<String> {
         self.lus.iter().map(|l| l.vlu.clone()).collect()
     }

@@ -13,7 +13,7 @@ use super::tls::ClientConfig;
 use super::{unix_ms, Code, Failure, RestoreRequest, RestoreTo};
 use crate::backups::catalog::{Catalog, Row};
 use crate::backups::chunks::default_threads;
-use crate::backups::format::{LuMap, Manifest, Repo, MARKER};
+use crate::backups::format::{chunk_key, LuMap, Manifest, Repo, MARKER};
 use crate::backups::retention::{self, Keep};
 use crate::backups::{restore, store};
 use crate::nbd::client::Client;
@@ -170,15 +170,15 @@ fn find(role: &BackupRole, id: &str) -> Result<(Catalog, Repo, Manifest), Failur
     Ok((cat, repo, m))
 }
 
-/// `backup_verify`: every chunk the backup names, read, decompressed and hashed, in
-/// parallel; the result goes into the catalog.
+/// `backup_verify`: every chunk the backup names, read, decompressed, hashed and
+/// measured against what its extents need, in parallel; the result goes into the catalog.
 pub fn verify(
     role: &BackupRole,
     id: &str,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Value, Failure> {
     let (cat, repo, m) = find(role, id)?;
-    let chunks = m.chunks();
+    let chunks = m.chunk_needs();
     let next = AtomicUsize::new(0);
     let bad_chunks = Mutex::new(Vec::new());
     let checked = AtomicUsize::new(0);
@@ -187,9 +187,20 @@ pub fn verify(
         for _ in 0..default_threads() {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(c) = chunks.get(i) else { break };
-                if let Err(e) = repo.get_chunk(c) {
-                    bad_chunks.lock().map(|mut b| b.push(e.to_string())).ok();
+                let Some(&(c, need)) = chunks.get(i) else {
+                    break;
+                };
+                let problem = match repo.get_chunk(c) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(d) if (d.len() as u64) < need => Some(format!(
+                        "{}: {} bytes, the manifest needs {need}",
+                        chunk_key(c),
+                        d.len()
+                    )),
+                    Ok(_) => None,
+                };
+                if let Some(p) = problem {
+                    bad_chunks.lock().map(|mut b| b.push(p)).ok();
                 }
                 let n = checked.fetch_add(1, Ordering::SeqCst) + 1;
                 if let Ok(mut p) = progress.lock() {
@@ -366,5 +377,81 @@ impl restore::Target for NbdTarget<'_> {
 
     fn flush(&mut self) -> Result<(), String> {
         self.0.flush().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::backups::format::{Extent, Kind, FORMAT};
+
+    fn backup(repo: &Repo, id: &str, chunk: &str, skip: u64) {
+        let m = Manifest {
+            format: FORMAT.into(),
+            id: id.into(),
+            created: "2026-12-01T00:00:00Z".into(),
+            created_unix_ms: 1,
+            kind: Kind::Full,
+            parent: None,
+            info: Value::Null,
+            lus: vec![LuMap {
+                vlu: "pg".into(),
+                size: 8192,
+                kind: Kind::Full,
+                base: None,
+                source: "test".into(),
+                copied_bytes: 8192,
+                written_bytes: None,
+                reason: None,
+                seconds: 0.0,
+                extents: vec![Extent {
+                    offset: 0,
+                    length: 4096,
+                    chunk: chunk.into(),
+                    skip,
+                }],
+            }],
+            files: Vec::new(),
+            stored_bytes: 0,
+        };
+        repo.put_manifest(&m).unwrap();
+    }
+
+    #[test]
+    fn verify_checks_what_restore_needs_and_restore_reads_back() {
+        let d = tempfile::tempdir().unwrap();
+        let role = BackupRole {
+            root: d.path().join("root"),
+            catalog: d.path().join("c.sqlite"),
+            keep: None,
+        };
+        let repo = role.open_repo("t", true).unwrap();
+        let (c, _) = repo.put_chunk(&[9u8; 4096]).unwrap();
+        backup(&repo, "good", &c, 0);
+        // The chunk hashes to its name, but the extent reads past its end.
+        backup(&repo, "short", &c, 1);
+        let v = verify(&role, "good", &mut |_, _| {}).unwrap();
+        assert_eq!(v["chunks"], 1);
+        let e = verify(&role, "short", &mut |_, _| {}).unwrap_err();
+        assert!(
+            e.message.contains("4096 bytes, the manifest needs 4097"),
+            "{}",
+            e.message
+        );
+        let to = d.path().join("out.img");
+        let req = RestoreRequest {
+            backup: "good".into(),
+            vlu: None,
+            to: RestoreTo::Path(to.display().to_string()),
+        };
+        let tls = || -> Result<Arc<ClientConfig>, Failure> { Err(failed("no TLS")) };
+        let v = restore(&role, &req, &tls, &mut |_, _| {}).unwrap();
+        let mut want = vec![9u8; 4096];
+        want.resize(8192, 0);
+        assert_eq!(std::fs::read(&to).unwrap(), want);
+        assert_eq!(v["sha256"], crate::backups::format::sha256(&want));
+        // Never over an existing file.
+        assert!(restore(&role, &req, &tls, &mut |_, _| {}).is_err());
     }
 }
