@@ -19,9 +19,10 @@
 //! copy). Changed-block tracking (issue 19) works the same way: a client write's
 //! `TrackAdd` marks its activity region of the tracking set durably on the first write
 //! into it since the last cut (a cut empties the set the marks were for, so it unmarks
-//! them all); cuts, completes and aborts are durable before `append` returns. The journal keeps the exact state its records describe, and compacts itself
-//! into a checkpoint of that state when the file grows past `compact_bytes`; a checkpoint
-//! is exact, so the regions start afresh after it. That state repeats the manager's tables
+//! them all); cuts, completes and aborts are durable before `append` returns. The
+//! journal keeps the exact state its records describe, and compacts itself into a
+//! checkpoint of that state when the file grows past `compact_bytes`; a checkpoint is
+//! exact, so the regions (the tables' and the tracking's) start afresh after it. That state repeats the manager's tables
 //! on purpose: taken from the manager instead, a compaction under the journal's lock would
 //! need the manager's locks, and would be consistent with the records only as long as no
 //! manager path appends while holding one. The copy costs one table update per record that
@@ -366,6 +367,7 @@ impl FileJournal {
                 g.checkpoint_len = len;
                 g.durable = g.appended;
                 g.regions.clear();
+                g.track_regions.clear();
                 g.compactions += 1;
                 if let Some(reason) = g.failed.take() {
                     tracing::warn!(journal = %self.path.display(), earlier = %reason, "journal written again; data writes that need it work again");
@@ -850,6 +852,19 @@ mod tests {
         assert_eq!(j.state().tracking[&P].current().total(), 1);
         j.compact().unwrap();
         assert_eq!(on_disk(&path).tracking, j.state().tracking);
+    }
+
+    /// A compaction writes the exact sets, not the regions: a write after it into a
+    /// region marked before it must mark that region again, durably.
+    #[test]
+    fn a_compaction_unmarks_the_tracking_regions() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.journal");
+        let j = open(&path, tuning());
+        track(&j, ext(10, 11));
+        j.compact().unwrap();
+        track(&j, ext(500, 507));
+        assert!(on_disk(&path).tracking[&P].current().covers(ext(500, 507)));
     }
 
     /// With budgets the journal's copy of the tables stays bounded and covers every
