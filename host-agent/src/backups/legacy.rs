@@ -222,6 +222,7 @@ pub fn restore(
         progress("restore", at, lu.size);
     }
     out.sync_all().map_err(io)?;
+    super::restore::drop_cache(&out).map_err(io)?;
     drop(out);
     let (_, back) = digest(to, Some(lu.size), &mut |n| progress("check", n, lu.size))?;
     if back != lu.sha256 {

@@ -69,7 +69,8 @@ pub fn windows(repo: &Repo, lu: &LuMap, each: &mut Each<'_>) -> Result<(), Strin
 }
 
 /// Write `lu`'s image to `to`: a regular file (created or replaced) or a block device
-/// at least as large. Synced, then read back and compared by SHA-256.
+/// at least as large. Synced, evicted from the page cache, then read back and compared
+/// by SHA-256.
 pub fn to_path(
     repo: &Repo,
     lu: &LuMap,
@@ -114,6 +115,7 @@ pub fn to_path(
         Ok(())
     })?;
     out.sync_all().map_err(io)?;
+    drop_cache(&out).map_err(io)?;
     let want = hex::encode(hash.finalize());
     let mut back = Sha256::new();
     let mut r = std::fs::File::open(to).map_err(io)?.take(lu.size);
@@ -133,6 +135,13 @@ pub fn to_path(
         ));
     }
     Ok(json!({ "vlu": lu.vlu, "to": to, "size": lu.size, "sha256": want }))
+}
+
+/// Evict `f`'s (synced, so clean) pages from the page cache, so that reading it back
+/// reads the medium, not the memory the write left behind.
+pub fn drop_cache(f: &std::fs::File) -> std::io::Result<()> {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).map_err(std::io::Error::from)
 }
 
 /// A live virtual LU to restore onto.
