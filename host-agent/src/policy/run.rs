@@ -3,10 +3,12 @@
 //!
 //! Failure isolation: an entry's failure (an unreachable host, a failing hook, a refused
 //! freeze, a full store) ends that entry only, with its reason; the others go on. A
-//! transport error (the request's answer never came: connection refused, reset, closed) is
-//! retried `retries` times with backoff (2 s, 4 s, 8 s .. at most 60 s): the console left
-//! nothing behind it could clean up, and the agents answer a retried request id once.
-//! Anything else (a refused request, a timeout of the freeze, a failed copy) is final.
+//! transport error (the request's answer never came: connection refused, reset, closed) of
+//! the snapshot, or of the copy once the console deleted the snapshot again, is retried
+//! `retries` times with backoff (2 s, 4 s, 8 s .. at most 60 s). Anything else (a refused
+//! request, a timeout of the freeze, a failed copy, a copy whose snapshot could not be
+//! deleted, or any failure after the backup was stored) is final: a retry would start a
+//! second backup beside what the first left.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -161,10 +163,18 @@ fn wants_full(e: &Entry, before: &Last) -> bool {
     before.last_ok_start_unix_ms.is_none() || before.incrementals_since_full + 1 >= e.full_every
 }
 
-/// A failure whose answer never came (the console's `agent ADDR: ...` transport error).
+/// A failure whose answer never came (the console's `agent ADDR: ...` transport error),
+/// before the backup was stored and with nothing left behind that the console knows of.
 fn transient(report: &Value) -> bool {
     let err = &report["error"];
-    err["code"] == json!("failed")
+    let retryable = match err["step"].as_str() {
+        Some("snapshot") => true,
+        Some("copy") => err["clean"] == json!(true),
+        // delete, resync, verify: the backup is stored already.
+        _ => false,
+    };
+    retryable
+        && err["code"] == json!("failed")
         && err["detail"].is_null()
         && err["message"]
             .as_str()
@@ -368,12 +378,22 @@ mod tests {
 
     #[test]
     fn only_transport_errors_are_retried() {
-        let t = json!({"error": {"code": "failed", "message": "agent 127.0.0.1:9: Connection refused (os error 111)", "detail": null}});
+        let t = json!({"error": {"step": "snapshot", "code": "failed", "message": "agent 127.0.0.1:9: Connection refused (os error 111)", "detail": null, "clean": false}});
         assert!(transient(&t));
-        let refused = json!({"error": {"code": "failed", "message": "hook pg failed", "detail": {"thawed": []}}});
+        let refused = json!({"error": {"step": "snapshot", "code": "failed", "message": "hook pg failed", "detail": {"thawed": []}}});
         assert!(!transient(&refused));
-        let bad = json!({"error": {"code": "bad_request", "message": "agent x", "detail": null}});
+        let bad = json!({"error": {"step": "snapshot", "code": "bad_request", "message": "agent x", "detail": null}});
         assert!(!transient(&bad));
+        // The copy: retried only once its snapshot was deleted again.
+        let mut copy = t.clone();
+        copy["error"]["step"] = json!("copy");
+        assert!(!transient(&copy));
+        copy["error"]["clean"] = json!(true);
+        assert!(transient(&copy));
+        // The backup is stored; only deleting the snapshot failed: no second backup.
+        let mut delete = copy.clone();
+        delete["error"]["step"] = json!("delete");
+        assert!(!transient(&delete));
     }
 
     #[test]
