@@ -12,7 +12,7 @@
 //!     schedule: daily 02:00         # UTC; or `weekly sun 03:00`, `every 6h`, `always`
 //!     full_every: 7                 # a full backup every 7th (default: 7; 1 = always full)
 //!     keep: { last: 7, daily: 7, weekly: 4 }   # pruned after each backup (optional)
-//!     rate: 200M                    # copy rate limit, bytes/s (K, M, G; optional)
+//!     rate: 200M                    # copy rate limit, bytes/s (K, M, G; 0 or unset: none)
 //!     deadline_ms: 5000             # freeze deadline, under the database host's own
 //!     hooks: { before: "...", after: "..." }   # console-side commands (optional)
 //!     retries: 2                    # retries after a transport error (default 2)
@@ -127,7 +127,8 @@ fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     }
 }
 
-/// `200M`, `1G`, `512K`, `1000` (bytes per second, powers of 1024).
+/// `200M`, `1G`, `512K`, `1000` (bytes per second, powers of 1024); `0` is no limit, as
+/// for `hvmctl backup run --rate` and a plain number here.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, shift) = match s.char_indices().last() {
@@ -139,8 +140,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("rate {s:?}: expected bytes per second such as 200M, 1G or 500000"))
+        .ok_or_else(|| {
+            format!(
+                "rate {s:?}: expected bytes per second such as 200M, 1G or 500000 (0: no limit)"
+            )
+        })
 }
 
 impl PolicyFile {
@@ -224,6 +228,12 @@ mod tests {
             })
         );
         assert_eq!(e.schedule, Schedule::Daily { minute: 120 });
+        // `0` is no limit whether written as a number or a string.
+        for zero in ["rate: 0", "rate: '0'"] {
+            let f = load(&ONE.replace("rate: 200M", zero)).unwrap();
+            assert_eq!(f.entries[0].rate, Some(0), "{zero}");
+        }
+        assert!(parse_rate("99999999999G").is_err());
     }
 
     #[test]
