@@ -267,13 +267,13 @@ impl Channel {
         let first = lba / self.n * self.n;
         let end = (lba + blocks).div_ceil(self.n) * self.n;
         let _locked = self.store.locks.lock(lun, first, end - first);
-        let (link, secondary) = self.pair_link(lun)?;
-        let send = self.with_pair(lun, |p| {
-            let s = matches!(
+        // One look at the table per write: the path, the secondary and whether to send.
+        let (link, secondary, send) = self.with_pair(lun, |p| {
+            let send = matches!(
                 p.state,
                 RemoteState::Forming | RemoteState::Duplex | RemoteState::Resyncing
             );
-            Ok((s, false))
+            Ok(((self.link(&p.path)?, p.secondary, send), false))
         })?;
         if !send {
             self.mark(lun, lba, blocks)?;
@@ -486,19 +486,21 @@ impl Channel {
         });
     }
 
+    /// A copy of the difference bitmap of the pair of user volume `lun`.
+    fn diff_of(&self, lun: u8) -> Option<Bitmap> {
+        let pairs = self.lock_pairs();
+        pairs
+            .iter()
+            .find(|p| p.primary == lun)
+            .map(|p| p.diff.clone())
+    }
+
     /// After a copy, write the bitmap whole: the copied units' marks leave the file.
     fn drop_stale_marks(&self, lun: u8) {
         let Ok(file) = self.with_pair(lun, |p| Ok((p.file.clone(), false))) else {
             return;
         };
-        let read = || {
-            let pairs = self.lock_pairs();
-            pairs
-                .iter()
-                .find(|p| p.primary == lun)
-                .map(|p| p.diff.clone())
-        };
-        if let Err(e) = file.rewrite(read, false) {
+        if let Err(e) = file.rewrite(|| self.diff_of(lun), false) {
             eprintln!("array-sim: {}: {e}", file.path().display());
         }
     }
@@ -607,14 +609,7 @@ impl Channel {
             .map(|p| (p.primary, p.file.clone()))
             .collect();
         for (lun, f) in files {
-            let read = || {
-                let pairs = self.lock_pairs();
-                pairs
-                    .iter()
-                    .find(|p| p.primary == lun)
-                    .map(|p| p.diff.clone())
-            };
-            f.rewrite(read, true)
+            f.rewrite(|| self.diff_of(lun), true)
                 .map_err(|e| format!("{}: {e}", f.path().display()))?;
         }
         Ok(())
