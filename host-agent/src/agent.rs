@@ -23,7 +23,8 @@ use crate::exports::{Access, Manager, VluExport, VluExports};
 use crate::moves::placement::{self, Placement};
 use crate::moves::routed::{Place, Routed, Shared, Target};
 use crate::moves::{Ledger, MoveError, MoveRequest, MoveStatus, Moves, Subject};
-use crate::nbd::server::{self, Exports, Limits};
+use crate::nbd::export::Exports;
+use crate::nbd::server::{self, Limits};
 use crate::reload::{self, Live, ReloadReport};
 use crate::resync::{self, ResyncControl};
 

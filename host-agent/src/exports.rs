@@ -10,8 +10,8 @@ use hvm_core::backend::Backend;
 use hvm_core::{Extent, ManagerError, Mode, SnapshotManager, VirtualLuId, SECTOR_SIZE};
 
 use crate::gate::Gate;
+use crate::nbd::export::{Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
 use crate::nbd::proto::STATE_DIRTY;
-use crate::nbd::server::{Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
 
 /// The snapshot manager of one backend.
 pub type Manager = SnapshotManager<Box<dyn Backend>>;

@@ -245,7 +245,7 @@ fn run(
         let metrics = admin_extras(&cfg, &agent, stop_rx.clone()).await?;
         let tls_server = match (nbd_tls, listeners.tcp.take()) {
             (Some(tls), Some(tcp)) => {
-                let exports: std::sync::Arc<dyn hvm_host_agent::nbd::server::Exports> =
+                let exports: std::sync::Arc<dyn hvm_host_agent::nbd::export::Exports> =
                     agent.exports.clone();
                 let mut rx = stop_rx;
                 Some(tokio::spawn(hvm_host_agent::nbd::server::run_tcp_tls(

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use hvm_host_agent::nbd::export::{self, Export, ExportError, Exports, HVM_DIRTY};
 use hvm_host_agent::nbd::proto as p;
-use hvm_host_agent::nbd::server::{self, Export, ExportError, Exports, Limits, HVM_DIRTY};
+use hvm_host_agent::nbd::server::{self, Limits};
 
 /// A RAM disk that records which 512-byte sectors were written (its "hvm:dirty").
 struct MemExport {
@@ -56,7 +57,7 @@ impl Export for MemExport {
         Ok(())
     }
     fn meta_contexts(&self) -> Vec<&'static str> {
-        vec![server::BASE_ALLOCATION, HVM_DIRTY]
+        vec![export::BASE_ALLOCATION, HVM_DIRTY]
     }
     fn block_status(
         &self,
@@ -115,7 +116,7 @@ impl Export for GatedExport {
         Ok(())
     }
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
-        Err(ExportError::new(server::errno::EPERM, "read-only"))
+        Err(ExportError::new(export::errno::EPERM, "read-only"))
     }
     fn flush(&self) -> Result<(), ExportError> {
         Ok(())

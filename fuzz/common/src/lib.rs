@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use hvm_host_agent::nbd::server::{self as nbd, Export, ExportError, Exports};
+use hvm_host_agent::nbd::export::{Export, ExportError, Exports};
+use hvm_host_agent::nbd::server as nbd;
 
 /// A 1 MiB export in memory.
 struct Memory(Mutex<Vec<u8>>);

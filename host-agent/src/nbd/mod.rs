@@ -2,8 +2,7 @@
 //! [`proto`], the wire protocol; [`export`], what is served (the export list and lookup);
 //! `handshake`, the newstyle negotiation and its options (STARTTLS, INFO/GO, LIST,
 //! metadata contexts); `transmission`, the request loop on worker threads; [`server`],
-//! the accept loops, limits and wiring (it re-exports the export types). [`client`], a
-//! small blocking client for hvmctl.
+//! the accept loops, limits and wiring. [`client`], a small blocking client for hvmctl.
 pub mod client;
 pub mod export;
 mod handshake;

@@ -2,7 +2,7 @@
 //! TLS), the per-connection limits, the drain on shutdown, and the wiring of one
 //! connection through its phases: the handshake, then transmission with many requests
 //! in flight and replies in completion order. It serves anything that implements
-//! [`Export`]; host-agent's exports are virtual LUs.
+//! [`Export`](super::export::Export); host-agent's exports are virtual LUs.
 //!
 //! Errors follow the protocol: a bad magic or a client that must not be trusted is a
 //! hard disconnect; everything else is an option error reply (negotiation continues) or
@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-pub use super::export::{errno, Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
+use super::export::{Exports, Peer};
 use super::handshake::{handshake, Transport};
 use super::transmission::transmission;
 pub use super::transmission::{Connections, IntoSocket, Socket};
