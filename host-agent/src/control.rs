@@ -669,22 +669,22 @@ pub fn scrape(a: &Agent) -> Scrape {
         "LBAs written back by resync since the last delete.",
         copied,
     );
-    let journal = |f: fn(&crate::durable::JournalStats) -> u64| {
-        a.journals
-            .iter()
-            .map(|(name, j)| (vec![("backend", name.clone())], f(&j.stats())))
-            .collect::<Vec<_>>()
-    };
+    // One read of each journal's stats (one lock) gives both families.
+    let (flushes, bytes) = a
+        .journals
+        .iter()
+        .map(|(name, j)| {
+            let st = j.stats();
+            let labels = vec![("backend", name.clone())];
+            ((labels.clone(), st.flushes), (labels, st.file_bytes))
+        })
+        .unzip();
     s.counter(
         "hvm_journal_flushes",
         "Journal flushes (fdatasync).",
-        journal(|j| j.flushes),
+        flushes,
     );
-    s.gauge(
-        "hvm_journal_bytes",
-        "Size of the journal file.",
-        journal(|j| j.file_bytes),
-    );
+    s.gauge("hvm_journal_bytes", "Size of the journal file.", bytes);
     let reads = a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed);
     s.counter(
         "hvm_snapshot_read_bytes",
