@@ -296,8 +296,11 @@ impl Repo {
         Ok(data)
     }
 
+    /// Write `m`, after making the chunks stored so far durable: a manifest never names
+    /// a chunk a crash could lose.
     pub fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
         let text = serde_json::to_vec_pretty(m).map_err(|e| self.corrupt(e.to_string()))?;
+        self.store.sync()?;
         self.store.put(&manifest_key(&m.id), &text)?;
         Ok(())
     }

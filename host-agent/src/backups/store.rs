@@ -6,10 +6,13 @@
 //! or no object, also after a crash. That is what lets the backup format write its chunks
 //! first and its manifest last, so a half-written backup is never listed.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,13 +37,19 @@ pub trait Store: Send + Sync {
     fn location(&self) -> String;
     /// Write `key` whole, replacing any old object; durable once this returns.
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
-    /// Write `key` unless it exists (content-addressed chunks); `true` if written.
+    /// Write `key` unless it exists (content-addressed chunks); `true` if written. Whole
+    /// or absent at once, but durable only after the next [`Store::sync`] (or `put`).
     fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
         if self.exists(key)? {
             return Ok(false);
         }
         self.put(key, data)?;
         Ok(true)
+    }
+    /// Make every `put_if_absent` so far durable (a store whose writes are durable at
+    /// once has nothing to do).
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
     }
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
@@ -70,6 +79,11 @@ pub fn open(url_or_path: &str) -> Result<Box<dyn Store>, StoreError> {
     Ok(Box::new(DirStore::open(Path::new(url_or_path))?))
 }
 
+/// Sync the directory `path` is in, so its name survives a crash.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
 /// A plain relative key, checked before it is joined to anything.
 pub fn check_key(location: &str, key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
@@ -91,9 +105,13 @@ pub fn check_key(location: &str, key: &str) -> Result<(), StoreError> {
 }
 
 /// A directory on the backup host. Objects are files (0600) under it; a write goes to a
-/// temporary file that is synced and renamed, then the directory is synced.
+/// temporary file that is synced and renamed (`put`) or linked if the name is free
+/// (`put_if_absent`), then the directory is synced: at once for `put`, at the next
+/// [`Store::sync`] for `put_if_absent` (one fsync per directory, not per chunk).
 pub struct DirStore {
     root: PathBuf,
+    /// Directories with links not yet synced.
+    unsynced: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl DirStore {
@@ -110,6 +128,7 @@ impl DirStore {
             })?;
         Ok(DirStore {
             root: root.to_path_buf(),
+            unsynced: Mutex::default(),
         })
     }
 
@@ -137,7 +156,13 @@ impl DirStore {
         }
     }
 
-    fn write_whole(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    /// Write `data` to a synced temporary file beside `path` and hand it to `place`
+    /// (rename or link); the temporary name is gone afterwards.
+    fn write_whole<T>(
+        path: &Path,
+        data: &[u8],
+        place: impl FnOnce(&Path, &Path) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::DirBuilder::new()
             .recursive(true)
@@ -148,8 +173,8 @@ impl DirStore {
             .and_then(|n| n.to_str())
             .unwrap_or("object");
         // Unique per write: two threads may put the same chunk at once.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         let written = (|| {
             let mut f = OpenOptions::new()
@@ -161,14 +186,12 @@ impl DirStore {
             f.write_all(data)?;
             f.sync_all()?;
             drop(f);
-            fs::rename(&tmp, path)
+            place(&tmp, path)
         })();
-        if written.is_err() {
-            // A full disk must not keep the half-written file.
-            let _ = fs::remove_file(&tmp);
-        }
-        written?;
-        File::open(dir)?.sync_all()
+        // A full disk must not keep the half-written file; after a link, the temporary
+        // name goes too.
+        let _ = fs::remove_file(&tmp);
+        written
     }
 
     fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
@@ -205,7 +228,44 @@ impl Store for DirStore {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
         let p = self.path(key)?;
-        Self::write_whole(&p, data).map_err(|e| self.io(key, e))
+        Self::write_whole(&p, data, |tmp, p| fs::rename(tmp, p))
+            .and_then(|()| sync_dir(&p))
+            .map_err(|e| self.io(key, e))
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let p = self.path(key)?;
+        // No stat first (the repository looks before it compresses): a link never
+        // replaces, so two writers of one name (the same content) race safely.
+        let linked = Self::write_whole(&p, data, |tmp, p| match fs::hard_link(tmp, p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        })
+        .map_err(|e| self.io(key, e))?;
+        if linked {
+            if let Some(dir) = p.parent() {
+                let mut u = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
+                u.insert(dir.to_path_buf());
+            }
+        }
+        Ok(linked)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        let linked =
+            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(PoisonError::into_inner));
+        // Their parents up to the root too: a first link may have created them.
+        let mut dirs = BTreeSet::new();
+        for d in &linked {
+            dirs.extend(d.ancestors().take_while(|a| a.starts_with(&self.root)));
+        }
+        for dir in dirs {
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| self.io(&dir.display().to_string(), e))?;
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
@@ -260,6 +320,13 @@ mod tests {
         assert!(s.put_if_absent("chunks/ab/abcd", b"x").unwrap());
         assert!(!s.put_if_absent("chunks/ab/abcd", b"y").unwrap());
         assert_eq!(s.get("chunks/ab/abcd").unwrap(), b"x");
+        s.sync().unwrap();
+        // The temporary files are gone, also after a link that found the name taken.
+        let left: Vec<_> = fs::read_dir(s.root().join("chunks/ab"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec!["abcd"]);
         assert_eq!(
             s.list("").unwrap(),
             vec!["backups/b1/manifest.json", "chunks/ab/abcd"]
