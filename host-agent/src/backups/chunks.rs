@@ -77,13 +77,18 @@ pub fn store_ranges(
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads * 2);
     let rx = Arc::new(Mutex::new(rx));
     let (done_tx, done_rx) = mpsc::channel::<Result<(Stored, u64), String>>();
+    // Buffers go back to the reader: at most the pipeline's pieces are ever allocated,
+    // and a piece does not cost a fresh 4 MiB mapping (and its page faults).
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
-            let (rx, done_tx, failed) = (rx.clone(), done_tx.clone(), &failed);
+            let (rx, done_tx, free_tx, failed) =
+                (rx.clone(), done_tx.clone(), free_tx.clone(), &failed);
             scope.spawn(move || loop {
                 let next = rx.lock().map(|r| r.recv());
                 let Ok(Ok((offset, data))) = next else { break };
                 let r = store_one(repo, offset, &data);
+                let _ = free_tx.send(data);
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -100,7 +105,8 @@ pub fn store_ranges(
                 break;
             }
             rate.take(length);
-            let mut buf = vec![0u8; length as usize];
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            buf.resize(length as usize, 0);
             if let Err(e) = read(offset, &mut buf) {
                 result = Err(format!("reading at {offset}: {e}"));
                 break;
