@@ -103,6 +103,12 @@ pub enum JournalError {
 /// Where appended records go. See the module docs for the durability contract.
 pub trait StateLog: Send + Sync {
     fn append(&self, rec: &JournalRecord) -> Result<(), JournalError>;
+
+    /// Append `recs` in order, each as durable as [`Self::append`] makes it; a log may
+    /// wait once for all of them (a write's `TrackAdd` and `Add` then share a flush).
+    fn append_all(&self, recs: &[JournalRecord]) -> Result<(), JournalError> {
+        recs.iter().try_for_each(|r| self.append(r))
+    }
 }
 
 /// A log that keeps nothing (tables only in memory).

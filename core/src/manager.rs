@@ -1055,25 +1055,17 @@ impl<B: Backend> SnapshotManager<B> {
             return Ok(());
         };
         let _range = pair.locks.lock(ext);
-        if role == Role::Origin {
-            self.track_write(pair, ext)?;
-        }
+        // Changed-block tracking marks every write to the origin, in every mode.
+        let track = role == Role::Origin && lock(&pair.tracking).mark(ext);
+        // Steps 802-803: record, durably, before the WRITE is issued. A coarse table may
+        // hold `ext` in a granule no journal record describes, so every write to it is
+        // journaled.
+        let add = matches!(route.bookkeeping, Bookkeeping::Record) && {
+            let mut table = lock(&pair.table);
+            table.add(ext) > 0 || table.is_coarse()
+        };
+        self.journal_write(pair, ext, track, add)?;
         match route.bookkeeping {
-            Bookkeeping::Record => {
-                // Steps 802-803: record, durably, before the WRITE is issued. A coarse
-                // table may hold `ext` in a granule no journal record describes, so every
-                // write to it is journaled.
-                let journal = {
-                    let mut table = lock(&pair.table);
-                    table.add(ext) > 0 || table.is_coarse()
-                };
-                if journal {
-                    self.append(JournalRecord::Add {
-                        pair: pair.key(),
-                        extent: ext,
-                    })?;
-                }
-            }
             Bookkeeping::Delete => {
                 // Steps 805-806: the array mirrors this write, so the LBAs become equal.
                 let removed = lock(&pair.table).remove(ext);
@@ -1095,21 +1087,25 @@ impl<B: Backend> SnapshotManager<B> {
                 return res;
             }
             Bookkeeping::CopyOnWrite => self.copy_on_write(pair, route.lu, ext)?,
-            Bookkeeping::None | Bookkeeping::SnapshotRead => {}
+            Bookkeeping::Record | Bookkeeping::None | Bookkeeping::SnapshotRead => {}
         }
         self.write_payload_blocks(entry, route.lu, offset, payload, ext, fua)
     }
 
-    /// Changed-block tracking: mark a write to the origin, durably (per the journal's
-    /// contract) before the data write is issued, in every mode.
-    fn track_write(&self, pair: &Pair, ext: Extent) -> Result<()> {
-        if lock(&pair.tracking).mark(ext) {
-            self.append(JournalRecord::TrackAdd {
-                pair: pair.key(),
-                extent: ext,
-            })?;
-        }
-        Ok(())
+    /// Journal a write of `ext` before its data write is issued: its changed-block mark
+    /// (`track`) and its update-location table record (`add`), as one append when both
+    /// (so a durable log waits once for the two).
+    fn journal_write(&self, pair: &Pair, ext: Extent, track: bool, add: bool) -> Result<()> {
+        let (pair, extent) = (pair.key(), ext);
+        let t = JournalRecord::TrackAdd { pair, extent };
+        let a = JournalRecord::Add { pair, extent };
+        let res = match (track, add) {
+            (true, true) => self.log.append_all(&[t, a]),
+            (true, false) => self.log.append(&t),
+            (false, true) => self.log.append(&a),
+            (false, false) => Ok(()),
+        };
+        res.map_err(ManagerError::Journal)
     }
 
     fn write_payload_blocks(

@@ -492,11 +492,50 @@ fn closed(reason: &str) -> JournalError {
 
 impl StateLog for FileJournal {
     fn append(&self, rec: &JournalRecord) -> Result<(), JournalError> {
+        self.append_all(std::slice::from_ref(rec))
+    }
+
+    /// All of `recs` under one lock, waiting at most once: a write's `TrackAdd` and
+    /// `Add` share a flush.
+    fn append_all(&self, recs: &[JournalRecord]) -> Result<(), JournalError> {
         let mut g = self.retry_locked(lock(&self.inner))?;
-        // A mode change (or a cut, complete or abort) that does not reach the disk is not
-        // made by the manager either: the state must not keep it, or a later checkpoint
-        // would write it.
-        let undo = Undo::of(&g.state, rec);
+        // A mode change (or a complete) that does not reach the disk is not made by the
+        // manager either: the state must not keep it, or a later checkpoint would write it.
+        let mut undo = Vec::new();
+        let mut durable = false;
+        for rec in recs {
+            match Undo::of(&g.state, rec) {
+                Undo::Nothing => {}
+                u => undo.push(u),
+            }
+            durable |= self.queue(&mut g, rec);
+        }
+        if !g.loading
+            && g.file_len + g.pending.len() as u64
+                > self.tuning.compact_bytes.max(2 * g.checkpoint_len)
+        {
+            // The checkpoint holds these records too.
+            return self.compact_locked(g).map(drop);
+        }
+        if !durable {
+            return Ok(());
+        }
+        let seq = g.appended;
+        let res = self.wait_durable(g, seq);
+        if res.is_err() {
+            let state = &mut lock(&self.inner).state;
+            for u in undo.into_iter().rev() {
+                u.apply(state);
+            }
+        }
+        res
+    }
+}
+
+impl FileJournal {
+    /// Apply `rec` to the state and queue it (with any region marks it needs); true when
+    /// it must be durable before `append` returns.
+    fn queue(&self, g: &mut Inner, rec: &JournalRecord) -> bool {
         g.state.apply(rec);
         let mut durable = true;
         match *rec {
@@ -510,7 +549,7 @@ impl StateLog for FileJournal {
             }
             JournalRecord::TrackComplete { .. } | JournalRecord::TrackAbort { .. } => {}
             JournalRecord::Add { .. } | JournalRecord::TrackAdd { .. } => {
-                durable = self.mark_regions(&mut g, rec);
+                durable = self.mark_regions(g, rec);
             }
             JournalRecord::Remove { pair, extent } => {
                 durable = false;
@@ -537,22 +576,7 @@ impl StateLog for FileJournal {
         }
         journal::encode_record(rec, &mut g.pending);
         g.appended += 1;
-        let seq = g.appended;
-        if !g.loading
-            && g.file_len + g.pending.len() as u64
-                > self.tuning.compact_bytes.max(2 * g.checkpoint_len)
-        {
-            // The checkpoint holds this record too.
-            return self.compact_locked(g).map(drop);
-        }
-        if !durable {
-            return Ok(());
-        }
-        let res = self.wait_durable(g, seq);
-        if res.is_err() {
-            undo.apply(&mut lock(&self.inner).state);
-        }
-        res
+        durable
     }
 }
 
@@ -865,6 +889,25 @@ mod tests {
         j.compact().unwrap();
         track(&j, ext(500, 507));
         assert!(on_disk(&path).tracking[&P].current().covers(ext(500, 507)));
+    }
+
+    /// A write's `TrackAdd` and `Add`, appended together, are both on disk after one
+    /// flush.
+    #[test]
+    fn a_write_s_two_records_share_a_flush() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.journal");
+        let j = open(&path, tuning());
+        let flushes = j.stats().flushes;
+        let (pair, extent) = (P, ext(2048, 2055));
+        j.append_all(&[
+            JournalRecord::TrackAdd { pair, extent },
+            JournalRecord::Add { pair, extent },
+        ])
+        .unwrap();
+        assert_eq!(j.stats().flushes, flushes + 1);
+        let st = on_disk(&path);
+        assert!(st.tracking[&P].current().covers(extent) && st.tables[&P].covers(extent));
     }
 
     /// With budgets the journal's copy of the tables stays bounded and covers every
