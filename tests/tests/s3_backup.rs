@@ -180,18 +180,27 @@ fn parallel_and_async_callers(s: Arc<S3Store>) {
     assert!(s.list("").unwrap().is_empty());
 }
 
-/// The whole image of `pg` on database host `db` now, through its NBD export.
-fn image(db: &hvm_tests::agent::Agent, to: &std::path::Path) -> Vec<u8> {
+/// `qemu-img convert` of raw `from` to raw `to` (a file or an NBD URI); `-n`: `to`
+/// exists already (an export).
+fn convert(from: &std::ffi::OsStr, to: &std::ffi::OsStr, existing: bool) {
     let out = hvm_tests::tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &db.uri("pg")])
+        .arg("convert")
+        .args(existing.then_some("-n"))
+        .args(["-f", "raw", "-O", "raw"])
+        .arg(from)
         .arg(to)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "qemu-img: {}",
+        "qemu-img convert {from:?} {to:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The whole image of `pg` on database host `db` now, through its NBD export.
+fn image(db: &hvm_tests::agent::Agent, to: &std::path::Path) -> Vec<u8> {
+    convert(db.uri("pg").as_ref(), to.as_ref(), false);
     std::fs::read(to).unwrap()
 }
 
@@ -246,17 +255,7 @@ fn full_and_incremental_backups_on_radosgw() {
     for (i, w) in writes.iter().enumerate() {
         if i == 0 {
             // Incompressible data for the full backup, written through the export.
-            let out = hvm_tests::tool("qemu-img")
-                .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-                .arg(&noise_file)
-                .arg(db.uri("pg"))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            convert(noise_file.as_ref(), db.uri("pg").as_ref(), true);
         }
         db.qemu_io("pg", w);
         let r = run(&site, target, &[]);
@@ -297,23 +296,8 @@ fn full_and_incremental_backups_on_radosgw() {
 
     // Verified; every point restored equals its instant.
     for (i, (id, img)) in points.iter().enumerate() {
-        site.json(&["backup", "verify", id, "--backup", &bk]);
         let to = work.path().join(format!("restored{i}.img"));
-        site.json(&[
-            "backup",
-            "restore",
-            id,
-            "--vlu",
-            "pg",
-            "--to",
-            to.to_str().unwrap(),
-            "--backup",
-            &bk,
-        ]);
-        assert!(
-            std::fs::read(&to).unwrap() == *img,
-            "restore of point {i} differs from its instant"
-        );
+        verify_and_restore(&site, id, &to, img, &format!("restore of point {i}"));
     }
 
     // One object of the first incremental corrupted: verify names it, and the full
@@ -370,22 +354,35 @@ fn full_and_incremental_backups_on_radosgw() {
     );
     assert!(kept.len() < points.len(), "prune removed nothing: {list}");
     for (i, (id, img)) in kept {
-        site.json(&["backup", "verify", id, "--backup", &bk]);
         let to = work.path().join(format!("after-prune{i}.img"));
-        site.json(&[
-            "backup",
-            "restore",
-            id,
-            "--vlu",
-            "pg",
-            "--to",
-            to.to_str().unwrap(),
-            "--backup",
-            &bk,
-        ]);
-        assert!(
-            std::fs::read(&to).unwrap() == *img,
-            "after prune, point {i} differs"
-        );
+        verify_and_restore(&site, id, &to, img, &format!("after prune, point {i}"));
     }
+}
+
+/// `backup verify` of `id`, then its restore to `to`, which must equal `img` (the
+/// instant's image).
+fn verify_and_restore(
+    site: &hvm_tests::rgw::Site,
+    id: &str,
+    to: &std::path::Path,
+    img: &[u8],
+    what: &str,
+) {
+    let bk = &site.backup_addr;
+    site.json(&["backup", "verify", id, "--backup", bk]);
+    site.json(&[
+        "backup",
+        "restore",
+        id,
+        "--vlu",
+        "pg",
+        "--to",
+        to.to_str().unwrap(),
+        "--backup",
+        bk,
+    ]);
+    assert!(
+        std::fs::read(to).unwrap() == img,
+        "{what} differs from its instant"
+    );
 }
