@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use hvm_host_agent::backups::s3::{S3Options, S3Store};
 use hvm_host_agent::backups::store::Store;
-use hvm_tests::rgw::{Rgw, Site};
+use hvm_tests::backup::Site;
+use hvm_tests::rgw::Rgw;
 use hvm_tests::tool;
 
 const BUCKET: &str = "hvm-bench";

@@ -1,7 +1,8 @@
 //! Two hosts and an array for the backup coordination tests: an `array-sim` daemon (the
 //! array both hosts reach, as over a SAN), a database host's agent with virtual LUs and a
 //! backup host's agent with its own plugin for the same array, TLS certificates and a
-//! token from `hvmctl tls init`.
+//! token from `hvmctl tls init` ([`Hosts`]); and [`Site`], many database hosts (each
+//! with its own embedded array) and one backup host, for the S3 and fleet tests.
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
@@ -63,7 +64,35 @@ pub enum Storage<'a> {
     Backend(&'a str),
 }
 
-fn coordination_address(line: &str) -> String {
+/// `hvmctl tls init DIR/tls --host 127.0.0.1`: a CA, the hosts' certificate, a console
+/// certificate and a token for agents on 127.0.0.1; returns the directory.
+pub fn tls_init(dir: &Path) -> PathBuf {
+    let tls = dir.join("tls");
+    let out = Command::new(binary("hvmctl"))
+        .args(["tls", "init"])
+        .arg(&tls)
+        .args(["--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tls init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tls
+}
+
+/// The `coordination:` section of an agent with `roles`, listening on a free port with
+/// [`tls_init`]'s certificate and token; `extra` is appended (role sections).
+pub fn coordination_config(tls: &Path, roles: &str, extra: &str) -> String {
+    format!(
+        "coordination:\n  listen: 127.0.0.1:0\n  cert: {t}/127.0.0.1.pem\n  key: {t}/127.0.0.1-key.pem\n  token_file: {t}/token\n  roles: [{roles}]\n{extra}",
+        t = tls.display()
+    )
+}
+
+/// The coordination address in host-agent's "serving" line.
+pub fn coordination_address(line: &str) -> String {
     line.rsplit_once("coordination on tls:")
         .map(|(_, a)| a.trim().to_string())
         .unwrap_or_else(|| panic!("no coordination address in {line:?}"))
@@ -114,18 +143,7 @@ impl Hosts {
     }
 
     pub fn start_on(dir: &Path, s: &Setup<'_>, storage: Storage<'_>) -> Hosts {
-        let tls = dir.join("tls");
-        let out = Command::new(binary("hvmctl"))
-            .args(["tls", "init"])
-            .arg(&tls)
-            .args(["--host", "127.0.0.1"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tls init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let tls = tls_init(dir);
         let (array, db_backend, backup_backend) = match storage {
             Storage::ArraySim => {
                 let (array, backend) = start_array(dir, s);
@@ -133,12 +151,7 @@ impl Hosts {
             }
             Storage::Backend(yaml) => (None, yaml.to_string(), String::new()),
         };
-        let coordination = |roles: &str, extra: &str| {
-            format!(
-                "coordination:\n  listen: 127.0.0.1:0\n  cert: {t}/127.0.0.1.pem\n  key: {t}/127.0.0.1-key.pem\n  token_file: {t}/token\n  roles: [{roles}]\n{extra}",
-                t = tls.display()
-            )
-        };
+        let coordination = |roles: &str, extra: &str| coordination_config(&tls, roles, extra);
         let mut vlus = String::from("virtual_lus:\n");
         for (i, n) in s.names.iter().enumerate() {
             vlus.push_str(&format!(
@@ -347,4 +360,118 @@ impl Hosts {
     pub fn lu_file(&self, lun: u32) -> PathBuf {
         self.dir.join(format!("array/lu{lun}.img"))
     }
+}
+
+/// Hosts for the backup tests on one machine: `n` database hosts (host-agent processes,
+/// each with its own embedded stateless array and virtual LU `pg` on LUs 1/2) and one
+/// backup host, all on 127.0.0.1 with free ports, sharing one CA and token. The backup
+/// host gets `backup_env` (an [`Rgw`]'s [`Rgw::env`] for `s3://` targets).
+pub struct Site {
+    pub dir: PathBuf,
+    pub tls: PathBuf,
+    /// Database hosts and their coordination addresses.
+    pub dbs: Vec<(crate::agent::Agent, String)>,
+    pub backup: crate::agent::Agent,
+    pub backup_addr: String,
+    /// The backup host's target_root.
+    pub repos: PathBuf,
+}
+
+impl Site {
+    pub fn start(
+        dir: &std::path::Path,
+        n: usize,
+        blocks: u64,
+        backup_env: &[(&str, String)],
+    ) -> Site {
+        let tls = tls_init(dir);
+        let dbs = (0..n)
+            .map(|i| {
+                let d = dir.join(format!("db{i:02}"));
+                start_site_agent(&d, &db_config(&d, &tls, blocks), &[])
+            })
+            .collect();
+        let bk = dir.join("bk");
+        let repos = bk.join("repos");
+        let bk_cfg = format!(
+            "plugin_dir: {}\nlisten:\n  unix: nbd.sock\nbackends: []\n{}",
+            crate::target_dir().display(),
+            coordination_config(
+                &tls,
+                "backup",
+                &format!("  backup:\n    target_root: {}\n", repos.display())
+            )
+        );
+        let (backup, backup_addr) = start_site_agent(&bk, &bk_cfg, backup_env);
+        Site {
+            dir: dir.to_path_buf(),
+            tls,
+            dbs,
+            backup,
+            backup_addr,
+            repos,
+        }
+    }
+
+    /// hvmctl with this site's CA and token in its environment (`HVM_CA`,
+    /// `HVM_TOKEN_FILE`; the console certificate beside the CA).
+    pub fn hvmctl(&self) -> Command {
+        let mut c = Command::new(crate::binary("hvmctl"));
+        c.env("HVM_CA", self.tls.join("ca.pem"))
+            .env("HVM_TOKEN_FILE", self.tls.join("token"))
+            .env_remove("HVM_CERT")
+            .env_remove("HVM_KEY")
+            .env_remove("HVM_POLICY_STATE");
+        c
+    }
+
+    /// `hvmctl --json ARGS`, expecting success; its JSON answer.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.hvmctl().arg("--json").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "hvmctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "hvmctl {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+/// A database host with an embedded stateless array: virtual LU `pg` on LUs 1/2, NBD on
+/// TCP with TLS (the backup host pulls the snapshot from there).
+fn db_config(dir: &std::path::Path, tls: &std::path::Path, blocks: u64) -> String {
+    format!(
+        "plugin_dir: {}\nlisten:\n  unix: nbd.sock\n  tcp: 127.0.0.1:0\n  tls: {{ cert: {t}/127.0.0.1.pem, key: {t}/127.0.0.1-key.pem, ca: {t}/ca.pem }}\nbackends:\n  - name: array0\n    plugin: stateless\n    params:\n      array:\n        embedded:\n          kind: stateless\n          dir: {}\n          disks: [{{ name: d0 }}, {{ name: d1 }}]\n          lus:\n            - {{ lun: 1, blocks: {blocks}, disk: d0 }}\n            - {{ lun: 2, blocks: {blocks}, disk: d1 }}\n          mirroring:\n            - {{ mirror: 0, origin: 1, mate: 2 }}\nvirtual_lus:\n  - {{ name: pg, backend: array0, lu: 0, snapshots: [pg-snap] }}\n{}",
+        crate::target_dir().display(),
+        dir.join("array").display(),
+        coordination_config(tls, "database", "  freeze:\n    deadline_ms: 5000\n"),
+        t = tls.display()
+    )
+}
+
+fn start_site_agent(
+    dir: &std::path::Path,
+    config: &str,
+    env: &[(&str, String)],
+) -> (crate::agent::Agent, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("agent.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let state = dir.join("state");
+    let mut cmd = crate::agent::Agent::command(&cfg, &state);
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let (proc, line) = crate::spawn_ready(&mut cmd);
+    assert!(
+        line.starts_with("host-agent: serving"),
+        "{}: {line:?}",
+        dir.display()
+    );
+    let addr = coordination_address(&line);
+    (crate::agent::Agent { proc, state }, addr)
 }

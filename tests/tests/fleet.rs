@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use hvm_host_agent::backups::store::{DirStore, Store};
-use hvm_tests::rgw::Site;
+use hvm_tests::backup::Site;
 
 const HOSTS: usize = 10;
 /// Blocks of each database host's LU (2 MiB: the fleet stays lean).

@@ -220,7 +220,7 @@ fn ids(list: &serde_json::Value) -> Vec<String> {
 }
 
 /// `hvmctl backup run` of `pg` into `target`; its JSON report.
-fn run(site: &hvm_tests::rgw::Site, target: &str, extra: &[&str]) -> serde_json::Value {
+fn run(site: &hvm_tests::backup::Site, target: &str, extra: &[&str]) -> serde_json::Value {
     let db = &site.dbs[0].1;
     let mut args = vec!["backup", "run", "--db", db, "--backup", &site.backup_addr];
     args.extend(["--vlu", "pg", "--target", target, "--via", "nbd"]);
@@ -235,7 +235,7 @@ fn run(site: &hvm_tests::rgw::Site, target: &str, extra: &[&str]) -> serde_json:
 fn full_and_incremental_backups_on_radosgw() {
     let rgw = Rgw::start(&["hvm-backups"]);
     let work = tempfile::tempdir().unwrap();
-    let site = hvm_tests::rgw::Site::start(work.path(), 1, 16384, &rgw.env());
+    let site = hvm_tests::backup::Site::start(work.path(), 1, 16384, &rgw.env());
     let db = &site.dbs[0].0;
     let target = "s3://hvm-backups/fleet/db00";
     let s3 = S3Store::open_with(target, &options(&rgw)).unwrap();
@@ -362,7 +362,7 @@ fn full_and_incremental_backups_on_radosgw() {
 /// `backup verify` of `id`, then its restore to `to`, which must equal `img` (the
 /// instant's image).
 fn verify_and_restore(
-    site: &hvm_tests::rgw::Site,
+    site: &hvm_tests::backup::Site,
     id: &str,
     to: &std::path::Path,
     img: &[u8],
