@@ -10,6 +10,8 @@
 //! - [`durable`]: the tables' journal files, with group commit and activity regions;
 //!   [`resync`]: the resync service.
 //! - [`reload`]: what a SIGHUP may change live; [`notify`]: systemd's sd_notify.
+//! - [`files`]: whole-file writes a crash leaves old or new (repository objects,
+//!   placement, policy state).
 //! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
@@ -23,6 +25,7 @@ pub mod demo;
 pub mod docs;
 pub mod durable;
 pub mod exports;
+pub mod files;
 pub mod gate;
 pub mod metrics;
 pub mod moves;

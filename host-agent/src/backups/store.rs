@@ -7,11 +7,10 @@
 //! first and its manifest last, so a half-written backup is never listed.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +79,6 @@ pub fn open(url_or_path: &str) -> Result<Box<dyn Store>, StoreError> {
 }
 
 /// Sync the directory `path` is in, so its name survives a crash.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
-}
-
 /// A plain relative key, checked before it is joined to anything.
 pub fn check_key(location: &str, key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
@@ -156,44 +151,6 @@ impl DirStore {
         }
     }
 
-    /// Write `data` to a synced temporary file beside `path` and hand it to `place`
-    /// (rename or link); the temporary name is gone afterwards.
-    fn write_whole<T>(
-        path: &Path,
-        data: &[u8],
-        place: impl FnOnce(&Path, &Path) -> std::io::Result<T>,
-    ) -> std::io::Result<T> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("object");
-        // Unique per write: two threads may put the same chunk at once.
-        static WRITES: AtomicU64 = AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            drop(f);
-            place(&tmp, path)
-        })();
-        // A full disk must not keep the half-written file; after a link, the temporary
-        // name goes too.
-        let _ = fs::remove_file(&tmp);
-        written
-    }
-
     fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
@@ -228,21 +185,20 @@ impl Store for DirStore {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
         let p = self.path(key)?;
-        Self::write_whole(&p, data, |tmp, p| fs::rename(tmp, p))
-            .and_then(|()| sync_dir(&p))
-            .map_err(|e| self.io(key, e))
+        crate::files::replace_file(&p, data).map_err(|e| self.io(key, e))
     }
 
     fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
         let p = self.path(key)?;
         // No stat first (the repository looks before it compresses): a link never
         // replaces, so two writers of one name (the same content) race safely.
-        let linked = Self::write_whole(&p, data, |tmp, p| match fs::hard_link(tmp, p) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        })
-        .map_err(|e| self.io(key, e))?;
+        let linked =
+            crate::files::write_synced_then(&p, data, |tmp, p| match fs::hard_link(tmp, p) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            })
+            .map_err(|e| self.io(key, e))?;
         if linked {
             if let Some(dir) = p.parent() {
                 let mut u = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
