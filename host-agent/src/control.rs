@@ -99,7 +99,8 @@ pub struct LuView {
 pub struct TrackingView {
     /// The last completed backup; null: none yet (the next backup copies everything).
     pub base: Option<String>,
-    /// Bytes written since the last backup's snapshot.
+    /// Bytes recorded as written since the last backup's snapshot: exact while `granule`
+    /// is 512, rounded out to granules (so more than was written) once coarsened.
     pub current_bytes: u64,
     /// The backup being copied, and the bytes it copies.
     pub pending: Option<PendingView>,

@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use hvm_core::SECTOR_SIZE;
 use serde_json::{json, Value};
 
 use super::{
@@ -73,10 +74,12 @@ pub fn coalesce(ranges: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> {
 }
 
 /// Changes from the tracking: the base backup, ranges, bytes written.
-type Tracked = (Option<String>, Vec<(u64, u64)>, u64);
+type Tracked = (Option<String>, Vec<(u64, u64)>, Option<u64>);
 
 /// What the database host's snapshot reply says changed in `vlu` since its last
-/// completed backup: (base, ranges, bytes written); `None` without tracking.
+/// completed backup: (base, ranges, bytes written); `None` without tracking. Bytes
+/// written are known only while the tracking is exact (512-byte granules); once it has
+/// coarsened, its ranges cover more than was written and no count is claimed.
 fn changes(snap: &Value, vlu: &str) -> Option<Tracked> {
     let c = snap.get("changes")?.get(vlu)?;
     let base = c["base"].as_str().map(str::to_string);
@@ -85,10 +88,11 @@ fn changes(snap: &Value, vlu: &str) -> Option<Tracked> {
         .iter()
         .filter_map(|e| Some((e.get(0)?.as_u64()?, e.get(1)?.as_u64()?)))
         .collect();
+    let exact = c["granule"].as_u64().unwrap_or(SECTOR_SIZE) <= SECTOR_SIZE;
     let bytes = c["bytes"]
         .as_u64()
         .unwrap_or_else(|| ranges.iter().map(|r| r.1).sum());
-    Some((base, coalesce(&ranges, MAX_RANGES), bytes))
+    Some((base, coalesce(&ranges, MAX_RANGES), exact.then_some(bytes)))
 }
 
 /// What a run did, and how it failed if it did.
@@ -130,7 +134,20 @@ impl Run<'_> {
         let t = Instant::now();
         match super::tracking::complete(&self.o.db, &self.o.vlus, &self.id) {
             Ok(v) => {
-                self.step("complete (tracking base)", ms(t), "");
+                // A later backup's cut may have superseded this one: the host then keeps
+                // its base and answers ok, so the base it reports is what is checked.
+                let other: Vec<String> = self
+                    .o
+                    .vlus
+                    .iter()
+                    .filter(|n| v["vlus"][n.as_str()]["base"].as_str() != Some(self.id.as_str()))
+                    .cloned()
+                    .collect();
+                if other.is_empty() {
+                    self.step("complete (tracking base)", ms(t), "");
+                } else {
+                    self.say(&format!("  warning: the database host's tracking base of {} is not this backup (a later backup's snapshot superseded it); the next incremental copies from that base", other.join(", ")));
+                }
                 v
             }
             Err(f) => {
@@ -216,8 +233,8 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
             ));
         };
         let (base, ranges, written) = match changes(snap, &vlu) {
-            Some((b, r, w)) if !o.full => (b, Some(r), Some(w)),
-            Some((_, _, w)) => (None, None, Some(w)),
+            Some((b, r, w)) if !o.full => (b, Some(r), w),
+            Some((_, _, w)) => (None, None, w),
             None => (None, None, None),
         };
         lus.push(CopyLu {

@@ -64,9 +64,16 @@ pub fn changes_json(
             })
         })
         .collect();
+    // Past the memory budget the sets are rounded out to granules: the ranges then cover
+    // more than was written, and `bytes` is what they cover.
+    let granule = mgr
+        .tracking(vlu)
+        .map(|t| t.granularity * SECTOR_SIZE)
+        .map_err(|e| e.to_string())?;
     Ok(json!({
         "base": base.map(|b| b.to_string()),
         "extents": ranges,
         "bytes": bytes,
+        "granule": granule,
     }))
 }
