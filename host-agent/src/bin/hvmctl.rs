@@ -400,15 +400,10 @@ fn socket_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/hvm/control.sock"))
 }
 
+/// A rate such as 200M, 1G or 500000 bytes per second (0: no limit): the policy file's
+/// parser, so both read a rate alike.
 fn parse_rate(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
-        (i, 'm' | 'M') => (&s[..i], 1 << 20),
-        (i, 'g' | 'G') => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
+    hvm_host_agent::policy::file::parse_rate(s).ok()
 }
 
 fn table(rows: &[Vec<String>]) -> String {
