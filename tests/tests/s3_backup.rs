@@ -47,6 +47,7 @@ fn store_contract_on_radosgw() {
     assert!(s.put_if_absent("chunks/ab/abcd", b"x").unwrap());
     assert!(!s.put_if_absent("chunks/ab/abcd", b"y").unwrap());
     assert_eq!(s.get("chunks/ab/abcd").unwrap(), b"x");
+    assert_eq!(s.size("chunks/ab/abcd").unwrap(), 1);
     s.put("chunks/ab/abce", b"").unwrap();
     assert_eq!(s.get("chunks/ab/abce").unwrap(), b"");
     assert_eq!(

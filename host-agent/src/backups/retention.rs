@@ -115,7 +115,7 @@ pub fn collect_garbage(repo: &Repo) -> Result<(u64, u64), String> {
     for c in repo.chunk_names().map_err(|e| e.to_string())? {
         if !referenced.contains(&c) {
             let key = chunk_key(&c);
-            bytes += repo.store().get(&key).map(|d| d.len() as u64).unwrap_or(0);
+            bytes += repo.store().size(&key).unwrap_or(0);
             repo.store().delete(&key).map_err(|e| e.to_string())?;
             n += 1;
         }

@@ -389,6 +389,12 @@ impl Store for S3Store {
         })
     }
 
+    fn size(&self, key: &str) -> Result<u64, StoreError> {
+        let path = self.path(key)?;
+        let s3 = self.s3.clone();
+        self.call(async move { s3.head(&path).await.map(|m| m.size) })
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         // object_store lists by whole path parts: ask for the parent "directory" of the
         // prefix and keep the keys that start with it.

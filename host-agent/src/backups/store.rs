@@ -52,6 +52,10 @@ pub trait Store: Send + Sync {
     }
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    /// The stored size of `key` in bytes, without reading it where the store can.
+    fn size(&self, key: &str) -> Result<u64, StoreError> {
+        self.get(key).map(|d| d.len() as u64)
+    }
     /// Every key that starts with `prefix`, sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Remove `key`; removing what is not there is not an error.
@@ -238,6 +242,13 @@ impl Store for DirStore {
         }
     }
 
+    fn size(&self, key: &str) -> Result<u64, StoreError> {
+        let p = self.path(key)?;
+        fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|e| self.io(key, e))
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         // Walk only the directory the prefix names up to its last `/` (`chunks/`
@@ -276,6 +287,7 @@ mod tests {
         assert!(s.put_if_absent("chunks/ab/abcd", b"x").unwrap());
         assert!(!s.put_if_absent("chunks/ab/abcd", b"y").unwrap());
         assert_eq!(s.get("chunks/ab/abcd").unwrap(), b"x");
+        assert_eq!(s.size("chunks/ab/abcd").unwrap(), 1);
         s.sync().unwrap();
         // The temporary files are gone, also after a link that found the name taken.
         let left: Vec<_> = fs::read_dir(s.root().join("chunks/ab"))
