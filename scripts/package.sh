@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
-cargo build --release -p hvm-host-agent -p hvm-plugin-stateless -p hvm-plugin-mode-select \
+cargo build --release -p hvm-host-agent -p hvmctl -p hvm-plugin-stateless -p hvm-plugin-mode-select \
     -p hvm-plugin-pre-update -p hvm-plugin-file -p hvm-plugin-nbd -p hvm-plugin-rbd
 target="${CARGO_TARGET_DIR:-target}/release"
 doc="$target/hvm-doc"

@@ -49,6 +49,7 @@ const PACKAGES: &[&str] = &[
     "hvm-plugin-test-panicking",
     "array-sim",
     "hvm-host-agent",
+    "hvmctl",
 ];
 
 /// Build the artifacts once per test process (cargo does nothing if they are fresh).
