@@ -36,10 +36,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use hvm_api::{self as api, ErrorStatus};
 use hvm_core::array_backup::{Area, BackupOp, BackupReply};
 use hvm_core::{Backend, BackendError, BackendErrorKind, ManagerError, Mode, VirtualLuId};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::agent::Agent;
 use crate::exports::Manager;
@@ -49,11 +49,13 @@ use crate::moves::{MoveError, MoveRequest, MoveStatus};
 type Shared = Arc<Agent>;
 
 /// An error reply.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(ErrorStatus, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let status =
+            StatusCode::from_u16(self.0.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(api::ErrorReply { error: self.1 })).into_response()
     }
 }
 
@@ -64,8 +66,8 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NotSnapshot { .. }
             | ManagerError::NotResynchronizing { .. }
             | ManagerError::NotAnOrigin(..)
-            | ManagerError::Held { .. } => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            | ManagerError::Held { .. } => ErrorStatus::Conflict,
+            _ => ErrorStatus::Internal,
         };
         ApiError(code, e.to_string())
     }
@@ -128,26 +130,10 @@ fn tracking_view(mgr: &Manager, vlu: VirtualLuId) -> Option<TrackingView> {
     })
 }
 
-#[derive(Serialize)]
-pub struct ResyncView {
-    pub name: String,
-    pub backend: String,
-    pub mode: String,
-    pub remaining_lbas: u64,
-    pub copied_lbas: u64,
-    pub skipped_lbas: u64,
-    pub done: bool,
-}
-
-#[derive(Deserialize)]
-struct Rate {
-    bytes_per_second: u64,
-}
-
 fn lookup(agent: &Agent, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
     agent.virtual_lu(name).ok_or_else(|| {
         ApiError(
-            StatusCode::NOT_FOUND,
+            ErrorStatus::NotFound,
             format!("no virtual LU named {name:?}"),
         )
     })
@@ -181,7 +167,7 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
 }
 
 /// Resync progress of every pair.
-pub fn resync_views(agent: &Agent) -> Vec<ResyncView> {
+pub fn resync_views(agent: &Agent) -> Vec<api::ResyncPair> {
     let mut out = Vec::new();
     for (name, (backend, vlu)) in &agent.virtual_lus {
         let Some(mgr) = agent.managers.get(backend) else {
@@ -190,7 +176,7 @@ pub fn resync_views(agent: &Agent) -> Vec<ResyncView> {
         let Ok(p) = mgr.resync_progress(*vlu) else {
             continue; // a snapshot LU: its pair is listed under the origin
         };
-        out.push(ResyncView {
+        out.push(api::ResyncPair {
             name: name.clone(),
             backend: backend.clone(),
             mode: mgr.mode(*vlu).to_string(),
@@ -208,7 +194,7 @@ async fn blocking<T: Send + 'static>(
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(ErrorStatus::Internal, e.to_string()))?
 }
 
 /// What keeps the agent from serving every write: journals out of service.
@@ -227,44 +213,72 @@ fn problems(a: &Shared) -> Vec<String> {
         .collect()
 }
 
-async fn status(State(a): State<Shared>) -> Json<serde_json::Value> {
+async fn status(State(a): State<Shared>) -> Json<api::Status> {
     let problems = problems(&a);
     let health = match problems.as_slice() {
         [] => "ok".to_string(),
         p => format!("failing: {}", p.join("; ")),
     };
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "health": health,
-        "problems": problems,
-        "backends": a.managers.len(),
-        "virtual_lus": a.virtual_lus.len(),
-        "nbd_socket": a.socket,
-        "resync": {
-            "paused": a.resync.paused(),
-            "bytes_per_second": a.resync.rate(),
-            "chunk_bytes": a.resync.chunk(),
+    let last_reload = a
+        .last_reload
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .map(reload_view);
+    Json(api::Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        health,
+        problems,
+        backends: a.managers.len() as u64,
+        virtual_lus: a.virtual_lus.len() as u64,
+        nbd_socket: a.socket.clone(),
+        resync: api::ResyncSettings {
+            paused: a.resync.paused(),
+            bytes_per_second: a.resync.rate(),
+            chunk_bytes: a.resync.chunk(),
         },
-        "config_file": a.config_file,
-        "snapshot_read_bytes": a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
-        "coordination": a.coordination.as_ref().map(|c| json!({ "listen": c.listen, "roles": c.roles })),
-        "last_reload": *a.last_reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
-    }))
+        config_file: a.config_file.clone(),
+        snapshot_read_bytes: a.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
+        coordination: a.coordination.as_ref().map(|c| api::Coordination {
+            listen: c.listen.clone(),
+            roles: c.roles.iter().map(|r| role_view(*r)).collect(),
+        }),
+        last_reload,
+    })
 }
 
-async fn reload(State(a): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
+fn role_view(r: crate::config::Role) -> api::Role {
+    match r {
+        crate::config::Role::Database => api::Role::Database,
+        crate::config::Role::Backup => api::Role::Backup,
+    }
+}
+
+/// A reload's report as the API shows it.
+fn reload_view(r: &crate::reload::ReloadReport) -> api::Reload {
+    api::Reload {
+        file: r.file.clone(),
+        at: r.at,
+        applied: r.applied.clone(),
+        needs_restart: r.needs_restart.clone(),
+        not_applied: r.not_applied.clone(),
+        error: r.error.clone(),
+    }
+}
+
+async fn reload(State(a): State<Shared>) -> ApiResult<Json<api::Reload>> {
     let report = blocking(move || Ok(a.reload())).await?;
     match &report.error {
-        Some(e) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.clone())),
-        None => Ok(Json(json!(report))),
+        Some(e) => Err(ApiError(ErrorStatus::Invalid, e.clone())),
+        None => Ok(Json(reload_view(&report))),
     }
 }
 
 fn move_error(e: MoveError) -> ApiError {
     let code = match e {
-        MoveError::Refused(_) => StatusCode::CONFLICT,
-        MoveError::NotMoving(_) => StatusCode::NOT_FOUND,
-        MoveError::Placement(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        MoveError::Refused(_) => ErrorStatus::Conflict,
+        MoveError::NotMoving(_) => ErrorStatus::NotFound,
+        MoveError::Placement(_) => ErrorStatus::Internal,
     };
     ApiError(code, e.to_string())
 }
@@ -274,18 +288,56 @@ fn move_error(e: MoveError) -> ApiError {
 async fn move_start(
     State(a): State<Shared>,
     Path(name): Path<String>,
-    Json(req): Json<MoveRequest>,
-) -> ApiResult<Json<MoveStatus>> {
-    blocking(move || a.start_move(&name, &req).map(Json).map_err(move_error)).await
+    Json(req): Json<api::MoveRequest>,
+) -> ApiResult<Json<api::Move>> {
+    let req = MoveRequest {
+        to: req.to,
+        lus: req.lus,
+        rate: req.rate,
+    };
+    blocking(move || {
+        a.start_move(&name, &req)
+            .map(|m| Json(move_view(m)))
+            .map_err(move_error)
+    })
+    .await
+}
+
+/// A move's status as the API shows it.
+pub fn move_view(m: MoveStatus) -> api::Move {
+    let place = |p: Vec<crate::moves::routed::Place>| {
+        p.into_iter()
+            .map(|p| api::Place {
+                backend: p.backend,
+                lu: p.lu,
+            })
+            .collect()
+    };
+    api::Move {
+        vlu: m.vlu,
+        from: place(m.from),
+        to: place(m.to),
+        phase: match m.phase {
+            crate::moves::Phase::Copying => api::Phase::Copying,
+            crate::moves::Phase::Done => api::Phase::Done,
+            crate::moves::Phase::Cancelled => api::Phase::Cancelled,
+            crate::moves::Phase::Failed(why) => api::Phase::Failed(why),
+        },
+        copied_bytes: m.copied_bytes,
+        total_bytes: m.total_bytes,
+        rate_bytes: m.rate_bytes,
+        elapsed_ms: m.elapsed_ms,
+        switch_ms: m.switch_ms,
+    }
 }
 
 async fn move_cancel(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<MoveStatus>> {
+) -> ApiResult<Json<api::Move>> {
     blocking(move || {
         let job = a.moves.cancel(&name).map_err(move_error)?;
-        Ok(Json(job.status()))
+        Ok(Json(move_view(job.status())))
     })
     .await
 }
@@ -293,12 +345,12 @@ async fn move_cancel(
 async fn move_status(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<MoveStatus>> {
+) -> ApiResult<Json<api::Move>> {
     let job = a
         .moves
         .job(&name)
         .ok_or_else(|| move_error(MoveError::NotMoving(name.clone())))?;
-    Ok(Json(job.status()))
+    Ok(Json(move_view(job.status())))
 }
 
 async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
@@ -308,27 +360,15 @@ async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
 async fn extents(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<api::Extents>> {
     let (mgr, vlu) = lookup(&a, &name)?;
     let t = mgr.update_location_table(vlu)?;
-    let ranges: Vec<[u64; 2]> = t.iter().map(|e| [e.first(), e.last()]).collect();
-    Ok(Json(json!({
-        "name": name,
-        "mode": mgr.mode(vlu).to_string(),
-        "total_lbas": t.total(),
-        "ranges": ranges,
-    })))
-}
-
-/// `POST /v1/lus/{name}/verify` `{rate?, repair?}`.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct VerifyRequest {
-    /// Bytes compared per second; 0 or missing: as fast as the legs read.
-    #[serde(default)]
-    rate: u64,
-    #[serde(default)]
-    repair: bool,
+    Ok(Json(api::Extents {
+        mode: mgr.mode(vlu).to_string(),
+        total_lbas: t.total(),
+        ranges: t.iter().map(|e| [e.first(), e.last()]).collect(),
+        name,
+    }))
 }
 
 /// LBAs compared under one range lock.
@@ -352,14 +392,15 @@ pub enum VerifyError {
 /// Compare the legs of Synchronized virtual LU `name` chunk by chunk while I/O goes on,
 /// at most `rate` bytes a second (0: unlimited), listing the ranges that differ and,
 /// with `repair`, writing them again from the origin. The reply of
-/// `POST /v1/lus/{name}/verify` and of the coordination service's `verify`.
-pub fn verify_legs(
+/// `POST /v1/lus/{name}/verify` and, as JSON ([`verify_legs`]), of the coordination
+/// service's `verify`.
+pub fn verify_report(
     mgr: &Manager,
     vlu: VirtualLuId,
     name: &str,
     rate: u64,
     repair: bool,
-) -> Result<serde_json::Value, VerifyError> {
+) -> Result<api::Verify, VerifyError> {
     let failed = |source| VerifyError::Manager {
         name: name.to_string(),
         source,
@@ -397,51 +438,68 @@ pub fn verify_legs(
         }
     }
     tracing::info!(vlu = %name, differing_lbas = lbas, repaired = repair && lbas > 0, "verify finished");
-    Ok(json!({
-        "name": name,
-        "compared_bytes": capacity * 512,
-        "seconds": start.elapsed().as_secs_f64(),
-        "identical": lbas == 0,
-        "differing_lbas": lbas,
-        "differing": ranges,
-        "repaired": repair && lbas > 0,
-    }))
+    Ok(api::Verify {
+        name: name.to_string(),
+        compared_bytes: capacity * 512,
+        seconds: start.elapsed().as_secs_f64(),
+        identical: lbas == 0,
+        differing_lbas: lbas,
+        differing: ranges,
+        repaired: repair && lbas > 0,
+    })
+}
+
+/// [`verify_report`] as JSON.
+pub fn verify_legs(
+    mgr: &Manager,
+    vlu: VirtualLuId,
+    name: &str,
+    rate: u64,
+    repair: bool,
+) -> Result<serde_json::Value, VerifyError> {
+    let v = verify_report(mgr, vlu, name, rate, repair)?;
+    Ok(serde_json::to_value(v).unwrap_or_default())
 }
 
 async fn verify(
     State(a): State<Shared>,
     Path(name): Path<String>,
-    body: Option<Json<VerifyRequest>>,
-) -> ApiResult<Json<serde_json::Value>> {
+    body: Option<Json<api::VerifyRequest>>,
+) -> ApiResult<Json<api::Verify>> {
     let (mgr, vlu) = lookup(&a, &name)?;
     let req = body.map(|Json(r)| r).unwrap_or_default();
     blocking(
-        move || match verify_legs(&mgr, vlu, &name, req.rate, req.repair) {
+        move || match verify_report(&mgr, vlu, &name, req.rate, req.repair) {
             Ok(v) => Ok(Json(v)),
             Err(VerifyError::Manager { source, .. }) => Err(source.into()),
-            Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+            Err(e) => Err(ApiError(ErrorStatus::Conflict, e.to_string())),
         },
     )
     .await
 }
 
+/// The reply of a snapshot acquire or delete.
+fn change(name: String, mode: Mode, changed: bool) -> Json<api::SnapshotChange> {
+    Json(api::SnapshotChange {
+        name,
+        mode: mode.to_string(),
+        changed,
+    })
+}
+
 async fn acquire(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<api::SnapshotChange>> {
     let (mgr, vlu) = lookup(&a, &name)?;
     blocking(move || {
         // A repeat of a request that already took effect is not an error.
         if mgr.mode(vlu) == Mode::Snapshot {
-            return Ok(Json(
-                json!({ "name": name, "mode": "Snapshot", "changed": false }),
-            ));
+            return Ok(change(name, Mode::Snapshot, false));
         }
         mgr.acquire(vlu)?;
         tracing::info!(vlu = %name, "snapshot acquired");
-        Ok(Json(
-            json!({ "name": name, "mode": "Snapshot", "changed": true }),
-        ))
+        Ok(change(name, Mode::Snapshot, true))
     })
     .await
 }
@@ -449,7 +507,7 @@ async fn acquire(
 async fn delete(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<api::SnapshotChange>> {
     let (mgr, vlu) = lookup(&a, &name)?;
     let ctl = a.resync.clone();
     blocking(move || {
@@ -457,16 +515,12 @@ async fn delete(
         // there is no snapshot to delete ([0031]).
         let mode = mgr.mode(vlu);
         if mode == Mode::Resynchronizing && mgr.resync_progress(vlu).is_ok() {
-            return Ok(Json(
-                json!({ "name": name, "mode": mode.to_string(), "changed": false }),
-            ));
+            return Ok(change(name, mode, false));
         }
         mgr.delete(vlu)?;
         ctl.wake();
         tracing::info!(vlu = %name, "snapshot deleted; resync started");
-        Ok(Json(
-            json!({ "name": name, "mode": mgr.mode(vlu).to_string(), "changed": true }),
-        ))
+        Ok(change(name, mgr.mode(vlu), true))
     })
     .await
 }
@@ -477,7 +531,7 @@ async fn delete(
 async fn rollback(
     State(a): State<Shared>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<api::Rollback>> {
     let (mgr, vlu) = lookup(&a, &name)?;
     let ctl = a.resync.clone();
     let exports = a.exports.clone();
@@ -487,7 +541,7 @@ async fn rollback(
         if let Some(e) = &export {
             if !e.gate.close(deadline) {
                 return Err(ApiError(
-                    StatusCode::CONFLICT,
+                    ErrorStatus::Conflict,
                     format!("{name}: writes in flight did not complete within 30 s"),
                 ));
             }
@@ -499,39 +553,39 @@ async fn rollback(
         let blocks = r?;
         ctl.wake();
         tracing::info!(vlu = %name, blocks, "rolled back to the snapshot; resync started");
-        Ok(Json(json!({
-            "name": name,
-            "mode": mgr.mode(vlu).to_string(),
-            "rolled_back_lbas": blocks,
-        })))
+        Ok(Json(api::Rollback {
+            mode: mgr.mode(vlu).to_string(),
+            rolled_back_lbas: blocks,
+            name,
+        }))
     })
     .await
 }
 
-async fn resync(State(a): State<Shared>) -> Json<serde_json::Value> {
-    Json(json!({
-        "paused": a.resync.paused(),
-        "bytes_per_second": a.resync.rate(),
-        "pairs": resync_views(&a),
-    }))
+async fn resync(State(a): State<Shared>) -> Json<api::Resync> {
+    Json(api::Resync {
+        paused: a.resync.paused(),
+        bytes_per_second: a.resync.rate(),
+        pairs: resync_views(&a),
+    })
 }
 
-async fn pause(State(a): State<Shared>) -> Json<serde_json::Value> {
+async fn pause(State(a): State<Shared>) -> Json<api::Paused> {
     a.resync.set_paused(true);
-    Json(json!({ "paused": true }))
+    Json(api::Paused { paused: true })
 }
 
-async fn resume(State(a): State<Shared>) -> Json<serde_json::Value> {
+async fn resume(State(a): State<Shared>) -> Json<api::Paused> {
     a.resync.set_paused(false);
-    Json(json!({ "paused": false }))
+    Json(api::Paused { paused: false })
 }
 
-async fn rate(State(a): State<Shared>, Json(r): Json<Rate>) -> Json<serde_json::Value> {
+async fn rate(State(a): State<Shared>, Json(r): Json<api::Rate>) -> Json<api::Rate> {
     a.resync.set_rate(r.bytes_per_second);
-    Json(json!({ "bytes_per_second": r.bytes_per_second }))
+    Json(r)
 }
 
-async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
+async fn backends(State(a): State<Shared>) -> Json<api::Backends> {
     let a2 = a.clone();
     let list = tokio::task::spawn_blocking(move || {
         a2.managers
@@ -541,23 +595,30 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
                     Ok(d) => ("ok".to_string(), lu_identities(mgr.backend(), &d)),
                     Err(e) => (format!("failing: {e}"), Vec::new()),
                 };
-                json!({
-                    "name": name,
-                    "lus": lus,
-                    "strategy_capabilities": format!("{:?}", mgr.capabilities()),
-                    "backup": mgr.backend().backup_capabilities(),
-                    "health": health,
-                    "journal": a2.journals.get(name).map(|j| json!({
-                        "path": j.path(),
-                        "stats": j.stats(),
-                    })),
-                })
+                api::BackendView {
+                    name: name.clone(),
+                    lus,
+                    strategy_capabilities: format!("{:?}", mgr.capabilities()),
+                    backup: mgr.backend().backup_capabilities(),
+                    health,
+                    journal: a2.journals.get(name).map(|j| {
+                        let s = j.stats();
+                        api::Journal {
+                            path: j.path().to_path_buf(),
+                            stats: api::JournalStats {
+                                file_bytes: s.file_bytes,
+                                flushes: s.flushes,
+                                compactions: s.compactions,
+                            },
+                        }
+                    }),
+                }
             })
             .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
-    Json(json!({ "backends": list }))
+    Json(api::Backends { backends: list })
 }
 
 /// Each LU's number, capacity and identity (VPD 83h, device and inode, export, image
@@ -565,12 +626,13 @@ async fn backends(State(a): State<Shared>) -> Json<serde_json::Value> {
 fn lu_identities(
     backend: &dyn hvm_core::Backend,
     d: &hvm_core::BackendDescription,
-) -> Vec<serde_json::Value> {
+) -> Vec<api::BackendLu> {
     d.lus
         .iter()
-        .map(|l| {
-            let identity = backend.identity(l.id).ok().flatten();
-            json!({ "lu": l.id.0, "capacity_lbas": l.capacity_lbas, "identity": identity })
+        .map(|l| api::BackendLu {
+            lu: l.id.0,
+            capacity_lbas: l.capacity_lbas,
+            identity: backend.identity(l.id).ok().flatten(),
         })
         .collect()
 }
@@ -578,13 +640,13 @@ fn lu_identities(
 /// The HTTP status of a backend's refusal: 501 when the array lacks the function, 409
 /// when it refuses it in the present state (a volume that is not a split secondary, a
 /// busy device), 400 for a request it cannot parse.
-fn backend_status(e: &BackendError) -> StatusCode {
+fn backend_status(e: &BackendError) -> ErrorStatus {
     match e.kind {
-        BackendErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
-        BackendErrorKind::InvalidRequest | BackendErrorKind::DataProtect => StatusCode::CONFLICT,
-        BackendErrorKind::OutOfRange => StatusCode::BAD_REQUEST,
-        BackendErrorKind::NotReady => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        BackendErrorKind::Unsupported => ErrorStatus::Unsupported,
+        BackendErrorKind::InvalidRequest | BackendErrorKind::DataProtect => ErrorStatus::Conflict,
+        BackendErrorKind::OutOfRange => ErrorStatus::BadRequest,
+        BackendErrorKind::NotReady => ErrorStatus::Unavailable,
+        _ => ErrorStatus::Internal,
     }
 }
 
@@ -604,7 +666,7 @@ fn whole_lu(backend: &dyn Backend, op: &mut BackupOp) -> ApiResult<()> {
         .iter()
         .find(|l| l.id.0 == *lu)
         .map(|l| l.capacity_lbas)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("the array has no LU {lu}")))?;
+        .ok_or_else(|| ApiError(ErrorStatus::NotFound, format!("the array has no LU {lu}")))?;
     ranges.push(Area { start: 0, blocks });
     Ok(())
 }
@@ -618,12 +680,12 @@ async fn array_backup(
         .managers
         .get(&name)
         .cloned()
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backend named {name:?}")))?;
+        .ok_or_else(|| ApiError(ErrorStatus::NotFound, format!("no backend named {name:?}")))?;
     blocking(move || {
         let backend = mgr.backend();
         if !backend.backup_capabilities().any() {
             return Err(ApiError(
-                StatusCode::NOT_IMPLEMENTED,
+                ErrorStatus::Unsupported,
                 format!("{name}: no array-side backup functions (its array has no `backup` section, or its plugin was built before plugin interface 0.1.1)"),
             ));
         }
@@ -707,7 +769,7 @@ async fn metrics(State(a): State<Shared>) -> impl IntoResponse {
 
 async fn not_found() -> ApiError {
     ApiError(
-        StatusCode::NOT_FOUND,
+        ErrorStatus::NotFound,
         "no such endpoint; see GET /v1/status".into(),
     )
 }
