@@ -287,7 +287,8 @@ impl ArrayConfig {
         Ok(cfg)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// The checks past serde's: what [`ArrayConfig::parse`] refuses after parsing.
+    pub fn check(&self) -> Result<(), String> {
         for (i, r) in self.faults.iter().enumerate() {
             r.validate().map_err(|e| format!("faults[{i}]: {e}"))?;
         }

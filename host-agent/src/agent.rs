@@ -38,6 +38,16 @@ pub enum AgentError {
         #[source]
         source: Box<LoadError>,
     },
+    /// The plugin refused its parameters, or what they name (a missing file, an array
+    /// that does not answer).
+    #[error("{file}: {at}{}: backend {backend}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Params {
+        file: String,
+        at: String,
+        line: Option<usize>,
+        backend: String,
+        message: String,
+    },
     #[error("backend {backend}: describing the array failed: {source}")]
     Describe {
         backend: String,
@@ -123,25 +133,6 @@ fn absolute(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// Every plugin's parameters get the host's state directory as `state_dir` (unless they
-/// set one), so a driver can keep its files there; what it keeps is the driver's affair.
-fn with_state_dir(params: &serde_yaml::Value, state_dir: &Path) -> serde_yaml::Value {
-    let mut params = params.clone();
-    if params.is_null() {
-        params = serde_yaml::Value::Mapping(serde_yaml::Mapping::new());
-    }
-    if let Some(m) = params.as_mapping_mut() {
-        let key = serde_yaml::Value::String("state_dir".into());
-        if !m.contains_key(&key) {
-            m.insert(
-                key,
-                serde_yaml::Value::String(state_dir.display().to_string()),
-            );
-        }
-    }
-    params
-}
-
 /// A backend opened from its plugin, with what it reported at start.
 struct Opened {
     backend: Shared,
@@ -177,9 +168,8 @@ fn open_backend(
         path_in(plugin_dir, &b.plugin)
     };
     let plugin = Plugin::load(&path).map_err(err)?;
-    let params = with_state_dir(&b.params, state_dir);
-    let text = serde_yaml::to_string(&params).unwrap_or_default();
-    let backend: Shared = Arc::new(plugin.open(&text).map_err(err)?);
+    let opened = plugin.open(&b.params.text(state_dir));
+    let backend: Shared = Arc::new(opened.map_err(|e| refused(b, e))?);
     // issue 22: an array's EP 1 058 190 pairs are reported as mirroring definitions.
     let backend = crate::pairs::wrap(backend);
     let desc = backend.describe().map_err(|source| AgentError::Describe {
@@ -194,6 +184,24 @@ fn open_backend(
         "backend opened"
     );
     Ok(Opened { backend, desc })
+}
+
+/// A plugin's refusal to open: named by the config file, field and line of the params
+/// when the config came from a file.
+fn refused(b: &crate::config::BackendConfig, e: LoadError) -> AgentError {
+    match (e, b.params.origin()) {
+        (LoadError::Open { path, error }, Some(o)) => AgentError::Params {
+            file: o.file.clone(),
+            at: o.at.clone(),
+            line: o.line,
+            backend: b.name.clone(),
+            message: format!("{}: {}", path.display(), error.message),
+        },
+        (e, _) => AgentError::Plugin {
+            backend: b.name.clone(),
+            source: Box::new(e),
+        },
+    }
 }
 
 /// The mirroring definition of virtual LU `v`: listed in the config [0054], or the one

@@ -410,7 +410,63 @@ pub struct BackendConfig {
     pub name: String,
     pub plugin: String,
     #[serde(default)]
-    pub params: serde_yaml::Value,
+    pub params: PluginParams,
+}
+
+/// A backend's `params`: YAML that only its plugin reads. They cross the plugin boundary
+/// once, as one text ([`PluginParams::text`]), which the plugin parses once into its
+/// typed parameters; the host only adds `state_dir`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct PluginParams {
+    value: serde_yaml::Value,
+    /// Where they are in the config file, for the plugin's errors; set by
+    /// [`Config::parse`].
+    #[serde(skip)]
+    origin: Option<ParamsOrigin>,
+}
+
+/// The file and field a backend's params came from, and their line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParamsOrigin {
+    pub file: String,
+    /// `backends[N].params`.
+    pub at: String,
+    pub line: Option<usize>,
+}
+
+/// Two backends' params are equal when their YAML is: where it sits in the file does not
+/// change the backend (a reload compares them).
+impl PartialEq for PluginParams {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl PluginParams {
+    /// The text the plugin is opened with: the params, with the host's state directory as
+    /// `state_dir` unless they set one (a driver keeps its files there; what it keeps is
+    /// the driver's affair).
+    pub fn text(&self, state_dir: &Path) -> String {
+        use serde_yaml::{Mapping, Value};
+        let mut params = match &self.value {
+            Value::Null => Value::Mapping(Mapping::new()),
+            v => v.clone(),
+        };
+        if let Some(m) = params.as_mapping_mut() {
+            let key = Value::String("state_dir".into());
+            if !m.contains_key(&key) {
+                m.insert(key, Value::String(state_dir.display().to_string()));
+            }
+        }
+        // A Value always serializes (its keys and scalars are YAML already).
+        serde_yaml::to_string(&params).unwrap_or_default()
+    }
+
+    /// Where they came from, when [`Config::parse`] read them.
+    pub fn origin(&self) -> Option<&ParamsOrigin> {
+        self.origin.as_ref()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -559,7 +615,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             file: file.into(),
             source,
         })?;
@@ -569,108 +625,140 @@ impl Config {
             at,
             message,
         };
-        if cfg.journal.region_kib == 0 || cfg.journal.region_kib % 4 != 0 {
-            return Err(bad(
+        cfg.check_numbers().map_err(|(at, m)| bad(at, m))?;
+        cfg.check_listen().map_err(|(at, m)| bad(at, m))?;
+        cfg.check_names().map_err(|(at, m)| bad(at, m))?;
+        if let Some(c) = &cfg.coordination {
+            c.check().map_err(|(at, m)| bad(at, m))?;
+        }
+        for (i, b) in cfg.backends.iter_mut().enumerate() {
+            let at = format!("backends[{i}].params");
+            b.params.origin = Some(ParamsOrigin {
+                file: file.into(),
+                line: line_of(text, &at),
+                at,
+            });
+        }
+        Ok(cfg)
+    }
+
+    fn check_numbers(&self) -> Result<(), Refusal> {
+        if self.journal.region_kib == 0 || self.journal.region_kib % 4 != 0 {
+            return Err((
                 "journal.region_kib".into(),
-                format!("{} is not a positive multiple of 4", cfg.journal.region_kib),
+                format!("{} is not a positive multiple of 4", self.journal.region_kib),
             ));
         }
-        if cfg.resync.chunk_kib == 0 || cfg.resync.chunk_kib > 32 * 1024 {
-            return Err(bad(
+        if self.resync.chunk_kib == 0 || self.resync.chunk_kib > 32 * 1024 {
+            return Err((
                 "resync.chunk_kib".into(),
-                format!("{} is not between 1 and 32768", cfg.resync.chunk_kib),
+                format!("{} is not between 1 and 32768", self.resync.chunk_kib),
             ));
         }
-        if cfg.listen.tcp.is_some() && cfg.listen.tls.is_none() && !cfg.listen.insecure {
-            return Err(bad(
+        Ok(())
+    }
+
+    fn check_listen(&self) -> Result<(), Refusal> {
+        let l = &self.listen;
+        if l.tcp.is_some() && l.tls.is_none() && !l.insecure {
+            return Err((
                 "listen.tcp".into(),
                 "plain TCP lets anyone who reaches the port read and write the exports: give listen.tls { cert, key, ca } (hvmctl tls init makes them), or write listen.insecure: true".into(),
             ));
         }
-        if cfg.listen.tls.is_some() && cfg.listen.tcp.is_none() {
-            return Err(bad(
+        if l.tls.is_some() && l.tcp.is_none() {
+            return Err((
                 "listen.tls".into(),
                 "TLS is for listen.tcp, which is not set".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Backend names are unique, every virtual LU names one, and export names are valid
+    /// and unique.
+    fn check_names(&self) -> Result<(), Refusal> {
         let mut names = std::collections::BTreeSet::new();
-        for (i, b) in cfg.backends.iter().enumerate() {
+        for (i, b) in self.backends.iter().enumerate() {
             if !names.insert(b.name.as_str()) {
-                return Err(bad(
+                return Err((
                     format!("backends[{i}].name"),
                     format!("{:?} is used twice", b.name),
                 ));
             }
         }
         let mut exports = std::collections::BTreeSet::new();
-        for (i, v) in cfg.virtual_lus.iter().enumerate() {
+        for (i, v) in self.virtual_lus.iter().enumerate() {
             if !names.contains(v.backend.as_str()) {
-                return Err(bad(
+                return Err((
                     format!("virtual_lus[{i}].backend"),
                     format!("no backend named {:?}", v.backend),
                 ));
             }
             if let Some(m) = &v.mirroring {
                 m.definition(v.lu)
-                    .map_err(|e| bad(format!("virtual_lus[{i}].mirroring"), e))?;
+                    .map_err(|e| (format!("virtual_lus[{i}].mirroring"), e))?;
             }
             for n in std::iter::once(&v.name).chain(&v.snapshots) {
-                if n.is_empty() || n.len() > 4096 || n.contains('\0') {
-                    return Err(bad(
-                        format!("virtual_lus[{i}]"),
-                        format!("{n:?} is not a valid export name (1-4096 bytes, no NUL)"),
-                    ));
-                }
-                if !exports.insert(n.clone()) {
-                    return Err(bad(
-                        format!("virtual_lus[{i}]"),
-                        format!("export name {n:?} is used twice"),
+                let why = if n.is_empty() || n.len() > 4096 || n.contains('\0') {
+                    format!("{n:?} is not a valid export name (1-4096 bytes, no NUL)")
+                } else if !exports.insert(n.clone()) {
+                    format!("export name {n:?} is used twice")
+                } else {
+                    continue;
+                };
+                return Err((format!("virtual_lus[{i}]"), why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A check's refusal: the field's path (`a.b[2].c`) and why.
+type Refusal = (String, String);
+
+impl CoordinationConfig {
+    fn check(&self) -> Result<(), Refusal> {
+        if self.roles.is_empty() {
+            return Err((
+                "coordination.roles".into(),
+                "expected at least one of database, backup".into(),
+            ));
+        }
+        if self.roles.contains(&Role::Backup) && self.backup.is_none() {
+            return Err((
+                "coordination.backup".into(),
+                "the backup role needs `backup: { target_root: DIR }`".into(),
+            ));
+        }
+        if self.freeze.deadline_ms == 0 {
+            return Err((
+                "coordination.freeze.deadline_ms".into(),
+                "expected a positive number of milliseconds".into(),
+            ));
+        }
+        for (i, h) in self.freeze.hooks.iter().enumerate() {
+            let set = [
+                h.command.is_some(),
+                h.fsfreeze.is_some(),
+                h.postgresql.is_some(),
+            ];
+            if set.iter().filter(|b| **b).count() != 1 {
+                return Err((
+                    format!("coordination.freeze.hooks[{i}]"),
+                    "expected exactly one of command, fsfreeze, postgresql".into(),
+                ));
+            }
+            if let Some(cmd) = &h.command {
+                if cmd.pre.is_none() && cmd.post.is_none() {
+                    return Err((
+                        format!("coordination.freeze.hooks[{i}].command"),
+                        "expected pre, post or both".into(),
                     ));
                 }
             }
         }
-        if let Some(c) = &cfg.coordination {
-            if c.roles.is_empty() {
-                return Err(bad(
-                    "coordination.roles".into(),
-                    "expected at least one of database, backup".into(),
-                ));
-            }
-            if c.roles.contains(&Role::Backup) && c.backup.is_none() {
-                return Err(bad(
-                    "coordination.backup".into(),
-                    "the backup role needs `backup: { target_root: DIR }`".into(),
-                ));
-            }
-            if c.freeze.deadline_ms == 0 {
-                return Err(bad(
-                    "coordination.freeze.deadline_ms".into(),
-                    "expected a positive number of milliseconds".into(),
-                ));
-            }
-            for (i, h) in c.freeze.hooks.iter().enumerate() {
-                let set = [
-                    h.command.is_some(),
-                    h.fsfreeze.is_some(),
-                    h.postgresql.is_some(),
-                ];
-                if set.iter().filter(|b| **b).count() != 1 {
-                    return Err(bad(
-                        format!("coordination.freeze.hooks[{i}]"),
-                        "expected exactly one of command, fsfreeze, postgresql".into(),
-                    ));
-                }
-                if let Some(cmd) = &h.command {
-                    if cmd.pre.is_none() && cmd.post.is_none() {
-                        return Err(bad(
-                            format!("coordination.freeze.hooks[{i}].command"),
-                            "expected pre, post or both".into(),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(cfg)
+        Ok(())
     }
 }
 

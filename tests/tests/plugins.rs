@@ -266,6 +266,65 @@ fn open_errors_are_reported() {
     assert!(err.to_string().contains("asked to fail"), "{err}");
 }
 
+/// The parameters cross the boundary as one text that the plugin parses once, the
+/// embedded array's config with them: a bad field deep in it is named by its path, and
+/// host-agent's one-line refusal names the config file, the backend's `params` and their
+/// line.
+#[test]
+fn bad_parameters_name_the_config_file_field_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Plugin::load(&plugin_path("stateless")).unwrap();
+    let params = embedded_params("stateless", dir.path());
+    for (bad, want) in [
+        (
+            params.replace("    kind:", "    colour: red\n    kind:"),
+            "array.embedded: unknown field `colour`",
+        ),
+        (
+            params.replace(
+                "    kind:",
+                "    faults: [{ action: delay, delay_ms: 1e300 }]\n    kind:",
+            ),
+            "array.embedded: faults[0]: a delay fault needs delay_ms",
+        ),
+    ] {
+        let msg = p.open(&bad).unwrap_err().to_string();
+        assert!(msg.contains(want), "{msg}");
+    }
+    let indented: String = params
+        .replace("    kind:", "    colour: red\n    kind:")
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{ unix: nbd.sock }}\nbackends:\n  - name: a\n    plugin: {}\n    params:\n{indented}",
+            plugin_path("stateless").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary("host-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err = err.trim_end();
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(
+        err.starts_with(&format!(
+            "host-agent: {}: backends[0].params (line 5): backend a: ",
+            config.display()
+        )) && err.contains("unknown field `colour`"),
+        "{err}"
+    );
+}
+
 /// A plugin method that panics: the caller gets an error, the backend is out of service
 /// from then on, and the host and its other backends go on.
 #[test]

@@ -14,6 +14,10 @@
 //! - The driver side ([`driver`]): wraps any `hvm_core::Backend` as a [`BackendBox`],
 //!   catching panics at the boundary so a panicking driver returns an error instead of
 //!   unwinding into the host.
+//! - Parameters: a backend's `params` from the host's config cross the boundary once, as
+//!   one YAML text (the host adds only `state_dir`), and the plugin parses that text
+//!   once into its own typed parameters (the array drivers' embedded array-sim config
+//!   with them); neither side passes a parsed value across.
 //! - The host side ([`host`]): checks the file (regular, not group/other-writable, owned
 //!   by root or by us), loads it, checks abi_stable's layout and version, and wraps the
 //!   backend object as an `hvm_core::Backend` that goes out of service after a panic.

@@ -9,10 +9,11 @@ use hvm_scsi::cdb::Command;
 use hvm_scsi::driver::{self, Array, ArrayKind, Params};
 use hvm_scsi::format::VPD_PAIRING;
 
+/// The `array.embedded` config, parsed with the rest of the parameters.
 #[cfg(feature = "embedded")]
-const EMBEDDED: Option<driver::Embedded<'static>> = Some(&array_sim::driver::embedded);
+type Embedded = array_sim::config::ArrayConfig;
 #[cfg(not(feature = "embedded"))]
-const EMBEDDED: Option<driver::Embedded<'static>> = None;
+type Embedded = driver::NotEmbedded;
 
 /// The target must describe a mirroring LU and its read-only mate (VPD C0h).
 fn probe_pairing(array: &Array, lun: u8, at: &str) -> Result<(), String> {
@@ -35,11 +36,11 @@ fn probe_pairing(array: &Array, lun: u8, at: &str) -> Result<(), String> {
 }
 
 fn open_array(params: &str) -> Result<Array, String> {
-    let p = Params::parse(params)?;
+    let p = Params::<Embedded>::parse(params)?;
     if p.volumes.is_some() {
         return Err("the pre-update driver drives one array (`array:`); volumes of two LUNs are the stateless driver's".into());
     }
-    let (array, lun) = driver::open_array(&p, EMBEDDED)?;
+    let (array, lun) = driver::open_array(&p)?;
     let at = p.array.as_ref().map_or_else(String::new, driver::location);
     if let Some(lun) = lun {
         probe_pairing(&array, lun, &at)?;

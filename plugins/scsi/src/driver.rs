@@ -16,16 +16,19 @@
 //! ```
 //!
 //! `embedded` runs array-sim in the host's process; only a plugin built with its
-//! `embedded` feature (on by default) has it, and it hands it in as a function, so this
-//! crate does not depend on the simulator. A relative embedded `dir` is taken relative
-//! to `state_dir`, which host-agent adds to every plugin's parameters.
+//! `embedded` feature (on by default) has it. The plugin names the embedded config's type
+//! ([`Embed`]: array-sim's `ArrayConfig`, or [`NotEmbedded`]), so the whole text is
+//! parsed once, into typed parameters, and this crate does not depend on the simulator.
+//! A relative embedded `dir` is taken relative to `state_dir`, which host-agent adds to
+//! every plugin's parameters.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hvm_legs::{Mirrored, VolumeSpec};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::client::ArrayClient;
@@ -33,12 +36,12 @@ use crate::leg::{LunArray, ScsiLeg};
 use crate::socket::{Address, SocketClient, DEFAULT_TIMEOUT};
 use crate::transport::Transport;
 
-/// A driver's parameters.
+/// A driver's parameters; `E` is the embedded array's config (see [`Embed`]).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
+#[serde(deny_unknown_fields, bound = "E: Embed")]
+pub struct Params<E> {
     #[serde(default)]
-    pub array: Option<ArraySpec>,
+    pub array: Option<ArraySpec<E>>,
     #[serde(default)]
     pub volumes: Option<Vec<VolumeSpec>>,
     /// Seconds a command may go unanswered.
@@ -53,10 +56,10 @@ pub struct Params {
 /// Exactly one of the three. (A struct, not an enum: serde_yaml reads enums as YAML tags,
 /// and `array: {embedded: ...}` is what an operator writes.)
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArraySpec {
+#[serde(deny_unknown_fields, bound = "E: Embed")]
+pub struct ArraySpec<E> {
     #[serde(default)]
-    pub embedded: Option<serde_yaml::Value>,
+    pub embedded: Option<E>,
     #[serde(default)]
     pub connect: Option<String>,
     #[serde(default)]
@@ -66,16 +69,32 @@ pub struct ArraySpec {
 /// A driver's connection to its array.
 pub type Array = ArrayClient<Box<dyn Transport>>;
 
-/// Builds the embedded array from its config and `state_dir`: array-sim's engine, when the
-/// plugin has it.
-pub type Embedded<'a> =
-    &'a dyn Fn(serde_yaml::Value, Option<&std::path::Path>) -> Result<Box<dyn Transport>, String>;
+/// The config of an embedded array, parsed with the rest of the parameters, and how to
+/// build the array from it: array-sim's engine (its `ArrayConfig`), when the plugin has
+/// it. A relative path in it is taken relative to `state_dir`.
+pub trait Embed: DeserializeOwned + std::fmt::Debug {
+    fn open(&self, state_dir: Option<&Path>) -> Result<Box<dyn Transport>, String>;
+}
 
-impl Params {
-    pub fn parse(text: &str) -> Result<Params, String> {
+/// The embedded config of a plugin built without the `embedded` feature: any value is
+/// read past, and refused when the array is opened.
+pub type NotEmbedded = serde::de::IgnoredAny;
+
+impl Embed for NotEmbedded {
+    fn open(&self, _: Option<&Path>) -> Result<Box<dyn Transport>, String> {
+        Err("driver parameters: array.embedded: this plugin was built without the `embedded` transport (array-sim)".into())
+    }
+}
+
+impl<E: Embed> Params<E> {
+    /// The parameters' text, parsed once, the embedded array's config with them (serde's
+    /// message names the field's path and line).
+    pub fn parse(text: &str) -> Result<Params<E>, String> {
         serde_yaml::from_str(text).map_err(|e| format!("driver parameters: {e}"))
     }
+}
 
+impl<E> Params<E> {
     pub fn timeout(&self) -> Result<Duration, String> {
         match self.timeout {
             None => Ok(DEFAULT_TIMEOUT),
@@ -151,7 +170,7 @@ pub fn check_kind(array: &Array, expect: ArrayKind, at: &str) -> Result<(), Stri
 }
 
 /// Where the array of `spec` is, for messages.
-pub fn location(spec: &ArraySpec) -> String {
+pub fn location<E>(spec: &ArraySpec<E>) -> String {
     match (&spec.embedded, &spec.connect, &spec.iscsi) {
         (Some(_), _, _) => "the embedded array".into(),
         (_, Some(a), _) => a.clone(),
@@ -161,20 +180,15 @@ pub fn location(spec: &ArraySpec) -> String {
 }
 
 /// Reach the array `p.array` names. Also returns the LUN an `iscsi:` URL names.
-pub fn open_array(
-    p: &Params,
-    embedded: Option<Embedded<'_>>,
-) -> Result<(Array, Option<u8>), String> {
+pub fn open_array<E: Embed>(p: &Params<E>) -> Result<(Array, Option<u8>), String> {
     let Some(spec) = &p.array else {
         return Err("driver parameters: `array` is missing".into());
     };
     match (&spec.embedded, &spec.connect, &spec.iscsi) {
-        (Some(v), None, None) => {
-            let make = embedded.ok_or(
-                "driver parameters: array.embedded: this plugin was built without the `embedded` transport (array-sim)",
-            )?;
-            Ok((ArrayClient::new(make(v.clone(), p.state_dir.as_deref())?), None))
-        }
+        (Some(cfg), None, None) => Ok((
+            ArrayClient::new(cfg.open(p.state_dir.as_deref())?),
+            None,
+        )),
         (None, Some(addr), None) => {
             let addr: Address = addr.parse()?;
             let t = SocketClient::connect_with_timeout(&addr, p.timeout()?)
@@ -190,7 +204,7 @@ pub fn open_array(
 }
 
 #[cfg(feature = "iscsi")]
-fn iscsi_transport(p: &Params, url: &str) -> Result<(crate::iscsi::IscsiTransport, u8), String> {
+fn iscsi_transport<E>(p: &Params<E>, url: &str) -> Result<(crate::iscsi::IscsiTransport, u8), String> {
     let u: crate::iscsi::IscsiUrl = url.parse()?;
     let t = crate::iscsi::IscsiTransport::connect(&u, &p.iscsi_options()?)
         .map_err(|e| format!("{u}: {e}"))?;
@@ -198,7 +212,7 @@ fn iscsi_transport(p: &Params, url: &str) -> Result<(crate::iscsi::IscsiTranspor
 }
 
 #[cfg(not(feature = "iscsi"))]
-fn iscsi_transport(_: &Params, url: &str) -> Result<(Box<dyn Transport>, u8), String> {
+fn iscsi_transport<E>(_: &Params<E>, url: &str) -> Result<(Box<dyn Transport>, u8), String> {
     Err(format!(
         "{url}: this plugin was built without the iSCSI transport (feature `iscsi`)"
     ))
@@ -206,7 +220,7 @@ fn iscsi_transport(_: &Params, url: &str) -> Result<(Box<dyn Transport>, u8), St
 
 /// The stateless array of `p.volumes`, each leg a LUN named by URL (`iscsi://...`);
 /// legs on one target share its session.
-pub fn open_volumes(p: &Params) -> Result<LunArray, String> {
+pub fn open_volumes<E>(p: &Params<E>) -> Result<LunArray, String> {
     let Some(vols) = &p.volumes else {
         return Err("driver parameters: `volumes` is missing".into());
     };
@@ -222,8 +236,8 @@ pub fn open_volumes(p: &Params) -> Result<LunArray, String> {
 }
 
 #[cfg(feature = "iscsi")]
-fn open_leg(
-    p: &Params,
+fn open_leg<E>(
+    p: &Params<E>,
     name: &str,
     sessions: &mut HashMap<(String, String), Arc<dyn Transport>>,
 ) -> Result<ScsiLeg, String> {
@@ -243,8 +257,8 @@ fn open_leg(
 }
 
 #[cfg(not(feature = "iscsi"))]
-fn open_leg(
-    _: &Params,
+fn open_leg<E>(
+    _: &Params<E>,
     name: &str,
     _: &mut HashMap<(String, String), Arc<dyn Transport>>,
 ) -> Result<ScsiLeg, String> {

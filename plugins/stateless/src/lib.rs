@@ -10,18 +10,19 @@ use hvm_core::backend::Backend;
 use hvm_plugin_abi::{Capabilities, ErrorKind, PluginError, ThreadModel};
 use hvm_scsi::driver::{self, ArrayKind, Params};
 
+/// The `array.embedded` config, parsed with the rest of the parameters.
 #[cfg(feature = "embedded")]
-const EMBEDDED: Option<driver::Embedded<'static>> = Some(&array_sim::driver::embedded);
+type Embedded = array_sim::config::ArrayConfig;
 #[cfg(not(feature = "embedded"))]
-const EMBEDDED: Option<driver::Embedded<'static>> = None;
+type Embedded = driver::NotEmbedded;
 
 /// The backend `params` describe: an array, or volumes of LUNs.
 pub fn open_backend(params: &str) -> Result<Box<dyn Backend>, String> {
-    let p = Params::parse(params)?;
+    let p = Params::<Embedded>::parse(params)?;
     match (&p.array, &p.volumes) {
         (Some(spec), None) => {
             let at = driver::location(spec);
-            let (array, lun) = driver::open_array(&p, EMBEDDED)?;
+            let (array, lun) = driver::open_array(&p)?;
             if lun.is_some() {
                 return Err(format!(
                     "{at}: one LUN is not a stateless array; give `volumes:` with two LUNs a volume"
