@@ -1,32 +1,29 @@
-//! Putting a configured host together: load the backend plugins, open each backend, build
-//! one snapshot manager per backend with its virtual LUs, and serve them over NBD.
+//! Putting a configured host together ([`build`]): load the backend plugins, open each
+//! backend, build one snapshot manager per backend with its virtual LUs, into a
+//! [`Host`]; [`crate::service`] serves it.
 //!
 //! Each backend's tables live in a journal file in the state directory
 //! (`<backend>.journal`, see [`crate::durable`]), replayed on start; with
 //! `journal.durable: false` they live in memory only.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hvm_core::backend::{Backend, BackendDescription, BackendError};
 use hvm_core::journal::{JournalState, NoLog, StateLog, Tail};
 use hvm_core::{LuId, ManagerError, MirrorDefinition, PairConfig, SnapshotManager, VirtualLuId};
 use hvm_plugin_abi::host::{path_in, LoadError, Plugin};
 
-use crate::config::{Config, ConfigError, CoordinationConfig, LogLevel, VirtualLuConfig};
-use crate::coord::server::Service;
+use crate::config::{Config, ConfigError, CoordinationConfig, VirtualLuConfig};
 use crate::durable::{self, DurableError, FileJournal, Tuning};
 use crate::exports::{Access, Manager, VluExport, VluExports};
+use crate::host::Host;
 use crate::moves::placement::{self, Placement};
-use crate::moves::routed::{Place, Routed, Shared, Target};
-use crate::moves::{Ledger, MoveError, MoveRequest, MoveStatus, Moves, Subject};
-use crate::nbd::export::Exports;
-use crate::nbd::server::{self, Limits};
-use crate::reload::{self, Live, ReloadReport};
-use crate::resync::{self, ResyncControl};
+use crate::moves::routed::{Routed, Shared, Target};
+use crate::moves::{Ledger, Moves, Subject};
+use crate::resync::ResyncControl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -79,6 +76,9 @@ pub enum AgentError {
     Coordination(#[from] crate::coord::server::ServiceError),
     #[error("{reason}")]
     Placement { reason: String },
+    /// A listener's files are unusable (`listen.tls`).
+    #[error("{reason}")]
+    Listen { reason: String },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -86,44 +86,6 @@ pub enum AgentError {
         source: std::io::Error,
     },
 }
-
-/// A configured host, ready to serve.
-pub struct Agent {
-    pub exports: Arc<VluExports>,
-    /// Moves of virtual LUs between backends, and where their data lives.
-    pub moves: Arc<Moves>,
-    /// Managers by backend name.
-    pub managers: BTreeMap<String, Arc<Manager>>,
-    /// Export name -> (backend name, virtual LU).
-    pub virtual_lus: BTreeMap<String, (String, VirtualLuId)>,
-    /// Snapshot export name -> the export it is the snapshot of.
-    pub snapshot_of: BTreeMap<String, String>,
-    /// Journals by backend name (none when `journal.durable` is false).
-    pub journals: BTreeMap<String, Arc<FileJournal>>,
-    pub resync: Arc<ResyncControl>,
-    pub state_dir: PathBuf,
-    pub socket: PathBuf,
-    /// The control API's socket.
-    pub control: PathBuf,
-    pub tcp: Option<String>,
-    /// The NBD TCP listener's bound address, once bound.
-    pub tcp_bound: OnceLock<String>,
-    /// The config in effect: the file's at start, with what reloads applied since.
-    pub config: Mutex<Config>,
-    /// The file a reload reads (none: reloading is refused).
-    pub config_file: Option<PathBuf>,
-    /// Sets the log level, when the log level is the config's to set (no `--log-level`,
-    /// no `RUST_LOG`); installed by the binary that set up logging.
-    pub log_level: OnceLock<LogHook>,
-    pub last_reload: Mutex<Option<ReloadReport>>,
-    /// Bytes read through snapshot exports since start.
-    pub snapshot_reads: Arc<AtomicU64>,
-    /// The agent-to-agent backup service's config, its paths made absolute.
-    pub coordination: Option<CoordinationConfig>,
-}
-
-/// Applies a new log level; an error says why it cannot.
-pub type LogHook = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
 
 fn absolute(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -486,361 +448,127 @@ fn guard_placement(built: &Built, moves: &Moves) -> Result<(), AgentError> {
         })
 }
 
-impl Agent {
-    /// Build from `cfg`, whose relative paths are relative to `base`.
-    pub fn build(cfg: &Config, base: &Path, state_dir: Option<&Path>) -> Result<Agent, AgentError> {
-        let state_dir = match (state_dir, &cfg.state_dir) {
-            (Some(d), _) => d.to_path_buf(),
-            (None, Some(d)) => absolute(base, d),
-            (None, None) => base.join("hvm-state"),
-        };
-        std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::Io {
-            path: state_dir.clone(),
-            source,
-        })?;
-        let plugin_dir = match &cfg.plugin_dir {
-            Some(d) => absolute(base, d),
-            None => std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-                .unwrap_or_else(|| PathBuf::from(".")),
-        };
-        let mut opened = BTreeMap::new();
-        for b in &cfg.backends {
-            opened.insert(
-                b.name.clone(),
-                open_backend(b, base, &plugin_dir, &state_dir)?,
-            );
-        }
-        let ledger = load_placement(&state_dir)?;
-        let mut routed_by = BTreeMap::new();
-        let mut built = Built::default();
-        let snapshot_reads = Arc::new(AtomicU64::new(0));
-        for b in &cfg.backends {
-            let r = routed(&b.name, &opened, &ledger.get())?;
-            build_manager(
-                cfg,
-                &b.name,
-                &state_dir,
-                &opened[&b.name].desc,
-                &r,
-                &snapshot_reads,
-                &mut built,
-            )?;
-            routed_by.insert(b.name.clone(), r);
-        }
-        let shared = opened
-            .iter()
-            .map(|(n, o)| (n.clone(), o.backend.clone()))
-            .collect();
-        let moves = Arc::new(Moves::new(ledger, shared, routed_by));
-        guard_placement(&built, &moves)?;
-        let Built {
-            exports,
-            managers,
-            journals,
-            virtual_lus,
-            snapshot_of,
-        } = built;
-        Ok(Agent {
-            exports: Arc::new(exports),
-            moves,
-            managers,
-            journals,
-            resync: Arc::new(ResyncControl::new(
-                cfg.resync.chunk_kib << 10,
-                cfg.resync.rate_mib << 20,
-            )),
-            virtual_lus,
-            snapshot_of,
-            socket: absolute(&state_dir, &cfg.listen.unix),
-            control: match &cfg.runtime_dir {
-                Some(d) => absolute(base, d),
-                None => std::env::var_os("RUNTIME_DIRECTORY")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| state_dir.join("run")),
-            }
-            .join("control.sock"),
-            tcp: cfg.listen.tcp.clone(),
-            tcp_bound: OnceLock::new(),
+/// Build the host `cfg` describes, whose relative paths are relative to `base`: open
+/// each backend from its plugin, then one snapshot manager per backend over its routed
+/// view, with its journal, and the exports of its virtual LUs.
+pub fn build(cfg: &Config, base: &Path, state_dir: Option<&Path>) -> Result<Host, AgentError> {
+    let state_dir = match (state_dir, &cfg.state_dir) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(d)) => absolute(base, d),
+        (None, None) => base.join("hvm-state"),
+    };
+    std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::Io {
+        path: state_dir.clone(),
+        source,
+    })?;
+    let plugin_dir = match &cfg.plugin_dir {
+        Some(d) => absolute(base, d),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let mut opened = BTreeMap::new();
+    for b in &cfg.backends {
+        opened.insert(
+            b.name.clone(),
+            open_backend(b, base, &plugin_dir, &state_dir)?,
+        );
+    }
+    let snapshot_reads = Arc::new(AtomicU64::new(0));
+    let (built, moves) = build_managers(cfg, &state_dir, &opened, &snapshot_reads)?;
+    Ok(host(cfg, base, state_dir, built, moves, snapshot_reads))
+}
+
+/// Every backend's manager over its routed view (the placement file's routes applied),
+/// and the moves between them; the restart guard checked.
+fn build_managers(
+    cfg: &Config,
+    state_dir: &Path,
+    opened: &BTreeMap<String, Opened>,
+    snapshot_reads: &Arc<AtomicU64>,
+) -> Result<(Built, Arc<Moves>), AgentError> {
+    let ledger = load_placement(state_dir)?;
+    let mut routed_by = BTreeMap::new();
+    let mut built = Built::default();
+    for b in &cfg.backends {
+        let r = routed(&b.name, opened, &ledger.get())?;
+        build_manager(
+            cfg,
+            &b.name,
             state_dir,
-            config: Mutex::new(cfg.clone()),
-            config_file: None,
-            log_level: OnceLock::new(),
-            last_reload: Mutex::new(None),
+            &opened[&b.name].desc,
+            &r,
             snapshot_reads,
-            coordination: cfg.coordination.clone().map(|mut c| {
-                c.cert = absolute(base, &c.cert);
-                c.ca = c.ca.as_ref().map(|ca| absolute(base, ca));
-                c.key = absolute(base, &c.key);
-                c.token_file = absolute(base, &c.token_file);
-                if let Some(b) = &mut c.backup {
-                    b.target_root = absolute(base, &b.target_root);
-                }
-                c
-            }),
-        })
+            &mut built,
+        )?;
+        routed_by.insert(b.name.clone(), r);
     }
+    let shared = opened
+        .iter()
+        .map(|(n, o)| (n.clone(), o.backend.clone()))
+        .collect();
+    let moves = Arc::new(Moves::new(ledger, shared, routed_by));
+    guard_placement(&built, &moves)?;
+    Ok((built, moves))
+}
 
-    /// Reload the config file: apply what may change live, report the rest (see
-    /// [`crate::reload`]). The report is also kept for `GET /v1/status`.
-    pub fn reload(&self) -> ReloadReport {
-        let mut report = ReloadReport {
-            file: self
-                .config_file
-                .as_ref()
-                .map(|f| f.display().to_string())
-                .unwrap_or_default(),
-            at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            ..ReloadReport::default()
-        };
-        match &self.config_file {
-            None => report.error = Some("no config file to reload".into()),
-            Some(file) => match Config::load(file) {
-                Err(e) => report.error = Some(e.to_string()),
-                Ok((new, _)) => self.apply(&new, &mut report),
-            },
+/// The host of what was built, its sockets' and the coordination service's paths made
+/// absolute.
+fn host(
+    cfg: &Config,
+    base: &Path,
+    state_dir: PathBuf,
+    built: Built,
+    moves: Arc<Moves>,
+    snapshot_reads: Arc<AtomicU64>,
+) -> Host {
+    let Built {
+        exports,
+        managers,
+        journals,
+        virtual_lus,
+        snapshot_of,
+    } = built;
+    Host {
+        exports: Arc::new(exports),
+        moves,
+        managers,
+        journals,
+        resync: Arc::new(ResyncControl::new(
+            cfg.resync.chunk_kib << 10,
+            cfg.resync.rate_mib << 20,
+        )),
+        virtual_lus,
+        snapshot_of,
+        socket: absolute(&state_dir, &cfg.listen.unix),
+        control: match &cfg.runtime_dir {
+            Some(d) => absolute(base, d),
+            None => std::env::var_os("RUNTIME_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir.join("run")),
         }
-        match &report.error {
-            Some(e) => tracing::error!(error = %e, "reload: the config was not changed"),
-            None => {
-                tracing::info!(applied = ?report.applied, "config reloaded");
-                for path in &report.needs_restart {
-                    tracing::warn!(change = %path, "reload: this change takes effect only after a restart");
-                }
-                for why in &report.not_applied {
-                    tracing::warn!(change = %why, "reload: not applied");
-                }
-            }
-        }
-        *self
-            .last_reload
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
-        report
-    }
-
-    fn apply(&self, new: &Config, report: &mut ReloadReport) {
-        let mut current = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-        let plan = reload::plan(&current, new);
-        for change in &plan.live {
-            let applied = match change {
-                Live::LogLevel(level) => match self.log_level.get() {
-                    Some(set) => set(*level),
-                    None => Err("logging was not set up by this process".into()),
-                },
-                Live::ResyncRate(bps) => {
-                    self.resync.set_rate(*bps);
-                    Ok(())
-                }
-                Live::ResyncChunk(bytes) => {
-                    self.resync.set_chunk(*bytes);
-                    Ok(())
-                }
-                Live::Access {
-                    exports, access, ..
-                } => {
-                    for name in exports {
-                        self.exports.set_access(name, access.clone());
-                    }
-                    Ok(())
-                }
-            };
-            match applied {
-                Ok(()) => report.applied.push(change.path()),
-                Err(why) => report.not_applied.push(format!("{}: {why}", change.path())),
-            }
-        }
-        report.needs_restart = plan.restart;
-        let level = current.log_level;
-        *current = reload::effective(&current, new);
-        if !report.applied.iter().any(|p| p == "log_level") {
-            current.log_level = level;
-        }
-    }
-
-    /// The manager and virtual LU behind an export name.
-    /// Start moving origin virtual LU `name` as `req` asks (see [`crate::moves`]).
-    pub fn start_move(&self, name: &str, req: &MoveRequest) -> Result<MoveStatus, MoveError> {
-        let unknown = || MoveError::Refused(format!("no virtual LU named {name:?}"));
-        if let Some(origin) = self.snapshot_of.get(name) {
-            return Err(MoveError::Refused(format!(
-                "{name} is the snapshot of {origin}; move {origin}, and its snapshot LUs move with it"
-            )));
-        }
-        let (home, vlu) = self.virtual_lus.get(name).ok_or_else(unknown)?;
-        let mgr = self.managers.get(home).ok_or_else(unknown)?;
-        let subject = Subject {
-            name,
-            home,
-            mgr,
-            vlu: *vlu,
-        };
-        let job = self.moves.start(&subject, req, &self.places_in_use())?;
-        Ok(job.status())
-    }
-
-    /// The places of every origin virtual LU's LUs now.
-    fn places_in_use(&self) -> BTreeSet<Place> {
-        let mut used = BTreeSet::new();
-        for (name, (home, vlu)) in &self.virtual_lus {
-            let Some(mgr) = self.managers.get(home) else {
-                continue;
-            };
-            let s = Subject {
-                name,
-                home,
-                mgr,
-                vlu: *vlu,
-            };
-            used.extend(self.moves.places(&s).unwrap_or_default());
-        }
-        used
-    }
-
-    /// Where origin virtual LU `name`'s mirror LU is now, when that is not where the
-    /// config created it.
-    pub fn moved_to(&self, name: &str) -> Option<Place> {
-        let (home, vlu) = self.virtual_lus.get(name)?;
-        let mgr = self.managers.get(home)?;
-        let s = Subject {
-            name,
-            home,
-            mgr,
-            vlu: *vlu,
-        };
-        let primary = self.moves.places(&s).ok()?.into_iter().next()?;
-        (primary.backend != *home).then_some(primary)
-    }
-
-    pub fn virtual_lu(&self, name: &str) -> Option<(Arc<Manager>, VirtualLuId)> {
-        let (backend, vlu) = self.virtual_lus.get(name)?;
-        Some((self.managers.get(backend)?.clone(), *vlu))
-    }
-
-    /// Bind the configured sockets (a stale Unix socket file is replaced); load the
-    /// coordination service's TLS files and token.
-    pub async fn listen(self: &Arc<Self>) -> Result<Listeners, AgentError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| AgentError::Io { path, source }
-        };
-        if let Some(parent) = self.socket.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        if std::fs::symlink_metadata(&self.socket).is_ok() {
-            std::fs::remove_file(&self.socket).map_err(io(&self.socket))?;
-        }
-        let unix = tokio::net::UnixListener::bind(&self.socket).map_err(io(&self.socket))?;
-        let control = crate::control::bind(&self.control).map_err(io(&self.control))?;
-        let tcp = match &self.tcp {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(io(Path::new(addr)))?,
-            ),
-            None => None,
-        };
-        if let Some(a) = tcp.as_ref().and_then(|t| t.local_addr().ok()) {
-            let _ = self.tcp_bound.set(a.to_string());
-        }
-        let coordination = match &self.coordination {
-            Some(c) => {
-                let svc = Arc::new(Service::new(self.clone(), c.clone())?);
-                let listener = svc.bind().await?;
-                if let Ok(a) = listener.local_addr() {
-                    tracing::info!(address = %a, roles = ?c.roles, "coordination service listening (TLS)");
-                }
-                Some((listener, svc))
-            }
-            None => None,
-        };
-        Ok(Listeners {
-            unix,
-            tcp,
-            control,
-            coordination,
-        })
-    }
-
-    /// Serve the exports on `listeners`, and run the resync service, until `shutdown`
-    /// completes; then drain the connections (requests taken are answered), stop the
-    /// resync and write each journal as an exact checkpoint.
-    pub async fn serve(self: &Arc<Self>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let exports: Arc<dyn Exports> = self.exports.clone();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.changed().await;
-        };
-        let backends: Vec<resync::Backend> = self
-            .managers
-            .iter()
-            .map(|(name, mgr)| resync::Backend {
-                name: name.clone(),
-                mgr: mgr.clone(),
-                journal: self.journals.get(name).cloned(),
-            })
-            .collect();
-        let ctl = self.resync.clone();
-        let resync = std::thread::Builder::new()
-            .name("resync".into())
-            .spawn(move || resync::run(&backends, &ctl));
-        let mut tasks = vec![tokio::spawn(server::run_unix(
-            listeners.unix,
-            exports.clone(),
-            Limits::default(),
-            stopped(stop_rx.clone()),
-        ))];
-        if let Some(tcp) = listeners.tcp {
-            tasks.push(tokio::spawn(server::run_tcp(
-                tcp,
-                exports,
-                Limits::default(),
-                stopped(stop_rx.clone()),
-            )));
-        }
-        if let Some((listener, svc)) = listeners.coordination {
-            tasks.push(tokio::spawn(svc.run(listener, stopped(stop_rx.clone()))));
-        }
-        tasks.push(tokio::spawn(crate::control::serve(
-            listeners.control,
-            self.clone(),
-            stopped(stop_rx),
-        )));
-        shutdown.await;
-        tracing::info!("stopping: draining connections");
-        let _ = stop_tx.send(true);
-        for t in tasks {
-            let _ = t.await;
-        }
-        self.resync.stop();
-        if let Ok(t) = resync {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        self.close();
-    }
-
-    /// Write every journal as an exact checkpoint (a clean stop).
-    pub fn close(&self) {
-        for (name, j) in &self.journals {
-            match j.compact() {
-                Ok(()) => {
-                    tracing::info!(backend = %name, journal = %j.path().display(), "journal checkpointed")
-                }
-                Err(e) => tracing::error!(backend = %name, error = %e, "journal checkpoint failed"),
-            }
-        }
+        .join("control.sock"),
+        tcp: cfg.listen.tcp.clone(),
+        tcp_bound: OnceLock::new(),
+        state_dir,
+        config: Mutex::new(cfg.clone()),
+        config_file: None,
+        log_level: OnceLock::new(),
+        last_reload: Mutex::new(None),
+        snapshot_reads,
+        coordination: cfg.coordination.clone().map(|c| coordination(base, c)),
     }
 }
 
-/// The bound sockets of an agent.
-pub struct Listeners {
-    pub unix: tokio::net::UnixListener,
-    pub control: tokio::net::UnixListener,
-    pub tcp: Option<tokio::net::TcpListener>,
-    /// The coordination service's TLS listener.
-    pub coordination: Option<(tokio::net::TcpListener, Arc<Service>)>,
+/// The coordination service's config, its paths made absolute.
+fn coordination(base: &Path, mut c: CoordinationConfig) -> CoordinationConfig {
+    c.cert = absolute(base, &c.cert);
+    c.ca = c.ca.as_ref().map(|ca| absolute(base, ca));
+    c.key = absolute(base, &c.key);
+    c.token_file = absolute(base, &c.token_file);
+    if let Some(b) = &mut c.backup {
+        b.target_root = absolute(base, &b.target_root);
+    }
+    c
 }

@@ -41,12 +41,12 @@ use hvm_core::array_backup::{Area, BackupOp, BackupReply};
 use hvm_core::{Backend, BackendError, BackendErrorKind, ManagerError, Mode, VirtualLuId};
 use serde::Serialize;
 
-use crate::agent::Agent;
+use crate::host::Host;
 use crate::exports::Manager;
 use crate::metrics::{Scrape, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 use crate::moves::{MoveError, MoveRequest, MoveStatus};
 
-type Shared = Arc<Agent>;
+type Shared = Arc<Host>;
 
 /// An error reply.
 pub struct ApiError(ErrorStatus, String);
@@ -130,7 +130,7 @@ fn tracking_view(mgr: &Manager, vlu: VirtualLuId) -> Option<TrackingView> {
     })
 }
 
-fn lookup(agent: &Agent, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
+fn lookup(agent: &Host, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
     agent.virtual_lu(name).ok_or_else(|| {
         ApiError(
             ErrorStatus::NotFound,
@@ -140,7 +140,7 @@ fn lookup(agent: &Agent, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
 }
 
 /// Every virtual LU, as `GET /v1/lus` shows it.
-pub fn lus(agent: &Agent) -> Vec<LuView> {
+pub fn lus(agent: &Host) -> Vec<LuView> {
     let mut out = Vec::new();
     for (name, (backend, vlu)) in &agent.virtual_lus {
         let Some(mgr) = agent.managers.get(backend) else {
@@ -167,7 +167,7 @@ pub fn lus(agent: &Agent) -> Vec<LuView> {
 }
 
 /// Resync progress of every pair.
-pub fn resync_views(agent: &Agent) -> Vec<api::ResyncPair> {
+pub fn resync_views(agent: &Host) -> Vec<api::ResyncPair> {
     let mut out = Vec::new();
     for (name, (backend, vlu)) in &agent.virtual_lus {
         let Some(mgr) = agent.managers.get(backend) else {
@@ -708,7 +708,7 @@ async fn array_backup(
 }
 
 /// The agent's metrics now (see [`crate::metrics`]).
-pub fn scrape(a: &Agent) -> Scrape {
+pub fn scrape(a: &Host) -> Scrape {
     let mut s = Scrape::default();
     let recorded = lus(a)
         .into_iter()

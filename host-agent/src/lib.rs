@@ -1,8 +1,10 @@
 //! hvm host-agent: the service that loads backend plugins, serves virtual LUs over NBD,
 //! persists hvm-core's tables and coordinates online backups.
 //!
-//! - [`config`]: the YAML config; [`agent`]: a configured host, its backends and
-//!   virtual LUs; [`exports`]: virtual LUs as NBD exports; [`nbd`]: the NBD server;
+//! - [`config`]: the YAML config; [`agent`]: builds a configured [`host::Host`] (its
+//!   backends, managers and virtual LUs), the state the handlers borrow; [`service`]: the
+//!   composition root that binds the listeners and serves a host; [`exports`]: virtual
+//!   LUs as NBD exports; [`nbd`]: the NBD server;
 //!   [`control`]: the control API; [`ctl`]: its client side, for hvmctl.
 //! - [`coord`]: backup coordination across hosts (`hvmctl backup run`), agent to agent
 //!   over TLS; [`gate`]: the write gate behind a consistency group's instant.
@@ -15,7 +17,6 @@
 //! - [`plugin_check`]: the `host-agent plugin check` report.
 
 pub mod agent;
-pub mod arrayctl;
 pub mod backups;
 pub mod config;
 pub mod control;
@@ -27,6 +28,7 @@ pub mod durable;
 pub mod exports;
 pub mod files;
 pub mod gate;
+pub mod host;
 pub mod metrics;
 pub mod moves;
 pub mod nbd;
@@ -36,6 +38,7 @@ pub mod pairs;
 pub mod policy;
 pub mod reload;
 pub mod resync;
+pub mod service;
 
 use hvm_plugin_abi::host::Plugin;
 use hvm_plugin_abi::ThreadModel;

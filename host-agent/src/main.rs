@@ -5,11 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hvm_host_agent::agent::{Agent, LogHook};
 use hvm_host_agent::config::{Config, LogLevel};
-use hvm_host_agent::notify::notify;
+use hvm_host_agent::host::LogHook;
+use hvm_host_agent::{agent, service};
 use hvm_plugin_abi::host::Plugin;
 
 #[derive(Parser)]
@@ -209,11 +210,11 @@ fn run(
         log_level.is_some(),
         log_format,
     );
-    let agent = match Agent::build(&cfg, &base, state_dir.as_deref()) {
-        Ok(mut a) => {
-            a.config_file = Some(config.to_path_buf());
-            let _ = a.log_level.set(hook);
-            std::sync::Arc::new(a)
+    let host = match agent::build(&cfg, &base, state_dir.as_deref()) {
+        Ok(mut h) => {
+            h.config_file = Some(config.to_path_buf());
+            let _ = h.log_level.set(hook);
+            Arc::new(h)
         }
         Err(e) => {
             eprintln!("host-agent: {e}");
@@ -230,65 +231,8 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
-    let nbd_tls = match nbd_tls_config(&cfg, &base) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("host-agent: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async {
-        let mut listeners = agent.listen().await?;
-        // With listen.tls the NBD TCP listener is served here, each connection upgraded
-        // with STARTTLS; the agent serves the rest.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let metrics = admin_extras(&cfg, &agent, stop_rx.clone()).await?;
-        let tls_server = match (nbd_tls, listeners.tcp.take()) {
-            (Some(tls), Some(tcp)) => {
-                let exports: std::sync::Arc<dyn hvm_host_agent::nbd::export::Exports> =
-                    agent.exports.clone();
-                let mut rx = stop_rx;
-                Some(tokio::spawn(hvm_host_agent::nbd::server::run_tcp_tls(
-                    tcp,
-                    exports,
-                    hvm_host_agent::nbd::server::Limits::default(),
-                    Some(tls),
-                    async move {
-                        let _ = rx.changed().await;
-                    },
-                )))
-            }
-            (_, tcp) => {
-                listeners.tcp = tcp;
-                None
-            }
-        };
-        // Scripts and tests wait for this line: the sockets are bound.
-        let tcp = agent.tcp_bound.get();
-        println!("{}", serving_line(&agent, &listeners, metrics.as_ref().map(|m| m.0)));
-        tracing::info!(socket = %agent.socket.display(), tcp = ?tcp, control = %agent.control.display(), "serving");
-        let status = format!("serving {} virtual LUs", agent.virtual_lus.len());
-        notify(&format!("READY=1\nSTATUS={status}"));
-        let reloads = tokio::spawn(reload_on_sighup(agent.clone(), status));
-        let retries = tokio::spawn(retry_failed_journals(agent.clone()));
-        agent
-            .serve(listeners, async {
-                shutdown_signal().await;
-                notify("STOPPING=1\nSTATUS=draining connections");
-                let _ = stop_tx.send(true);
-            })
-            .await;
-        if let Some(t) = tls_server {
-            let _ = t.await;
-        }
-        if let Some((_, m)) = metrics {
-            let _ = m.await;
-        }
-        reloads.abort();
-        retries.abort();
-        Ok::<(), hvm_host_agent::agent::AgentError>(())
-    });
-    if let (Ok(()), Some(unsaved)) = (&result, unsaved_journals(&agent)) {
+    let result = rt.block_on(service::run(host.clone(), &cfg, &base));
+    if let (Ok(()), Some(unsaved)) = (&result, service::unsaved_journals(&host)) {
         eprintln!("host-agent: the final checkpoint failed: {unsaved}");
         return ExitCode::FAILURE;
     }
@@ -297,181 +241,6 @@ fn run(
         Err(e) => {
             eprintln!("host-agent: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// On each SIGHUP: reload the config (see `hvm_host_agent::reload`), telling the service
-/// manager around it.
-async fn reload_on_sighup(agent: std::sync::Arc<Agent>, status: String) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot handle SIGHUP; reload through the control API");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        notify(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}",
-            hvm_host_agent::notify::monotonic_usec()
-        ));
-        let a = agent.clone();
-        let report = tokio::task::spawn_blocking(move || a.reload()).await;
-        let line = match report {
-            Ok(r) if r.error.is_some() => "reload failed; config unchanged".to_string(),
-            Ok(r) if !r.needs_restart.is_empty() => {
-                format!(
-                    "reloaded; {} change(s) need a restart",
-                    r.needs_restart.len()
-                )
-            }
-            _ => "reloaded".to_string(),
-        };
-        notify(&format!("READY=1\nSTATUS={status}; {line}"));
-    }
-}
-
-/// The line scripts and tests wait for: what is served where (listen() recorded the TCP
-/// listener's bound address).
-fn serving_line(
-    agent: &Agent,
-    listeners: &hvm_host_agent::agent::Listeners,
-    metrics: Option<std::net::SocketAddr>,
-) -> String {
-    let coord = listeners
-        .coordination
-        .as_ref()
-        .and_then(|(l, _)| l.local_addr().ok());
-    format!(
-        "host-agent: serving {} virtual LUs on unix:{}{}{}{}",
-        agent.virtual_lus.len(),
-        agent.socket.display(),
-        agent
-            .tcp_bound
-            .get()
-            .map(|t| format!(" and tcp:{t}"))
-            .unwrap_or_default(),
-        coord
-            .map(|c| format!(", coordination on tls:{c}"))
-            .unwrap_or_default(),
-        metrics
-            .map(|a| format!(", metrics on http://{a}/metrics"))
-            .unwrap_or_default()
-    )
-}
-
-/// serve() ends with a checkpoint of every journal; one that failed is not a clean stop:
-/// the next start replays the older file and copies more than needed, or finds the state
-/// dir still full.
-fn unsaved_journals(agent: &Agent) -> Option<String> {
-    let unsaved: Vec<String> = agent
-        .journals
-        .iter()
-        .filter_map(|(name, j)| {
-            j.failure()
-                .map(|why| format!("backend {name}: journal {}: {why}", j.path().display()))
-        })
-        .collect();
-    (!unsaved.is_empty()).then(|| unsaved.join("; "))
-}
-
-/// What an admin's config adds once the sockets are bound: `control_group` on the
-/// control socket, and with `listen.metrics` a listener serving `GET /metrics` until
-/// `stop` changes (its bound address, the port chosen when it was 0, and its task).
-async fn admin_extras(
-    cfg: &Config,
-    agent: &std::sync::Arc<Agent>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<
-    Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
-    hvm_host_agent::agent::AgentError,
-> {
-    if let Some(group) = &cfg.control_group {
-        hvm_host_agent::control::share_with_group(&agent.control, group).map_err(|source| {
-            hvm_host_agent::agent::AgentError::Io {
-                path: agent.control.clone(),
-                source,
-            }
-        })?;
-    }
-    serve_metrics(cfg, agent, stop).await
-}
-
-/// With `listen.metrics`: bind it and serve `GET /metrics` there until `stop` changes;
-/// the bound address (the port chosen when it was 0) and the server's task.
-async fn serve_metrics(
-    cfg: &Config,
-    agent: &std::sync::Arc<Agent>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<
-    Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
-    hvm_host_agent::agent::AgentError,
-> {
-    let Some(addr) = &cfg.listen.metrics else {
-        return Ok(None);
-    };
-    let io = |source| hvm_host_agent::agent::AgentError::Io {
-        path: PathBuf::from(format!("listen.metrics {addr}")),
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
-    let bound = listener.local_addr().map_err(io)?;
-    tracing::info!(address = %bound, "metrics listening (GET /metrics, plain HTTP)");
-    let task = tokio::spawn(hvm_host_agent::control::serve_metrics(
-        listener,
-        agent.clone(),
-        async move {
-            let _ = stop.changed().await;
-        },
-    ));
-    Ok(Some((bound, task)))
-}
-
-/// The TLS server config of `listen.tls` (files relative to the config's directory).
-fn nbd_tls_config(
-    cfg: &Config,
-    base: &std::path::Path,
-) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
-    let Some(t) = &cfg.listen.tls else {
-        return Ok(None);
-    };
-    let at = |p: &std::path::Path| base.join(p);
-    hvm_host_agent::coord::tls::mutual_server_config(&at(&t.cert), &at(&t.key), &at(&t.ca))
-        .map(Some)
-        .map_err(|e| format!("listen.tls: {e}"))
-}
-
-/// Write failed journals again now and then, so the agent recovers when the disk has
-/// room again even while no write comes to do it.
-async fn retry_failed_journals(agent: std::sync::Arc<Agent>) {
-    let mut tick = tokio::time::interval(hvm_host_agent::durable::RETRY_EVERY);
-    loop {
-        tick.tick().await;
-        let failed: Vec<_> = agent
-            .journals
-            .values()
-            .filter(|j| j.failure().is_some())
-            .cloned()
-            .collect();
-        for j in failed {
-            let _ = tokio::task::spawn_blocking(move || j.retry()).await;
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -11,14 +11,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use hvm_host_agent::agent::Agent;
+use hvm_host_agent::host::Host;
+use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
 const SIZE: u64 = BLOCKS * 512;
 
 /// An agent with one pair on its own embedded stateless array, in `dir`.
-fn agent(dir: &Path, durable: bool, region_kib: u64) -> Arc<Agent> {
+fn agent(dir: &Path, durable: bool, region_kib: u64) -> Arc<Host> {
     let text = format!(
         "plugin_dir: {}
 journal: {{ durable: {durable}, region_kib: {region_kib} }}
@@ -36,7 +37,7 @@ virtual_lus:
     );
     let cfg = Config::parse(&text, "bench.yaml").expect("config");
     std::fs::create_dir_all(dir).expect("dir");
-    Arc::new(Agent::build(&cfg, dir, Some(dir)).expect("agent"))
+    Arc::new(agent::build(&cfg, dir, Some(dir)).expect("agent"))
 }
 
 fn main() {
@@ -64,18 +65,17 @@ fn main() {
     let mut tasks = Vec::new();
     for (i, (_, durable, region)) in targets.iter().enumerate() {
         let a = agent(&dir.path().join(format!("t{i}")), *durable, *region);
-        let listeners = rt.block_on(a.listen()).expect("listen");
+        let listeners = rt.block_on(service::listen(&a)).expect("listen");
         let (mgr, db) = a.virtual_lu("db").expect("db");
         // Snapshot mode: every write is recorded in the update-location table.
         mgr.acquire(db).expect("acquire");
         let mut stop = stop_tx.subscribe();
         let served = a.clone();
         tasks.push(rt.spawn(async move {
-            served
-                .serve(listeners, async move {
-                    let _ = stop.recv().await;
-                })
-                .await
+            service::serve(&served, listeners, async move {
+                let _ = stop.recv().await;
+            })
+            .await
         }));
         agents.push(a);
     }

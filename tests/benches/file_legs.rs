@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hvm_host_agent::agent::Agent;
+use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
 
 const SIZE: u64 = 512 << 20;
@@ -110,16 +110,16 @@ fn main() {
         backend("threads", "threads", d),
     );
     let cfg = Config::parse(&cfg_text, "bench.yaml").expect("config");
-    let agent = std::sync::Arc::new(Agent::build(&cfg, d, Some(d)).expect("agent"));
+    let agent = std::sync::Arc::new(agent::build(&cfg, d, Some(d)).expect("agent"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let listeners = rt.block_on(agent.listen()).expect("listen");
+    let listeners = rt.block_on(service::listen(&agent)).expect("listen");
     let sock = agent.socket.clone();
     let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", sock.display());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::scope(|s| {
         let (agent, rt) = (&agent, &rt);
         s.spawn(move || {
-            rt.block_on(agent.serve(listeners, async {
+            rt.block_on(service::serve(agent, listeners, async {
                 let _ = stop_rx.await;
             }))
         });

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hvm_host_agent::agent::Agent;
+use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
 use hvm_tests::Running;
 
@@ -134,16 +134,16 @@ fn main() {
         hvm_tests::target_dir().display()
     );
     let cfg = Config::parse(&cfg_text, "bench.yaml").expect("config");
-    let agent = std::sync::Arc::new(Agent::build(&cfg, d, Some(d)).expect("agent"));
+    let agent = std::sync::Arc::new(agent::build(&cfg, d, Some(d)).expect("agent"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let listeners = rt.block_on(agent.listen()).expect("listen");
+    let listeners = rt.block_on(service::listen(&agent)).expect("listen");
     let hvm_sock = agent.socket.clone();
     let (mgr, db2) = agent.virtual_lu("db2").expect("db2");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::scope(|s| {
         let (agent, rt) = (&agent, &rt);
         s.spawn(move || {
-            rt.block_on(agent.serve(listeners, async {
+            rt.block_on(service::serve(agent, listeners, async {
                 let _ = stop_rx.await;
             }))
         });

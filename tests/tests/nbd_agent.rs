@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use hvm_host_agent::agent::Agent;
+use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
 use hvm_tests::{binary, build_artifacts, spawn_ready, target_dir, tool, workspace};
 
@@ -106,9 +106,9 @@ fn dirty_map_in_snapshot_mode() {
         .unwrap()
         + &format!("plugin_dir: {}\n", target_dir().display());
     let cfg = Config::parse(&text, "quickstart.yaml").unwrap();
-    let agent = std::sync::Arc::new(Agent::build(&cfg, &workspace(), Some(state.path())).unwrap());
+    let agent = std::sync::Arc::new(agent::build(&cfg, &workspace(), Some(state.path())).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let listeners = rt.block_on(agent.listen()).unwrap();
+    let listeners = rt.block_on(service::listen(&agent)).unwrap();
     let sock = agent.socket.clone();
     let (mgr, db) = agent.virtual_lu("db").unwrap();
     mgr.write(db, 0, &vec![0x11; 1 << 20], false).unwrap();
@@ -118,7 +118,7 @@ fn dirty_map_in_snapshot_mode() {
         let agent = &agent;
         let rt = &rt;
         s.spawn(move || {
-            rt.block_on(agent.serve(listeners, async {
+            rt.block_on(service::serve(agent, listeners, async {
                 let _ = rx.await;
             }))
         });
@@ -237,7 +237,7 @@ fn listed_mirroring_definitions() {
     let build = |text: &str| {
         let state = tempfile::tempdir().unwrap();
         let cfg = Config::parse(text, "q.yaml").unwrap();
-        Agent::build(&cfg, &workspace(), Some(state.path())).map(|a| (a, state))
+        agent::build(&cfg, &workspace(), Some(state.path())).map(|a| (a, state))
     };
     let listed = base.replace(
         "{ name: db, backend: stateless0, lu: 0,",

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::repository::BackupRole;
 use super::{rfc3339, unix_ms, Code, CopyLu, CopyRequest, Failure, Source};
-use crate::agent::Agent;
+use crate::host::Host;
 use crate::backups::catalog::Row;
 use crate::backups::chunks::{default_threads, store_ranges, Rate};
 use crate::backups::extents::{overlay, pieces};
@@ -44,7 +44,7 @@ impl Reader<'_> {
 }
 
 fn open_source<'a>(
-    agent: &'a Agent,
+    agent: &'a Host,
     source: &Source,
     size: u64,
 ) -> Result<(Reader<'a>, String), Failure> {
@@ -94,7 +94,7 @@ fn open_source<'a>(
 /// TLS for pulling a snapshot over TCP: this agent's coordination certificate, key and
 /// CA, which the database host's `listen.tls` (made by the same `hvmctl tls init`)
 /// accepts.
-pub(super) fn nbd_tls(agent: &Agent) -> Result<std::sync::Arc<super::tls::ClientConfig>, Failure> {
+pub(super) fn nbd_tls(agent: &Host) -> Result<std::sync::Arc<super::tls::ClientConfig>, Failure> {
     let c = agent.coordination.as_ref().ok_or_else(|| {
         failed("this agent has no coordination TLS files to reach the database host's NBD listener with")
     })?;
@@ -170,7 +170,7 @@ fn check_request(id: &str, req: &CopyRequest) -> Result<(), Failure> {
 /// files, then the manifest; then the catalog row. `progress(done, total)` sees bytes
 /// read. A retry of a backup whose manifest exists answers from the manifest.
 pub fn copy(
-    agent: &Agent,
+    agent: &Host,
     role: &BackupRole,
     id: &str,
     req: &CopyRequest,
@@ -195,7 +195,7 @@ pub fn copy(
 
 /// Read one snapshot's planned ranges and store them; its map and the new bytes.
 fn store_lu(
-    agent: &Agent,
+    agent: &Host,
     repo: &Repo,
     lu: &CopyLu,
     p: Plan,
@@ -234,7 +234,7 @@ fn store_lu(
 }
 
 fn write_backup(
-    agent: &Agent,
+    agent: &Host,
     repo: &Repo,
     id: &str,
     req: &CopyRequest,

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::hooks::{Files, Hook, Outcome};
 use super::{unix_ms, Code, Failure};
-use crate::agent::Agent;
+use crate::host::Host;
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
 
@@ -39,7 +39,7 @@ struct Member {
     snap_vlu: VirtualLuId,
 }
 
-fn resolve(agent: &Agent, vlus: &[String]) -> Result<Vec<Member>, Failure> {
+fn resolve(agent: &Host, vlus: &[String]) -> Result<Vec<Member>, Failure> {
     if vlus.is_empty() {
         return Err(Failure::new(Code::BadRequest, "no virtual LU named"));
     }
@@ -86,7 +86,7 @@ type Acquired = Result<(u64, Vec<Cut>), String>;
 /// for `backup`), open the gates. On any failure the snapshots acquired are deleted and
 /// the cuts aborted again. Returns the instant (ms since the epoch) and each cut.
 fn acquire_group(
-    agent: &Agent,
+    agent: &Host,
     group: &[Member],
     deadline: Instant,
     backup: Option<BackupId>,
@@ -136,7 +136,7 @@ fn acquire_group(
 /// Delete the snapshots of `members` that are in Snapshot mode; resync starts. Abort
 /// `backup`'s cuts (a member whose cut is not pending is left as it is).
 fn rollback<'a>(
-    agent: &Agent,
+    agent: &Host,
     members: impl Iterator<Item = &'a Member>,
     backup: Option<BackupId>,
 ) -> Vec<String> {
@@ -176,7 +176,7 @@ pub struct SnapshotRequest {
 
 /// The `snapshot` operation.
 pub async fn snapshot(
-    agent: Arc<Agent>,
+    agent: Arc<Host>,
     cfg: FreezeConfig,
     req: SnapshotRequest,
 ) -> Result<Value, Failure> {
@@ -279,7 +279,7 @@ pub async fn snapshot(
             "rolled_back": rolled_back,
         }))
     };
-    let rollback_all = move |agent: Arc<Agent>, group: Arc<Vec<Member>>| async move {
+    let rollback_all = move |agent: Arc<Host>, group: Arc<Vec<Member>>| async move {
         tokio::task::spawn_blocking(move || rollback(&agent, group.iter(), backup))
             .await
             .unwrap_or_default()
@@ -416,7 +416,7 @@ fn joined(lead: String, more: &[String]) -> String {
 }
 
 /// The `delete` operation: each virtual LU's snapshot is deleted and resync starts.
-pub fn delete(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+pub fn delete(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
@@ -444,7 +444,7 @@ pub fn delete(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
 /// The `resync` operation: progress of each virtual LU.
 /// Compare the legs of each virtual LU (no repair): what `backup run --wait-resync`
 /// reports once the resync is done, instead of assuming the legs are identical.
-pub fn verify(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+pub fn verify(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
@@ -455,7 +455,7 @@ pub fn verify(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
     Ok(json!({ "vlus": out }))
 }
 
-pub fn resync(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
+pub fn resync(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
@@ -473,7 +473,7 @@ pub fn resync(agent: &Agent, vlus: &[String]) -> Result<Value, Failure> {
 
 /// The origin virtual LUs named, with their managers.
 fn origins(
-    agent: &Agent,
+    agent: &Host,
     vlus: &[String],
 ) -> Result<Vec<(String, Arc<Manager>, VirtualLuId)>, Failure> {
     let bad = |m: String| Failure::new(Code::BadRequest, m);
@@ -497,7 +497,7 @@ fn origins(
 
 /// The `complete` (or, with `complete` false, `abort`) operation.
 pub fn finish(
-    agent: &Agent,
+    agent: &Host,
     vlus: &[String],
     backup: &str,
     complete: bool,

@@ -15,7 +15,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::{copy, freeze, repository, tls, Code, Failure, Line, Op, Request};
-use crate::agent::Agent;
+use crate::host::Host;
 use crate::config::{CoordinationConfig, Role};
 use crate::nbd::server::AcceptBackoff;
 
@@ -36,7 +36,7 @@ struct Entry {
 }
 
 pub struct Service {
-    agent: Arc<Agent>,
+    agent: Arc<Host>,
     cfg: CoordinationConfig,
     token: String,
     acceptor: TlsAcceptor,
@@ -69,7 +69,7 @@ fn same(a: &str, b: &str) -> bool {
 
 impl Service {
     /// Load the TLS files and the token; `cfg`'s paths are absolute.
-    pub fn new(agent: Arc<Agent>, cfg: CoordinationConfig) -> Result<Service, ServiceError> {
+    pub fn new(agent: Arc<Host>, cfg: CoordinationConfig) -> Result<Service, ServiceError> {
         // Client certificates are required: only holders of a certificate signed by the
         // agents' CA get as far as sending a request (and its token).
         let server = tls::mutual_server_config(&cfg.cert, &cfg.key, &cfg.ca_file())?;
