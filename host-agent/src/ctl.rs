@@ -1,11 +1,15 @@
 //! The control API's client side, shared by `hvmctl` and its demo: one HTTP/1.1 request
 //! per connection on the Unix socket (hyper's client: framing, chunked bodies and status
-//! lines are hyper's, not ours), and the progress bar both draw.
+//! lines are hyper's, not ours), replies read into their `hvm_api` types, and the
+//! progress bars both draw (indicatif's, on a terminal only).
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Deserialize as _;
 use serde_json::Value;
 
 /// A reply: the HTTP status and the JSON body (a string if it was not JSON).
@@ -116,90 +120,179 @@ async fn request(
     Ok(Reply { status, body })
 }
 
+/// Why a typed request failed: the agent could not be reached (or answered garbage), or
+/// it refused (an error reply) or the operation it followed failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One request whose reply is read as `T`; an error reply gives its message.
+pub fn typed<T: DeserializeOwned>(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<T, CallError> {
+    let r = call(sock, method, path, body).map_err(CallError::Unreachable)?;
+    if r.status >= 400 {
+        return Err(CallError::Refused(refusal(&r.body)));
+    }
+    read(&r.body).map_err(CallError::Unreachable)
+}
+
+/// The message of an error reply (`{"error": "..."}`), or the reply itself.
+pub fn refusal(body: &Value) -> String {
+    match hvm_api::ErrorReply::deserialize(body) {
+        Ok(e) => e.error,
+        Err(_) => body.to_string(),
+    }
+}
+
+/// A reply read as its type.
+pub fn read<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
+    T::deserialize(body).map_err(|e| format!("malformed reply from host-agent: {e}"))
+}
+
 /// Progress bars are drawn only on a terminal; logs and pipes get the results alone.
 pub fn bars() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
 }
 
-/// Draw (or redraw, with `\r`) a progress bar on standard error.
-pub fn progress(label: &str, done: u64, total: u64, unit: &str) {
-    let pct = done
-        .saturating_mul(100)
-        .checked_div(total)
-        .unwrap_or(100)
-        .min(100);
-    let bar = "#".repeat((pct / 4) as usize);
-    eprint!("\r{label} [{bar:<25}] {pct:>3}% {done}/{total} {unit}   ");
+/// The bar being drawn, and its label.
+struct Bar {
+    label: String,
+    bar: indicatif::ProgressBar,
 }
 
-/// Poll resync progress of `vlu` until Synchronized, drawing a bar on stderr.
-pub fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
+thread_local! {
+    static BAR: RefCell<Option<Bar>> = const { RefCell::new(None) };
+}
+
+/// indicatif's style for a bar counting `unit`s (bytes get sizes and a rate).
+fn style(unit: &str) -> indicatif::ProgressStyle {
+    let template = if unit == "bytes" {
+        "{prefix} [{bar:25}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}".to_string()
+    } else {
+        format!("{{prefix}} [{{bar:25}}] {{percent:>3}}% {{pos}}/{{len}} {unit}")
+    };
+    indicatif::ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>-")
+}
+
+/// Show progress `done` of `total` on standard error's bar labelled `label` (a new label
+/// ends the previous bar; reaching `total` ends this one). Nothing is drawn when standard
+/// error is not a terminal.
+pub fn progress(label: &str, done: u64, total: u64, unit: &str) {
+    if !bars() {
+        return;
+    }
+    BAR.with_borrow_mut(|cur| {
+        if cur.as_ref().is_some_and(|b| b.label != label) {
+            if let Some(old) = cur.take() {
+                old.bar.finish();
+            }
+        }
+        let b = cur.get_or_insert_with(|| Bar {
+            label: label.to_string(),
+            bar: indicatif::ProgressBar::new(total)
+                .with_style(style(unit))
+                .with_prefix(label.to_string()),
+        });
+        b.bar.set_length(total);
+        b.bar.set_position(done.min(total));
+        if done >= total {
+            b.bar.finish();
+            *cur = None;
+        }
+    });
+}
+
+/// End the bar being drawn, if any, leaving it on the screen at its last state.
+pub fn end_progress() {
+    BAR.with_borrow_mut(|cur| {
+        if let Some(b) = cur.take() {
+            b.bar.abandon();
+        }
+    });
+}
+
+/// Poll resync progress of `vlu` until Synchronized, drawing a bar on stderr unless
+/// `quiet`; the pair's last progress.
+pub fn wait_resync_pair(
+    sock: &std::path::Path,
+    vlu: &str,
+    quiet: bool,
+) -> Result<hvm_api::ResyncPair, CallError> {
     let quiet = quiet || !bars();
     let mut total = None;
     loop {
-        let r = call(sock, "GET", "/v1/resync", None)?;
-        let pair = r.body["pairs"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == vlu).cloned())
-            .ok_or_else(|| format!("{vlu} is not an origin virtual LU"))?;
-        let remaining = pair["remaining_lbas"].as_u64().unwrap_or(0);
-        let copied = pair["copied_lbas"].as_u64().unwrap_or(0);
-        let t = *total.get_or_insert(remaining + copied);
+        let r: hvm_api::Resync = typed(sock, "GET", "/v1/resync", None)?;
+        let pair = r
+            .pairs
+            .into_iter()
+            .find(|p| p.name == vlu)
+            .ok_or_else(|| CallError::Refused(format!("{vlu} is not an origin virtual LU")))?;
+        let t = *total.get_or_insert(pair.remaining_lbas + pair.copied_lbas);
         if !quiet && t > 0 {
-            let done = t.saturating_sub(remaining);
+            let done = if pair.done {
+                t
+            } else {
+                t.saturating_sub(pair.remaining_lbas)
+            };
             progress(&format!("resync {vlu}"), done, t, "LBAs");
         }
-        if pair["done"] == true {
-            if !quiet {
-                eprintln!();
-            }
+        if pair.done {
             return Ok(pair);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
+/// [`wait_resync_pair`] as JSON, for the demo.
+pub fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
+    let pair = wait_resync_pair(sock, vlu, quiet).map_err(|e| e.to_string())?;
+    serde_json::to_value(pair).map_err(|e| e.to_string())
+}
+
 /// Follow the move of `vlu` until it ends, with a progress bar unless `quiet` or not on a
 /// terminal; the move's last status, or why it did not end Done.
-pub fn wait_move(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
+pub fn wait_move(
+    sock: &std::path::Path,
+    vlu: &str,
+    quiet: bool,
+) -> Result<hvm_api::Move, CallError> {
+    use hvm_api::Phase;
     let quiet = quiet || !bars();
     let path = format!("/v1/lus/{}/move", segment(vlu));
     loop {
-        let r = call(sock, "GET", &path, None)?;
-        if r.status >= 400 {
-            return Err(r.body["error"].as_str().unwrap_or("no move").to_string());
-        }
-        let b = r.body;
+        let m: hvm_api::Move = typed(sock, "GET", &path, None)?;
         if !quiet {
-            let (done, total) = (b["copied_bytes"].as_u64(), b["total_bytes"].as_u64());
-            progress(
-                &format!("move {vlu}"),
-                done.unwrap_or(0) >> 20,
-                total.unwrap_or(0) >> 20,
-                "MiB",
-            );
+            let done = if m.phase == Phase::Done {
+                m.total_bytes
+            } else {
+                m.copied_bytes
+            };
+            progress(&format!("move {vlu}"), done, m.total_bytes, "bytes");
         }
-        match b["phase"].as_str() {
-            Some("copying") => std::thread::sleep(Duration::from_millis(200)),
-            Some("done") => {
-                if !quiet {
-                    eprintln!();
-                }
-                return Ok(b);
+        let why = match &m.phase {
+            Phase::Copying => {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
             }
-            other => {
-                if !quiet {
-                    eprintln!();
-                }
-                let why = b["reason"].as_str().unwrap_or("");
-                return Err(format!(
-                    "the move of {vlu} ended {}{}{why}; the data stays where it was",
-                    other.unwrap_or("?"),
-                    if why.is_empty() { "" } else { ": " }
-                ));
-            }
-        }
+            Phase::Done => return Ok(m),
+            Phase::Cancelled => "cancelled".to_string(),
+            Phase::Failed(why) => format!("failed: {why}"),
+        };
+        end_progress();
+        return Err(CallError::Refused(format!(
+            "the move of {vlu} ended {why}; the data stays where it was"
+        )));
     }
 }
 

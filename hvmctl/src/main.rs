@@ -25,29 +25,43 @@
 //! hvmctl array counters
 //! ```
 //!
-//! Human tables by default, `--json` for scripts. Exit status 1 when the agent refuses
-//! (the message says why), 2 for usage errors, 3 when the agent cannot be reached, 4 when
-//! a deadline passed: a backup's freeze deadline (everything was thawed and rolled back)
-//! or `pair wait --timeout`, 5 when `verify` found legs that differ (and did not repair
-//! them).
+//! Human tables by default (from the `hvm_api` reply types, see `render`), `--json` for
+//! scripts (the agent's JSON as it came). One error type (`error::Error`) gives the exit
+//! status, in `main` alone: 0 done, 1 refused or failed (the message says why), 2 usage,
+//! 3 the agent cannot be reached, 4 a deadline passed (a backup's freeze deadline, or
+//! `pair wait --timeout`), 5 `verify` found legs that differ (and did not repair them).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hvm_host_agent::arrayctl::{
-    self, ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd,
-};
 use hvm_host_agent::backups::legacy;
 use hvm_host_agent::coord::console::{self, Via};
 use hvm_host_agent::coord::{tls, Code, Peer};
-use hvm_host_agent::ctl::{call, wait_resync};
 use serde_json::Value;
+
+mod arrayctl;
+mod control;
+mod error;
+mod render;
+
+use arrayctl::{ArrayCmd, CopyArgs, CopyKind, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd};
+use error::Error;
+
+/// The exit statuses (set in `main` alone, from [`Error::exit_status`]).
+const EXIT_STATUS: &str = "Exit status:
+  0  done
+  1  the agent, the backup host or the array refused, or the operation failed (the message says why)
+  2  usage: a bad argument or input
+  3  the agent cannot be reached on its control socket, or answered garbage
+  4  a deadline passed: a backup's freeze deadline (everything was thawed and rolled back), or `pair wait --timeout`
+  5  `verify` found legs that differ and did not repair them";
 
 #[derive(Parser)]
 #[command(
     name = "hvmctl",
-    about = "control host-agent (hvm host volume manager)"
+    about = "control host-agent (hvm host volume manager)",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     /// The control socket [default: $HVM_CONTROL, else /run/hvm/control.sock].
@@ -406,24 +420,6 @@ fn parse_rate(s: &str) -> Option<u64> {
     hvm_host_agent::policy::file::parse_rate(s).ok()
 }
 
-fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -432,263 +428,17 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// A move's status in one line.
-/// `hvmctl lu list`: one row per virtual LU.
-fn lu_table(body: &Value) -> String {
-    let mut rows = vec![[
-        "NAME",
-        "BACKEND",
-        "MODE",
-        "READ",
-        "WRITE",
-        "SNAPSHOT OF",
-        "SIZE",
-        "RECORDED LBAS",
-        "CHANGED SINCE BACKUP",
-        "DATA ON",
-        "MOVE",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for l in body.as_array().into_iter().flatten() {
-        rows.push(vec![
-            s(&l["name"]),
-            s(&l["backend"]),
-            s(&l["mode"]),
-            l["read"].as_u64().map_or("-".into(), |x| format!("LU {x}")),
-            l["write"]
-                .as_u64()
-                .map_or("-".into(), |x| format!("LU {x}")),
-            s(&l["snapshot_of"]),
-            format!("{} MiB", l["size_bytes"].as_u64().unwrap_or(0) >> 20),
-            s(&l["recorded_lbas"]),
-            tracking_cell(&l["tracking"]),
-            l["placement"]
-                .as_str()
-                .map_or_else(|| s(&l["backend"]), str::to_string),
-            if l["move"].is_null() {
-                "-".into()
-            } else {
-                move_line(&l["move"])
-            },
-        ]);
-    }
-    table(&rows)
-}
-
-/// An LU's changed-block tracking: bytes since the base, and the backup being copied.
-fn tracking_cell(t: &Value) -> String {
-    if t.is_null() {
-        return "-".into();
-    }
-    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
-    let base = t["base"].as_str().unwrap_or("no backup");
-    let mut out = format!("{:.1} MiB since {base}", mib(&t["current_bytes"]));
-    if !t["pending"].is_null() {
-        let p = &t["pending"];
-        out += &format!(", {} copying {:.1} MiB", s(&p["backup"]), mib(&p["bytes"]));
-    }
-    if t["granule"].as_u64().unwrap_or(512) > 512 {
-        out += &format!(
-            " ({} KiB granules)",
-            t["granule"].as_u64().unwrap_or(0) >> 10
-        );
-    }
-    out
-}
-
-fn move_line(b: &Value) -> String {
-    let pct = |b: &Value| {
-        let total = b["total_bytes"].as_u64().unwrap_or(0).max(1);
-        b["copied_bytes"].as_u64().unwrap_or(0) * 100 / total
-    };
-    let to = s(&b["to"][0]["backend"]) + ":" + &s(&b["to"][0]["lu"]);
-    match b["phase"].as_str() {
-        Some("copying") => format!("MOVING {}% to {to}", pct(b)),
-        Some("done") => format!(
-            "moved to {to} in {:.1} s (switch {:.2} ms)",
-            b["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3,
-            b["switch_ms"].as_f64().unwrap_or(0.0)
-        ),
-        Some(p) => format!("move to {to} {p} {}", s(&b["reason"])),
-        None => "-".into(),
-    }
-}
-
-/// One line for a verify result: identical, or the differing ranges.
-fn verify_line(body: &Value) -> String {
-    let mib = body["compared_bytes"].as_u64().unwrap_or(0) >> 20;
-    let secs = body["seconds"].as_f64().unwrap_or(0.0);
-    if body["identical"] == true {
-        return format!(
-            "{}: legs identical ({mib} MiB compared in {secs:.2} s)",
-            s(&body["name"])
-        );
-    }
-    let ranges: Vec<String> = body["differing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| format!("{}-{}", s(&r[0]), s(&r[1])))
-        .collect();
-    format!(
-        "{}: legs differ in {} LBAs (LBA ranges {}){}",
-        s(&body["name"]),
-        s(&body["differing_lbas"]),
-        ranges.join(", "),
-        if body["repaired"] == true {
-            "; repaired from the origin"
-        } else {
-            ""
-        }
-    )
-}
-
-fn human(cmd: &Cmd, body: &Value) -> String {
-    match cmd {
-        Cmd::Verify { .. } => format!("{}\n", verify_line(body)),
-        Cmd::Lu {
-            command: LuCmd::Move { vlu, .. },
-        } => format!("{vlu}: {}\n", move_line(body)),
-        Cmd::Lu { .. } => lu_table(body),
-        Cmd::Extents { vlu } => {
-            let mut out = format!(
-                "{vlu}: {}, {} LBAs recorded\n",
-                s(&body["mode"]),
-                s(&body["total_lbas"])
-            );
-            let mut rows = vec![vec![
-                "FIRST LBA".to_string(),
-                "LAST LBA".into(),
-                "LBAS".into(),
-            ]];
-            for r in body["ranges"].as_array().into_iter().flatten() {
-                let (a, b) = (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0));
-                rows.push(vec![a.to_string(), b.to_string(), (b - a + 1).to_string()]);
-            }
-            out.push_str(&table(&rows));
-            out
-        }
-        Cmd::Resync {
-            command: ResyncCmd::Status,
-        } => {
-            let mut out = format!(
-                "resync: {}, rate {}\n",
-                if body["paused"] == true {
-                    "paused"
-                } else {
-                    "running"
-                },
-                match body["bytes_per_second"].as_u64() {
-                    Some(0) | None => "unlimited".to_string(),
-                    Some(r) => format!("{} MiB/s", r >> 20),
-                }
-            );
-            let mut rows = vec![[
-                "NAME",
-                "BACKEND",
-                "MODE",
-                "REMAINING LBAS",
-                "COPIED LBAS",
-                "SKIPPED LBAS",
-            ]
-            .map(String::from)
-            .to_vec()];
-            for p in body["pairs"].as_array().into_iter().flatten() {
-                rows.push(vec![
-                    s(&p["name"]),
-                    s(&p["backend"]),
-                    s(&p["mode"]),
-                    s(&p["remaining_lbas"]),
-                    s(&p["copied_lbas"]),
-                    s(&p["skipped_lbas"]),
-                ]);
-            }
-            out.push_str(&table(&rows));
-            out
-        }
-        Cmd::Backends => {
-            let mut rows = vec![[
-                "NAME",
-                "HEALTH",
-                "ARRAY-SIDE BACKUP",
-                "JOURNAL",
-                "JOURNAL BYTES",
-                "FLUSHES",
-            ]
-            .map(String::from)
-            .to_vec()];
-            for b in body["backends"].as_array().into_iter().flatten() {
-                let backup: Vec<&str> = b["backup"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, on)| **on == Value::Bool(true))
-                    .map(|(k, _)| k.as_str())
-                    .collect();
-                rows.push(vec![
-                    s(&b["name"]),
-                    s(&b["health"]),
-                    if backup.is_empty() {
-                        "-".into()
-                    } else {
-                        backup.join(",")
-                    },
-                    s(&b["journal"]["path"]),
-                    s(&b["journal"]["stats"]["file_bytes"]),
-                    s(&b["journal"]["stats"]["flushes"]),
-                ]);
-            }
-            let mut out = table(&rows);
-            for b in body["backends"].as_array().into_iter().flatten() {
-                for l in b["lus"].as_array().into_iter().flatten() {
-                    let id = l["identity"]
-                        .as_str()
-                        .unwrap_or("(the driver does not say)");
-                    out.push_str(&format!("{} LU {}: {id}\n", s(&b["name"]), s(&l["lu"])));
-                }
-            }
-            out
-        }
-        Cmd::Reload => {
-            let list = |k: &str| {
-                let items: Vec<String> = body[k].as_array().into_iter().flatten().map(s).collect();
-                if items.is_empty() {
-                    "none".to_string()
-                } else {
-                    items.join(", ")
-                }
-            };
-            format!(
-                "reloaded {}\napplied:       {}\nneeds restart: {}\nnot applied:   {}\n",
-                s(&body["file"]),
-                list("applied"),
-                list("needs_restart"),
-                list("not_applied")
-            )
-        }
-        _ => match body.as_object() {
-            Some(m) => m.iter().map(|(k, v)| format!("{k}: {}\n", s(v))).collect(),
-            None => format!("{}\n", s(body)),
-        },
-    }
-}
-
 /// `hvmctl demo`: it starts its own host-agent, so it needs no control socket.
-fn demo(dir: Option<PathBuf>, size_mib: u64, warmup: f64, quiet: bool) -> ExitCode {
+fn demo(dir: Option<PathBuf>, size_mib: u64, warmup: f64, quiet: bool) -> error::Result {
     let opts = hvm_host_agent::demo::Options {
         dir,
         size_mib,
         warmup: std::time::Duration::from_secs_f64(warmup.clamp(0.0, 3600.0)),
         quiet,
     };
-    match hvm_host_agent::demo::run(&opts) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hvmctl demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    hvm_host_agent::demo::run(&opts)
+        .map(|_| ())
+        .map_err(|e| Error::Failed(format!("demo: {e}")))
 }
 
 fn peer(address: &str, a: &PeerArgs) -> Result<Peer, String> {
@@ -726,108 +476,98 @@ fn bar(json: bool) -> impl FnMut(&str, u64, u64) {
     }
 }
 
-fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> ExitCode {
-    let print = |v: &serde_json::Value, human: String| {
-        if json {
-            println!("{v}");
-        } else {
-            print!("{human}");
-        }
-    };
+fn backup(sock: &std::path::Path, cmd: &BackupCmd, json: bool) -> error::Result {
     match cmd {
         BackupCmd::Ccopy(a) => arrayctl::copy(sock, json, CopyKind::Ccopy, a),
         BackupCmd::Auto(a) => arrayctl::copy(sock, json, CopyKind::Auto, a),
         BackupCmd::Cow(a) => arrayctl::cow(sock, json, a),
         BackupCmd::Job(a) => arrayctl::job(sock, json, a),
-        BackupCmd::Policy { command } => hvm_host_agent::policy::main(command, json),
-        BackupCmd::Run {
-            db,
-            backup,
-            vlus,
-            target,
-            via,
-            db_nbd,
-            deadline_ms,
-            wait_resync,
-            full,
-            incremental: _,
-            rate,
-            peer: p,
-        } => {
-            let rate = match rate.as_deref().map(parse_rate) {
-                None => None,
-                Some(Some(r)) => Some(r),
-                Some(None) => {
-                    eprintln!("hvmctl backup run: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)");
-                    return ExitCode::from(2);
-                }
-            };
-            let (db, backup) = match (peer(db, p), peer(backup, p)) {
-                (Ok(d), Ok(b)) => (d, b),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("hvmctl backup run: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let o = console::Options {
-                db,
-                backup,
-                vlus: vlus.clone(),
-                target: target.clone(),
-                via: *via,
-                db_nbd: db_nbd.clone(),
-                deadline_ms: *deadline_ms,
-                wait_resync: *wait_resync,
-                full: *full,
-                rate,
-                human: !json,
-            };
-            let r = console::run(&o);
-            if json {
-                println!("{}", r.value);
-            }
-            match r.error {
-                None => ExitCode::SUCCESS,
-                Some(e) => {
-                    eprintln!("hvmctl backup run: {e}");
-                    if r.value["error"]["code"] == serde_json::json!(Code::Timeout) {
-                        ExitCode::from(4)
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-        }
+        BackupCmd::Policy { command } => exited(hvm_host_agent::policy::main(command, json)),
+        BackupCmd::Run { .. } => backup_run(cmd, json).map_err(|e| e.during("backup run")),
         BackupCmd::Delete { db, vlus, peer: p } => {
-            let db = match peer(db, p) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("hvmctl backup delete: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match console::delete(&db, vlus) {
-                Ok(v) => {
-                    let lines = v["vlus"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| format!("{}: {}\n", s(&x["vlu"]), s(&x["mode"])))
-                        .collect();
-                    print(&v, lines);
-                    ExitCode::SUCCESS
-                }
-                Err(f) => {
-                    eprintln!("hvmctl backup delete: {f}");
-                    ExitCode::FAILURE
-                }
-            }
+            backup_delete(db, vlus, p, json).map_err(|e| e.during("backup delete"))
         }
         BackupCmd::List { .. }
         | BackupCmd::Verify { .. }
         | BackupCmd::Restore { .. }
         | BackupCmd::Prune { .. } => catalog_cmd(cmd, json),
     }
+}
+
+/// The status of a command that printed its own messages (the backup policy runner).
+fn exited(code: ExitCode) -> error::Result {
+    if code == ExitCode::SUCCESS {
+        return Ok(());
+    }
+    let kind = if code == ExitCode::from(2) {
+        Error::Usage(String::new())
+    } else {
+        Error::Failed(String::new())
+    };
+    Err(Error::Reported(Box::new(kind)))
+}
+
+/// `hvmctl backup run`: the console side of one online backup.
+fn backup_run(cmd: &BackupCmd, json: bool) -> error::Result {
+    let BackupCmd::Run {
+        db,
+        backup,
+        vlus,
+        target,
+        via,
+        db_nbd,
+        deadline_ms,
+        wait_resync,
+        full,
+        incremental: _,
+        rate,
+        peer: p,
+    } = cmd
+    else {
+        return Err(Error::Usage("not backup run".into()));
+    };
+    let rate = rate
+        .as_deref()
+        .map(|r| parse_rate(r).ok_or_else(|| Error::not_a_rate(r)))
+        .transpose()?;
+    let o = console::Options {
+        db: peer(db, p).map_err(Error::Usage)?,
+        backup: peer(backup, p).map_err(Error::Usage)?,
+        vlus: vlus.clone(),
+        target: target.clone(),
+        via: *via,
+        db_nbd: db_nbd.clone(),
+        deadline_ms: *deadline_ms,
+        wait_resync: *wait_resync,
+        full: *full,
+        rate,
+        human: !json,
+    };
+    let r = console::run(&o);
+    if json {
+        println!("{}", r.value);
+    }
+    match r.error {
+        None => Ok(()),
+        Some(e) if r.value["error"]["code"] == serde_json::json!(Code::Timeout) => {
+            Err(Error::Deadline(e.to_string()))
+        }
+        Some(e) => Err(Error::Failed(e.to_string())),
+    }
+}
+
+/// `hvmctl backup delete`: the snapshots of a failed run, by hand.
+fn backup_delete(db: &str, vlus: &[String], p: &PeerArgs, json: bool) -> error::Result {
+    let db = peer(db, p).map_err(Error::Usage)?;
+    let v = console::delete(&db, vlus).map_err(|f| Error::Failed(f.to_string()))?;
+    if json {
+        println!("{v}");
+    } else {
+        for x in v["vlus"].as_array().into_iter().flatten() {
+            println!("{}: {}", s(&x["vlu"]), s(&x["mode"]));
+        }
+    }
+    Ok(())
 }
 
 /// The backup host of a catalog command, or why not.
@@ -846,7 +586,7 @@ fn legacy_dir(id: &str) -> Option<PathBuf> {
 
 /// An old-format directory named by `backup verify` or `backup restore --to`: handled
 /// here, locally.
-fn legacy_cmd(cmd: &BackupCmd, json: bool) -> Option<ExitCode> {
+fn legacy_cmd(cmd: &BackupCmd, json: bool) -> Option<error::Result> {
     match cmd {
         BackupCmd::Verify { id, .. } => legacy_dir(id).map(|d| legacy_verify(&d, json)),
         BackupCmd::Restore {
@@ -861,46 +601,40 @@ fn legacy_cmd(cmd: &BackupCmd, json: bool) -> Option<ExitCode> {
 
 /// `backup list|verify|restore|prune`: on the backup host over the coordination
 /// service (old-format directories here).
-fn catalog_cmd(cmd: &BackupCmd, json: bool) -> ExitCode {
+fn catalog_cmd(cmd: &BackupCmd, json: bool) -> error::Result {
     let (name, host) = match cmd {
         BackupCmd::List { host, .. } => ("list", host),
         BackupCmd::Verify { host, .. } => ("verify", host),
         BackupCmd::Restore { host, .. } => ("restore", host),
         BackupCmd::Prune { host, .. } => ("prune", host),
-        _ => return ExitCode::from(2),
+        _ => return Err(Error::Usage("not a catalog command".into())),
     };
-    if let Some(code) = legacy_cmd(cmd, json) {
-        return code;
+    let what = format!("backup {name}");
+    if let Some(r) = legacy_cmd(cmd, json) {
+        return r.map_err(|e| e.during(&what));
     }
     let r = backup_peer(host).and_then(|bk| catalog_call(&bk, cmd, json));
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hvmctl backup {name}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match r {
+    let r = r.map_err(|e| Error::Usage(e).during(&what))?;
+    let f = match r {
         Ok(v) => {
             if json {
                 println!("{v}");
             } else {
                 print!("{}", console::human(name, &v));
             }
-            ExitCode::SUCCESS
+            return Ok(());
         }
-        Err(f) => {
-            if json {
-                println!("{}", serde_json::json!({ "ok": false, "error": f }));
-            }
-            eprintln!("hvmctl backup {name}: {f}");
-            if f.code == Code::BadRequest {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Err(f) => f,
+    };
+    if json {
+        println!("{}", serde_json::json!({ "ok": false, "error": f }));
     }
+    let e = if f.code == Code::BadRequest {
+        Error::Usage(f.to_string())
+    } else {
+        Error::Failed(f.to_string())
+    };
+    Err(e.during(&what))
 }
 
 /// Send a catalog command to the backup host `bk`; `Err` for a usage error.
@@ -958,27 +692,20 @@ fn catalog_call(
     })
 }
 
-fn legacy_verify(dir: &std::path::Path, json: bool) -> ExitCode {
-    match legacy::verify(dir, &mut bar(json)) {
-        Ok(v) => {
-            if json {
-                println!("{v}");
-            } else {
-                let n = v["files"].as_array().map_or(0, Vec::len);
-                println!(
-                    "{}: backup {} of {} (hvm-backup/1): {n} files match the manifest",
-                    dir.display(),
-                    s(&v["id"]),
-                    s(&v["created"])
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("hvmctl backup verify: {e}");
-            ExitCode::FAILURE
-        }
+fn legacy_verify(dir: &std::path::Path, json: bool) -> error::Result {
+    let v = legacy::verify(dir, &mut bar(json)).map_err(|e| Error::Failed(e.to_string()))?;
+    if json {
+        println!("{v}");
+    } else {
+        let n = v["files"].as_array().map_or(0, Vec::len);
+        println!(
+            "{}: backup {} of {} (hvm-backup/1): {n} files match the manifest",
+            dir.display(),
+            s(&v["id"]),
+            s(&v["created"])
+        );
     }
+    Ok(())
 }
 
 fn legacy_restore(
@@ -986,188 +713,80 @@ fn legacy_restore(
     vlu: Option<&str>,
     to: &std::path::Path,
     json: bool,
-) -> ExitCode {
-    match legacy::restore(dir, vlu, to, &mut bar(json)) {
-        Ok(v) => {
-            if json {
-                println!("{v}");
-            } else {
-                println!(
-                    "restored {} ({} bytes, SHA-256 {}) to {}",
-                    s(&v["vlu"]),
-                    s(&v["size"]),
-                    s(&v["sha256"]),
-                    to.display()
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("hvmctl backup restore: {e}");
-            ExitCode::FAILURE
-        }
+) -> error::Result {
+    let v =
+        legacy::restore(dir, vlu, to, &mut bar(json)).map_err(|e| Error::Failed(e.to_string()))?;
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "restored {} ({} bytes, SHA-256 {}) to {}",
+            s(&v["vlu"]),
+            s(&v["size"]),
+            s(&v["sha256"]),
+            to.display()
+        );
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let sock = socket_path(&cli);
-    let enc = hvm_host_agent::ctl::segment;
-    let (method, path, body) = match &cli.command {
-        Cmd::Status => ("GET", "/v1/status".to_string(), None),
-        Cmd::Lu {
-            command: LuCmd::List,
-        } => ("GET", "/v1/lus".into(), None),
-        Cmd::Lu {
-            command: LuCmd::Move {
-                vlu, cancel: true, ..
-            },
-        } => ("DELETE", format!("/v1/lus/{}/move", enc(vlu)), None),
-        Cmd::Lu {
-            command: LuCmd::Move {
-                vlu, to, lus, rate, ..
-            },
-        } => {
-            let rate = match rate.as_deref().map(parse_rate) {
-                Some(None) => {
-                    eprintln!(
-                        "hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)"
-                    );
-                    return ExitCode::from(2);
-                }
-                Some(r) => r,
-                None => None,
-            };
-            let body = serde_json::json!({ "to": to, "lus": lus, "rate": rate });
-            ("POST", format!("/v1/lus/{}/move", enc(vlu)), Some(body))
-        }
-        Cmd::Snapshot {
-            command: SnapCmd::Acquire { vlu },
-        } => ("POST", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
-        Cmd::Snapshot {
-            command: SnapCmd::Delete { vlu, .. },
-        } => ("DELETE", format!("/v1/lus/{}/snapshot", enc(vlu)), None),
-        Cmd::Snapshot {
-            command: SnapCmd::Rollback { vlu, .. },
-        } => ("POST", format!("/v1/lus/{}/rollback", enc(vlu)), None),
-        Cmd::Extents { vlu } => ("GET", format!("/v1/lus/{}/extents", enc(vlu)), None),
-        Cmd::Verify { vlu, rate, repair } => {
-            let rate = match rate.as_deref().map(parse_rate) {
-                Some(None) => {
-                    eprintln!("hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M)");
-                    return ExitCode::from(2);
-                }
-                Some(Some(r)) => r,
-                None => 0,
-            };
-            let body = serde_json::json!({ "rate": rate, "repair": repair });
-            ("POST", format!("/v1/lus/{}/verify", enc(vlu)), Some(body))
-        }
-        Cmd::Resync { command } => match command {
-            ResyncCmd::Status => ("GET", "/v1/resync".into(), None),
-            ResyncCmd::Pause => ("POST", "/v1/resync/pause".into(), None),
-            ResyncCmd::Resume => ("POST", "/v1/resync/resume".into(), None),
-            ResyncCmd::Rate { rate } => {
-                let Some(bps) = parse_rate(rate) else {
-                    eprintln!(
-                        "hvmctl: {rate:?} is not a rate (bytes per second, e.g. 100M, 1G, 0)"
-                    );
-                    return ExitCode::from(2);
-                };
-                (
-                    "PUT",
-                    "/v1/resync/rate".into(),
-                    Some(serde_json::json!({ "bytes_per_second": bps })),
-                )
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !matches!(e, Error::Reported(_)) {
+                eprintln!("hvmctl: {e}");
             }
-        },
-        Cmd::Backends => ("GET", "/v1/backends".into(), None),
-        Cmd::Reload => ("POST", "/v1/reload".into(), None),
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+/// Run the command line's command.
+fn run(cli: &Cli) -> error::Result {
+    let sock = socket_path(cli);
+    let json = cli.json;
+    match &cli.command {
         Cmd::Demo {
             dir,
             size_mib,
             warmup,
-        } => return demo(dir.clone(), *size_mib, *warmup, cli.json),
-        Cmd::Backup { command } => return backup(&sock, command, cli.json),
-        Cmd::Pair { command } => return arrayctl::pair(&sock, cli.json, command),
-        Cmd::Volume { command } => return arrayctl::volume(&sock, cli.json, command),
-        Cmd::Device { command } => return arrayctl::device(&sock, cli.json, command),
-        Cmd::Array { command } => return arrayctl::array(&sock, cli.json, command),
+        } => demo(dir.clone(), *size_mib, *warmup, json),
+        Cmd::Backup { command } => backup(&sock, command, json),
+        Cmd::Pair { command } => arrayctl::pair(&sock, json, command),
+        Cmd::Volume { command } => arrayctl::volume(&sock, json, command),
+        Cmd::Device { command } => arrayctl::device(&sock, json, command),
+        Cmd::Array { command } => arrayctl::array(&sock, json, command),
         Cmd::Completions { shell } => {
-            return hvm_host_agent::docs::completions(Cli::command(), *shell)
+            hvm_host_agent::docs::write_completions(Cli::command(), *shell)
+                .map_err(|e| Error::Failed(format!("completions: {e}")))
         }
-        Cmd::Man { dir } => return hvm_host_agent::docs::man(Cli::command(), dir),
+        Cmd::Man { dir } => man(dir),
         Cmd::Tls {
             command: TlsCmd::Init { dir, hosts },
-        } => {
-            return match tls::init(dir, hosts) {
-                Ok(files) => {
-                    for f in files {
-                        println!("{}", f.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("hvmctl tls init: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    };
-    let reply = match call(&sock, method, &path, body.as_ref()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hvmctl: {e}");
-            return ExitCode::from(3);
-        }
-    };
-    if reply.status >= 400 {
-        eprintln!("hvmctl: {}", s(&reply.body["error"]));
-        return ExitCode::FAILURE;
+        } => tls_init(dir, hosts),
+        _ => control::run(&sock, &cli.command, json),
     }
-    let mut body = reply.body;
-    if let Cmd::Lu {
-        command:
-            LuCmd::Move {
-                vlu,
-                wait: true,
-                cancel: false,
-                ..
-            },
-    } = &cli.command
-    {
-        match hvm_host_agent::ctl::wait_move(&sock, vlu, cli.json) {
-            Ok(b) => body = b,
-            Err(e) => {
-                eprintln!("hvmctl: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+}
+
+/// `hvmctl man DIR`: the man pages, for packaging; lists the files written.
+fn man(dir: &std::path::Path) -> error::Result {
+    let files = hvm_host_agent::docs::write_man(Cli::command(), dir)
+        .map_err(|e| Error::Failed(format!("man: {}: {e}", dir.display())))?;
+    for f in files {
+        println!("{}", f.display());
     }
-    if let Cmd::Snapshot {
-        command: SnapCmd::Delete { vlu, wait: true } | SnapCmd::Rollback { vlu, wait: true },
-    } = &cli.command
-    {
-        match wait_resync(&sock, vlu, cli.json) {
-            Ok(p) => body["resync"] = p,
-            Err(e) => {
-                eprintln!("hvmctl: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+    Ok(())
+}
+
+/// `hvmctl tls init`: lists the files written.
+fn tls_init(dir: &std::path::Path, hosts: &[String]) -> error::Result {
+    let files = tls::init(dir, hosts).map_err(|e| Error::Failed(format!("tls init: {e}")))?;
+    for f in files {
+        println!("{}", f.display());
     }
-    if cli.json {
-        println!("{body}");
-    } else {
-        print!("{}", human(&cli.command, &body));
-    }
-    if matches!(cli.command, Cmd::Verify { .. })
-        && body["identical"] == false
-        && body["repaired"] != true
-    {
-        return ExitCode::from(5);
-    }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,16 +20,16 @@
 //! only one backend offers the functions.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
 use hvm_core::array_backup::{
-    Area, BackupCapabilities, BackupOp, BackupReply, JobState, JobStatus, PairState, PairStatus,
+    Area, BackupOp, BackupReply, JobState, JobStatus, PairState, PairStatus,
 };
+use hvm_host_agent::ctl::{self, bars, progress};
 use serde_json::Value;
 
-use crate::ctl::{bars, call, progress};
+use crate::error::{Error, Result};
 
 /// Which array.
 #[derive(Args, Clone, Debug)]
@@ -193,55 +193,42 @@ pub enum ArrayCmd {
     },
 }
 
-/// Why a command failed, and its exit status.
-struct Failure(u8, String);
+/// A command's result: its JSON and its text.
+type Outcome = Result<(Value, String)>;
 
-type Outcome = Result<(Value, String), Failure>;
-
-fn refused(m: impl Into<String>) -> Failure {
-    Failure(1, m.into())
+fn refused(m: impl Into<String>) -> Error {
+    Error::Failed(m.into())
 }
 
-/// Finish a command: print its JSON or its text, or the failure.
-fn finish(what: &str, json: bool, r: Outcome) -> ExitCode {
-    match r {
-        Ok((v, text)) => {
-            if json {
-                println!("{v}");
-            } else {
-                print!("{text}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(Failure(code, m)) => {
-            eprintln!("hvmctl {what}: {m}");
-            ExitCode::from(code)
-        }
+/// Finish a command: print its JSON or its text, or name the command in its error.
+fn finish(what: &str, json: bool, r: Outcome) -> Result {
+    let (v, text) = r.map_err(|e| e.during(what))?;
+    if json {
+        println!("{v}");
+    } else {
+        print!("{text}");
     }
+    Ok(())
 }
 
 /// The backend to use: the one named, or the only one offering backup functions.
-fn backend(sock: &Path, t: &Target) -> Result<String, Failure> {
+fn backend(sock: &Path, t: &Target) -> Result<String> {
     if let Some(b) = &t.backend {
         return Ok(b.clone());
     }
-    let r = call(sock, "GET", "/v1/backends", None).map_err(|e| Failure(3, e))?;
-    let offering: Vec<String> = r.body["backends"]
-        .as_array()
+    let list: hvm_api::Backends = ctl::typed(sock, "GET", "/v1/backends", None)?;
+    let offering: Vec<String> = list
+        .backends
         .into_iter()
-        .flatten()
-        .filter(|b| {
-            serde_json::from_value::<BackupCapabilities>(b["backup"].clone()).is_ok_and(|c| c.any())
-        })
-        .filter_map(|b| b["name"].as_str().map(String::from))
+        .filter(|b| b.backup.any())
+        .map(|b| b.name)
         .collect();
     match offering.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(refused(
             "no backend offers array-side backup functions (an array needs a `backup:` section in its config)",
         )),
-        many => Err(Failure(
-            2,
+        many => Err(Error::Usage(
             format!(
                 "several backends offer array-side backup functions ({}); say which with --backend",
                 many.join(", ")
@@ -251,29 +238,20 @@ fn backend(sock: &Path, t: &Target) -> Result<String, Failure> {
 }
 
 /// Send one operation to the backend's array.
-fn op(sock: &Path, backend: &str, op: &BackupOp) -> Result<BackupReply, Failure> {
-    let body = serde_json::to_value(op).map_err(|e| Failure(2, e.to_string()))?;
-    let path = format!("/v1/backends/{}/backup", crate::ctl::segment(backend));
-    let r = call(sock, "POST", &path, Some(&body)).map_err(|e| Failure(3, e))?;
-    if r.status >= 400 {
-        let m = r.body["error"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| r.body.to_string());
-        return Err(refused(m));
-    }
-    serde_json::from_value(r.body.clone())
-        .map_err(|e| Failure(1, format!("malformed reply {}: {e}", r.body)))
+fn op(sock: &Path, backend: &str, op: &BackupOp) -> Result<BackupReply> {
+    let body = serde_json::to_value(op).map_err(|e| Error::Usage(e.to_string()))?;
+    let path = format!("/v1/backends/{}/backup", ctl::segment(backend));
+    Ok(ctl::typed(sock, "POST", &path, Some(&body))?)
 }
 
-fn pair_status(sock: &Path, backend: &str, lu: u32) -> Result<PairStatus, Failure> {
+fn pair_status(sock: &Path, backend: &str, lu: u32) -> Result<PairStatus> {
     match op(sock, backend, &BackupOp::PairStatus { lu })? {
         BackupReply::Pair(p) => Ok(p),
         r => Err(refused(format!("unexpected reply {r:?}"))),
     }
 }
 
-fn job_status(sock: &Path, backend: &str, id: u32) -> Result<JobStatus, Failure> {
+fn job_status(sock: &Path, backend: &str, id: u32) -> Result<JobStatus> {
     match op(sock, backend, &BackupOp::Job { id })? {
         BackupReply::Job(j) => Ok(j),
         r => Err(refused(format!("unexpected reply {r:?}"))),
@@ -338,7 +316,7 @@ fn wait_pair(
     lu: u32,
     want: WaitState,
     timeout: Option<Duration>,
-) -> Result<PairStatus, Failure> {
+) -> Result<PairStatus> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let p = pair_status(sock, backend, lu)?;
@@ -350,25 +328,22 @@ fn wait_pair(
             return Ok(p);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Failure(
-                4,
-                format!(
-                    "the pair of LU {lu} is {} after {} s, not {}",
-                    p.state,
-                    timeout.unwrap_or_default().as_secs(),
-                    match want {
-                        WaitState::Duplex => "duplex",
-                        WaitState::Split => "split",
-                    }
-                ),
-            ));
+            return Err(Error::Deadline(format!(
+                "the pair of LU {lu} is {} after {} s, not {}",
+                p.state,
+                timeout.unwrap_or_default().as_secs(),
+                match want {
+                    WaitState::Duplex => "duplex",
+                    WaitState::Split => "split",
+                }
+            )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// After a resync: duplex, or split when some areas stay split.
-fn wait_resynced(sock: &Path, backend: &str, lu: u32) -> Result<PairStatus, Failure> {
+fn wait_resynced(sock: &Path, backend: &str, lu: u32) -> Result<PairStatus> {
     loop {
         let p = pair_status(sock, backend, lu)?;
         if p.state != PairState::Resyncing && p.state != PairState::Forming {
@@ -378,7 +353,7 @@ fn wait_resynced(sock: &Path, backend: &str, lu: u32) -> Result<PairStatus, Fail
     }
 }
 
-fn wait_job(sock: &Path, backend: &str, id: u32, json: bool) -> Result<JobStatus, Failure> {
+fn wait_job(sock: &Path, backend: &str, id: u32, json: bool) -> Result<JobStatus> {
     let draw = !json && bars();
     loop {
         let j = job_status(sock, backend, id)?;
@@ -391,9 +366,7 @@ fn wait_job(sock: &Path, backend: &str, id: u32, json: bool) -> Result<JobStatus
             );
         }
         if j.state != JobState::Running {
-            if draw {
-                eprintln!();
-            }
+            ctl::end_progress();
             return match j.state {
                 JobState::Failed => Err(refused(job_text(&j).trim_end().to_string())),
                 _ => Ok(j),
@@ -480,7 +453,7 @@ fn run_pair(sock: &Path, cmd: &PairCmd) -> Outcome {
 }
 
 /// `hvmctl pair ...`
-pub fn pair(sock: &Path, json: bool, cmd: &PairCmd) -> ExitCode {
+pub fn pair(sock: &Path, json: bool, cmd: &PairCmd) -> Result {
     finish("pair", json, run_pair(sock, cmd))
 }
 
@@ -506,7 +479,7 @@ fn start_copy(sock: &Path, json: bool, args: &CopyArgs, o: BackupOp) -> Outcome 
 }
 
 /// `hvmctl backup ccopy|auto ...`
-pub fn copy(sock: &Path, json: bool, kind: CopyKind, args: &CopyArgs) -> ExitCode {
+pub fn copy(sock: &Path, json: bool, kind: CopyKind, args: &CopyArgs) -> Result {
     let o = BackupOp::Ccopy {
         lu: args.lu,
         device: args.device.clone(),
@@ -521,7 +494,7 @@ pub fn copy(sock: &Path, json: bool, kind: CopyKind, args: &CopyArgs) -> ExitCod
 }
 
 /// `hvmctl backup cow ...`
-pub fn cow(sock: &Path, json: bool, args: &CowArgs) -> ExitCode {
+pub fn cow(sock: &Path, json: bool, args: &CowArgs) -> Result {
     let c = &args.copy;
     let o = BackupOp::Cow {
         lu: c.lu,
@@ -534,7 +507,7 @@ pub fn cow(sock: &Path, json: bool, args: &CowArgs) -> ExitCode {
 }
 
 /// `hvmctl backup job ...`
-pub fn job(sock: &Path, json: bool, args: &JobArgs) -> ExitCode {
+pub fn job(sock: &Path, json: bool, args: &JobArgs) -> Result {
     let r = (|| {
         let b = backend(sock, &args.target)?;
         let j = if args.wait {
@@ -548,7 +521,7 @@ pub fn job(sock: &Path, json: bool, args: &JobArgs) -> ExitCode {
 }
 
 /// `hvmctl volume ...`
-pub fn volume(sock: &Path, json: bool, cmd: &VolumeCmd) -> ExitCode {
+pub fn volume(sock: &Path, json: bool, cmd: &VolumeCmd) -> Result {
     let VolumeCmd::Attribute {
         lu,
         attribute,
@@ -599,7 +572,7 @@ fn restore(medium: &Path, to: &Path) -> Outcome {
 }
 
 /// `hvmctl device ...`
-pub fn device(sock: &Path, json: bool, cmd: &DeviceCmd) -> ExitCode {
+pub fn device(sock: &Path, json: bool, cmd: &DeviceCmd) -> Result {
     let r = match cmd {
         DeviceCmd::List { target } => (|| {
             let b = backend(sock, target)?;
@@ -627,7 +600,7 @@ pub fn device(sock: &Path, json: bool, cmd: &DeviceCmd) -> ExitCode {
 }
 
 /// `hvmctl array ...`
-pub fn array(sock: &Path, json: bool, cmd: &ArrayCmd) -> ExitCode {
+pub fn array(sock: &Path, json: bool, cmd: &ArrayCmd) -> Result {
     let ArrayCmd::Counters { target } = cmd;
     let r = (|| {
         let b = backend(sock, target)?;
