@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::backend::{errno, Backend, BackendError, Capabilities};
+use crate::backend::{errno, Backend, BackendDescription, BackendError, Capabilities};
 use crate::change_tracking::{BackupId, ChangedBlocks, Cut, TrackingSummary};
 use crate::journal::{JournalError, JournalRecord, JournalState, StateLog};
 use crate::lba::{Extent, SECTOR_SIZE};
@@ -130,6 +130,95 @@ type Result<T, E = ManagerError> = std::result::Result<T, E>;
 enum Payload<'a> {
     Data(&'a [u8]),
     Zeroes { unmap: bool },
+}
+
+/// The blocks of every LU of `def`, which must all be of one size.
+fn pair_capacity(
+    desc: &BackendDescription,
+    def: &MirrorDefinition,
+) -> std::result::Result<u64, String> {
+    let mut capacity = None;
+    for lu in def.lus() {
+        let c = desc
+            .capacity(lu)
+            .ok_or_else(|| format!("the array has no {lu}"))?;
+        if capacity.is_some_and(|prev| prev != c) {
+            return Err(format!(
+                "{lu} has {c} blocks but the other LUs of \"{def}\" have {}",
+                capacity.unwrap_or_default()
+            ));
+        }
+        capacity = Some(c);
+    }
+    Ok(capacity.unwrap_or_default())
+}
+
+/// One snapshot virtual LU per mate LU (one for the other definitions).
+fn check_snapshot_count(cfg: &PairConfig) -> std::result::Result<(), String> {
+    let want_snaps = match &cfg.definition {
+        MirrorDefinition::Managed { mates, .. } => mates.len(),
+        _ => 1,
+    };
+    if cfg.snapshots.len() != want_snaps {
+        return Err(format!(
+            "{} snapshot virtual LU(s) given, expected {want_snaps} (one per mate LU)",
+            cfg.snapshots.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The save area of a copy-on-write pair, which needs one; no other strategy uses one.
+fn save_area(
+    strategy: Strategy,
+    lu: Option<LuId>,
+    definitions: &MirroringDefinitionTable,
+    desc: &BackendDescription,
+) -> std::result::Result<Option<Mutex<SaveArea>>, String> {
+    match (strategy, lu) {
+        (Strategy::CopyOnWrite, Some(lu)) => {
+            if definitions.containing(lu).is_some() {
+                return Err(format!("save area {lu} is part of a mirroring definition"));
+            }
+            let c = desc
+                .capacity(lu)
+                .ok_or_else(|| format!("the array has no save area {lu}"))?;
+            Ok(Some(Mutex::new(SaveArea::new(lu, c))))
+        }
+        (Strategy::CopyOnWrite, None) => {
+            Err("the copy-on-write strategy needs a save_area LU".into())
+        }
+        (_, Some(lu)) => Err(format!(
+            "save area {lu} given, but {strategy} does not use one"
+        )),
+        (_, None) => Ok(None),
+    }
+}
+
+/// A journal's routing of a pair's virtual LU must be this pair's. Virtual LU ids come
+/// from the config's order: a journal written for another config would route this LU to
+/// another pair's LUs, so it is refused rather than guessed at (the data on the array is
+/// untouched either way).
+fn check_journal_route(pair: &Pair, entry: LuModeEntry) -> Result<()> {
+    let key = pair.key();
+    let expected = pair
+        .rows(entry.mode)
+        .into_iter()
+        .find(|(vlu, _)| *vlu == key)
+        .map(|(_, e)| e);
+    if entry.mode != Mode::Undefined && expected != Some(entry) {
+        return Err(ManagerError::Config {
+            origin: key,
+            reason: format!(
+                "the journal routes it as {entry:?}, but this pair ({}) would route it as \
+                     {expected:?}: the virtual LUs changed since the journal was written. Put \
+                     the config back, or move the journal aside to start again (pairs that \
+                     were not Synchronized then need a full resync)",
+                pair.cfg.definition
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -351,53 +440,9 @@ impl<B: Backend> SnapshotManager<B> {
             let bad = |reason: String| ManagerError::Config { origin, reason };
             definitions.insert(cfg.definition.clone())?;
             let strategy = Strategy::for_definition(&cfg.definition, &caps)?;
-            let mut capacity = None;
-            for lu in cfg.definition.lus() {
-                let c = desc
-                    .capacity(lu)
-                    .ok_or_else(|| bad(format!("the array has no {lu}")))?;
-                if capacity.is_some_and(|prev| prev != c) {
-                    return Err(bad(format!(
-                        "{lu} has {c} blocks but the other LUs of \"{}\" have {}",
-                        cfg.definition,
-                        capacity.unwrap_or_default()
-                    )));
-                }
-                capacity = Some(c);
-            }
-            let capacity_lbas = capacity.unwrap_or_default();
-            let want_snaps = match &cfg.definition {
-                MirrorDefinition::Managed { mates, .. } => mates.len(),
-                _ => 1,
-            };
-            if cfg.snapshots.len() != want_snaps {
-                return Err(bad(format!(
-                    "{} snapshot virtual LU(s) given, expected {want_snaps} (one per mate LU)",
-                    cfg.snapshots.len()
-                )));
-            }
-            let save = match (strategy, cfg.save_area) {
-                (Strategy::CopyOnWrite, Some(lu)) => {
-                    if definitions.containing(lu).is_some() {
-                        return Err(bad(format!(
-                            "save area {lu} is part of a mirroring definition"
-                        )));
-                    }
-                    let c = desc
-                        .capacity(lu)
-                        .ok_or_else(|| bad(format!("the array has no save area {lu}")))?;
-                    Some(Mutex::new(SaveArea::new(lu, c)))
-                }
-                (Strategy::CopyOnWrite, None) => {
-                    return Err(bad("the copy-on-write strategy needs a save_area LU".into()))
-                }
-                (_, Some(lu)) => {
-                    return Err(bad(format!(
-                        "save area {lu} given, but {strategy} does not use one"
-                    )))
-                }
-                (_, None) => None,
-            };
+            let capacity_lbas = pair_capacity(&desc, &cfg.definition).map_err(bad)?;
+            check_snapshot_count(&cfg).map_err(bad)?;
+            let save = save_area(strategy, cfg.save_area, &definitions, &desc).map_err(bad)?;
             let index = built.len();
             for (i, vlu) in std::iter::once(origin)
                 .chain(cfg.snapshots.iter().copied())
@@ -423,18 +468,7 @@ impl<B: Backend> SnapshotManager<B> {
             lu_mode: RwLock::new(LuModeTable::new()),
             log,
         };
-        for pair in &mgr.pairs {
-            mgr.restore_pair(pair, recovered)?;
-            // Tracking does not depend on the mode: the journal's record, whatever the
-            // array says (none: no base, so the next backup is a full one).
-            if let Some(t) = recovered.and_then(|s| s.tracking.get(&pair.key())) {
-                lock(&pair.tracking).assign(t);
-            }
-        }
-        // The journal describes the tables from here on, whatever it held before.
-        for rec in mgr.state().checkpoint() {
-            mgr.append(rec)?;
-        }
+        mgr.restore(recovered)?;
         Ok(mgr)
     }
 
@@ -456,58 +490,32 @@ impl<B: Backend> SnapshotManager<B> {
         st
     }
 
+    /// Each pair's mode, tables and tracking as the array and the journal (`recovered`)
+    /// say; then the journal describes the tables from here on, whatever it held before.
+    fn restore(&self, recovered: Option<&JournalState>) -> Result<()> {
+        for pair in &self.pairs {
+            self.restore_pair(pair, recovered)?;
+            // Tracking does not depend on the mode: the journal's record, whatever the
+            // array says (none: no base, so the next backup is a full one).
+            if let Some(t) = recovered.and_then(|s| s.tracking.get(&pair.key())) {
+                lock(&pair.tracking).assign(t);
+            }
+        }
+        for rec in self.state().checkpoint() {
+            self.append(rec)?;
+        }
+        Ok(())
+    }
+
     fn restore_pair(&self, pair: &Pair, recovered: Option<&JournalState>) -> Result<()> {
         let key = pair.key();
         let journal_entry = recovered.and_then(|s| s.lu_mode.get(key));
         if let Some(entry) = journal_entry {
-            // Virtual LU ids come from the config's order. A journal written for another
-            // config would route this LU to another pair's LUs: refuse rather than
-            // guess (the data on the array is untouched either way).
-            let expected = pair
-                .rows(entry.mode)
-                .into_iter()
-                .find(|(vlu, _)| *vlu == key)
-                .map(|(_, e)| e);
-            if entry.mode != Mode::Undefined && expected != Some(entry) {
-                return Err(ManagerError::Config {
-                    origin: key,
-                    reason: format!(
-                        "the journal routes it as {entry:?}, but this pair ({}) would route it as \
-                         {expected:?}: the virtual LUs changed since the journal was written. Put \
-                         the config back, or move the journal aside to start again (pairs that \
-                         were not Synchronized then need a full resync)",
-                        pair.cfg.definition
-                    ),
-                });
-            }
+            check_journal_route(pair, entry)?;
         }
         let journal_mode = journal_entry.map(|e| e.mode);
         let journal_table = recovered.and_then(|s| s.tables.get(&key));
-        let mode = match &pair.cfg.definition {
-            MirrorDefinition::Managed { lu, .. } => {
-                let page =
-                    self.backend
-                        .mode_sense(*lu)
-                        .map_err(|source| ManagerError::Backend {
-                            op: "Mode Sense",
-                            lu: *lu,
-                            source,
-                        })?;
-                let mode = mode::decode_mode_sense(&page)
-                    .map_err(|source| ManagerError::Page { lu: *lu, source })?;
-                if mode == Mode::Undefined {
-                    return Err(ManagerError::Config {
-                        origin: key,
-                        reason: format!("the array reports {lu} as not duplicated (Mode Sense 4)"),
-                    });
-                }
-                mode
-            }
-            _ => match journal_mode {
-                Some(m @ (Mode::Snapshot | Mode::Resynchronizing)) => m,
-                _ => Mode::Synchronized,
-            },
-        };
+        let mode = self.mode_at_start(pair, journal_mode)?;
         let mut table = lock(&pair.table);
         if mode != Mode::Synchronized {
             match journal_table {
@@ -540,6 +548,38 @@ impl<B: Backend> SnapshotManager<B> {
             lu_mode.set(vlu, entry);
         }
         Ok(())
+    }
+
+    /// A pair's mode at start: a Mode Select array's answer to Mode Sense; else the
+    /// journal's Snapshot or Re-synchronizing, or Synchronized.
+    fn mode_at_start(&self, pair: &Pair, journal_mode: Option<Mode>) -> Result<Mode> {
+        let key = pair.key();
+        let mode = match &pair.cfg.definition {
+            MirrorDefinition::Managed { lu, .. } => {
+                let page =
+                    self.backend
+                        .mode_sense(*lu)
+                        .map_err(|source| ManagerError::Backend {
+                            op: "Mode Sense",
+                            lu: *lu,
+                            source,
+                        })?;
+                let mode = mode::decode_mode_sense(&page)
+                    .map_err(|source| ManagerError::Page { lu: *lu, source })?;
+                if mode == Mode::Undefined {
+                    return Err(ManagerError::Config {
+                        origin: key,
+                        reason: format!("the array reports {lu} as not duplicated (Mode Sense 4)"),
+                    });
+                }
+                mode
+            }
+            _ => match journal_mode {
+                Some(m @ (Mode::Snapshot | Mode::Resynchronizing)) => m,
+                _ => Mode::Synchronized,
+            },
+        };
+        Ok(mode)
     }
 
     pub fn backend(&self) -> &B {

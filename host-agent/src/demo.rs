@@ -352,80 +352,89 @@ fn api(sock: &Path, method: &str, path: &str, kind: &'static str) -> Result<Valu
     Ok(r.body)
 }
 
-fn one_kind(
-    k: &Kind,
-    state: &Path,
-    control: &Path,
-    work: &Path,
-    opts: &Options,
-    seed: u64,
-) -> Result<KindResult, DemoError> {
-    let fail = |message: String| DemoError::Failed {
-        kind: k.label,
-        message,
-    };
-    let nbd = state.join("nbd.sock");
-    let client = Client::connect(&nbd, k.vlu).map_err(|e| fail(e.to_string()))?;
-    let size = client.size();
-    let w = Arc::new(Writer {
-        model: Mutex::new(vec![0u8; size as usize]),
-        undo: Mutex::new(None),
-        gate: Mutex::new((false, false)),
-        cv: Condvar::new(),
-        stop: AtomicBool::new(false),
-        writes: AtomicU64::new(0),
-        error: Mutex::new(None),
-    });
-    // Start from known contents: the LU as it is now (zeros on a fresh array).
-    {
-        let mut m = w.model.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut c = Client::connect(&nbd, k.vlu).map_err(|e| fail(e.to_string()))?;
-        for (i, chunk) in m.chunks_mut(1 << 20).enumerate() {
-            c.read(i as u64 * (1 << 20), chunk)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        c.disconnect();
-    }
-    let thread = {
-        let w = w.clone();
-        std::thread::spawn(move || w.run(client, seed))
-    };
-    let result = (|| {
-        std::thread::sleep(opts.warmup);
+/// One array kind's run: where its virtual LU is served and controlled.
+struct Case<'a> {
+    k: &'a Kind,
+    /// The NBD socket.
+    nbd: PathBuf,
+    control: &'a Path,
+}
 
-        // The freeze: quiesce (no write in flight, a flush), acquire, resume.
+/// The freeze's durations: whole, quiesce, acquire.
+type Freeze = (Duration, Duration, Duration);
+
+impl Case<'_> {
+    fn fail(&self, message: String) -> DemoError {
+        DemoError::Failed {
+            kind: self.k.label,
+            message,
+        }
+    }
+
+    fn connect(&self, export: &str) -> Result<Client, DemoError> {
+        Client::connect(&self.nbd, export).map_err(|e| self.fail(e.to_string()))
+    }
+
+    fn api(&self, method: &str, path: &str) -> Result<Value, DemoError> {
+        api(self.control, method, path, self.k.label)
+    }
+
+    /// A writer whose model starts as the LU is now (zeros on a fresh array), and the
+    /// client it writes with.
+    fn writer(&self) -> Result<(Arc<Writer>, Client), DemoError> {
+        let client = self.connect(self.k.vlu)?;
+        let w = Arc::new(Writer {
+            model: Mutex::new(vec![0u8; client.size() as usize]),
+            undo: Mutex::new(None),
+            gate: Mutex::new((false, false)),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        {
+            let mut m = w.model.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut c = self.connect(self.k.vlu)?;
+            for (i, chunk) in m.chunks_mut(1 << 20).enumerate() {
+                c.read(i as u64 * (1 << 20), chunk)
+                    .map_err(|e| self.fail(e.to_string()))?;
+            }
+            c.disconnect();
+        }
+        Ok((w, client))
+    }
+
+    /// The freeze: quiesce (no write in flight, a flush), acquire, resume.
+    fn freeze(&self, w: &Writer) -> Result<Freeze, DemoError> {
         let t = Instant::now();
         w.quiesce();
         let quiesced = t.elapsed();
         if let Some(e) = w.failed() {
-            return Err(fail(format!("writer: {e}")));
+            return Err(self.fail(format!("writer: {e}")));
         }
         *w.undo.lock().unwrap_or_else(PoisonError::into_inner) = Some(HashMap::new());
         let a = Instant::now();
-        let acquired = api(
-            control,
-            "POST",
-            &format!("/v1/lus/{}/snapshot", k.vlu),
-            k.label,
-        );
+        let acquired = self.api("POST", &format!("/v1/lus/{}/snapshot", self.k.vlu));
         let acquire = a.elapsed();
         w.resume();
         let freeze = t.elapsed();
         acquired?;
+        Ok((freeze, quiesced, acquire))
+    }
 
-        // The backup: copy the snapshot export while the writer goes on.
-        let snap = format!("{}-snap", k.vlu);
+    /// The backup: copy the snapshot export to `path` while the writer goes on.
+    fn backup(&self, size: u64, path: &Path, opts: &Options) -> Result<Duration, DemoError> {
+        let snap = format!("{}-snap", self.k.vlu);
         let draw = !opts.quiet && bars();
-        let path = work.join(format!("backup-{}.img", k.vlu));
         let t = Instant::now();
-        let mut src = Client::connect(&nbd, &snap).map_err(|e| fail(e.to_string()))?;
-        let mut out = std::fs::File::create(&path).map_err(io(path.display().to_string()))?;
+        let mut src = self.connect(&snap)?;
+        let mut out = std::fs::File::create(path).map_err(io(path.display().to_string()))?;
         let mut buf = vec![0u8; 1 << 20];
         let mut at = 0u64;
         while at < size {
             let n = (size - at).min(buf.len() as u64) as usize;
             src.read(at, &mut buf[..n])
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| self.fail(e.to_string()))?;
             out.write_all(&buf[..n])
                 .map_err(io(path.display().to_string()))?;
             at += n as u64;
@@ -439,86 +448,123 @@ fn one_kind(
         if draw {
             eprintln!();
         }
-        let mut copy = Vec::with_capacity(size as usize);
-        std::fs::File::open(&path)
+        Ok(backup)
+    }
+
+    /// The backup at `path` equals the data at the snapshot instant: the model, with each
+    /// block written since put back.
+    fn check_backup(&self, w: &Writer, path: &Path) -> Result<(), DemoError> {
+        let mut copy = Vec::new();
+        std::fs::File::open(path)
             .and_then(|mut f| f.read_to_end(&mut copy))
             .map_err(io(path.display().to_string()))?;
-        {
-            // The data at the instant: the model, with each block written since put back.
-            let mut undo = w.undo.lock().unwrap_or_else(PoisonError::into_inner);
-            let model = w.model.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = undo.take().unwrap_or_default();
-            if copy.len() != model.len() {
-                return Err(fail(format!(
-                    "the backup has {} bytes, the LU {}",
-                    copy.len(),
-                    model.len()
+        let mut undo = w.undo.lock().unwrap_or_else(PoisonError::into_inner);
+        let model = w.model.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = undo.take().unwrap_or_default();
+        if copy.len() != model.len() {
+            return Err(self.fail(format!(
+                "the backup has {} bytes, the LU {}",
+                copy.len(),
+                model.len()
+            )));
+        }
+        for (i, (got, now)) in copy.chunks(BLOCK).zip(model.chunks(BLOCK)).enumerate() {
+            let at = (i * BLOCK) as u64;
+            let want = before.get(&at).map_or(now, |b| &b[..]);
+            if let Some(j) = first_difference(got, want) {
+                return Err(self.fail(format!(
+                    "the backup differs from the data at the snapshot instant at byte {}",
+                    at + j as u64
                 )));
             }
-            for (i, (got, now)) in copy.chunks(BLOCK).zip(model.chunks(BLOCK)).enumerate() {
-                let at = (i * BLOCK) as u64;
-                let want = before.get(&at).map_or(now, |b| &b[..]);
-                if let Some(j) = first_difference(got, want) {
-                    return Err(fail(format!(
-                        "the backup differs from the data at the snapshot instant at byte {}",
-                        at + j as u64
-                    )));
-                }
+        }
+        Ok(())
+    }
+
+    /// Both legs identical, and the LU holds what the writer wrote.
+    fn check_data(&self, state: &Path, w: &Writer) -> Result<(), DemoError> {
+        let legs = self.k.legs.map(|l| state.join(l));
+        if let Some(at) = same_files(&legs[0], &legs[1])? {
+            return Err(self.fail(format!(
+                "the legs {} and {} differ at byte {at} after resync",
+                legs[0].display(),
+                legs[1].display()
+            )));
+        }
+        let mut c = self.connect(self.k.vlu)?;
+        let model = w.model.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut buf = vec![0u8; 1 << 20];
+        for (i, want) in model.chunks(1 << 20).enumerate() {
+            c.read(i as u64 * (1 << 20), &mut buf[..want.len()])
+                .map_err(|e| self.fail(e.to_string()))?;
+            if let Some(j) = first_difference(&buf[..want.len()], want) {
+                return Err(self.fail(format!(
+                    "the virtual LU lost a write: byte {} differs",
+                    i * (1 << 20) + j
+                )));
             }
         }
-        drop(copy);
-        let recorded = api(
-            control,
-            "GET",
-            &format!("/v1/lus/{}/extents", k.vlu),
-            k.label,
-        )?["total_lbas"]
-            .as_u64()
-            .unwrap_or(0);
+        c.disconnect();
+        Ok(())
+    }
+}
 
-        // Delete and resync, the writer still going.
-        let t = Instant::now();
-        api(
-            control,
-            "DELETE",
-            &format!("/v1/lus/{}/snapshot", k.vlu),
-            k.label,
-        )?;
-        let pair = wait_resync(control, k.vlu, opts.quiet).map_err(fail)?;
-        let resync = t.elapsed();
-        Ok(((freeze, quiesced, acquire), backup, resync, recorded, pair))
-    })();
+/// What the steps under the writer measured: the freeze, the backup, the resync, the
+/// LBAs recorded, and the resync's pair.
+type Measured = (Freeze, Duration, Duration, u64, Value);
+
+/// The steps while the writer runs: warm up, freeze, back up and check, delete the
+/// snapshot and wait for the resync.
+fn under_writer(
+    c: &Case<'_>,
+    w: &Writer,
+    size: u64,
+    work: &Path,
+    opts: &Options,
+) -> Result<Measured, DemoError> {
+    std::thread::sleep(opts.warmup);
+    let freeze = c.freeze(w)?;
+    let path = work.join(format!("backup-{}.img", c.k.vlu));
+    let backup = c.backup(size, &path, opts)?;
+    c.check_backup(w, &path)?;
+    let recorded = c.api("GET", &format!("/v1/lus/{}/extents", c.k.vlu))?["total_lbas"]
+        .as_u64()
+        .unwrap_or(0);
+    // Delete and resync, the writer still going.
+    let t = Instant::now();
+    c.api("DELETE", &format!("/v1/lus/{}/snapshot", c.k.vlu))?;
+    let pair = wait_resync(c.control, c.k.vlu, opts.quiet).map_err(|e| c.fail(e))?;
+    Ok((freeze, backup, t.elapsed(), recorded, pair))
+}
+
+fn one_kind(
+    k: &Kind,
+    state: &Path,
+    control: &Path,
+    work: &Path,
+    opts: &Options,
+    seed: u64,
+) -> Result<KindResult, DemoError> {
+    let c = Case {
+        k,
+        nbd: state.join("nbd.sock"),
+        control,
+    };
+    let (w, client) = c.writer()?;
+    let size = client.size();
+    let thread = {
+        let w = w.clone();
+        std::thread::spawn(move || w.run(client, seed))
+    };
+    let result = under_writer(&c, &w, size, work, opts);
     w.stop.store(true, Ordering::SeqCst);
     w.resume();
     let _ = thread.join();
     let ((freeze, quiesce, acquire), backup, resync, recorded, pair) = result?;
     if let Some(e) = w.failed() {
-        return Err(fail(format!("writer: {e}")));
+        return Err(c.fail(format!("writer: {e}")));
     }
-
-    // Both legs identical, and the LU holds what the writer wrote.
-    let legs = k.legs.map(|l| state.join(l));
-    if let Some(at) = same_files(&legs[0], &legs[1])? {
-        return Err(fail(format!(
-            "the legs {} and {} differ at byte {at} after resync",
-            legs[0].display(),
-            legs[1].display()
-        )));
-    }
-    let mut c = Client::connect(&nbd, k.vlu).map_err(|e| fail(e.to_string()))?;
-    let model = w.model.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut buf = vec![0u8; 1 << 20];
-    for (i, want) in model.chunks(1 << 20).enumerate() {
-        c.read(i as u64 * (1 << 20), &mut buf[..want.len()])
-            .map_err(|e| fail(e.to_string()))?;
-        if let Some(j) = first_difference(&buf[..want.len()], want) {
-            return Err(fail(format!(
-                "the virtual LU lost a write: byte {} differs",
-                i * (1 << 20) + j
-            )));
-        }
-    }
-    c.disconnect();
+    c.check_data(state, &w)?;
     Ok(KindResult {
         label: k.label,
         strategy: k.strategy,
@@ -557,15 +603,9 @@ pub fn summary_line(r: &KindResult) -> String {
     )
 }
 
-/// Run the demo; the results of the three array kinds, in order.
-pub fn run(opts: &Options) -> Result<Vec<KindResult>, DemoError> {
-    let exe = std::env::current_exe().map_err(io("find hvmctl's own path"))?;
-    let bin_dir = exe
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let agent = bin_dir.join("host-agent");
-    let missing: Vec<String> = std::iter::once(agent.clone())
+/// host-agent and the plugins must sit beside hvmctl.
+fn check_beside(bin_dir: &Path, agent: &Path) -> Result<(), DemoError> {
+    let missing: Vec<String> = std::iter::once(agent.to_path_buf())
         .chain(
             ["stateless", "mode_select", "pre_update"]
                 .iter()
@@ -580,6 +620,18 @@ pub fn run(opts: &Options) -> Result<Vec<KindResult>, DemoError> {
             missing.join(", ")
         )));
     }
+    Ok(())
+}
+
+/// Run the demo; the results of the three array kinds, in order.
+pub fn run(opts: &Options) -> Result<Vec<KindResult>, DemoError> {
+    let exe = std::env::current_exe().map_err(io("find hvmctl's own path"))?;
+    let bin_dir = exe
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let agent = bin_dir.join("host-agent");
+    check_beside(&bin_dir, &agent)?;
     let tmp;
     let work = match &opts.dir {
         Some(d) => {

@@ -151,7 +151,10 @@ pub async fn run(host: Arc<Host>, cfg: &Config, base: &Path) -> Result<(), Agent
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = admin_extras(cfg, &host, stop_rx).await?;
     // Scripts and tests wait for this line: the sockets are bound.
-    println!("{}", serving_line(&host, &listeners, metrics.as_ref().map(|m| m.0)));
+    println!(
+        "{}",
+        serving_line(&host, &listeners, metrics.as_ref().map(|m| m.0))
+    );
     tracing::info!(socket = %host.socket.display(), tcp = ?host.tcp_bound.get(), control = %host.control.display(), "serving");
     let status = format!("serving {} virtual LUs", host.virtual_lus.len());
     notify(&format!("READY=1\nSTATUS={status}"));
