@@ -64,6 +64,9 @@
 //!       - command: { pre: "sync", post: "true" }    # sh -c, HVM_* in the environment
 //!       - fsfreeze: /srv/pgdata                      # a mount point
 //!       - postgresql: { connect: "host=/run/postgresql user=postgres" }
+//!   restore:                         # database role: `backup restore --in-place --force`
+//!     stop: "systemctl stop postgresql && umount /srv/pgdata && nbd-client -d /dev/nbd0"
+//!                                    # sh -c; must end every NBD client of the vLU
 //!   backup:                          # backup role
 //!     target_root: /srv/backups      # backups are written only under this directory
 //! ```
@@ -179,6 +182,20 @@ pub struct CoordinationConfig {
     pub freeze: FreezeConfig,
     #[serde(default)]
     pub backup: Option<BackupRoleConfig>,
+    #[serde(default)]
+    pub restore: RestoreConfig,
+}
+
+/// The database role's side of `hvmctl backup restore --in-place`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// With `--force`: a command (`sh -c`, `HVM_VLU`, `HVM_BACKUP`, `HVM_CLIENTS` in the
+    /// environment) that ends every NBD client of the virtual LU, e.g. stops the
+    /// database, unmounts its filesystem and disconnects `nbd-client`. Nothing starts
+    /// them again: after the restore the DBA does.
+    #[serde(default)]
+    pub stop: Option<String>,
 }
 
 impl CoordinationConfig {

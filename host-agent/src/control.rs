@@ -94,6 +94,10 @@ pub struct LuView {
     pub moving: Option<MoveStatus>,
     /// Changed-block tracking across backups (origin virtual LUs only).
     pub tracking: Option<TrackingView>,
+    /// NBD connections open on its export (every listener).
+    pub nbd_clients: usize,
+    /// True while a restore in place holds its fence: new NBD connections are refused.
+    pub restore_fence: bool,
 }
 
 /// What was written to an origin since its last completed backup (issue 19).
@@ -148,6 +152,7 @@ pub fn lus(agent: &Host) -> Vec<LuView> {
         };
         let entry = mgr.lu_mode_entry(*vlu);
         let recorded = mgr.recorded_lbas(*vlu).unwrap_or(0);
+        let clients = agent.exports.export(name).map(|e| e.nbd_clients());
         out.push(LuView {
             name: name.clone(),
             backend: backend.clone(),
@@ -161,6 +166,8 @@ pub fn lus(agent: &Host) -> Vec<LuView> {
             placement: agent.moved_to(name).map(|p| p.to_string()),
             moving: agent.moves.job(name).map(|j| j.status()),
             tracking: tracking_view(mgr, *vlu),
+            nbd_clients: clients.map_or(0, |c| c.open()),
+            restore_fence: clients.is_some_and(|c| c.fenced()),
         });
     }
     out
@@ -710,7 +717,12 @@ async fn array_backup(
 /// The agent's metrics now (see [`crate::metrics`]).
 pub fn scrape(a: &Host) -> Scrape {
     let mut s = Scrape::default();
-    let recorded = lus(a)
+    let views = lus(a);
+    let clients = views
+        .iter()
+        .map(|l| (vec![("vlu", l.name.clone())], l.nbd_clients as u64))
+        .collect();
+    let recorded = views
         .into_iter()
         .filter(|l| l.snapshot_of.is_none())
         .map(|l| {
@@ -722,6 +734,11 @@ pub fn scrape(a: &Host) -> Scrape {
         "hvm_recorded_lbas",
         "LBAs recorded in the update-location table of a pair.",
         recorded,
+    );
+    s.gauge(
+        "hvm_nbd_clients",
+        "NBD connections open on a virtual LU's export.",
+        clients,
     );
     let copied = resync_views(a)
         .into_iter()

@@ -10,7 +10,7 @@ use hvm_core::backend::Backend;
 use hvm_core::{Extent, ManagerError, Mode, SnapshotManager, VirtualLuId, SECTOR_SIZE};
 
 use crate::gate::Gate;
-use crate::nbd::export::{Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
+use crate::nbd::export::{Clients, Export, ExportError, Exports, Peer, BASE_ALLOCATION, HVM_DIRTY};
 use crate::nbd::proto::STATE_DIRTY;
 
 /// The snapshot manager of one backend.
@@ -52,6 +52,8 @@ pub struct VluExport {
     /// Bytes read through this export, when it is a snapshot export: what the database
     /// host did for a backup that pulled the snapshot over NBD.
     snapshot_reads: Option<Arc<AtomicU64>>,
+    /// Its NBD connections on every listener, and the fence of a restore in place.
+    clients: Arc<Clients>,
 }
 
 impl VluExport {
@@ -63,6 +65,7 @@ impl VluExport {
             access: RwLock::new(access),
             gate: Gate::default(),
             snapshot_reads: None,
+            clients: Arc::default(),
         }
     }
 
@@ -78,6 +81,11 @@ impl VluExport {
 
     fn allows(&self, peer: Option<&Peer>) -> bool {
         self.available() && self.access().allows(peer)
+    }
+
+    /// Its NBD connections and restore fence.
+    pub fn nbd_clients(&self) -> &Arc<Clients> {
+        &self.clients
     }
 
     /// Accessible now: a virtual LU in Undefined mode is neither listed nor opened.
@@ -139,6 +147,10 @@ impl Export for VluExport {
 
     fn meta_contexts(&self) -> Vec<&'static str> {
         vec![BASE_ALLOCATION, HVM_DIRTY]
+    }
+
+    fn clients(&self) -> Option<&Arc<Clients>> {
+        Some(&self.clients)
     }
 
     fn block_status(

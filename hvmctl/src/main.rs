@@ -289,9 +289,15 @@ enum BackupCmd {
         )]
         to: Option<PathBuf>,
         /// Restore onto the live virtual LU over the database host's NBD listener,
-        /// writing only the blocks that differ. Stop the database first.
-        #[arg(long, requires = "db")]
+        /// writing only the blocks that differ. Refused while NBD clients have the
+        /// virtual LU open (stop the database, unmount, disconnect first); new
+        /// connections are refused while it writes. Nothing is started afterwards.
+        #[arg(long, requires = "db", requires = "vlu")]
         in_place: bool,
+        /// With --in-place: run the database host's coordination.restore.stop command to
+        /// end the clients, and restore once none is left.
+        #[arg(long, requires = "in_place")]
+        force: bool,
         /// The database host's coordination address (with --in-place).
         #[arg(long)]
         db: Option<String>,
@@ -656,20 +662,37 @@ fn catalog_call(
             vlu,
             to,
             in_place,
+            force,
             db,
             db_nbd,
             host,
-        } => {
-            let to = match (to, in_place, db) {
-                (Some(t), _, _) => console::RestoreDest::Path(t.clone()),
-                (None, true, Some(db)) => console::RestoreDest::InPlace {
-                    db: peer(db, &host.peer)?,
-                    db_nbd: db_nbd.clone(),
-                },
-                _ => return Err("--to PATH or --in-place --db HOST:PORT".into()),
-            };
-            console::restore(bk, id, vlu.clone(), &to, !json)
-        }
+        } => match (to, in_place, db, vlu) {
+            (Some(t), _, _, _) => {
+                let to = console::RestoreDest::Path(t.clone());
+                console::restore(bk, id, vlu.clone(), &to, !json)
+            }
+            (None, true, Some(db), Some(vlu)) => {
+                let r = hvm_host_agent::coord::inplace::InPlace {
+                    backup_host: bk,
+                    db: &peer(db, &host.peer)?,
+                    id,
+                    vlu,
+                    db_nbd: db_nbd.as_deref(),
+                    force: *force,
+                };
+                let draw = !json && hvm_host_agent::ctl::bars();
+                let v = hvm_host_agent::coord::inplace::restore(&r, &mut |d, t| {
+                    if draw {
+                        hvm_host_agent::ctl::progress("  restore", d, t, "bytes");
+                    }
+                });
+                if draw {
+                    eprintln!();
+                }
+                v
+            }
+            _ => return Err("--to PATH or --in-place --db HOST:PORT --vlu V".into()),
+        },
         BackupCmd::Prune {
             target,
             keep_last,

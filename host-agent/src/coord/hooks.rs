@@ -71,7 +71,7 @@ pub struct Hook {
 /// Files a hook produced at resume (the PostgreSQL backup label).
 pub type Files = BTreeMap<String, String>;
 
-async fn run_command(
+pub(super) async fn run_command(
     cmd: &str,
     env: &[(String, String)],
     running: &mut Option<i32>,

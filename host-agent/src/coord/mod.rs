@@ -16,12 +16,14 @@
 //! - [`hooks`]: command, `fsfreeze` and PostgreSQL hooks;
 //! - [`copy`]: the backup role's copy into a repository ([`crate::backups`]);
 //! - [`repository`]: the backup role's list, verify, prune and restore;
+//! - [`inplace`]: restore in place: the database role's fence and the console's steps;
 //! - [`console`]: `hvmctl backup run`.
 
 pub mod console;
 pub mod copy;
 pub mod freeze;
 pub mod hooks;
+pub mod inplace;
 pub mod repository;
 pub mod server;
 pub mod tls;
@@ -80,6 +82,19 @@ pub enum Op {
     /// Database role: `backup` failed; the ranges its snapshot's cut took count as
     /// written again. Idempotent.
     Abort { vlus: Vec<String>, backup: String },
+    /// Database role: before a restore in place, put up the virtual LU's fence (new NBD
+    /// connections refused unless they carry its ticket) and check that no client has
+    /// it open; with `force`, run `coordination.restore.stop` first. Answers the ticket.
+    RestoreFence {
+        vlu: String,
+        #[serde(default)]
+        force: bool,
+        /// The backup being restored, for the stop command's `HVM_BACKUP`.
+        #[serde(default)]
+        backup: String,
+    },
+    /// Database role: take down the fence `ticket` put up. Idempotent.
+    RestoreUnfence { vlu: String, ticket: String },
     /// Backup role: store snapshots in a repository under `target_root`.
     Copy(CopyRequest),
     /// Backup role: the catalog's backups, synchronised with the repositories' manifests
@@ -120,6 +135,8 @@ impl Op {
             Op::Counters => "counters",
             Op::Complete { .. } => "complete",
             Op::Abort { .. } => "abort",
+            Op::RestoreFence { .. } => "restore_fence",
+            Op::RestoreUnfence { .. } => "restore_unfence",
             Op::Copy(_) => "copy",
             Op::BackupList { .. } => "backup_list",
             Op::BackupVerify { .. } => "backup_verify",
@@ -184,7 +201,8 @@ pub enum RestoreTo {
     /// An absolute path on the backup host: a new file, or a block device nobody holds.
     Path(String),
     /// The live virtual LU: its export on the database host's NBD listener
-    /// (`HOST:PORT`), written where it differs.
+    /// (`HOST:PORT`), written where it differs. `export` may carry the ticket of the
+    /// fence the database host put up ([`inplace`]): `NAME#fence=TICKET`.
     Nbd { address: String, export: String },
 }
 

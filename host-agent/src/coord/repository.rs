@@ -17,6 +17,7 @@ use crate::backups::format::{chunk_key, LuMap, Manifest, Repo, MARKER};
 use crate::backups::retention::{self, Keep};
 use crate::backups::{restore, store};
 use crate::nbd::client::Client;
+use crate::nbd::export::split_ticket;
 
 fn failed(m: impl Into<String>) -> Failure {
     Failure::new(Code::Failed, m)
@@ -282,7 +283,6 @@ fn pick<'a>(m: &'a Manifest, vlu: Option<&str>) -> Result<&'a LuMap, Failure> {
     }
 }
 
-/// `backup_restore`.
 /// `backup_restore`; `tls` is how this host reaches the database host's NBD listener.
 pub fn restore(
     role: &BackupRole,
@@ -295,11 +295,13 @@ pub fn restore(
     let mut v = match &req.to {
         RestoreTo::Path(p) => to_path(&repo, lu, Path::new(p), progress)?,
         RestoreTo::Nbd { address, export } => {
+            // The name may carry the database host's fence ticket: not for messages.
+            let shown = split_ticket(export).0;
             let mut c = Client::connect_tls(address, export, tls()?)
-                .map_err(|e| failed(format!("NBD {address} export {export}: {e}")))?;
+                .map_err(|e| failed(format!("NBD {address} export {shown}: {e}")))?;
             if c.size() != lu.size {
                 return Err(failed(format!(
-                    "export {export} has {} bytes, the backup's {} has {}",
+                    "export {shown} has {} bytes, the backup's {} has {}",
                     c.size(),
                     lu.vlu,
                     lu.size

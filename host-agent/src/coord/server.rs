@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::{copy, freeze, repository, tls, Code, Failure, Line, Op, Request};
+use super::{copy, freeze, inplace, repository, tls, Code, Failure, Line, Op, Request};
 use crate::host::Host;
 use crate::config::{CoordinationConfig, Role};
 use crate::nbd::server::AcceptBackoff;
@@ -286,7 +286,9 @@ impl Service {
             | Op::Verify { .. }
             | Op::Counters
             | Op::Complete { .. }
-            | Op::Abort { .. } => Some(Role::Database),
+            | Op::Abort { .. }
+            | Op::RestoreFence { .. }
+            | Op::RestoreUnfence { .. } => Some(Role::Database),
             Op::Copy(_)
             | Op::BackupList { .. }
             | Op::BackupVerify { .. }
@@ -320,6 +322,7 @@ impl Service {
                 | Op::Copy(_)
                 | Op::BackupPrune { .. }
                 | Op::BackupRestore(_)
+                | Op::RestoreFence { .. }
         );
         let fingerprint = serde_json::to_string(&req.op).unwrap_or_default();
         let (ptx, prx) = watch::channel((0, 0));
@@ -413,6 +416,11 @@ impl Service {
             Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
             Op::Verify { vlus } => blocking(Box::new(move || freeze::verify(&agent, &vlus))).await,
+            Op::RestoreFence { vlu, force, backup } => {
+                let fence = inplace::Fence { vlu, force, backup };
+                inplace::fence(&agent, &self.cfg.restore, &fence).await
+            }
+            Op::RestoreUnfence { vlu, ticket } => inplace::unfence(&agent, &vlu, &ticket),
             Op::Counters => Ok(json!({
                 "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
             })),

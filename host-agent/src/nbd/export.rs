@@ -1,10 +1,12 @@
 //! What is served: the [`Export`] trait a served thing implements, the [`Exports`] a
 //! server offers one peer (listing and lookup by name), the errors and metadata contexts
 //! they speak in, and the [`Session`] a connection's handshake ends with: the export it
-//! chose and the reply shape it negotiated.
+//! chose and the reply shape it negotiated. An export may count its [`Clients`]: each
+//! connection in transmission holds an [`Attachment`] for as long as it lives, and a
+//! fence keeps new connections out while a restore writes the export in place.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Errno values of NBD replies.
 pub mod errno {
@@ -66,6 +68,10 @@ pub trait Export: Send + Sync + 'static {
     fn meta_contexts(&self) -> Vec<&'static str> {
         vec![BASE_ALLOCATION]
     }
+    /// The count of its connections and its fence; `None`: not counted, never fenced.
+    fn clients(&self) -> Option<&Arc<Clients>> {
+        None
+    }
     /// Extents `(length, flags)` covering `offset..offset+len` in `context`.
     fn block_status(
         &self,
@@ -108,4 +114,155 @@ pub(super) struct Session {
     pub(super) structured: bool,
     /// Selected metadata contexts: (id, name).
     pub(super) contexts: Vec<(u32, &'static str)>,
+    /// Counts this connection among the export's clients until the session is dropped
+    /// (the connection's last worker ended, or it failed on the way into transmission).
+    pub(super) _attached: Option<Attachment>,
+}
+
+/// What separates an export's name from a fence's ticket in the name a client asks
+/// for: `NAME#fence=TICKET` opens `NAME` while the fence with `TICKET` is up.
+pub const TICKET_MARK: &str = "#fence=";
+
+/// `(export name, ticket)` of a name a client asked for.
+pub fn split_ticket(name: &str) -> (&str, Option<&str>) {
+    match name.split_once(TICKET_MARK) {
+        Some((n, t)) => (n, Some(t)),
+        None => (name, None),
+    }
+}
+
+/// The name to ask for to open `export` through the fence with `ticket`.
+pub fn with_ticket(export: &str, ticket: &str) -> String {
+    format!("{export}{TICKET_MARK}{ticket}")
+}
+
+/// The connections in transmission on one export (across every listener), and the
+/// fence that, while up, refuses new connections that do not carry its ticket.
+#[derive(Debug, Default)]
+pub struct Clients {
+    state: Mutex<ClientsState>,
+}
+
+#[derive(Debug, Default)]
+struct ClientsState {
+    open: usize,
+    fence: Option<String>,
+}
+
+/// One connection counted among an export's [`Clients`]; dropping it (however the
+/// connection ends: a disconnect, an error, a panic unwinding its worker) uncounts it.
+#[derive(Debug)]
+pub struct Attachment(Arc<Clients>);
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.open = s.open.saturating_sub(1);
+    }
+}
+
+/// Why a connection was not attached: the export is fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced;
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the export is being restored in place; new connections are refused until the restore ends")
+    }
+}
+
+/// Equal strings, compared without an early exit (a ticket is a secret).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClientsState> {
+        // Two counters: no invariant a panic could leave half-made.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.lock().open
+    }
+
+    /// True while a fence is up.
+    pub fn fenced(&self) -> bool {
+        self.lock().fence.is_some()
+    }
+
+    /// Count one more connection, unless a fence is up and `ticket` is not its ticket.
+    pub fn attach(self: &Arc<Self>, ticket: Option<&str>) -> Result<Attachment, Fenced> {
+        let mut s = self.lock();
+        if let Some(f) = &s.fence {
+            if !ticket.is_some_and(|t| same(t, f)) {
+                return Err(Fenced);
+            }
+        }
+        s.open += 1;
+        Ok(Attachment(self.clone()))
+    }
+
+    /// Put up a fence with `ticket`: from now on only connections that carry it attach.
+    /// Returns the connections open at that instant. A fence already up with another
+    /// ticket is replaced only with `take_over` (its restore is gone, or forced).
+    pub fn fence(&self, ticket: &str, take_over: bool) -> Result<usize, String> {
+        let mut s = self.lock();
+        if s.fence.as_deref().is_some_and(|f| !same(f, ticket)) && !take_over {
+            return Err("another restore in place holds this export's fence".into());
+        }
+        s.fence = Some(ticket.to_string());
+        Ok(s.open)
+    }
+
+    /// Take down the fence `ticket` put up; false (and nothing changes) if the fence up
+    /// is another one or none.
+    pub fn lift(&self, ticket: &str) -> bool {
+        let mut s = self.lock();
+        if s.fence.as_deref().is_some_and(|f| same(f, ticket)) {
+            s.fence = None;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn attachments_count_until_dropped_and_a_fence_admits_its_ticket_only() {
+        let c = Arc::new(Clients::default());
+        let a = c.attach(None).unwrap();
+        let b = c.attach(Some("x")).unwrap();
+        assert_eq!(c.open(), 2);
+        drop(a);
+        assert_eq!(c.open(), 1);
+        assert_eq!(c.fence("t1", false), Ok(1));
+        assert!(c.fenced());
+        assert_eq!(c.attach(None).unwrap_err(), Fenced);
+        assert_eq!(c.attach(Some("t2")).unwrap_err(), Fenced);
+        let r = c.attach(Some("t1")).unwrap();
+        assert_eq!(c.open(), 2);
+        assert!(c.fence("t2", false).is_err());
+        assert!(!c.lift("t2"));
+        drop((b, r));
+        assert_eq!(c.open(), 0);
+        // A panic unwinding through a connection's owner still uncounts it.
+        let c2 = c.clone();
+        let _ = std::thread::spawn(move || {
+            let _a = c2.attach(Some("t1")).unwrap();
+            panic!("worker panics");
+        })
+        .join();
+        assert_eq!(c.open(), 0);
+        assert_eq!(c.fence("t2", true), Ok(0));
+        assert!(!c.lift("t1") && c.lift("t2") && !c.fenced());
+        assert!(c.attach(None).is_ok());
+        assert_eq!(split_ticket(&with_ticket("pg", "abc")), ("pg", Some("abc")));
+        assert_eq!(split_ticket("pg"), ("pg", None));
+    }
 }

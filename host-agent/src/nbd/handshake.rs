@@ -9,7 +9,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
-use super::export::{Export, Exports, Peer, Session};
+use super::export::{split_ticket, Attachment, Export, Exports, Fenced, Peer, Session};
 use super::proto::{self as p, ProtoError};
 
 /// The stream a negotiated connection goes on with.
@@ -279,14 +279,26 @@ impl Haggling<'_> {
         Ok(None)
     }
 
-    /// The session on `export`, with what haggling settled.
-    fn session(&mut self, name: String, export: std::sync::Arc<dyn Export>) -> Haggled {
+    /// The session on `export`, with what haggling settled; `attached` counts it.
+    fn session(
+        &mut self,
+        name: String,
+        export: std::sync::Arc<dyn Export>,
+        attached: Option<Attachment>,
+    ) -> Haggled {
         Haggled::Session(Session {
             name,
             export,
             structured: self.structured,
             contexts: std::mem::take(&mut self.contexts),
+            _attached: attached,
         })
+    }
+
+    /// The export a client's `name` opens (a fence's ticket stripped off), and the ticket.
+    fn lookup<'n>(&self, name: &'n str) -> Option<(std::sync::Arc<dyn Export>, Option<&'n str>)> {
+        let (export, ticket) = split_ticket(name);
+        self.exports.get(export, self.peer).map(|e| (e, ticket))
     }
 
     /// `NBD_OPT_EXPORT_NAME`: the old way into transmission.
@@ -295,15 +307,20 @@ impl Haggling<'_> {
         wr: &mut W,
         data: Vec<u8>,
     ) -> std::io::Result<Option<Haggled>> {
-        let name = String::from_utf8_lossy(&data).into_owned();
-        let Some(export) = self.exports.get(&name, self.peer) else {
+        let asked = String::from_utf8_lossy(&data).into_owned();
+        let Some((export, ticket)) = self.lookup(&asked) else {
             // This option cannot fail with a reply: the spec says disconnect.
+            return Ok(Some(Haggled::Close));
+        };
+        // Fenced: the same.
+        let Ok(attached) = attach(&*export, ticket) else {
             return Ok(Some(Haggled::Close));
         };
         let flags = transmission_flags(&*export);
         wr.write_all(&p::export_name_reply(export.size(), flags, self.no_zeroes))
             .await?;
-        Ok(Some(self.session(name, export)))
+        let name = split_ticket(&asked).0.to_string();
+        Ok(Some(self.session(name, export, attached)))
     }
 
     /// `NBD_OPT_LIST`: the names of the exports this peer may open.
@@ -334,10 +351,22 @@ impl Haggling<'_> {
             reply(wr, option, p::REP_ERR_INVALID, b"malformed INFO/GO request").await?;
             return Ok(None);
         };
-        let Some(export) = self.exports.get(&req.name, self.peer) else {
-            let msg = format!("no export named {:?}", req.name);
+        let Some((export, ticket)) = self.lookup(&req.name) else {
+            let msg = format!("no export named {:?}", split_ticket(&req.name).0);
             reply(wr, option, p::REP_ERR_UNKNOWN, msg.as_bytes()).await?;
             return Ok(None);
+        };
+        // GO attaches before any reply, so a fence put up later counts this connection.
+        let attached = match option {
+            p::OPT_GO => match attach(&*export, ticket) {
+                Ok(a) => a,
+                Err(f) => {
+                    let msg = format!("{}: {f}", split_ticket(&req.name).0);
+                    reply(wr, option, p::REP_ERR_POLICY, msg.as_bytes()).await?;
+                    return Ok(None);
+                }
+            },
+            _ => None,
         };
         let flags = transmission_flags(&*export);
         let info = p::info_export(export.size(), flags);
@@ -352,7 +381,8 @@ impl Haggling<'_> {
         }
         reply(wr, option, p::REP_ACK, &[]).await?;
         if option == p::OPT_GO {
-            return Ok(Some(self.session(req.name, export)));
+            let name = split_ticket(&req.name).0.to_string();
+            return Ok(Some(self.session(name, export, attached)));
         }
         Ok(None)
     }
@@ -389,8 +419,8 @@ impl Haggling<'_> {
             let msg = b"malformed meta context request";
             return reply(wr, option, p::REP_ERR_INVALID, msg).await;
         };
-        let Some(export) = self.exports.get(&req.export, self.peer) else {
-            let msg = format!("no export named {:?}", req.export);
+        let Some((export, _)) = self.lookup(&req.export) else {
+            let msg = format!("no export named {:?}", split_ticket(&req.export).0);
             return reply(wr, option, p::REP_ERR_UNKNOWN, msg.as_bytes()).await;
         };
         let chosen = chosen_contexts(&export.meta_contexts(), &req.queries, set);
@@ -404,6 +434,12 @@ impl Haggling<'_> {
         }
         reply(wr, option, p::REP_ACK, &[]).await
     }
+}
+
+/// Count a connection among `export`'s clients (if it counts them), through its fence
+/// with `ticket`.
+fn attach(export: &dyn Export, ticket: Option<&str>) -> Result<Option<Attachment>, Fenced> {
+    export.clients().map(|c| c.attach(ticket)).transpose()
 }
 
 /// The `offered` contexts that `queries` ask for, with their ids (1-based positions). No
