@@ -249,6 +249,24 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
     Ok(lus)
 }
 
+/// A step that failed: its name, why, and what the clean-up did (`Ok`: the system is
+/// clean, with what was done; `Err`: what is left to do by hand).
+struct Failed {
+    step: &'static str,
+    failure: Failure,
+    cleanup: Result<String, String>,
+}
+
+impl Failed {
+    fn new(step: &'static str, failure: Failure, cleanup: Result<String, String>) -> Self {
+        Failed {
+            step,
+            failure,
+            cleanup,
+        }
+    }
+}
+
 /// Run one backup.
 pub fn run(o: &Options) -> Report {
     let mut r = Run {
@@ -258,24 +276,6 @@ pub fn run(o: &Options) -> Report {
     };
     let mut out =
         json!({ "id": r.id, "db": o.db.address, "backup": o.backup.address, "vlus": o.vlus });
-    let fail = |r: &mut Run<'_>,
-                mut out: Value,
-                step: &str,
-                f: &Failure,
-                cleanup: Result<String, String>| {
-        let (cleaned, msg) = match &cleanup {
-            Ok(m) => (true, m.clone()),
-            Err(m) => (false, m.clone()),
-        };
-        let error = format!("{step} failed: {f}; {msg}");
-        out["ok"] = json!(false);
-        out["steps"] = json!(r.steps);
-        out["error"] = json!({ "step": step, "code": f.code, "message": f.message, "detail": f.detail, "clean": cleaned, "cleanup": msg });
-        Report {
-            value: out,
-            error: Some(error),
-        }
-    };
     r.say(&format!(
         "backup {}: database host {}, backup host {}, virtual LUs {}",
         r.id,
@@ -283,253 +283,261 @@ pub fn run(o: &Options) -> Report {
         o.backup.address,
         o.vlus.join(", ")
     ));
-
-    // 1. Quiesce, snapshot, resume: one request, inside the database host's deadline.
-    let snap = o.db.call(
-        &format!("{}-snapshot", r.id),
-        &Op::Snapshot {
-            vlus: o.vlus.clone(),
-            deadline_ms: o.deadline_ms,
-            backup: Some(r.id.clone()),
-            vars: [
-                ("target".to_string(), o.target.clone()),
-                ("backup_host".to_string(), o.backup.address.clone()),
-            ]
-            .into_iter()
-            .collect(),
-        },
-        2,
-        &mut |_, _| {},
-    );
-    let snap = match snap {
-        Ok(v) => v,
-        Err(f) => {
-            r.agent_steps(&f.detail);
-            // The database host rolled back what it did; if no answer came at all, a
-            // snapshot may exist: delete to be sure.
-            let cleanup = if f.detail.is_null() {
-                r.cleanup()
-            } else {
-                Ok(format!(
-                    "the database host thawed {} and rolled back {}",
-                    f.detail["thawed"], f.detail["rolled_back"]
-                ))
-            };
-            return fail(&mut r, out, "snapshot", &f, cleanup);
-        }
+    let result = r.stages(&mut out);
+    out["ok"] = json!(result.is_ok());
+    out["steps"] = json!(r.steps);
+    let Err(Failed {
+        step,
+        failure: f,
+        cleanup,
+    }) = result
+    else {
+        return Report {
+            value: out,
+            error: None,
+        };
     };
-    r.agent_steps(&snap);
-    let freeze_ms = snap["freeze_ms"].as_f64().unwrap_or(0.0);
-    r.say(&format!(
-        "  {:<40} {:>10}  (deadline {} ms)",
-        "freeze window (quiesce to resume)",
-        fmt_ms(freeze_ms),
-        snap["deadline_ms"]
-    ));
-    out["freeze_ms"] = json!(freeze_ms);
-    out["instant_unix_ms"] = snap["instant_unix_ms"].clone();
-
-    // 2. The copy, on the backup host.
-    let nbd_address = o.db_nbd.clone().or_else(|| {
-        snap["nbd_tcp"].as_str().map(|a| match a.rsplit_once(':') {
-            Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{}:{p}", o.db.host()),
-            _ => a.to_string(),
-        })
-    });
-    let lus = match copy_lus(o, &snap, nbd_address.as_deref()) {
-        Ok(l) => l,
-        Err(f) => {
-            let c = r.cleanup();
-            return fail(&mut r, out, "copy", &f, c);
-        }
+    let (cleaned, msg) = match cleanup {
+        Ok(m) => (true, m),
+        Err(m) => (false, m),
     };
-    let files = snap["files"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let req = CopyRequest {
-        target: o.target.clone(),
-        lus,
-        files,
-        info: json!({
-            "database_host": o.db.address,
-            "instant_unix_ms": snap["instant_unix_ms"],
-            "freeze_ms": freeze_ms,
-            "snapshots": snap["snapshots"],
-        }),
-        rate: o.rate,
-        backup: Some(r.id.clone()),
-    };
-    let t = Instant::now();
-    let bars = o.human && ctl::bars();
-    let copied = o.backup.call(
-        &format!("{}-copy", r.id),
-        &Op::Copy(req),
-        2,
-        &mut |d, total| {
-            if bars {
-                ctl::progress("  copy", d, total, "bytes");
-            }
-        },
-    );
-    if bars {
-        eprintln!();
+    out["error"] = json!({ "step": step, "code": f.code, "message": f.message, "detail": f.detail, "clean": cleaned, "cleanup": msg });
+    Report {
+        value: out,
+        error: Some(format!("{step} failed: {f}; {msg}")),
     }
-    let copied = match copied {
-        Ok(v) => v,
-        Err(f) => {
-            let c = r.cleanup();
-            return fail(&mut r, out, "copy", &f, c);
-        }
-    };
-    let secs = t.elapsed().as_secs_f64();
-    r.step("copy", secs * 1000.0, &copy_note(&copied, secs));
-    for l in copied["lus"].as_array().into_iter().flatten() {
-        r.say(&lu_line(l));
-    }
-    out["copy"] = copied.clone();
-    out["tracking"] = r.complete();
+}
 
-    // 3. Delete the snapshots; resync starts.
-    let t = Instant::now();
-    if let Err(f) = o.db.call(
-        &format!("{}-delete", r.id),
-        &Op::Delete {
-            vlus: o.vlus.clone(),
-        },
-        3,
-        &mut |_, _| {},
-    ) {
-        let cleanup = Err(format!(
-            "backup {} in {} is complete; finish by hand with `hvmctl backup delete --db {} --ca CA --token-file TOKEN {}`",
-            r.id,
-            copied["location"].as_str().unwrap_or("?"),
-            o.db.address,
-            o.vlus.iter().map(|v| format!("--vlu {v}")).collect::<Vec<_>>().join(" ")
+impl Run<'_> {
+    /// Every step in order; `out` gathers what each reports.
+    fn stages(&mut self, out: &mut Value) -> Result<(), Failed> {
+        // 1. Quiesce, snapshot, resume: one request, inside the database host's deadline.
+        let snap = self.snapshot()?;
+        out["freeze_ms"] = json!(snap["freeze_ms"].as_f64().unwrap_or(0.0));
+        out["instant_unix_ms"] = snap["instant_unix_ms"].clone();
+        // 2. The copy, on the backup host.
+        let copied = self.copy(&snap)?;
+        out["copy"] = copied.clone();
+        out["tracking"] = self.complete();
+        // 3. Delete the snapshots; resync starts.
+        self.delete(&copied)?;
+        // 4. Optionally wait for the resync, then compare the legs.
+        if self.o.wait_resync {
+            out["resync"] = self.wait_resync()?;
+            self.verify_legs(out)?;
+        }
+        self.say(&format!(
+            "backup {} ({}) stored in {}",
+            self.id,
+            copied["kind"].as_str().unwrap_or("?"),
+            copied["location"].as_str().unwrap_or("?")
         ));
-        return fail(&mut r, out, "delete", &f, cleanup);
+        Ok(())
     }
-    r.step("delete snapshot", ms(t), "  resync started");
 
-    // 4. Optionally wait for the resync.
-    if o.wait_resync {
-        let t = Instant::now();
-        loop {
-            match o.db.call(
-                &new_id(),
-                &Op::Resync {
-                    vlus: o.vlus.clone(),
-                },
-                3,
-                &mut |_, _| {},
-            ) {
-                Ok(v) => {
-                    let all = v["vlus"].as_array().cloned().unwrap_or_default();
-                    let remaining: u64 = all
-                        .iter()
-                        .filter_map(|x| x["remaining_lbas"].as_u64())
-                        .sum();
-                    if bars {
-                        eprint!("\r  resync: {remaining} LBAs to copy        ");
-                    }
-                    if all.iter().all(|x| x["done"] == true) {
-                        if bars {
-                            eprintln!();
-                        }
-                        out["resync"] = v;
-                        break;
-                    }
-                }
-                Err(f) => {
-                    return fail(
-                        &mut r,
-                        out,
-                        "resync",
-                        &f,
-                        Ok("the backup is complete; the resync goes on".into()),
-                    )
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        r.step("resync", ms(t), "");
-        // Compared, not assumed: each pair's legs are read and compared.
-        let t = Instant::now();
-        match o.db.call(
-            &new_id(),
-            &Op::Verify {
+    fn snapshot(&mut self) -> Result<Value, Failed> {
+        let o = self.o;
+        let snap = o.db.call(
+            &format!("{}-snapshot", self.id),
+            &Op::Snapshot {
                 vlus: o.vlus.clone(),
+                deadline_ms: o.deadline_ms,
+                backup: Some(self.id.clone()),
+                vars: [
+                    ("target".to_string(), o.target.clone()),
+                    ("backup_host".to_string(), o.backup.address.clone()),
+                ]
+                .into_iter()
+                .collect(),
             },
+            2,
+            &mut |_, _| {},
+        );
+        let snap = match snap {
+            Ok(v) => v,
+            Err(f) => {
+                self.agent_steps(&f.detail);
+                // The database host rolled back what it did; if no answer came at all, a
+                // snapshot may exist: delete to be sure.
+                let cleanup = if f.detail.is_null() {
+                    self.cleanup()
+                } else {
+                    Ok(format!(
+                        "the database host thawed {} and rolled back {}",
+                        f.detail["thawed"], f.detail["rolled_back"]
+                    ))
+                };
+                return Err(Failed::new("snapshot", f, cleanup));
+            }
+        };
+        self.agent_steps(&snap);
+        self.say(&format!(
+            "  {:<40} {:>10}  (deadline {} ms)",
+            "freeze window (quiesce to resume)",
+            fmt_ms(snap["freeze_ms"].as_f64().unwrap_or(0.0)),
+            snap["deadline_ms"]
+        ));
+        Ok(snap)
+    }
+
+    /// What the backup host is asked to copy.
+    fn copy_request(&self, snap: &Value) -> Result<CopyRequest, Failure> {
+        let o = self.o;
+        let nbd_address = o.db_nbd.clone().or_else(|| {
+            snap["nbd_tcp"].as_str().map(|a| match a.rsplit_once(':') {
+                Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{}:{p}", o.db.host()),
+                _ => a.to_string(),
+            })
+        });
+        let lus = copy_lus(o, snap, nbd_address.as_deref())?;
+        let files = snap["files"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(CopyRequest {
+            target: o.target.clone(),
+            lus,
+            files,
+            info: json!({
+                "database_host": o.db.address,
+                "instant_unix_ms": snap["instant_unix_ms"],
+                "freeze_ms": snap["freeze_ms"],
+                "snapshots": snap["snapshots"],
+            }),
+            rate: o.rate,
+            backup: Some(self.id.clone()),
+        })
+    }
+
+    fn copy(&mut self, snap: &Value) -> Result<Value, Failed> {
+        let req = match self.copy_request(snap) {
+            Ok(r) => r,
+            Err(f) => return Err(Failed::new("copy", f, self.cleanup())),
+        };
+        let t = Instant::now();
+        let bars = self.o.human && ctl::bars();
+        let copied = self.o.backup.call(
+            &format!("{}-copy", self.id),
+            &Op::Copy(req),
+            2,
+            &mut |d, total| {
+                if bars {
+                    ctl::progress("  copy", d, total, "bytes");
+                }
+            },
+        );
+        if bars {
+            eprintln!();
+        }
+        let copied = match copied {
+            Ok(v) => v,
+            Err(f) => return Err(Failed::new("copy", f, self.cleanup())),
+        };
+        let secs = t.elapsed().as_secs_f64();
+        self.step("copy", secs * 1000.0, &copy_note(&copied, secs));
+        for l in copied["lus"].as_array().into_iter().flatten() {
+            self.say(&lu_line(l));
+        }
+        Ok(copied)
+    }
+
+    /// Delete the snapshots once the backup is stored; resync starts.
+    fn delete(&mut self, copied: &Value) -> Result<(), Failed> {
+        let (o, t) = (self.o, Instant::now());
+        let vlus = o.vlus.clone();
+        if let Err(f) = o.db.call(
+            &format!("{}-delete", self.id),
+            &Op::Delete { vlus },
             3,
             &mut |_, _| {},
         ) {
-            Ok(v) => {
-                let all = v["vlus"].as_array().cloned().unwrap_or_default();
-                let differ: Vec<String> = all
-                    .iter()
-                    .filter(|x| x["identical"] != true)
-                    .map(|x| {
-                        format!(
-                            "{} differs in {} LBAs",
-                            x["name"].as_str().unwrap_or("?"),
-                            x["differing_lbas"]
+            let cleanup = Err(format!(
+                "backup {} in {} is complete; finish by hand with `hvmctl backup delete --db {} --ca CA --token-file TOKEN {}`",
+                self.id,
+                copied["location"].as_str().unwrap_or("?"),
+                o.db.address,
+                o.vlus.iter().map(|v| format!("--vlu {v}")).collect::<Vec<_>>().join(" ")
+            ));
+            return Err(Failed::new("delete", f, cleanup));
+        }
+        self.step("delete snapshot", ms(t), "  resync started");
+        Ok(())
+    }
+
+    /// Poll the database host until every virtual LU's resync is done; its last answer.
+    fn wait_resync(&mut self) -> Result<Value, Failed> {
+        let (o, t) = (self.o, Instant::now());
+        let bars = o.human && ctl::bars();
+        loop {
+            let vlus = o.vlus.clone();
+            let v =
+                o.db.call(&new_id(), &Op::Resync { vlus }, 3, &mut |_, _| {})
+                    .map_err(|f| {
+                        Failed::new(
+                            "resync",
+                            f,
+                            Ok("the backup is complete; the resync goes on".into()),
                         )
-                    })
-                    .collect();
-                out["verify"] = v;
-                if !differ.is_empty() {
-                    let f = Failure::new(
-                        Code::Failed,
-                        format!(
-                            "{}; `hvmctl verify VLU` on the database host lists the ranges, --repair writes them again from the origin",
-                            differ.join(", ")
-                        ),
-                    );
-                    return fail(
-                        &mut r,
-                        out,
-                        "verify",
-                        &f,
-                        Ok("the backup is complete".into()),
-                    );
+                    })?;
+            let all = v["vlus"].as_array().cloned().unwrap_or_default();
+            let remaining: u64 = all
+                .iter()
+                .filter_map(|x| x["remaining_lbas"].as_u64())
+                .sum();
+            if bars {
+                eprint!("\r  resync: {remaining} LBAs to copy        ");
+            }
+            if all.iter().all(|x| x["done"] == true) {
+                if bars {
+                    eprintln!();
                 }
-                let mib: u64 = all
-                    .iter()
-                    .filter_map(|x| x["compared_bytes"].as_u64())
-                    .sum::<u64>()
-                    >> 20;
-                r.step(
-                    "verify legs",
-                    ms(t),
-                    &format!("  legs compared: identical ({mib} MiB)"),
-                );
+                self.step("resync", ms(t), "");
+                return Ok(v);
             }
-            Err(f) => {
-                return fail(
-                    &mut r,
-                    out,
-                    "verify",
-                    &f,
-                    Ok("the backup is complete".into()),
-                )
-            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
-    r.say(&format!(
-        "backup {} ({}) stored in {}",
-        r.id,
-        copied["kind"].as_str().unwrap_or("?"),
-        copied["location"].as_str().unwrap_or("?")
-    ));
-    out["ok"] = json!(true);
-    out["steps"] = json!(r.steps);
-    Report {
-        value: out,
-        error: None,
+
+    /// Compared, not assumed: each pair's legs are read and compared.
+    fn verify_legs(&mut self, out: &mut Value) -> Result<(), Failed> {
+        let (o, t) = (self.o, Instant::now());
+        let complete = || Ok("the backup is complete".to_string());
+        let vlus = o.vlus.clone();
+        let v =
+            o.db.call(&new_id(), &Op::Verify { vlus }, 3, &mut |_, _| {})
+                .map_err(|f| Failed::new("verify", f, complete()))?;
+        let all = v["vlus"].as_array().cloned().unwrap_or_default();
+        out["verify"] = v;
+        let differ: Vec<String> = all
+            .iter()
+            .filter(|x| x["identical"] != true)
+            .map(|x| {
+                let name = x["name"].as_str().unwrap_or("?");
+                format!("{name} differs in {} LBAs", x["differing_lbas"])
+            })
+            .collect();
+        if !differ.is_empty() {
+            let f = Failure::new(
+                Code::Failed,
+                format!(
+                    "{}; `hvmctl verify VLU` on the database host lists the ranges, --repair writes them again from the origin",
+                    differ.join(", ")
+                ),
+            );
+            return Err(Failed::new("verify", f, complete()));
+        }
+        let mib: u64 = all
+            .iter()
+            .filter_map(|x| x["compared_bytes"].as_u64())
+            .sum::<u64>()
+            >> 20;
+        let note = format!("  legs compared: identical ({mib} MiB)");
+        self.step("verify legs", ms(t), &note);
+        Ok(())
     }
 }
 

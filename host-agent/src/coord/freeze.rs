@@ -22,9 +22,9 @@ use serde_json::{json, Value};
 
 use super::hooks::{Files, Hook, Outcome};
 use super::{unix_ms, Code, Failure};
-use crate::host::Host;
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
+use crate::host::Host;
 
 /// How long a timed-out run waits for an acquire still in progress on the array, to roll
 /// it back before answering.
@@ -174,6 +174,204 @@ pub struct SnapshotRequest {
     pub backup: Option<String>,
 }
 
+/// A snapshot is taken only from Synchronized ([0027]).
+fn check_synchronized(group: &[Member]) -> Result<(), Failure> {
+    for m in group {
+        let mode = m.mgr.mode(m.vlu);
+        if mode != Mode::Synchronized {
+            return Err(Failure::new(
+                Code::Failed,
+                format!(
+                    "{} is {mode}; a snapshot is taken only from Synchronized ([0027]){}",
+                    m.name,
+                    if mode == Mode::Resynchronizing {
+                        ": wait for the resync to end"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `HVM_*` variables command hooks see.
+fn hook_env(
+    id: &str,
+    vlus: &[String],
+    deadline_ms: u64,
+    vars: std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("HVM_BACKUP_ID".into(), id.to_string()),
+        ("HVM_VLUS".into(), vlus.join(" ")),
+        ("HVM_DEADLINE_MS".into(), deadline_ms.to_string()),
+    ];
+    for (k, v) in vars {
+        let k = k.to_ascii_uppercase();
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.is_empty() {
+            env.push((format!("HVM_{k}"), v));
+        }
+    }
+    env
+}
+
+/// One run of the freeze: the hooks, how many of them were started, the step in
+/// progress, the acquire task once started, and the steps done.
+struct Freeze {
+    hooks: Vec<Hook>,
+    env: Vec<(String, String)>,
+    label: String,
+    started: usize,
+    current: String,
+    acquire: Option<tokio::task::JoinHandle<Acquired>>,
+    steps: Vec<Value>,
+}
+
+impl Freeze {
+    /// Quiesce every hook in order, then take the group's snapshot.
+    async fn quiesce_and_acquire(
+        &mut self,
+        agent: &Arc<Host>,
+        group: &Arc<Vec<Member>>,
+        deadline: Instant,
+        backup: Option<BackupId>,
+    ) -> Result<(u64, Vec<Cut>), String> {
+        for h in self.hooks.iter_mut() {
+            self.started += 1;
+            self.current = format!("quiesce {}", h.name());
+            let t = Instant::now();
+            h.quiesce(&self.env, &self.label)
+                .await
+                .map_err(|e| format!("{}: {e}", self.current))?;
+            self.steps.push(step(self.current.clone(), t));
+        }
+        let names: Vec<&str> = group.iter().map(|m| m.name.as_str()).collect();
+        self.current = format!("snapshot of {}", names.join(", "));
+        let t = Instant::now();
+        let (a, g) = (agent.clone(), group.clone());
+        let task = self.acquire.insert(tokio::task::spawn_blocking(move || {
+            acquire_group(&a, &g, deadline, backup)
+        }));
+        let current = &self.current;
+        let instant = task
+            .await
+            .map_err(|e| format!("{current}: {e}"))?
+            .map_err(|e| format!("{current}: {e}"))?;
+        self.steps.push(step(self.current.clone(), t));
+        Ok(instant)
+    }
+
+    /// Resume the hooks that were started, in reverse: the files they gave and the
+    /// errors of those that failed.
+    async fn thaw(&mut self, outcome: Outcome) -> (Files, Vec<String>) {
+        let mut files = Files::new();
+        let mut errors = Vec::new();
+        for h in self.hooks[..self.started].iter_mut().rev() {
+            let t = Instant::now();
+            match h.resume(&self.env, outcome).await {
+                Ok(f) => files.extend(f),
+                Err(e) => errors.push(format!("resume {}: {e}", h.name())),
+            }
+            self.steps.push(step(format!("resume {}", h.name()), t));
+        }
+        (files, errors)
+    }
+
+    fn thawed(&self) -> Vec<String> {
+        self.hooks[..self.started].iter().map(Hook::name).collect()
+    }
+}
+
+/// Delete every snapshot of the group (off the async threads).
+async fn rollback_all(
+    agent: Arc<Host>,
+    group: Arc<Vec<Member>>,
+    backup: Option<BackupId>,
+) -> Vec<String> {
+    tokio::task::spawn_blocking(move || rollback(&agent, group.iter(), backup))
+        .await
+        .unwrap_or_default()
+}
+
+/// After the deadline passed: the acquire may still be running on the array: wait a
+/// little for it, then delete whatever it took; if it is still running, roll back when
+/// it ends. Returns what was rolled back and adds to `errors`.
+async fn late_rollback(
+    acquire: Option<tokio::task::JoinHandle<Acquired>>,
+    agent: &Arc<Host>,
+    group: &Arc<Vec<Member>>,
+    backup: Option<BackupId>,
+    errors: &mut Vec<String>,
+) -> Vec<String> {
+    let Some(mut task) = acquire else {
+        return Vec::new();
+    };
+    match tokio::time::timeout(LATE_ACQUIRE_WAIT, &mut task).await {
+        Ok(_) => rollback_all(agent.clone(), group.clone(), backup).await,
+        Err(_) => {
+            let (a, g) = (agent.clone(), group.clone());
+            tokio::spawn(async move {
+                let _ = task.await;
+                let rolled = rollback_all(a, g, backup).await;
+                tracing::warn!(?rolled, "a late acquire ended; rolled back");
+            });
+            errors.push(
+                "the array had not finished the acquire; it is rolled back when it does".into(),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// What a timed-out or failed run answers: the steps, the freeze and what was thawed
+/// and rolled back.
+impl Freeze {
+    fn fail(&self, id: &str, code: Code, message: String, rolled: Vec<String>, ms: f64) -> Failure {
+        tracing::error!(backup = %id, %message, "backup snapshot failed");
+        Failure::new(code, message).with(json!({
+            "steps": self.steps,
+            "freeze_ms": ms,
+            "thawed": self.thawed(),
+            "rolled_back": rolled,
+        }))
+    }
+}
+
+/// The run's result once the hooks are thawed: the instant and the cuts, or the failure
+/// after everything was rolled back.
+async fn settle(
+    fr: &mut Freeze,
+    result: Result<Result<(u64, Vec<Cut>), String>, tokio::time::error::Elapsed>,
+    mut resume_errors: Vec<String>,
+    (agent, group, backup): (&Arc<Host>, &Arc<Vec<Member>>, Option<BackupId>),
+    (id, deadline_ms, freeze_ms): (&str, u64, f64),
+) -> Result<(u64, Vec<Cut>), Failure> {
+    let acquire = fr.acquire.take();
+    match result {
+        Err(_) => {
+            let rolled = late_rollback(acquire, agent, group, backup, &mut resume_errors).await;
+            let msg = format!(
+                "the freeze deadline of {deadline_ms} ms passed during {}; everything was thawed",
+                fr.current
+            );
+            let msg = joined(msg, &resume_errors);
+            Err(fr.fail(id, Code::Timeout, msg, rolled, freeze_ms))
+        }
+        Ok(Err(e)) => {
+            let msg = joined(e, &resume_errors);
+            Err(fr.fail(id, Code::Failed, msg, Vec::new(), freeze_ms))
+        }
+        Ok(Ok(_)) if !resume_errors.is_empty() => {
+            let rolled = rollback_all(agent.clone(), group.clone(), backup).await;
+            let msg = resume_errors.join("; ");
+            Err(fr.fail(id, Code::Failed, msg, rolled, freeze_ms))
+        }
+        Ok(Ok(taken)) => Ok(taken),
+    }
+}
+
 /// The `snapshot` operation.
 pub async fn snapshot(
     agent: Arc<Host>,
@@ -192,66 +390,20 @@ pub async fn snapshot(
         .transpose()
         .map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
     let group = Arc::new(resolve(&agent, &vlus)?);
-    for m in group.iter() {
-        let mode = m.mgr.mode(m.vlu);
-        if mode != Mode::Synchronized {
-            return Err(Failure::new(
-                Code::Failed,
-                format!(
-                    "{} is {mode}; a snapshot is taken only from Synchronized ([0027]){}",
-                    m.name,
-                    if mode == Mode::Resynchronizing {
-                        ": wait for the resync to end"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
-    }
+    check_synchronized(&group)?;
     let deadline_ms = deadline_ms.map_or(cfg.deadline_ms, |d| d.min(cfg.deadline_ms));
-    let mut env: Vec<(String, String)> = vec![
-        ("HVM_BACKUP_ID".into(), id.clone()),
-        ("HVM_VLUS".into(), vlus.join(" ")),
-        ("HVM_DEADLINE_MS".into(), deadline_ms.to_string()),
-    ];
-    for (k, v) in vars {
-        let k = k.to_ascii_uppercase();
-        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.is_empty() {
-            env.push((format!("HVM_{k}"), v));
-        }
-    }
-    let label = format!("hvm {id}");
-    let mut hooks: Vec<Hook> = cfg.hooks.iter().map(Hook::new).collect();
+    let mut fr = Freeze {
+        hooks: cfg.hooks.iter().map(Hook::new).collect(),
+        env: hook_env(&id, &vlus, deadline_ms, vars),
+        label: format!("hvm {id}"),
+        started: 0,
+        current: String::new(),
+        acquire: None,
+        steps: Vec::new(),
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_millis(deadline_ms);
-    let mut steps = Vec::new();
-    let mut started = 0usize;
-    let mut current = String::new();
-    let mut acquire: Option<tokio::task::JoinHandle<Acquired>> = None;
-    let work = async {
-        for h in hooks.iter_mut() {
-            started += 1;
-            current = format!("quiesce {}", h.name());
-            let t = Instant::now();
-            h.quiesce(&env, &label)
-                .await
-                .map_err(|e| format!("{current}: {e}"))?;
-            steps.push(step(current.clone(), t));
-        }
-        current = format!("snapshot of {}", vlus.join(", "));
-        let t = Instant::now();
-        let (a, g) = (agent.clone(), group.clone());
-        let task = acquire.insert(tokio::task::spawn_blocking(move || {
-            acquire_group(&a, &g, deadline, backup)
-        }));
-        let instant = task
-            .await
-            .map_err(|e| format!("{current}: {e}"))?
-            .map_err(|e| format!("{current}: {e}"))?;
-        steps.push(step(current.clone(), t));
-        Ok::<(u64, Vec<Cut>), String>(instant)
-    };
+    let work = fr.quiesce_and_acquire(&agent, &group, deadline, backup);
     let result = tokio::time::timeout_at(deadline.into(), work).await;
     let outcome = match &result {
         Ok(Ok(_)) => Outcome::Ok,
@@ -259,98 +411,38 @@ pub async fn snapshot(
         Err(_) => Outcome::Timeout,
     };
     // Thaw first, whatever happened: the database must not wait for the rollback.
-    let mut files = Files::new();
-    let mut resume_errors = Vec::new();
-    for h in hooks[..started].iter_mut().rev() {
-        let t = Instant::now();
-        match h.resume(&env, outcome).await {
-            Ok(f) => files.extend(f),
-            Err(e) => resume_errors.push(format!("resume {}: {e}", h.name())),
-        }
-        steps.push(step(format!("resume {}", h.name()), t));
-    }
+    let (files, resume_errors) = fr.thaw(outcome).await;
     let freeze_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let fail = |code: Code, message: String, rolled_back: Vec<String>, steps: Vec<Value>| {
-        tracing::error!(backup = %id, %message, "backup snapshot failed");
-        Failure::new(code, message).with(json!({
-            "steps": steps,
-            "freeze_ms": freeze_ms,
-            "thawed": hooks[..started].iter().map(Hook::name).collect::<Vec<_>>(),
-            "rolled_back": rolled_back,
-        }))
+    let ctx = (&agent, &group, backup);
+    let (instant, cuts) = settle(
+        &mut fr,
+        result,
+        resume_errors,
+        ctx,
+        (&id, deadline_ms, freeze_ms),
+    )
+    .await?;
+    let changes = match cut_changes(group.clone(), cuts, backup).await {
+        Ok(c) => c,
+        Err(e) => {
+            let rolled = rollback_all(agent.clone(), group.clone(), backup).await;
+            return Err(fr.fail(&id, Code::Failed, e, rolled, freeze_ms));
+        }
     };
-    let rollback_all = move |agent: Arc<Host>, group: Arc<Vec<Member>>| async move {
-        tokio::task::spawn_blocking(move || rollback(&agent, group.iter(), backup))
-            .await
-            .unwrap_or_default()
-    };
-    match result {
-        Err(_) => {
-            // The acquire may still be running on the array: wait a little for it, then
-            // delete whatever it took. If it is still running, roll back when it ends.
-            let mut rolled = Vec::new();
-            if let Some(mut task) = acquire {
-                match tokio::time::timeout(LATE_ACQUIRE_WAIT, &mut task).await {
-                    Ok(_) => rolled = rollback_all(agent.clone(), group.clone()).await,
-                    Err(_) => {
-                        let (a, g) = (agent.clone(), group.clone());
-                        tokio::spawn(async move {
-                            let _ = task.await;
-                            let rolled = rollback_all(a, g).await;
-                            tracing::warn!(?rolled, "a late acquire ended; rolled back");
-                        });
-                        resume_errors.push(
-                            "the array had not finished the acquire; it is rolled back when it does"
-                                .into(),
-                        );
-                    }
-                }
-            }
-            let msg = format!(
-                "the freeze deadline of {deadline_ms} ms passed during {current}; everything was thawed"
-            );
-            Err(fail(
-                Code::Timeout,
-                joined(msg, &resume_errors),
-                rolled,
-                steps,
-            ))
-        }
-        Ok(Err(e)) => Err(fail(
-            Code::Failed,
-            joined(e, &resume_errors),
-            Vec::new(),
-            steps,
-        )),
-        Ok(Ok(_)) if !resume_errors.is_empty() => {
-            let rolled = rollback_all(agent.clone(), group.clone()).await;
-            Err(fail(Code::Failed, resume_errors.join("; "), rolled, steps))
-        }
-        Ok(Ok((instant, cuts))) => {
-            let changes = match cut_changes(group.clone(), cuts, backup).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let rolled = rollback_all(agent.clone(), group.clone()).await;
-                    return Err(fail(Code::Failed, e, rolled, steps));
-                }
-            };
-            let snapshots = snapshots_json(&group);
-            tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
-            let mut reply = json!({
-                "instant_unix_ms": instant,
-                "freeze_ms": freeze_ms,
-                "deadline_ms": deadline_ms,
-                "steps": steps,
-                "snapshots": snapshots,
-                "files": files,
-                "nbd_tcp": agent.tcp_bound.get(),
-            });
-            if let Some(c) = changes {
-                reply["changes"] = c;
-            }
-            Ok(reply)
-        }
+    tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
+    let mut reply = json!({
+        "instant_unix_ms": instant,
+        "freeze_ms": freeze_ms,
+        "deadline_ms": deadline_ms,
+        "steps": fr.steps,
+        "snapshots": snapshots_json(&group),
+        "files": files,
+        "nbd_tcp": agent.tcp_bound.get(),
+    });
+    if let Some(c) = changes {
+        reply["changes"] = c;
     }
+    Ok(reply)
 }
 
 /// The reply's `snapshots`: what the backup host reads, per virtual LU.
