@@ -26,6 +26,10 @@ pub struct Lu {
     pub moving: Option<Move>,
     /// Changed-block tracking across backups (origin virtual LUs only).
     pub tracking: Option<Tracking>,
+    /// NBD connections open on its export (every listener).
+    pub nbd_clients: u64,
+    /// True while a restore in place holds its fence: new NBD connections are refused.
+    pub restore_fence: bool,
 }
 
 /// What was written to an origin since its last completed backup.

@@ -39,10 +39,9 @@ use axum::{Json, Router};
 use hvm_api::{self as api, ErrorStatus};
 use hvm_core::array_backup::{Area, BackupOp, BackupReply};
 use hvm_core::{Backend, BackendError, BackendErrorKind, ManagerError, Mode, VirtualLuId};
-use serde::Serialize;
 
-use crate::host::Host;
 use crate::exports::Manager;
+use crate::host::Host;
 use crate::metrics::{Scrape, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 use crate::moves::{MoveError, MoveRequest, MoveStatus};
 
@@ -75,58 +74,13 @@ impl From<ManagerError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-#[derive(Serialize)]
-pub struct LuView {
-    pub name: String,
-    pub backend: String,
-    pub vlu: u32,
-    pub mode: String,
-    pub read: Option<u32>,
-    pub write: Option<u32>,
-    /// The export this is the snapshot of, for snapshot LUs.
-    pub snapshot_of: Option<String>,
-    pub size_bytes: u64,
-    pub recorded_lbas: u64,
-    /// Where the data is now, when a move took it off the backend the config names.
-    pub placement: Option<String>,
-    /// The move under way or last ended, if any.
-    #[serde(rename = "move")]
-    pub moving: Option<MoveStatus>,
-    /// Changed-block tracking across backups (origin virtual LUs only).
-    pub tracking: Option<TrackingView>,
-    /// NBD connections open on its export (every listener).
-    pub nbd_clients: usize,
-    /// True while a restore in place holds its fence: new NBD connections are refused.
-    pub restore_fence: bool,
-}
-
 /// What was written to an origin since its last completed backup (issue 19).
-#[derive(Serialize)]
-pub struct TrackingView {
-    /// The last completed backup; null: none yet (the next backup copies everything).
-    pub base: Option<String>,
-    /// Bytes recorded as written since the last backup's snapshot: exact while `granule`
-    /// is 512, rounded out to granules (so more than was written) once coarsened.
-    pub current_bytes: u64,
-    /// The backup being copied, and the bytes it copies.
-    pub pending: Option<PendingView>,
-    /// Bytes the ranges are rounded out to: 512 while exact, more once the sets
-    /// coarsened past their memory budget.
-    pub granule: u64,
-}
-
-#[derive(Serialize)]
-pub struct PendingView {
-    pub backup: String,
-    pub bytes: u64,
-}
-
-fn tracking_view(mgr: &Manager, vlu: VirtualLuId) -> Option<TrackingView> {
+fn tracking_view(mgr: &Manager, vlu: VirtualLuId) -> Option<api::Tracking> {
     let t = mgr.tracking(vlu).ok()?;
-    Some(TrackingView {
+    Some(api::Tracking {
         base: t.base.map(|b| b.to_string()),
         current_bytes: t.current_lbas * hvm_core::SECTOR_SIZE,
-        pending: t.pending.map(|(b, lbas)| PendingView {
+        pending: t.pending.map(|(b, lbas)| api::Pending {
             backup: b.to_string(),
             bytes: lbas * hvm_core::SECTOR_SIZE,
         }),
@@ -144,7 +98,7 @@ fn lookup(agent: &Host, name: &str) -> ApiResult<(Arc<Manager>, VirtualLuId)> {
 }
 
 /// Every virtual LU, as `GET /v1/lus` shows it.
-pub fn lus(agent: &Host) -> Vec<LuView> {
+pub fn lus(agent: &Host) -> Vec<api::Lu> {
     let mut out = Vec::new();
     for (name, (backend, vlu)) in &agent.virtual_lus {
         let Some(mgr) = agent.managers.get(backend) else {
@@ -153,7 +107,7 @@ pub fn lus(agent: &Host) -> Vec<LuView> {
         let entry = mgr.lu_mode_entry(*vlu);
         let recorded = mgr.recorded_lbas(*vlu).unwrap_or(0);
         let clients = agent.exports.export(name).map(|e| e.nbd_clients());
-        out.push(LuView {
+        out.push(api::Lu {
             name: name.clone(),
             backend: backend.clone(),
             vlu: vlu.0,
@@ -164,9 +118,9 @@ pub fn lus(agent: &Host) -> Vec<LuView> {
             size_bytes: mgr.capacity_bytes(*vlu).unwrap_or(0),
             recorded_lbas: recorded,
             placement: agent.moved_to(name).map(|p| p.to_string()),
-            moving: agent.moves.job(name).map(|j| j.status()),
+            moving: agent.moves.job(name).map(|j| move_view(j.status())),
             tracking: tracking_view(mgr, *vlu),
-            nbd_clients: clients.map_or(0, |c| c.open()),
+            nbd_clients: clients.map_or(0, |c| c.open() as u64),
             restore_fence: clients.is_some_and(|c| c.fenced()),
         });
     }
@@ -360,7 +314,7 @@ async fn move_status(
     Ok(Json(move_view(job.status())))
 }
 
-async fn list(State(a): State<Shared>) -> Json<Vec<LuView>> {
+async fn list(State(a): State<Shared>) -> Json<Vec<api::Lu>> {
     Json(lus(&a))
 }
 
@@ -720,7 +674,7 @@ pub fn scrape(a: &Host) -> Scrape {
     let views = lus(a);
     let clients = views
         .iter()
-        .map(|l| (vec![("vlu", l.name.clone())], l.nbd_clients as u64))
+        .map(|l| (vec![("vlu", l.name.clone())], l.nbd_clients))
         .collect();
     let recorded = views
         .into_iter()

@@ -47,6 +47,7 @@ pub fn lus(list: &[Lu]) -> String {
         "RECORDED LBAS",
         "CHANGED SINCE BACKUP",
         "DATA ON",
+        "NBD CLIENTS",
         "MOVE",
     ])];
     for l in list {
@@ -61,10 +62,20 @@ pub fn lus(list: &[Lu]) -> String {
             l.recorded_lbas.to_string(),
             l.tracking.as_ref().map_or("-".into(), tracking_cell),
             l.placement.clone().unwrap_or_else(|| l.backend.clone()),
+            clients(l),
             l.moving.as_ref().map_or("-".into(), move_line),
         ]);
     }
     table(&rows)
+}
+
+/// NBD connections on an LU's export, and the fence of a restore in place.
+fn clients(l: &Lu) -> String {
+    if l.restore_fence {
+        format!("{} (fenced: restoring)", l.nbd_clients)
+    } else {
+        l.nbd_clients.to_string()
+    }
 }
 
 /// An LU's changed-block tracking: bytes since the base, and the backup being copied.
