@@ -67,7 +67,9 @@ impl Catalog {
                created TEXT NOT NULL, kind TEXT NOT NULL, parent TEXT, vlus TEXT NOT NULL,
                stored_bytes INTEGER NOT NULL, logical_bytes INTEGER NOT NULL,
                copied_bytes INTEGER NOT NULL, verified_unix_ms INTEGER, verify_error TEXT);
-             CREATE INDEX IF NOT EXISTS backups_location ON backups(location, created_unix_ms);",
+             CREATE INDEX IF NOT EXISTS backups_location ON backups(location, created_unix_ms);
+             CREATE TABLE IF NOT EXISTS media (
+               id TEXT PRIMARY KEY, created_unix_ms INTEGER NOT NULL, record TEXT NOT NULL);",
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
@@ -199,6 +201,41 @@ impl Catalog {
         Ok((added, dropped))
     }
 
+    /// Add or replace a backup that is on an array's medium, not in a repository
+    /// ([`crate::pairs::medium`]): `record` is its JSON. The catalog is its record (beside
+    /// the medium itself), so [`Catalog::clear`] and [`Catalog::sync`] leave it alone.
+    pub fn put_medium(&self, id: &str, created_unix_ms: u64, record: &str) -> Result<(), String> {
+        self.db
+            .execute(
+                "INSERT INTO media (id, created_unix_ms, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET created_unix_ms=?2, record=?3",
+                params![id, created_unix_ms as i64, record],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Every backup on a medium, oldest first: (id, record).
+    pub fn media(&self) -> Result<Vec<(String, String)>, String> {
+        let mut st = self
+            .db
+            .prepare("SELECT id, record FROM media ORDER BY created_unix_ms, id")
+            .map_err(sql)?;
+        let v = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql)?;
+        Ok(v)
+    }
+
+    pub fn remove_medium(&self, id: &str) -> Result<(), String> {
+        self.db
+            .execute("DELETE FROM media WHERE id = ?1", params![id])
+            .map_err(sql)?;
+        Ok(())
+    }
+
     /// Forget everything (the next syncs fill the catalog again from the manifests).
     pub fn clear(&self) -> Result<(), String> {
         self.db.execute("DELETE FROM backups", []).map_err(sql)?;
@@ -263,5 +300,26 @@ mod tests {
         assert_eq!(cat.sync(&repo).unwrap(), (1, 0));
         assert_eq!(cat.get("b1").unwrap().unwrap().verified_unix_ms, None);
         assert_eq!(cat.locations().unwrap(), vec![repo.location()]);
+    }
+
+    #[test]
+    fn media_rows_outlive_a_rebuild() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&d.path().join("c.sqlite")).unwrap();
+        cat.put_medium("m2", 2, "{\"b\":2}").unwrap();
+        cat.put_medium("m1", 1, "{\"a\":1}").unwrap();
+        cat.put_medium("m1", 1, "{\"a\":3}").unwrap();
+        cat.clear().unwrap();
+        let ids: Vec<(String, String)> = cat.media().unwrap();
+        assert_eq!(
+            ids,
+            vec![
+                ("m1".into(), "{\"a\":3}".into()),
+                ("m2".into(), "{\"b\":2}".into())
+            ]
+        );
+        cat.remove_medium("m1").unwrap();
+        assert_eq!(cat.media().unwrap().len(), 1);
+        assert!(cat.get("m2").unwrap().is_none(), "not a repository backup");
     }
 }

@@ -19,8 +19,13 @@ use crate::ctl;
 /// Where the backup host reads the snapshot from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
-    /// The array when the snapshot is a real LU there (E1, E2), else NBD.
+    /// The array's own copy to its backup device when every snapshot is a split pair
+    /// secondary of an array that offers CCOPY (EP 1 058 190); else the array when the
+    /// snapshot is a real LU there (E1, E2), else NBD.
     Auto,
+    /// The array copies each snapshot to one of its backup devices by itself (CCOPY of a
+    /// split pair secondary): no host reads it. Refused for any other snapshot.
+    ArrayDevice,
     /// The array only; an E4 snapshot is refused.
     Array,
     /// The database host's snapshot export over NBD.
@@ -93,6 +98,25 @@ fn changes(snap: &Value, vlu: &str) -> Option<Tracked> {
         .as_u64()
         .unwrap_or_else(|| ranges.iter().map(|r| r.1).sum());
     Some((base, coalesce(&ranges, MAX_RANGES), exact.then_some(bytes)))
+}
+
+/// The snapshots as the array copies them to its devices: whole LUs (a device's medium
+/// holds one full copy; the tracking's changes do not apply).
+fn device_lus(snapshots: &[Value]) -> Vec<CopyLu> {
+    snapshots
+        .iter()
+        .map(|s| CopyLu {
+            vlu: s["vlu"].as_str().unwrap_or_default().to_string(),
+            size: s["size"].as_u64().unwrap_or(0),
+            source: Source::ArrayDevice {
+                backend: s["backend"].as_str().unwrap_or_default().to_string(),
+                lu: s["array_lu"].as_u64().unwrap_or(0) as u32,
+            },
+            base: None,
+            changes: None,
+            written_bytes: None,
+        })
+        .collect()
 }
 
 /// What a run did, and how it failed if it did.
@@ -199,8 +223,22 @@ pub fn fmt_ms(ms: f64) -> String {
 /// What the backup host is to copy of each snapshot the database host took: where to
 /// read it and, from the tracking, what changed since which backup.
 fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<CopyLu>, Failure> {
+    let snapshots = snap["snapshots"].as_array().cloned().unwrap_or_default();
+    // Per backend what the array offers: its own copy to a device when every snapshot
+    // is a split pair secondary it can CCOPY (one kind of backup for the whole group).
+    let by_array = !snapshots.is_empty() && snapshots.iter().all(|s| s["array_ccopy"] == true);
+    match o.via {
+        Via::ArrayDevice if !by_array => {
+            return Err(Failure::new(
+                Code::BadRequest,
+                "--via array-device: not every snapshot is a split pair secondary of an array that offers CCOPY (EP 1 058 190); use --via auto",
+            ))
+        }
+        Via::ArrayDevice | Via::Auto if by_array => return Ok(device_lus(&snapshots)),
+        _ => {}
+    }
     let mut lus = Vec::new();
-    for s in snap["snapshots"].as_array().into_iter().flatten() {
+    for s in &snapshots {
         let vlu = s["vlu"].as_str().unwrap_or_default().to_string();
         let array = match (s["backend"].as_str(), s["array_lu"].as_u64()) {
             (Some(b), Some(lu)) => Some(Source::Array {
@@ -216,7 +254,7 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
         let source = match o.via {
             Via::Array => array,
             Via::Nbd => nbd,
-            Via::Auto => array.or(nbd),
+            Via::Auto | Via::ArrayDevice => array.or(nbd),
         };
         let Some(source) = source else {
             return Err(Failure::new(
@@ -559,6 +597,19 @@ fn mib(b: u64) -> String {
 
 /// The copy step's note: bytes read, rate, source.
 fn copy_note(copied: &Value, secs: f64) -> String {
+    if copied["kind"] == crate::pairs::medium::KIND {
+        let array: u64 = copied["lus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["array_copied_bytes"].as_u64())
+            .sum();
+        return format!(
+            "  {} copied by the array to its backup device at {:.0} MiB/s; 0 bytes read by hosts",
+            mib(array),
+            array as f64 / 1048576.0 / secs.max(1e-9)
+        );
+    }
     let bytes: u64 = copied["lus"]
         .as_array()
         .into_iter()
@@ -576,6 +627,16 @@ fn copy_note(copied: &Value, secs: f64) -> String {
 
 /// One LU of the copy: full or incremental (and why not), bytes copied vs written.
 pub fn lu_line(l: &Value) -> String {
+    if let Some(m) = l["medium"].as_object() {
+        return format!(
+            "    {}: full, by the array: LU {} to device {} ({}), medium SHA-256 {}",
+            l["vlu"].as_str().unwrap_or("?"),
+            m["lu"],
+            m["device"].as_str().unwrap_or("?"),
+            m["path"].as_str().unwrap_or("?"),
+            m["sha256"].as_str().unwrap_or("?"),
+        );
+    }
     let copied = l["copied_bytes"].as_u64().unwrap_or(0);
     let kind = match (l["kind"].as_str(), l["base"].as_str(), l["reason"].as_str()) {
         (Some("incremental"), Some(b), _) => format!("incremental from {b}"),
@@ -752,6 +813,18 @@ pub fn human(command: &str, v: &Value) -> String {
     let s = text;
     match command {
         "list" => list_table(v),
+        "verify" if v["kind"] == crate::pairs::medium::KIND => format!(
+            "backup {} of {}: on the array's device; its media check out (records, CRCs, SHA-256): {}\n",
+            s(&v["id"]),
+            s(&v["created"]),
+            v["media"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| format!("{} {}", s(&m["device"]), s(&m["path"])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         "verify" => format!(
             "backup {} of {}: all {} chunks check out\n",
             s(&v["id"]),

@@ -2,7 +2,10 @@
 //! snapshot export over NBD) and store it in a repository (`hvm-backup/2`, see
 //! [`crate::backups::format`]) under `target_root`: the whole LU for a full backup, only
 //! the ranges the database host's tracking reports for an incremental one. Chunks first,
-//! the manifest last, then the catalog row.
+//! the manifest last, then the catalog row. Or, when the console chose it (a snapshot
+//! that is a split pair secondary of an array offering CCOPY), the array copies each
+//! snapshot to its own backup device and the catalog records the media
+//! ([`crate::pairs::medium`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,12 +15,13 @@ use serde_json::{json, Value};
 
 use super::repository::BackupRole;
 use super::{rfc3339, unix_ms, Code, CopyLu, CopyRequest, Failure, Source};
-use crate::host::Host;
 use crate::backups::catalog::Row;
 use crate::backups::chunks::{default_threads, store_ranges, Rate};
 use crate::backups::extents::{overlay, pieces};
 use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo, FORMAT};
+use crate::host::Host;
 use crate::nbd::client::Client;
+use crate::pairs::medium;
 
 fn failed(m: impl Into<String>) -> Failure {
     Failure::new(Code::Failed, m)
@@ -43,37 +47,46 @@ impl Reader<'_> {
     }
 }
 
+/// The backup host's backend `backend` and its LU `lu`, checked to have `size` bytes
+/// (the database host's view of the same array).
+fn array_lu<'a>(
+    agent: &'a Host,
+    backend: &str,
+    lu: u32,
+    size: u64,
+) -> Result<&'a dyn hvm_core::backend::Backend, Failure> {
+    let mgr = agent.managers.get(backend).ok_or_else(|| {
+        Failure::new(
+            Code::BadRequest,
+            format!("this backup host has no backend named {backend}; configure one that reaches the same array"),
+        )
+    })?;
+    let b: &dyn hvm_core::backend::Backend = mgr.backend();
+    let desc = b
+        .describe()
+        .map_err(|e| failed(format!("backend {backend}: {e}")))?;
+    let lbas = desc
+        .capacity(LuId(lu))
+        .ok_or_else(|| failed(format!("backend {backend} has no LU {lu}")))?;
+    if lbas * SECTOR_SIZE != size {
+        return Err(failed(format!(
+            "backend {backend} LU {lu} has {} bytes here, the database host reports {size}: is it the same array?",
+            lbas * SECTOR_SIZE
+        )));
+    }
+    Ok(b)
+}
+
 fn open_source<'a>(
     agent: &'a Host,
     source: &Source,
     size: u64,
 ) -> Result<(Reader<'a>, String), Failure> {
     match source {
-        Source::Array { backend, lu } => {
-            let mgr = agent.managers.get(backend).ok_or_else(|| {
-                Failure::new(
-                    Code::BadRequest,
-                    format!("this backup host has no backend named {backend}; configure one that reaches the same array"),
-                )
-            })?;
-            let b: &dyn hvm_core::backend::Backend = mgr.backend();
-            let desc = b
-                .describe()
-                .map_err(|e| failed(format!("backend {backend}: {e}")))?;
-            let lbas = desc
-                .capacity(LuId(*lu))
-                .ok_or_else(|| failed(format!("backend {backend} has no LU {lu}")))?;
-            if lbas * SECTOR_SIZE != size {
-                return Err(failed(format!(
-                    "backend {backend} LU {lu} has {} bytes here, the database host reports {size}: is it the same array?",
-                    lbas * SECTOR_SIZE
-                )));
-            }
-            Ok((
-                Reader::Array(b, LuId(*lu)),
-                format!("array: backend {backend}, LU {lu}"),
-            ))
-        }
+        Source::Array { backend, lu } => Ok((
+            Reader::Array(array_lu(agent, backend, *lu, size)?, LuId(*lu)),
+            format!("array: backend {backend}, LU {lu}"),
+        )),
         Source::Nbd { address, export } => {
             let c = match address.strip_prefix("unix:") {
                 Some(p) => Client::connect(Path::new(p), export),
@@ -88,6 +101,9 @@ fn open_source<'a>(
             }
             Ok((Reader::Nbd(c), format!("nbd: {address} export {export}")))
         }
+        Source::ArrayDevice { .. } => Err(bad(
+            "a backup is copied either by the array to its devices or by this host, not both",
+        )),
     }
 }
 
@@ -178,6 +194,13 @@ pub fn copy(
 ) -> Result<Value, Failure> {
     let id = req.backup.as_deref().unwrap_or(id);
     check_request(id, req)?;
+    if req
+        .lus
+        .iter()
+        .any(|l| matches!(l.source, Source::ArrayDevice { .. }))
+    {
+        return array_copy(agent, role, id, req, progress);
+    }
     let repo = role.open_repo(&req.target, true)?;
     let lock = crate::backups::format::lock(&repo.location());
     let _shared = lock
@@ -191,6 +214,75 @@ pub fn copy(
     cat.put(&Row::of(&repo.location(), &manifest))
         .map_err(failed)?;
     Ok(report(&repo, &manifest))
+}
+
+/// The copy by the array (issue 22): each snapshot, a split pair secondary, copied by
+/// its array to a free backup device (CCOPY); the media recorded in the catalog. No host
+/// reads the LUs. A retry of a backup already recorded answers from the catalog.
+fn array_copy(
+    agent: &Host,
+    role: &BackupRole,
+    id: &str,
+    req: &CopyRequest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, Failure> {
+    let cat = role.catalog()?;
+    if let Some(b) = medium::find(&cat, id).map_err(failed)? {
+        return Ok(medium::report(&b, &[]));
+    }
+    // The target's repository exists from now on (empty until a host-side copy), so
+    // `backup list --target` finds the target.
+    role.open_repo(&req.target, true)?;
+    let total: u64 = req.lus.iter().map(|l| l.size).sum();
+    let (mut lus, mut replaced, mut taken, mut done) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for lu in &req.lus {
+        let Source::ArrayDevice { backend, lu: real } = &lu.source else {
+            return Err(bad(
+                "a backup is copied either by the array to its devices or by hosts, not both",
+            ));
+        };
+        let b = array_lu(agent, backend, *real, lu.size)?;
+        if crate::pairs::split_secondary(b, LuId(*real)).is_none() {
+            return Err(failed(format!("LU {real} of backend {backend} is not a split pair secondary: the array copies only those to a device (CCOPY, [0030])")));
+        }
+        let devices = medium::devices(b).map_err(failed)?;
+        let device = medium::pick_device(&cat, &devices, &taken).map_err(failed)?;
+        replaced.extend(medium::forget_on(&cat, &device.path).map_err(failed)?);
+        taken.push(device.path.clone());
+        let t = Instant::now();
+        let m = medium::copy(
+            b,
+            backend,
+            *real,
+            lu.size / SECTOR_SIZE,
+            &device,
+            &mut |d, _| progress(done + d, total),
+        )
+        .map_err(|e| failed(format!("backup {id}: {}: {e}", lu.vlu)))?;
+        done += lu.size;
+        tracing::info!(backup = %id, vlu = %lu.vlu, device = %m.device, blocks = m.blocks, "the array copied the snapshot to its device");
+        let seconds = t.elapsed().as_secs_f64();
+        lus.push(medium::MediumLu {
+            vlu: lu.vlu.clone(),
+            size: lu.size,
+            medium: m,
+            seconds,
+        });
+    }
+    let now = unix_ms();
+    let b = medium::MediumBackup {
+        id: id.to_string(),
+        created: rfc3339(now / 1000),
+        created_unix_ms: now,
+        target: req.target.clone(),
+        info: req.info.clone(),
+        lus,
+        files: req.files.clone(),
+        verified_unix_ms: None,
+        verify_error: None,
+    };
+    medium::put(&cat, &b).map_err(failed)?;
+    Ok(medium::report(&b, &replaced))
 }
 
 /// Read one snapshot's planned ranges and store them; its map and the new bytes.

@@ -430,12 +430,17 @@ pub async fn snapshot(
         }
     };
     tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
+    // It asks the arrays (off the async threads).
+    let g = group.clone();
+    let snapshots = tokio::task::spawn_blocking(move || snapshots_json(&g))
+        .await
+        .unwrap_or_default();
     let mut reply = json!({
         "instant_unix_ms": instant,
         "freeze_ms": freeze_ms,
         "deadline_ms": deadline_ms,
         "steps": fr.steps,
-        "snapshots": snapshots_json(&group),
+        "snapshots": snapshots,
         "files": files,
         "nbd_tcp": agent.tcp_bound.get(),
     });
@@ -462,6 +467,11 @@ fn snapshots_json(group: &[Member]) -> Vec<Value> {
                     .map(|lu| lu.0),
                 _ => None,
             };
+            // Issue 22: a split pair secondary of EP 1 058 190 that its array can copy
+            // to a backup device by itself (CCOPY).
+            let array_ccopy = array_lu.is_some_and(|lu| {
+                crate::pairs::offers_ccopy(m.mgr.backend().as_ref(), hvm_core::LuId(lu))
+            });
             json!({
                 "vlu": m.name,
                 "export": m.snapshot,
@@ -469,6 +479,7 @@ fn snapshots_json(group: &[Member]) -> Vec<Value> {
                 "size": m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
                 "strategy": strategy.map(|s| format!("{s:?}")),
                 "array_lu": array_lu,
+                "array_ccopy": array_ccopy,
             })
         })
         .collect()

@@ -215,6 +215,10 @@ pub enum Source {
     Array { backend: String, lu: u32 },
     /// The database host's snapshot export over NBD (`HOST:PORT`).
     Nbd { address: String, export: String },
+    /// The array copies its real LU, a split pair secondary of EP 1 058 190, to one of its
+    /// backup devices by itself (CCOPY, [0029]-[0030]), driven through the backup host's
+    /// backend of that name: no host reads the LU ([`crate::pairs::medium`]).
+    ArrayDevice { backend: String, lu: u32 },
 }
 
 /// One reply line.

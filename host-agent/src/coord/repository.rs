@@ -18,6 +18,7 @@ use crate::backups::retention::{self, Keep};
 use crate::backups::{restore, store};
 use crate::nbd::client::Client;
 use crate::nbd::export::split_ticket;
+use crate::pairs::medium;
 
 fn failed(m: impl Into<String>) -> Failure {
     Failure::new(Code::Failed, m)
@@ -146,7 +147,9 @@ pub fn list(
         .into_iter()
         .filter(|r| vlu.is_none_or(|v| r.vlus.iter().any(|x| x == v)))
         .collect();
-    Ok(json!({ "backups": rows, "errors": errors }))
+    // And the backups the arrays copied to their devices (issue 22).
+    let media = medium::list_rows(&cat, target, vlu).map_err(failed)?;
+    Ok(json!({ "backups": medium::merged(&rows, media), "errors": errors }))
 }
 
 /// The catalog row of `id` (looking through the repositories once if it is not there),
@@ -178,6 +181,10 @@ pub fn verify(
     id: &str,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Value, Failure> {
+    let cat = role.catalog()?;
+    if let Some(b) = medium::find(&cat, id).map_err(failed)? {
+        return medium::verify(&cat, b, unix_ms()).map_err(failed);
+    }
     let (cat, repo, m) = find(role, id)?;
     let chunks = m.chunk_needs();
     let next = AtomicUsize::new(0);
@@ -290,6 +297,9 @@ pub fn restore(
     tls: &dyn Fn() -> Result<Arc<ClientConfig>, Failure>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Value, Failure> {
+    if let Some(v) = on_medium(role, req)? {
+        return Ok(v);
+    }
     let (_, repo, m) = find(role, &req.backup)?;
     let lu = pick(&m, req.vlu.as_deref())?;
     let mut v = match &req.to {
@@ -379,6 +389,24 @@ impl restore::Target for NbdTarget<'_> {
 
     fn flush(&mut self) -> Result<(), String> {
         self.0.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// The restore of a backup the array copied to its device ([`medium`]): the medium read
+/// into a new file; not in place. `None`: not such a backup.
+fn on_medium(role: &BackupRole, req: &RestoreRequest) -> Result<Option<Value>, Failure> {
+    let cat = role.catalog()?;
+    let Some(b) = medium::find(&cat, &req.backup).map_err(failed)? else {
+        return Ok(None);
+    };
+    match &req.to {
+        RestoreTo::Path(p) => medium::restore(&b, req.vlu.as_deref(), Path::new(p))
+            .map(Some)
+            .map_err(failed),
+        _ => Err(bad(format!(
+            "backup {} is on the array's backup device, not in a repository: restore it --to a new file on the backup host",
+            b.id
+        ))),
     }
 }
 

@@ -21,6 +21,12 @@
 //! virtual LU (the array lets hosts read a secondary), and it can be copied to a backup
 //! device by the array itself ([`ccopy_snapshot`], [0029]-[0030]) instead of by a host.
 //! LUs in the array's own mirroring rows, and every other command, pass through.
+//!
+//! [`medium`] is the backup host's side of `hvmctl backup run` on such a virtual LU: the
+//! array copies the split secondary to its backup device and the backup host records
+//! the medium in its catalog, restores and checks it.
+
+pub mod medium;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -207,6 +213,20 @@ impl Backend for PairBackend {
     }
 }
 
+/// The pair whose split secondary is `lu`, if `lu` is one.
+pub fn split_secondary(backend: &dyn Backend, lu: LuId) -> Option<PairStatus> {
+    match backend.backup(&BackupOp::PairStatus { lu: lu.0 }) {
+        Ok(BackupReply::Pair(p)) if p.secondary == lu.0 && p.state == PairState::Split => Some(p),
+        _ => None,
+    }
+}
+
+/// Whether the array can copy `lu` to a backup device by itself: it offers CCOPY and
+/// `lu` is a split pair secondary ([0030]: CCOPY reads only those).
+pub fn offers_ccopy(backend: &dyn Backend, lu: LuId) -> bool {
+    backend.backup_capabilities().ccopy && split_secondary(backend, lu).is_some()
+}
+
 /// [0029]-[0030]: the array copies the split secondary `mate` (a snapshot virtual LU's
 /// real LU) to its backup device `device`, without the data passing through a host;
 /// returns the finished job. `blocks` is the volume's size.
@@ -215,6 +235,17 @@ pub fn ccopy_snapshot(
     mate: LuId,
     blocks: u64,
     device: &str,
+) -> Result<JobStatus, BackendError> {
+    ccopy_snapshot_with(backend, mate, blocks, device, &mut |_, _| {})
+}
+
+/// [`ccopy_snapshot`], with `progress(done, total)` in blocks while the job runs.
+pub fn ccopy_snapshot_with(
+    backend: &dyn Backend,
+    mate: LuId,
+    blocks: u64,
+    device: &str,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<JobStatus, BackendError> {
     let op = BackupOp::Ccopy {
         lu: mate.0,
@@ -235,7 +266,10 @@ pub fn ccopy_snapshot(
                     format!("CCOPY job {job} failed: {}", j.message.unwrap_or_default()),
                 ))
             }
-            BackupReply::Job(_) => std::thread::sleep(Duration::from_millis(5)),
+            BackupReply::Job(j) => {
+                progress(j.done_blocks, j.total_blocks);
+                std::thread::sleep(Duration::from_millis(5));
+            }
             r => return Err(invalid(format!("the array answered {r:?} to a job query"))),
         }
     }
