@@ -8,8 +8,9 @@ use std::path::Path;
 use hvm_host_agent::ctl::{self, segment, CallError};
 use serde_json::{json, Value};
 
+use crate::cli::{parse_rate, Cmd, LuCmd, ResyncCmd, SnapCmd};
 use crate::error::{Error, Result};
-use crate::{parse_rate, render, Cmd, LuCmd, ResyncCmd, SnapCmd};
+use crate::render;
 
 impl From<CallError> for Error {
     fn from(e: CallError) -> Error {
