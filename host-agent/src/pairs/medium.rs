@@ -365,3 +365,102 @@ pub fn report(b: &MediumBackup, replaced: &[String]) -> Value {
         "lus": lus, "files": b.files.keys().collect::<Vec<_>>(), "replaced": replaced,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use array_sim::tape::TapeWriter;
+
+    fn device(name: &str, path: &Path, busy: bool) -> DeviceStatus {
+        DeviceStatus {
+            name: name.into(),
+            path: path.display().to_string(),
+            busy,
+        }
+    }
+
+    /// A medium of LU 11 with `fill` in blocks 0..8 of a 16-block LU, and its backup.
+    fn backup_on(id: &str, dev: &DeviceStatus, fill: u8, at: u64) -> MediumBackup {
+        let path = Path::new(&dev.path);
+        let mut w = TapeWriter::create(path, 11).unwrap();
+        w.record(0, &[fill; 8 * 512]).unwrap();
+        w.finish().unwrap();
+        let (sha256, bytes) = file_sha256(path).unwrap();
+        MediumBackup {
+            id: id.into(),
+            created: "2026-12-01T00:00:00Z".into(),
+            created_unix_ms: at,
+            target: "pg".into(),
+            info: Value::Null,
+            lus: vec![MediumLu {
+                vlu: "pg".into(),
+                size: 16 * 512,
+                medium: Medium {
+                    backend: "array0".into(),
+                    array_lu_identity: None,
+                    device: dev.name.clone(),
+                    path: dev.path.clone(),
+                    job: 1,
+                    lu: 11,
+                    records: 1,
+                    blocks: 8,
+                    bytes,
+                    sha256,
+                },
+                seconds: 0.0,
+            }],
+            files: BTreeMap::new(),
+            verified_unix_ms: None,
+            verify_error: None,
+        }
+    }
+
+    #[test]
+    fn devices_rotate_and_a_replaced_medium_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&d.path().join("c.sqlite")).unwrap();
+        let t0 = device("tape0", &d.path().join("tape0.rec"), false);
+        let t1 = device("tape1", &d.path().join("tape1.rec"), false);
+        let devs = vec![t0.clone(), t1.clone()];
+        // Nothing catalogued: the first free device; a busy or taken one is skipped.
+        assert_eq!(pick_device(&cat, &devs, &[]).unwrap().name, "tape0");
+        let busy = vec![
+            device("tape0", &d.path().join("tape0.rec"), true),
+            t1.clone(),
+        ];
+        assert_eq!(pick_device(&cat, &busy, &[]).unwrap().name, "tape1");
+        assert!(pick_device(&cat, &busy, std::slice::from_ref(&t1.path)).is_err());
+        // A device no backup is on before one that holds a backup; then the oldest.
+        put(&cat, &backup_on("b1", &t0, 0x11, 1)).unwrap();
+        assert_eq!(pick_device(&cat, &devs, &[]).unwrap().name, "tape1");
+        put(&cat, &backup_on("b2", &t1, 0x22, 2)).unwrap();
+        assert_eq!(pick_device(&cat, &devs, &[]).unwrap().name, "tape0");
+        let rows = list_rows(&cat, Some("pg"), Some("pg")).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["kind"], KIND);
+        assert!(list_rows(&cat, Some("other"), None).unwrap().is_empty());
+
+        // Restore: the medium's blocks at their place in a new file of the LU's size.
+        let b1 = find(&cat, "b1").unwrap().unwrap();
+        let to = d.path().join("r1.img");
+        let v = restore(&b1, None, &to).unwrap();
+        let mut want = vec![0x11u8; 8 * 512];
+        want.resize(16 * 512, 0);
+        assert_eq!(std::fs::read(&to).unwrap(), want);
+        assert_eq!(v["sha256"], crate::backups::format::sha256(&want));
+        assert!(restore(&b1, None, &to).is_err(), "never over a file");
+        assert!(verify(&cat, b1.clone(), 5).is_ok());
+
+        // A new copy to tape0 replaces b1's medium: b1 leaves the catalog, and a backup
+        // whose medium changed is refused by verify and restore (the file not left).
+        assert_eq!(forget_on(&cat, &t0.path).unwrap(), vec!["b1".to_string()]);
+        assert!(find(&cat, "b1").unwrap().is_none());
+        backup_on("b3", &t0, 0x33, 3);
+        let e = verify(&cat, b1.clone(), 6).unwrap_err();
+        assert!(e.contains("no longer this backup's"), "{e}");
+        let to = d.path().join("r2.img");
+        assert!(restore(&b1, None, &to).unwrap_err().contains("SHA-256"));
+        assert!(!to.exists());
+    }
+}
