@@ -104,8 +104,9 @@ fn auto() -> Via {
 
 fn via<'de, D: Deserializer<'de>>(d: D) -> Result<Via, D::Error> {
     let s = String::deserialize(d)?;
-    <Via as clap::ValueEnum>::from_str(&s, true)
-        .map_err(|_| serde::de::Error::custom(format!("via {s:?}: one of auto, array, nbd")))
+    <Via as clap::ValueEnum>::from_str(&s, true).map_err(|_| {
+        serde::de::Error::custom(format!("via {s:?}: one of auto, array-device, array, nbd"))
+    })
 }
 
 fn schedule<'de, D: Deserializer<'de>>(d: D) -> Result<Schedule, D::Error> {
