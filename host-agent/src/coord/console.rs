@@ -869,3 +869,79 @@ pub fn human(command: &str, v: &Value) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arrays_copy_is_reported_as_the_arrays() {
+        let copied = json!({
+            "kind": "array-ccopy",
+            "lus": [{
+                "vlu": "pg", "size": 1 << 20, "copied_bytes": 0, "array_copied_bytes": 1 << 20,
+                "medium": { "lu": 11, "device": "tape0", "path": "/a/tape0.rec", "sha256": "ab" },
+            }],
+        });
+        let note = copy_note(&copied, 1.0);
+        assert!(note.contains("1.0 MiB copied by the array"), "{note}");
+        assert!(note.contains("0 bytes read by hosts"), "{note}");
+        let line = lu_line(&copied["lus"][0]);
+        assert!(
+            line.contains("pg: full, by the array: LU 11 to device tape0"),
+            "{line}"
+        );
+        let host = json!({ "vlu": "pg", "size": 1 << 20, "copied_bytes": 1 << 20, "kind": "full" });
+        assert_eq!(lu_line(&host), "    pg: full: 1.0 MiB copied of 1.0 MiB");
+    }
+
+    #[test]
+    fn auto_takes_the_arrays_copy_only_when_every_snapshot_offers_it() {
+        let snap = |ccopy: bool| {
+            json!({ "snapshots": [
+                { "vlu": "a", "size": 512, "backend": "array0", "array_lu": 11, "array_ccopy": true },
+                { "vlu": "b", "size": 512, "backend": "array0", "array_lu": 13, "array_ccopy": ccopy },
+            ]})
+        };
+        let tls = std::sync::Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let peer = Peer {
+            address: "127.0.0.1:1".into(),
+            tls,
+            token: String::new(),
+        };
+        let o = |via| Options {
+            db: peer.clone(),
+            backup: peer.clone(),
+            vlus: vec![],
+            target: "t".into(),
+            via,
+            db_nbd: None,
+            deadline_ms: None,
+            wait_resync: false,
+            full: false,
+            rate: None,
+            human: false,
+        };
+        let lus = copy_lus(&o(Via::Auto), &snap(true), None).unwrap();
+        assert!(lus
+            .iter()
+            .all(|l| matches!(l.source, Source::ArrayDevice { .. })));
+        assert_eq!(
+            lus[1].source,
+            Source::ArrayDevice {
+                backend: "array0".into(),
+                lu: 13
+            }
+        );
+        let lus = copy_lus(&o(Via::Auto), &snap(false), None).unwrap();
+        assert!(lus.iter().all(|l| matches!(l.source, Source::Array { .. })));
+        let lus = copy_lus(&o(Via::Array), &snap(true), None).unwrap();
+        assert!(lus.iter().all(|l| matches!(l.source, Source::Array { .. })));
+        let e = copy_lus(&o(Via::ArrayDevice), &snap(false), None).unwrap_err();
+        assert!(e.message.contains("not every snapshot"), "{}", e.message);
+    }
+}
