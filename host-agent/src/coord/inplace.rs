@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{hooks, new_id, Code, Failure, Op, Peer, RestoreRequest, RestoreTo};
-use crate::host::Host;
 use crate::config::RestoreConfig;
+use crate::host::Host;
 use crate::nbd::export::{with_ticket, Clients};
 
 /// How long the stop command may run.
@@ -66,13 +66,14 @@ pub async fn fence(agent: &Host, cfg: &RestoreConfig, req: &Fence) -> Result<Val
     let clients = clients_of(agent, &req.vlu)?;
     let ticket = new_id();
     let vlu = &req.vlu;
-    let open = clients.fence(&ticket, req.force).map_err(|e| {
+    let (open, replaced) = clients.fence(&ticket, req.force).map_err(|e| {
         failed(format!(
             "virtual LU {vlu}: {e}; if that restore is gone, give --force"
         ))
     })?;
+    // Refused: the fence as it was (down, or the one this took over).
     let refuse = |m: String| {
-        clients.lift(&ticket);
+        clients.lift_to(&ticket, replaced.clone());
         Err(failed(m))
     };
     if open > 0 && !req.force {

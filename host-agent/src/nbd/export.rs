@@ -205,23 +205,30 @@ impl Clients {
     }
 
     /// Put up a fence with `ticket`: from now on only connections that carry it attach.
-    /// Returns the connections open at that instant. A fence already up with another
-    /// ticket is replaced only with `take_over` (its restore is gone, or forced).
-    pub fn fence(&self, ticket: &str, take_over: bool) -> Result<usize, String> {
+    /// Returns the connections open at that instant and the ticket of the fence it
+    /// replaced. A fence already up with another ticket is replaced only with
+    /// `take_over` (its restore is gone, or forced).
+    pub fn fence(&self, ticket: &str, take_over: bool) -> Result<(usize, Option<String>), String> {
         let mut s = self.lock();
         if s.fence.as_deref().is_some_and(|f| !same(f, ticket)) && !take_over {
             return Err("another restore in place holds this export's fence".into());
         }
-        s.fence = Some(ticket.to_string());
-        Ok(s.open)
+        let replaced = s.fence.replace(ticket.to_string());
+        Ok((s.open, replaced))
     }
 
     /// Take down the fence `ticket` put up; false (and nothing changes) if the fence up
     /// is another one or none.
     pub fn lift(&self, ticket: &str) -> bool {
+        self.lift_to(ticket, None)
+    }
+
+    /// Take down the fence `ticket` put up and, in the same instant, put `previous` (the
+    /// fence it replaced) back up; false (and nothing changes) if `ticket`'s is not up.
+    pub fn lift_to(&self, ticket: &str, previous: Option<String>) -> bool {
         let mut s = self.lock();
         if s.fence.as_deref().is_some_and(|f| same(f, ticket)) {
-            s.fence = None;
+            s.fence = previous;
             return true;
         }
         false
@@ -241,7 +248,7 @@ mod tests {
         assert_eq!(c.open(), 2);
         drop(a);
         assert_eq!(c.open(), 1);
-        assert_eq!(c.fence("t1", false), Ok(1));
+        assert_eq!(c.fence("t1", false), Ok((1, None)));
         assert!(c.fenced());
         assert_eq!(c.attach(None).unwrap_err(), Fenced);
         assert_eq!(c.attach(Some("t2")).unwrap_err(), Fenced);
@@ -259,8 +266,9 @@ mod tests {
         })
         .join();
         assert_eq!(c.open(), 0);
-        assert_eq!(c.fence("t2", true), Ok(0));
-        assert!(!c.lift("t1") && c.lift("t2") && !c.fenced());
+        assert_eq!(c.fence("t2", true), Ok((0, Some("t1".into()))));
+        assert!(c.lift_to("t2", Some("t1".into())) && c.fenced() && !c.lift("t2"));
+        assert!(c.lift("t1") && !c.fenced());
         assert!(c.attach(None).is_ok());
         assert_eq!(split_ticket(&with_ticket("pg", "abc")), ("pg", Some("abc")));
         assert_eq!(split_ticket("pg"), ("pg", None));
