@@ -10,7 +10,15 @@ pub struct Stored {
     pub offset: u64,
     pub length: u64,
     pub chunk: Option<String>,
+    /// Where in the chunk's data the range starts (a packed chunk holds many ranges).
+    pub skip: u64,
 }
+
+/// Most bytes of short pieces packed into one chunk. An incremental's scattered
+/// 4 KiB ranges become one chunk per 64 KiB, not a file (an S3 object) each; small
+/// enough that a restore whose windows interleave the chunks of several backups
+/// re-reads little when it reloads one.
+pub const PACK_MAX: u64 = 64 << 10;
 
 /// Split `ranges` (offset, length) into pieces of at most [`EXTENT_MAX`] bytes, clipped
 /// to `size`; sorted and merged first, so overlapping or touching input is fine.
@@ -34,6 +42,29 @@ pub fn pieces(ranges: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
             let n = (e - s).min(EXTENT_MAX);
             out.push((s, n));
             s += n;
+        }
+    }
+    out
+}
+
+/// Group `pieces` (sorted, as [`pieces`] makes them) into what the copy stores as one
+/// chunk each: a piece of at least [`PACK_MAX`] bytes alone; shorter ones in order,
+/// together while they add up to at most [`PACK_MAX`].
+pub fn packs(pieces: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    let mut out: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut open = 0u64; // bytes in the last pack, if it takes more
+    for &(o, l) in pieces {
+        if l >= PACK_MAX {
+            out.push(vec![(o, l)]);
+            open = PACK_MAX;
+        } else if open + l <= PACK_MAX && !out.is_empty() {
+            if let Some(last) = out.last_mut() {
+                last.push((o, l));
+            }
+            open += l;
+        } else {
+            out.push(vec![(o, l)]);
+            open = l;
         }
     }
     out
@@ -77,7 +108,7 @@ pub fn overlay(base: &[Extent], stored: &[Stored]) -> Vec<Extent> {
                 offset: start,
                 length: s.length,
                 chunk: c.clone(),
-                skip: 0,
+                skip: s.skip,
             });
         }
     }
@@ -134,7 +165,40 @@ mod tests {
             offset,
             length,
             chunk: chunk.map(str::to_string),
+            skip: 0,
         }
+    }
+
+    #[test]
+    fn short_pieces_are_packed_in_order() {
+        let k = 4096;
+        let mut p: Vec<(u64, u64)> = (0..20).map(|i| (i * 3 * k, k)).collect();
+        p.push((100 * k, EXTENT_MAX));
+        p.push((100 * k + EXTENT_MAX, k));
+        let g = packs(&p);
+        let per = (PACK_MAX / k) as usize;
+        assert_eq!(g[0], p[..per].to_vec());
+        assert_eq!(g[1], p[per..20].to_vec());
+        assert_eq!(g[2], vec![(100 * k, EXTENT_MAX)]);
+        assert_eq!(g[3], vec![(100 * k + EXTENT_MAX, k)]);
+        assert_eq!(g.len(), 4);
+        assert_eq!(g.concat(), p);
+        assert!(packs(&[]).is_empty());
+    }
+
+    #[test]
+    fn overlay_keeps_a_packed_range_skip() {
+        let mut n = s(4096, 4096, Some("p"));
+        n.skip = 8192;
+        let out = overlay(&[x(0, 16384, "a", 0)], &[n]);
+        assert_eq!(
+            out,
+            vec![
+                x(0, 4096, "a", 0),
+                x(4096, 4096, "p", 8192),
+                x(8192, 8192, "a", 8192)
+            ]
+        );
     }
 
     #[test]

@@ -403,6 +403,8 @@ mod tests {
         let (h, n) = repo.put_chunk(&data).unwrap();
         assert!(n > 0 && n < 1000, "{n}");
         assert_eq!(repo.put_chunk(&data).unwrap(), (h.clone(), 0));
+        repo.store().sync().unwrap();
+        assert_eq!(repo.put_chunk(&data).unwrap(), (h.clone(), 0));
         assert_eq!(repo.get_chunk(&h).unwrap(), data);
         let p = d.path().join(chunk_key(&h));
         std::fs::write(&p, zstd::bulk::compress(&[8u8; 10], 1).unwrap()).unwrap();

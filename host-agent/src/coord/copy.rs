@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::repository::BackupRole;
 use super::{rfc3339, unix_ms, Code, CopyLu, CopyRequest, Failure, Source};
 use crate::backups::catalog::Row;
-use crate::backups::chunks::{default_threads, store_ranges, Rate};
+use crate::backups::chunks::{default_streams, store_ranges, Rate, ReadAt};
 use crate::backups::extents::{overlay, pieces};
 use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo, FORMAT};
 use crate::host::Host;
@@ -294,19 +294,30 @@ fn store_lu(
     rate: &mut Rate,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(LuMap, u64), Failure> {
-    let (mut reader, source) = open_source(agent, &lu.source, lu.size)?;
+    // Several streams, each its own connection, so reads overlap (see chunks).
+    let mut readers = Vec::new();
+    let mut source = String::new();
+    for _ in 0..default_streams() {
+        let (r, s) = open_source(agent, &lu.source, lu.size)?;
+        readers.push(r);
+        source = s;
+    }
     let t = Instant::now();
     let out = store_ranges(
         repo,
         &p.ranges,
-        default_threads(),
+        readers
+            .iter_mut()
+            .map(|r| Box::new(|o, b: &mut [u8]| r.read(o, b)) as Box<ReadAt<'_>>)
+            .collect(),
         rate,
-        &mut |o, b| reader.read(o, b),
         progress,
     )
     .map_err(|e| failed(format!("{}: {e}", lu.vlu)))?;
-    if let Reader::Nbd(c) = reader {
-        c.disconnect();
+    for r in readers {
+        if let Reader::Nbd(c) = r {
+            c.disconnect();
+        }
     }
     tracing::info!(vlu = %lu.vlu, kind = %p.kind, bytes = out.read_bytes,
         seconds = t.elapsed().as_secs_f64(), reason = ?p.reason, "virtual LU stored");
