@@ -6,8 +6,10 @@
 //! its device counter grows by the LU). The backup is in the backup host's catalog as a
 //! medium on the array's device; verify checks the medium; a restore reads it into a new
 //! image, where the cluster starts, recovers and satisfies pgbench's invariants with the
-//! history of the backup instant. `--via array` on the same pair is the host-side copy
-//! (the backup host reads the LU), and both backups are listed.
+//! history of the backup instant. A second backup, taken while pgbench writes, goes to
+//! the array's other device and restores to a cluster between the two instants.
+//! `--via array` on the same pair is the host-side copy (the backup host reads the LU),
+//! and the backups are listed together.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::Path;
@@ -151,6 +153,32 @@ fn wait_synchronized(hosts: &Hosts) {
     }
 }
 
+/// Backup `id` restored into a new image (the backup host reads the array's medium),
+/// mounted, a cluster started on it (`port`): it recovers and pgbench's invariants hold.
+/// Returns (sum of balances, history rows).
+fn restored(hosts: &Hosts, work: &Path, id: &str, port: u16) -> (i64, i64) {
+    let img = work.join(format!("restored-{port}.img"));
+    hosts.restore(id, None, &img);
+    let rfs = Mounted::file(work, &img, &format!("restored-{port}"), false);
+    // The snapshot holds the live cluster's lock file; it names a live postmaster.
+    let _ = std::fs::remove_file(rfs.dir.join("data/postmaster.pid"));
+    let mut c = Cluster::new(
+        &rfs.dir.join("data"),
+        &work.join(format!("restored-sock-{port}")),
+        port,
+        &work.join(format!("restored-{port}.log")),
+    );
+    c.start();
+    let got = c.pgbench_invariants();
+    let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+    assert!(
+        log.contains("redo") || log.contains("recovery"),
+        "no recovery in the log:\n{log}"
+    );
+    c.stop();
+    got
+}
+
 fn run(hosts: &Hosts, extra: &[&str]) -> Value {
     let (out, v) = hosts.run(&["pg"], "pg", extra);
     assert!(
@@ -205,7 +233,11 @@ fn postgres_on_an_array_pair_is_backed_up_by_the_arrays_split_and_ccopy() {
         LU,
         "the array wrote the LU to its device"
     );
-    assert_eq!(hosts.db_snapshot_reads(), 0, "nobody read the snapshot export");
+    assert_eq!(
+        hosts.db_snapshot_reads(),
+        0,
+        "nobody read the snapshot export"
+    );
     let id = v["id"].as_str().unwrap().to_string();
     wait_synchronized(&hosts);
 
@@ -215,7 +247,21 @@ fn postgres_on_an_array_pair_is_backed_up_by_the_arrays_split_and_ccopy() {
     let read = counters(&arr).host_read_bytes - before.host_read_bytes;
     assert_eq!(host_side["copy"]["kind"], "full", "{host_side}");
     assert!(read >= LU, "the host-side copy read {read} bytes");
-    Bench::start(&live, 2, 2).finish();
+    wait_synchronized(&hosts);
+
+    // Online: the array's split and CCOPY while pgbench writes; the other device, since
+    // tape0 holds the first backup.
+    let bench = Bench::start(&live, 2, 6);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let before = counters(&arr);
+    let online = run(&hosts, &["--via", "array-device"]);
+    let after = counters(&arr);
+    bench.finish();
+    let online_medium = &online["copy"]["lus"][0]["medium"];
+    assert_eq!(online["copy"]["kind"], "array-ccopy", "{online}");
+    assert_ne!(online_medium["device"], medium["device"], "devices rotate");
+    assert_eq!(after.device_bytes - before.device_bytes, LU);
+    let online_id = online["id"].as_str().unwrap().to_string();
     let (_, live_rows) = live.pgbench_invariants();
     live.stop();
     drop(fs);
@@ -242,23 +288,18 @@ fn postgres_on_an_array_pair_is_backed_up_by_the_arrays_split_and_ccopy() {
 
     // Restored from the array's medium into a new image: PostgreSQL recovers there with
     // the backup instant's history.
-    let img = work.join("restored.img");
-    hosts.restore(&id, None, &img);
-    let rfs = Mounted::file(work, &img, "restored", false);
-    let _ = std::fs::remove_file(rfs.dir.join("data/postmaster.pid"));
-    let mut restored = Cluster::new(
-        &rfs.dir.join("data"),
-        &work.join("restored-sock"),
-        PORT + 1,
-        &work.join("restored.log"),
+    let got = restored(&hosts, work, &id, PORT + 1);
+    println!(
+        "restored: {got:?}; at the backup {:?}; live at the end {live_rows}",
+        (sum, rows)
     );
-    restored.start();
-    let got = restored.pgbench_invariants();
-    println!("restored: {got:?}; at the backup {:?}; live at the end {live_rows}", (sum, rows));
     assert_eq!(got, (sum, rows), "the restore is the backup instant");
-    assert!(live_rows > rows);
-    restored.stop();
-    drop(rfs);
+    let (_, online_rows) = restored(&hosts, work, &online_id, PORT + 2);
+    println!("restored online backup: {online_rows} history rows");
+    assert!(
+        rows < online_rows && online_rows < live_rows,
+        "the online backup is of an instant during the run"
+    );
 
     // A medium replaced behind the catalog's back is refused, not restored.
     let device_file = medium["path"].as_str().unwrap();
