@@ -247,15 +247,19 @@ fn array_copy(
         }
         let devices = medium::devices(b).map_err(failed)?;
         let device = medium::pick_device(&cat, &devices, &taken).map_err(failed)?;
-        replaced.extend(medium::forget_on(&cat, &device.path).map_err(failed)?);
         taken.push(device.path.clone());
         let t = Instant::now();
+        // Once the array started the copy, the device's former medium is gone.
+        let mut started = || {
+            replaced.extend(medium::forget_on(&cat, &device.path)?);
+            Ok(())
+        };
         let m = medium::copy(
             b,
             backend,
-            *real,
-            lu.size / SECTOR_SIZE,
+            (*real, lu.size / SECTOR_SIZE),
             &device,
+            &mut started,
             &mut |d, _| progress(done + d, total),
         )
         .map_err(|e| failed(format!("backup {id}: {}: {e}", lu.vlu)))?;

@@ -175,20 +175,22 @@ pub fn forget_on(cat: &Catalog, path: &str) -> Result<Vec<String>, String> {
 }
 
 /// The array copies its LU `lu` (a split pair secondary, `blocks` long) to `device`;
-/// the medium checked and identified. `progress` sees bytes.
+/// the medium checked and identified. `started` runs once the array accepted the job
+/// (from then on the device's former medium is being replaced); `progress` sees bytes.
 pub fn copy(
     b: &dyn Backend,
     backend: &str,
-    lu: u32,
-    blocks: u64,
+    (lu, blocks): (u32, u64),
     device: &DeviceStatus,
+    started: &mut dyn FnMut() -> Result<(), String>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Medium, String> {
     let bs = hvm_core::SECTOR_SIZE;
-    let job = super::ccopy_snapshot_with(b, LuId(lu), blocks, &device.name, &mut |d, t| {
-        progress(d * bs, t * bs)
-    })
-    .map_err(|e| format!("CCOPY of LU {lu} to {}: {e}", device.name))?;
+    let what = |e: &dyn std::fmt::Display| format!("CCOPY of LU {lu} to {}: {e}", device.name);
+    let job = super::start_ccopy(b, LuId(lu), blocks, &device.name).map_err(|e| what(&e))?;
+    started()?;
+    let job =
+        super::wait_job(b, job, &mut |d, t| progress(d * bs, t * bs)).map_err(|e| what(&e))?;
     let (tape, sha256, bytes) = identify(Path::new(&device.path))?;
     let copied: u64 = tape.records.iter().map(|r| u64::from(r.blocks)).sum();
     if copied != blocks {

@@ -236,27 +236,36 @@ pub fn ccopy_snapshot(
     blocks: u64,
     device: &str,
 ) -> Result<JobStatus, BackendError> {
-    ccopy_snapshot_with(backend, mate, blocks, device, &mut |_, _| {})
+    let job = start_ccopy(backend, mate, blocks, device)?;
+    wait_job(backend, job, &mut |_, _| {})
 }
 
-/// [`ccopy_snapshot`], with `progress(done, total)` in blocks while the job runs.
-pub fn ccopy_snapshot_with(
+/// Start the array's CCOPY of all of `mate` to `device`; the job, once the array
+/// accepted it (it answers at the start, [0030]).
+pub fn start_ccopy(
     backend: &dyn Backend,
     mate: LuId,
     blocks: u64,
     device: &str,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<JobStatus, BackendError> {
+) -> Result<u32, BackendError> {
     let op = BackupOp::Ccopy {
         lu: mate.0,
         device: device.to_string(),
         ranges: vec![Area { start: 0, blocks }],
         auto: false,
     };
-    let job = match backend.backup(&op)? {
-        BackupReply::Started { job } => job,
-        r => return Err(invalid(format!("the array answered {r:?} to CCOPY"))),
-    };
+    match backend.backup(&op)? {
+        BackupReply::Started { job } => Ok(job),
+        r => Err(invalid(format!("the array answered {r:?} to CCOPY"))),
+    }
+}
+
+/// Poll the array's copy job until it ends; `progress(done, total)` in blocks.
+pub fn wait_job(
+    backend: &dyn Backend,
+    job: u32,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<JobStatus, BackendError> {
     loop {
         match backend.backup(&BackupOp::Job { id: job })? {
             BackupReply::Job(j) if j.state == JobState::Done => return Ok(j),
