@@ -191,7 +191,11 @@ fn record(report: &Value, last: &mut Last) {
         .flatten()
         .filter_map(|l| l["copied_bytes"].as_u64())
         .sum();
-    if last.kind.as_deref() == Some("full") {
+    // A backup the array copied to its device (EP 1 058 190 CCOPY) is whole too.
+    if matches!(
+        last.kind.as_deref(),
+        Some("full" | crate::pairs::medium::KIND)
+    ) {
         last.incrementals_since_full = 0;
     } else {
         last.incrementals_since_full += 1;
@@ -374,6 +378,12 @@ mod tests {
             record(&json!({ "id": "x", "copy": { "kind": kind } }), &mut last);
         }
         assert_eq!(kinds.iter().collect::<String>(), "FiiFiiF");
+        // The array's copy to its device counts as a full backup.
+        record(
+            &json!({ "id": "y", "copy": { "kind": "array-ccopy" } }),
+            &mut last,
+        );
+        assert_eq!(last.incrementals_since_full, 0);
     }
 
     #[test]
