@@ -6,6 +6,10 @@
 //! rows to match (every `list` does it for the repositories it shows), and
 //! [`Catalog::rebuild`] starts from nothing (`hvmctl backup list --rebuild`). Only the
 //! verification times live in the catalog alone.
+//!
+//! Backups an array copied to its own backup device (EP 1 058 190's CCOPY, issue 22) are
+//! in no repository: the `media` table holds their records ([`crate::pairs::medium`]),
+//! and there the catalog is the record beside the medium, so `clear` keeps them.
 
 use std::path::Path;
 
