@@ -168,6 +168,11 @@ pub fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// A chunk's stored form: one zstd frame at the repository's level.
+pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(data, LEVEL)
+}
+
 /// True if every byte is zero (vectorised: no early exit inside a block).
 pub fn is_zeros(data: &[u8]) -> bool {
     data.chunks(4096)
@@ -266,8 +271,7 @@ impl Repo {
         if self.store.exists(&key)? {
             return Ok((hash, 0));
         }
-        let z =
-            zstd::bulk::compress(data, LEVEL).map_err(|e| self.corrupt(format!("zstd: {e}")))?;
+        let z = compress(data).map_err(|e| self.corrupt(format!("zstd: {e}")))?;
         let n = z.len() as u64;
         let written = self.store.put_if_absent(&key, &z)?;
         Ok((hash, if written { n } else { 0 }))
