@@ -1,11 +1,16 @@
 //! PostgreSQL during a backup, against the peer a DBA would use (issue 20): pgbench's TPS
 //! idle, during back-to-back `hvmctl backup run`s of the cluster's virtual LU (freeze,
-//! snapshot, copy by the backup host, delete, resync), and during back-to-back
+//! snapshot, copy by the backup host, delete, then waiting for the resync before the
+//! next), and during back-to-back
 //! `pg_basebackup`s of the same cluster (plain format, WAL streamed, fast checkpoint,
-//! written to the same filesystem as hvm's backups), in one run. The phases take turns,
-//! one pgbench round each (idle, hvm, hvm with a copy rate limit (`--rate R`),
-//! pg_basebackup, idle, ...), so that load that comes and goes on the machine weighs on
-//! all of them alike.
+//! written to the same filesystem as hvm's backups), in one run. hvm runs three ways:
+//! `--full` into a new repository each time (every byte read, hashed, compressed and
+//! written, like pg_basebackup's whole copy), incremental (the default of `backup run`:
+//! each backup copies what the database wrote since the one before, into one
+//! repository), and `--full --rate R`. The phases take turns, one pgbench round each
+//! (idle, full, incremental, rated, pg_basebackup, idle, ...), so that load that comes
+//! and goes on the machine weighs on all of them alike. The mean time of each backup
+//! step is printed for the full and the incremental runs.
 //!
 //! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
 //! `HVM_BENCH_ROUNDS` sets the turns (default 3; a pgbench round is 5 s), `HVM_BENCH_RATE`
@@ -66,6 +71,54 @@ fn basebackup(c: &Cluster, to: &Path) {
     );
 }
 
+/// Mean milliseconds per step (freeze, snapshot, copy, ...) over the backups reported.
+#[derive(Default)]
+struct Steps(std::collections::BTreeMap<String, (f64, usize)>);
+
+impl Steps {
+    fn add(&mut self, report: &serde_json::Value) {
+        for (name, ms) in hvm_tests::backup::steps(report) {
+            let e = self.0.entry(name.to_string()).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+    }
+
+    fn show(&self) -> String {
+        self.0
+            .iter()
+            .map(|(n, (ms, k))| format!("{n} {:.0}", ms / *k as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One phase of the table: its name, TPS per round, backups done.
+struct Phase {
+    name: String,
+    tps: Vec<f64>,
+    runs: usize,
+}
+
+impl Phase {
+    fn new(name: impl Into<String>) -> Phase {
+        Phase {
+            name: name.into(),
+            tps: Vec::new(),
+            runs: 0,
+        }
+    }
+
+    fn round(&mut self, (tps, runs): (f64, usize)) {
+        self.tps.push(tps);
+        self.runs += runs;
+    }
+
+    fn mean(&self) -> f64 {
+        self.tps.iter().sum::<f64>() / self.tps.len().max(1) as f64
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -79,79 +132,98 @@ fn main() {
     let d = Deployment::start(dir.path(), LU, SCALE, 20_000);
 
     let base_root = d.hosts.target_root.join("basebackup");
-    let (mut idles, mut hvms, mut pgbs, mut rated) = (vec![], vec![], vec![], vec![]);
-    let (mut hvm_runs, mut pgb_runs, mut rated_runs) = (0, 0, 0);
-    let hvm_backup = |name: &str, extra: &[&str]| {
-        let mut args = vec!["--wait-resync"];
-        args.extend(extra);
-        let (o, v) = d.hosts.run(&["pg"], name, &args);
+    let steps = std::sync::Mutex::new((Steps::default(), Steps::default()));
+    // `full`: a new repository each time, so every byte is hashed, compressed and
+    // written; otherwise the repository "inc", where each backup is an incremental of
+    // the one before (as `hvmctl backup run` does by default).
+    let hvm_backup = |name: &str, extra: &[&str], full: bool| {
+        let (o, v) = d.hosts.run(&["pg"], if full { name } else { "inc" }, extra);
         assert!(
             o.status.success(),
             "backup run {name}: {}\n{v}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let _ = std::fs::remove_dir_all(d.hosts.target_root.join(name));
+        // As a scheduled run (`backup policy run`) does: no --wait-resync (which also
+        // reads and compares both legs whole); the resync still runs in the phase, as
+        // the next backup needs the pair Synchronized.
+        while d.hosts.db.mode("pg") != "Synchronized" {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut s = steps.lock().expect("steps");
+        if full {
+            s.0.add(&v);
+            let _ = std::fs::remove_dir_all(d.hosts.target_root.join(name));
+        } else {
+            s.1.add(&v);
+        }
     };
+    // The incremental phase's base, before any round.
+    hvm_backup("inc-base", &[], false);
+    *steps.lock().expect("steps") = Default::default();
+    let mut idle_p = Phase::new("idle");
+    let mut full = Phase::new("hvmctl backup run --full");
+    let mut inc = Phase::new("hvmctl backup run (incremental)");
+    let mut rated = Phase::new(format!("hvmctl backup run --full --rate {rate}"));
+    let mut pgb = Phase::new("pg_basebackup -X stream -c fast");
     for round in 0..rounds {
-        idles.push(idle(&d.cluster, 1));
-        let (tps, n) = during(&d.cluster, 1, |i| {
-            hvm_backup(&format!("hvm-{round}-{i}"), &[])
-        });
-        hvms.push(tps);
-        hvm_runs += n;
-        let (tps, n) = during(&d.cluster, 1, |i| {
-            hvm_backup(&format!("rated-{round}-{i}"), &["--rate", &rate])
-        });
-        rated.push(tps);
-        rated_runs += n;
-        let (tps, n) = during(&d.cluster, 1, |i| {
+        idle_p.round((idle(&d.cluster, 1), 0));
+        full.round(during(&d.cluster, 1, |i| {
+            hvm_backup(&format!("hvm-{round}-{i}"), &[], true)
+        }));
+        inc.round(during(&d.cluster, 1, |i| {
+            hvm_backup(&format!("inc-{round}-{i}"), &[], false)
+        }));
+        rated.round(during(&d.cluster, 1, |i| {
+            hvm_backup(&format!("rated-{round}-{i}"), &["--rate", &rate], true)
+        }));
+        pgb.round(during(&d.cluster, 1, |i| {
             let to = base_root.join(format!("pg-{round}-{i}"));
             basebackup(&d.cluster, &to);
             let _ = std::fs::remove_dir_all(&to);
-        });
-        pgbs.push(tps);
-        pgb_runs += n;
+        }));
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let (base, hvm, pgb, hvm_rated) = (mean(&idles), mean(&hvms), mean(&pgbs), mean(&rated));
-
+    let base = idle_p.mean();
     println!(
         "PostgreSQL during a backup: pgbench scale {SCALE}, {CLIENTS} clients, {rounds} rounds \
          of {ROUND_SECS} s per phase, LU {} MiB on array-sim",
         LU >> 20
     );
-    let show = |v: &[f64]| {
-        v.iter()
-            .map(|t| format!("{t:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     println!(
-        "per round: idle {} | hvm {} | hvm --rate {rate} {} | pg_basebackup {}",
-        show(&idles),
-        show(&hvms),
-        show(&rated),
-        show(&pgbs)
+        "{:<44} {:>20} {:>7} {:>8} {:>8} {:>16}",
+        "during", "TPS per round", "mean", "vs idle", "backups", "lost per backup"
     );
-    println!("idle TPS (mean of the idle rounds): {base:.0}");
-    println!(
-        "{:<44} {:>8} {:>8} {:>9}",
-        "during", "TPS", "vs idle", "backups"
-    );
-    let rated_name = format!("hvmctl backup run --wait-resync --rate {rate}");
-    for (name, tps, runs) in [
-        ("hvmctl backup run --wait-resync", hvm, hvm_runs),
-        (rated_name.as_str(), hvm_rated, rated_runs),
-        ("pg_basebackup -X stream -c fast", pgb, pgb_runs),
-    ] {
-        println!("{name:<44} {tps:>8.0} {:>7.2}x {runs:>9}", tps / base);
+    let secs = f64::from(ROUND_SECS) * rounds as f64;
+    for p in [&idle_p, &full, &inc, &rated, &pgb] {
+        let per: Vec<String> = p.tps.iter().map(|t| format!("{t:.0}")).collect();
+        // Transactions the database did not do because of the backups, per backup.
+        let lost = match p.runs {
+            0 => "-".to_string(),
+            _ if p.mean() >= base => "none".to_string(),
+            n => format!("{:.0} tx", (base - p.mean()) * secs / n as f64),
+        };
+        println!(
+            "{:<44} {:>20} {:>7.0} {:>7.2}x {:>8} {:>16}",
+            p.name,
+            per.join(" "),
+            p.mean(),
+            p.mean() / base,
+            p.runs,
+            lost
+        );
     }
+    let s = steps.lock().expect("steps");
+    println!("hvm full, mean ms per step: {}", s.0.show());
+    println!("hvm incremental, mean ms per step: {}", s.1.show());
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    let (f, i, p, r) = (full.mean(), inc.mean(), pgb.mean(), rated.mean());
     println!(
-        "hvm / pg_basebackup: {:.2}x (target >= 1: {}); with --rate {rate}: {:.2}x idle (target >= 0.8: {})",
-        hvm / pgb,
-        verdict(hvm >= pgb),
-        hvm_rated / base,
-        verdict(hvm_rated >= 0.8 * base)
+        "hvm / pg_basebackup: incremental (the default) {:.2}x (target >= 1: {}), full {:.2}x ({}); \
+         full with --rate {rate}: {:.2}x idle (target >= 0.8: {})",
+        i / p,
+        verdict(i >= p),
+        f / p,
+        verdict(f >= p),
+        r / base,
+        verdict(r >= 0.8 * base)
     );
 }
