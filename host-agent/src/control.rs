@@ -353,7 +353,7 @@ pub enum VerifyError {
 /// Compare the legs of Synchronized virtual LU `name` chunk by chunk while I/O goes on,
 /// at most `rate` bytes a second (0: unlimited), listing the ranges that differ and,
 /// with `repair`, writing them again from the origin. The reply of
-/// `POST /v1/lus/{name}/verify` and, as JSON ([`verify_legs`]), of the coordination
+/// `POST /v1/lus/{name}/verify` and (in a list) of the coordination
 /// service's `verify`.
 pub fn verify_report(
     mgr: &Manager,
@@ -408,18 +408,6 @@ pub fn verify_report(
         differing: ranges,
         repaired: repair && lbas > 0,
     })
-}
-
-/// [`verify_report`] as JSON.
-pub fn verify_legs(
-    mgr: &Manager,
-    vlu: VirtualLuId,
-    name: &str,
-    rate: u64,
-    repair: bool,
-) -> Result<serde_json::Value, VerifyError> {
-    let v = verify_report(mgr, vlu, name, rate, repair)?;
-    Ok(serde_json::to_value(v).unwrap_or_default())
 }
 
 async fn verify(

@@ -254,12 +254,6 @@ pub fn wait_resync_pair(
     }
 }
 
-/// [`wait_resync_pair`] as JSON, for the demo.
-pub fn wait_resync(sock: &std::path::Path, vlu: &str, quiet: bool) -> Result<Value, String> {
-    let pair = wait_resync_pair(sock, vlu, quiet).map_err(|e| e.to_string())?;
-    serde_json::to_value(pair).map_err(|e| e.to_string())
-}
-
 /// Follow the move of `vlu` until it ends, with a progress bar unless `quiet` or not on a
 /// terminal; the move's last status, or why it did not end Done.
 pub fn wait_move(

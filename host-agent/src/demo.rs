@@ -25,9 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::ctl::{bars, call, progress, wait_resync};
+use crate::ctl::{bars, progress, typed, wait_resync_pair};
 use crate::nbd::client::Client;
 
 /// What `hvmctl demo` was asked for.
@@ -341,15 +339,19 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
-fn api(sock: &Path, method: &str, path: &str, kind: &'static str) -> Result<Value, DemoError> {
-    let r = call(sock, method, path, None).map_err(DemoError::Setup)?;
-    if r.status >= 400 {
-        return Err(DemoError::Failed {
+fn api<T: serde::de::DeserializeOwned>(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    kind: &'static str,
+) -> Result<T, DemoError> {
+    typed(sock, method, path, None).map_err(|e| match e {
+        crate::ctl::CallError::Unreachable(m) => DemoError::Setup(m),
+        crate::ctl::CallError::Refused(m) => DemoError::Failed {
             kind,
-            message: format!("{method} {path}: {}", r.body["error"]),
-        });
-    }
-    Ok(r.body)
+            message: format!("{method} {path}: {m}"),
+        },
+    })
 }
 
 /// One array kind's run: where its virtual LU is served and controlled.
@@ -375,7 +377,11 @@ impl Case<'_> {
         Client::connect(&self.nbd, export).map_err(|e| self.fail(e.to_string()))
     }
 
-    fn api(&self, method: &str, path: &str) -> Result<Value, DemoError> {
+    fn api<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<T, DemoError> {
         api(self.control, method, path, self.k.label)
     }
 
@@ -414,7 +420,8 @@ impl Case<'_> {
         }
         *w.undo.lock().unwrap_or_else(PoisonError::into_inner) = Some(HashMap::new());
         let a = Instant::now();
-        let acquired = self.api("POST", &format!("/v1/lus/{}/snapshot", self.k.vlu));
+        let acquired: Result<hvm_api::SnapshotChange, _> =
+            self.api("POST", &format!("/v1/lus/{}/snapshot", self.k.vlu));
         let acquire = a.elapsed();
         w.resume();
         let freeze = t.elapsed();
@@ -511,7 +518,7 @@ impl Case<'_> {
 
 /// What the steps under the writer measured: the freeze, the backup, the resync, the
 /// LBAs recorded, and the resync's pair.
-type Measured = (Freeze, Duration, Duration, u64, Value);
+type Measured = (Freeze, Duration, Duration, u64, hvm_api::ResyncPair);
 
 /// The steps while the writer runs: warm up, freeze, back up and check, delete the
 /// snapshot and wait for the resync.
@@ -527,13 +534,14 @@ fn under_writer(
     let path = work.join(format!("backup-{}.img", c.k.vlu));
     let backup = c.backup(size, &path, opts)?;
     c.check_backup(w, &path)?;
-    let recorded = c.api("GET", &format!("/v1/lus/{}/extents", c.k.vlu))?["total_lbas"]
-        .as_u64()
-        .unwrap_or(0);
+    let recorded = c
+        .api::<hvm_api::Extents>("GET", &format!("/v1/lus/{}/extents", c.k.vlu))?
+        .total_lbas;
     // Delete and resync, the writer still going.
     let t = Instant::now();
-    c.api("DELETE", &format!("/v1/lus/{}/snapshot", c.k.vlu))?;
-    let pair = wait_resync(c.control, c.k.vlu, opts.quiet).map_err(|e| c.fail(e))?;
+    c.api::<hvm_api::SnapshotChange>("DELETE", &format!("/v1/lus/{}/snapshot", c.k.vlu))?;
+    let pair =
+        wait_resync_pair(c.control, c.k.vlu, opts.quiet).map_err(|e| c.fail(e.to_string()))?;
     Ok((freeze, backup, t.elapsed(), recorded, pair))
 }
 
@@ -575,7 +583,7 @@ fn one_kind(
         backup_bytes: size,
         resync,
         recorded_lbas: recorded,
-        copied_lbas: pair["copied_lbas"].as_u64().unwrap_or(0),
+        copied_lbas: pair.copied_lbas,
         writes: w.writes.load(Ordering::SeqCst),
     })
 }

@@ -551,7 +551,7 @@ pub fn verify(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
-        let v = crate::control::verify_legs(&m.mgr, m.vlu, &m.name, 0, false)
+        let v = crate::control::verify_report(&m.mgr, m.vlu, &m.name, 0, false)
             .map_err(|e| Failure::new(Code::Failed, e.to_string()))?;
         out.push(v);
     }
