@@ -21,10 +21,13 @@
 //!
 //! Every refusal is an [`ErrorReply`] with an HTTP status ([`ErrorStatus`]).
 //!
+//! The agent-to-agent coordination service's requests and replies are in [`coord`].
+//!
 //! Clients ignore fields they do not know, so the server may add fields; renaming or
 //! removing one is a change of the API (`/v1`).
 
 pub mod backends;
+pub mod coord;
 pub mod error;
 pub mod lu;
 pub mod resync;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use hvm_host_agent::backups::legacy;
 use hvm_host_agent::coord::console;
-use hvm_host_agent::coord::{tls, Code, Peer};
+use hvm_host_agent::coord::{tls, BackupList, Code, Failure, Peer, Pruned, Restored, Verified};
 use serde_json::Value;
 
 use crate::arrayctl::{self, CopyKind};
@@ -143,10 +143,10 @@ fn backup_delete(db: &str, vlus: &[String], p: &PeerArgs, json: bool) -> error::
     let db = peer(db, p).map_err(Error::Usage)?;
     let v = console::delete(&db, vlus).map_err(|f| Error::Failed(f.to_string()))?;
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
     } else {
-        for x in v["vlus"].as_array().into_iter().flatten() {
-            println!("{}: {}", s(&x["vlu"]), s(&x["mode"]));
+        for x in &v.vlus {
+            println!("{}: {}", x.vlu, x.mode);
         }
     }
     Ok(())
@@ -200,9 +200,9 @@ fn catalog_cmd(cmd: &BackupCmd, json: bool) -> error::Result {
     let f = match r {
         Ok(v) => {
             if json {
-                println!("{v}");
+                println!("{}", v.json());
             } else {
-                print!("{}", console::human(name, &v));
+                print!("{}", v.human());
             }
             return Ok(());
         }
@@ -219,20 +219,45 @@ fn catalog_cmd(cmd: &BackupCmd, json: bool) -> error::Result {
     Err(e.during(&what))
 }
 
+/// A catalog command's answer.
+enum Answer {
+    List(BackupList),
+    Verify(Verified),
+    Restore(Restored),
+    Prune(Pruned),
+}
+
+impl Answer {
+    fn json(&self) -> String {
+        match self {
+            Answer::List(v) => serde_json::to_string(v),
+            Answer::Verify(v) => serde_json::to_string(v),
+            Answer::Restore(v) => serde_json::to_string(v),
+            Answer::Prune(v) => serde_json::to_string(v),
+        }
+        .unwrap_or_default()
+    }
+
+    fn human(&self) -> String {
+        match self {
+            Answer::List(v) => console::list_table(v),
+            Answer::Verify(v) => console::verified_line(v),
+            Answer::Restore(v) => console::restored_line(v),
+            Answer::Prune(v) => console::pruned_line(v),
+        }
+    }
+}
+
 /// Send a catalog command to the backup host `bk`; `Err` for a usage error.
-fn catalog_call(
-    bk: &Peer,
-    cmd: &BackupCmd,
-    json: bool,
-) -> Result<Result<Value, hvm_host_agent::coord::Failure>, String> {
+fn catalog_call(bk: &Peer, cmd: &BackupCmd, json: bool) -> Result<Result<Answer, Failure>, String> {
     Ok(match cmd {
         BackupCmd::List {
             target,
             vlu,
             rebuild,
             ..
-        } => console::list(bk, target.clone(), vlu.clone(), *rebuild),
-        BackupCmd::Verify { id, .. } => console::verify(bk, id, !json),
+        } => console::list(bk, target.clone(), vlu.clone(), *rebuild).map(Answer::List),
+        BackupCmd::Verify { id, .. } => console::verify(bk, id, !json).map(Answer::Verify),
         BackupCmd::Restore {
             id,
             vlu,
@@ -243,10 +268,7 @@ fn catalog_call(
             db_nbd,
             host,
         } => match (to, in_place, db, vlu) {
-            (Some(t), _, _, _) => {
-                let to = console::RestoreDest::Path(t.clone());
-                console::restore(bk, id, vlu.clone(), &to, !json)
-            }
+            (Some(t), _, _, _) => console::restore(bk, id, vlu.clone(), t, !json),
             (None, true, Some(db), Some(vlu)) => {
                 let r = hvm_host_agent::coord::inplace::InPlace {
                     backup_host: bk,
@@ -268,7 +290,8 @@ fn catalog_call(
                 v
             }
             _ => return Err("--to PATH or --in-place --db HOST:PORT --vlu V".into()),
-        },
+        }
+        .map(Answer::Restore),
         BackupCmd::Prune {
             target,
             keep_last,
@@ -285,7 +308,7 @@ fn catalog_call(
                         weekly: keep_weekly.unwrap_or(0),
                     }
                 });
-            console::prune(bk, target, keep, *dry_run)
+            console::prune(bk, target, keep, *dry_run).map(Answer::Prune)
         }
         _ => return Err("not a catalog command".into()),
     })

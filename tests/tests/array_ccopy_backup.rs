@@ -95,10 +95,13 @@ fn agent(dir: &Path, name: &str, config: String) -> (Agent, String) {
 /// fsfreeze hooks) and the backup host, both with a backend on the array.
 fn start_hosts(dir: &Path, array: hvm_tests::Running, backend: &str) -> Hosts {
     let tls = tls_init(dir);
+    // The stop command only leaves a mark: an in-place restore of an array-ccopy backup
+    // is refused before it could run.
     let freeze = format!(
-        "  freeze:\n    deadline_ms: 20000\n    hooks:\n      - postgresql: {{ connect: \"host={} port={PORT} user=postgres dbname=postgres\" }}\n      - fsfreeze: {}\n",
+        "  freeze:\n    deadline_ms: 20000\n    hooks:\n      - postgresql: {{ connect: \"host={} port={PORT} user=postgres dbname=postgres\" }}\n      - fsfreeze: {}\n  restore:\n    stop: \"touch {}\"\n",
         dir.join("pg-sock").display(),
-        dir.join("mnt-pg").display()
+        dir.join("mnt-pg").display(),
+        dir.join("stopped").display()
     );
     let (db, line) = agent(
         dir,
@@ -240,6 +243,31 @@ fn postgres_on_an_array_pair_is_backed_up_by_the_arrays_split_and_ccopy() {
     );
     let id = v["id"].as_str().unwrap().to_string();
     wait_synchronized(&hosts);
+
+    // In place, --force, while the database runs: refused by the backup host before the
+    // database host fences the LU or runs its stop command.
+    let out = hosts.hvmctl(&[
+        "backup",
+        "restore",
+        &id,
+        "--vlu",
+        "pg",
+        "--in-place",
+        "--force",
+        "--db",
+        &hosts.db_addr,
+        "--backup",
+        &hosts.backup_addr,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("on the array's backup device"), "{err}");
+    assert!(!work.join("stopped").exists(), "the stop command ran");
+    assert_eq!(
+        live.pgbench_invariants(),
+        (sum, rows),
+        "the database still runs"
+    );
 
     // The host-side copy of the same pair, asked for: the backup host reads the LU.
     let before = counters(&arr);

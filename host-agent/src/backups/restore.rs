@@ -7,10 +7,10 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use hvm_api::coord::Restored;
 use sha2::{Digest, Sha256};
 
-use super::format::{is_zeros, LuMap, Repo, EXTENT_MAX};
+use super::format::{is_zeros, LuMap, Manifest, Repo, EXTENT_MAX};
 
 /// Bytes produced per window.
 const WINDOW: u64 = EXTENT_MAX;
@@ -68,15 +68,33 @@ pub fn windows(repo: &Repo, lu: &LuMap, each: &mut Each<'_>) -> Result<(), Strin
     Ok(())
 }
 
-/// Write `lu`'s image to `to`: a regular file (created or replaced) or a block device
-/// at least as large. Synced, evicted from the page cache, then read back and compared
-/// by SHA-256.
+/// The report of a restore of `lu` at backup `m` with the image's SHA-256.
+fn restored(m: &Manifest, lu: &LuMap, sha256: String) -> Restored {
+    Restored {
+        backup: m.id.clone(),
+        created: m.created.clone(),
+        vlu: lu.vlu.clone(),
+        size: lu.size,
+        sha256,
+        to: None,
+        compared_bytes: None,
+        written_bytes: None,
+        medium: None,
+        clients_stopped: None,
+        fence: None,
+    }
+}
+
+/// Write `lu` (of backup `m`)'s image to `to`: a regular file (created or replaced) or
+/// a block device at least as large. Synced, evicted from the page cache, then read
+/// back and compared by SHA-256.
 pub fn to_path(
     repo: &Repo,
+    m: &Manifest,
     lu: &LuMap,
     to: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, String> {
+) -> Result<Restored, String> {
     let io = |e: std::io::Error| format!("{}: {e}", to.display());
     let device = std::fs::metadata(to)
         .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -134,7 +152,10 @@ pub fn to_path(
             to.display()
         ));
     }
-    Ok(json!({ "vlu": lu.vlu, "to": to, "size": lu.size, "sha256": want }))
+    Ok(Restored {
+        to: Some(to.display().to_string()),
+        ..restored(m, lu, want)
+    })
 }
 
 /// Evict `f`'s (synced, so clean) pages from the page cache, so that reading it back
@@ -151,15 +172,16 @@ pub trait Target {
     fn flush(&mut self) -> Result<(), String>;
 }
 
-/// Make `target` equal to `lu`'s image: read each window of the live LU, write only
+/// Make `target` equal to `lu` (of backup `m`)'s image: read each window of the live LU, write only
 /// the blocks that differ, flush. Returns bytes compared and written, and the image's
 /// SHA-256.
 pub fn onto(
     repo: &Repo,
+    m: &Manifest,
     lu: &LuMap,
     target: &mut dyn Target,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, String> {
+) -> Result<Restored, String> {
     let mut live = vec![0u8; WINDOW as usize];
     let mut written = 0u64;
     let mut hash = Sha256::new();
@@ -177,8 +199,9 @@ pub fn onto(
         Ok(())
     })?;
     target.flush()?;
-    Ok(
-        json!({ "vlu": lu.vlu, "size": lu.size, "compared_bytes": lu.size,
-               "written_bytes": written, "sha256": hex::encode(hash.finalize()) }),
-    )
+    Ok(Restored {
+        compared_bytes: Some(lu.size),
+        written_bytes: Some(written),
+        ..restored(m, lu, hex::encode(hash.finalize()))
+    })
 }

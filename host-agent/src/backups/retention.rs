@@ -14,18 +14,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use hvm_api::coord::Pruned;
 
 use super::format::{chunk_key, Repo};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Keep {
-    pub last: u32,
-    pub daily: u32,
-    pub weekly: u32,
-}
+/// The policy, as `coordination.backup.keep`, a policy file and `backup_prune` give it.
+pub use hvm_api::coord::Keep;
 
 /// A backup as retention sees it.
 #[derive(Clone, Debug)]
@@ -77,7 +71,7 @@ pub fn prune(
     keep: &Keep,
     dry_run: bool,
     deleted: &mut dyn FnMut(&str),
-) -> Result<Value, String> {
+) -> Result<Pruned, String> {
     let ids = repo.backup_ids().map_err(|e| e.to_string())?;
     let mut items = Vec::new();
     for id in &ids {
@@ -89,19 +83,31 @@ pub fn prune(
         });
     }
     let keep_ids = kept(keep, &items);
-    let delete: Vec<&String> = ids.iter().filter(|i| !keep_ids.contains(*i)).collect();
+    let delete: Vec<String> = ids
+        .iter()
+        .filter(|i| !keep_ids.contains(*i))
+        .cloned()
+        .collect();
+    let mut report = Pruned {
+        dry_run,
+        keep: keep_ids.into_iter().collect(),
+        delete,
+        chunks_deleted: None,
+        bytes_freed: None,
+        location: repo.location(),
+        policy: *keep,
+    };
     if dry_run {
-        return Ok(json!({ "dry_run": true, "keep": keep_ids, "delete": delete }));
+        return Ok(report);
     }
-    for id in &delete {
+    for id in &report.delete {
         repo.delete_backup(id).map_err(|e| e.to_string())?;
         deleted(id);
     }
     let (chunks, freed) = collect_garbage(repo)?;
-    Ok(
-        json!({ "dry_run": false, "keep": keep_ids, "delete": delete,
-               "chunks_deleted": chunks, "bytes_freed": freed }),
-    )
+    report.chunks_deleted = Some(chunks);
+    report.bytes_freed = Some(freed);
+    Ok(report)
 }
 
 /// Delete every chunk that no manifest names; returns how many and their bytes.

@@ -11,7 +11,8 @@ use hvm_core::SECTOR_SIZE;
 use serde_json::{json, Value};
 
 use super::{
-    new_id, Code, CopyLu, CopyRequest, Failure, Op, Peer, RestoreRequest, RestoreTo, Source,
+    new_id, BackupList, Code, CopyLu, CopyRequest, Deleted, Failure, Op, Peer, Pruned,
+    RestoreRequest, RestoreTo, Restored, Source, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -580,8 +581,8 @@ impl Run<'_> {
 }
 
 /// `hvmctl backup delete`: delete the snapshots by hand.
-pub fn delete(db: &Peer, vlus: &[String]) -> Result<Value, Failure> {
-    db.call(
+pub fn delete(db: &Peer, vlus: &[String]) -> Result<Deleted, Failure> {
+    db.ask(
         &new_id(),
         &Op::Delete {
             vlus: vlus.to_vec(),
@@ -659,14 +660,6 @@ pub fn lu_line(l: &Value) -> String {
     )
 }
 
-/// Where `hvmctl backup restore` writes.
-pub enum RestoreDest {
-    /// A new file or a block device on the backup host.
-    Path(std::path::PathBuf),
-    /// The live virtual LU on the database host `db`, over its NBD listener.
-    InPlace { db: Peer, db_nbd: Option<String> },
-}
-
 fn bar(human: bool, label: &'static str, unit: &'static str) -> impl FnMut(u64, u64) {
     let draw = human && ctl::bars();
     move |d, t| {
@@ -681,8 +674,8 @@ pub fn list(
     target: Option<String>,
     vlu: Option<String>,
     rebuild: bool,
-) -> Result<Value, Failure> {
-    bk.call(
+) -> Result<BackupList, Failure> {
+    bk.ask(
         &new_id(),
         &Op::BackupList {
             target,
@@ -694,180 +687,140 @@ pub fn list(
     )
 }
 
-pub fn verify(bk: &Peer, id: &str, human: bool) -> Result<Value, Failure> {
+pub fn verify(bk: &Peer, id: &str, human: bool) -> Result<Verified, Failure> {
     let op = Op::BackupVerify {
         backup: id.to_string(),
     };
-    let r = bk.call(&new_id(), &op, 3, &mut bar(human, "  verify", "chunks"));
+    let r = bk.ask(&new_id(), &op, 3, &mut bar(human, "  verify", "chunks"));
     if human && ctl::bars() {
         eprintln!();
     }
     r
 }
 
-pub fn prune(bk: &Peer, target: &str, keep: Option<Keep>, dry_run: bool) -> Result<Value, Failure> {
+pub fn prune(
+    bk: &Peer,
+    target: &str,
+    keep: Option<Keep>,
+    dry_run: bool,
+) -> Result<Pruned, Failure> {
     let op = Op::BackupPrune {
         target: target.to_string(),
         keep,
         dry_run,
     };
-    bk.call(&new_id(), &op, 3, &mut |_, _| {})
+    bk.ask(&new_id(), &op, 3, &mut |_, _| {})
 }
 
-/// The database host's NBD listener as the backup host reaches it.
-fn db_nbd(db: &Peer, given: Option<&str>) -> Result<String, Failure> {
-    if let Some(a) = given {
-        return Ok(a.to_string());
-    }
-    let hello = db.call(&new_id(), &Op::Hello, 3, &mut |_, _| {})?;
-    let a = hello["nbd_tcp"].as_str().ok_or_else(|| {
-        Failure::new(
-            Code::BadRequest,
-            "the database host has no listen.tcp; give --db-nbd HOST:PORT",
-        )
-    })?;
-    Ok(match a.rsplit_once(':') {
-        Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{}:{p}", db.host()),
-        _ => a.to_string(),
-    })
-}
-
+/// A restore to `to`, a new file or a block device on the backup host. In place onto
+/// the live virtual LU is [`super::inplace::restore`], behind the database host's fence.
 pub fn restore(
     bk: &Peer,
     id: &str,
     vlu: Option<String>,
-    to: &RestoreDest,
+    to: &std::path::Path,
     human: bool,
-) -> Result<Value, Failure> {
-    let to = match to {
-        RestoreDest::Path(p) => RestoreTo::Path(p.display().to_string()),
-        RestoreDest::InPlace { db, db_nbd: given } => {
-            let Some(export) = vlu.clone() else {
-                return Err(Failure::new(Code::BadRequest, "--in-place needs --vlu"));
-            };
-            RestoreTo::Nbd {
-                address: db_nbd(db, given.as_deref())?,
-                export,
-            }
-        }
-    };
+) -> Result<Restored, Failure> {
     let op = Op::BackupRestore(RestoreRequest {
         backup: id.to_string(),
         vlu,
-        to,
+        to: RestoreTo::Path(to.display().to_string()),
     });
-    let r = bk.call(&new_id(), &op, 3, &mut bar(human, "  restore", "bytes"));
+    let r = bk.ask(&new_id(), &op, 3, &mut bar(human, "  restore", "bytes"));
     if human && ctl::bars() {
         eprintln!();
     }
     r
 }
 
-fn text(x: &Value) -> String {
-    match x {
-        Value::String(t) => t.clone(),
-        Value::Null => "-".into(),
-        o => o.to_string(),
-    }
+fn opt(x: Option<&str>) -> &str {
+    x.unwrap_or("-")
 }
 
 /// `hvmctl backup list` as a table.
-fn list_table(v: &Value) -> String {
-    let s = text;
+pub fn list_table(v: &BackupList) -> String {
     let mut out = format!(
         "{:<30} {:<20} {:<11} {:<30} {:>10} {:>10} {:<20} {}\n",
         "ID", "CREATED", "KIND", "PARENT", "STORED", "LOGICAL", "VERIFIED", "VLUS"
     );
-    for b in v["backups"].as_array().into_iter().flatten() {
-        let verified = match (b["verified_unix_ms"].as_u64(), b["verify_error"].is_null()) {
-            (Some(ms), true) => super::rfc3339(ms / 1000),
-            (Some(_), false) => "FAILED".into(),
+    for b in &v.backups {
+        let verified = match (b.verified_unix_ms, &b.verify_error) {
+            (Some(ms), None) => super::rfc3339(ms / 1000),
+            (Some(_), Some(_)) => "FAILED".into(),
             (None, _) => "-".into(),
         };
         out.push_str(&format!(
             "{:<30} {:<20} {:<11} {:<30} {:>10} {:>10} {:<20} {}\n",
-            s(&b["id"]),
-            s(&b["created"]),
-            s(&b["kind"]),
-            s(&b["parent"]),
-            mib(b["stored_bytes"].as_u64().unwrap_or(0)),
-            mib(b["logical_bytes"].as_u64().unwrap_or(0)),
+            b.id,
+            b.created,
+            b.kind,
+            opt(b.parent.as_deref()),
+            mib(b.stored_bytes),
+            mib(b.logical_bytes),
             verified,
-            b["vlus"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect::<Vec<_>>()
-                .join(","),
+            b.vlus.join(","),
         ));
     }
-    for e in v["errors"].as_array().into_iter().flatten() {
-        out.push_str(&format!("error: {}\n", s(e)));
+    for e in &v.errors {
+        out.push_str(&format!("error: {e}\n"));
     }
     out
 }
 
-/// The human form of a catalog command's answer.
-pub fn human(command: &str, v: &Value) -> String {
-    let s = text;
-    match command {
-        "list" => list_table(v),
-        "verify" if v["kind"] == crate::pairs::medium::KIND => format!(
+/// `hvmctl backup verify`'s line.
+pub fn verified_line(v: &Verified) -> String {
+    match &v.media {
+        Some(media) if v.kind.as_deref() == Some(crate::pairs::medium::KIND) => format!(
             "backup {} of {}: on the array's device; its media check out (records, CRCs, SHA-256): {}\n",
-            s(&v["id"]),
-            s(&v["created"]),
-            v["media"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|m| format!("{} {}", s(&m["device"]), s(&m["path"])))
+            v.id,
+            v.created,
+            media
+                .iter()
+                .map(|m| format!("{} {}", m.device, m.path))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        "verify" => format!(
-            "backup {} of {}: all {} chunks check out\n",
-            s(&v["id"]),
-            s(&v["created"]),
-            s(&v["chunks"])
-        ),
-        "restore" => match v.get("written_bytes") {
-            Some(w) => format!(
-                "restored {} at backup {} onto the live virtual LU: {} compared, {} written\n",
-                s(&v["vlu"]),
-                s(&v["backup"]),
-                mib(v["compared_bytes"].as_u64().unwrap_or(0)),
-                mib(w.as_u64().unwrap_or(0))
-            ),
-            None => format!(
-                "restored {} at backup {} ({} bytes, SHA-256 {}) to {}\n",
-                s(&v["vlu"]),
-                s(&v["backup"]),
-                s(&v["size"]),
-                s(&v["sha256"]),
-                s(&v["to"])
-            ),
-        },
         _ => format!(
-            "{}keep {}; delete {}{}\n",
-            if v["dry_run"] == true {
-                "dry run: "
-            } else {
-                ""
-            },
-            s(&v["keep"]),
-            s(&v["delete"]),
-            if v["dry_run"] == true {
-                String::new()
-            } else {
-                format!(
-                    "; {} unused chunks removed ({})",
-                    s(&v["chunks_deleted"]),
-                    mib(v["bytes_freed"].as_u64().unwrap_or(0))
-                )
-            }
+            "backup {} of {}: all {} chunks check out\n",
+            v.id, v.created, v.chunks
         ),
     }
+}
+
+/// `hvmctl backup restore`'s line.
+pub fn restored_line(v: &Restored) -> String {
+    match v.written_bytes {
+        Some(w) => format!(
+            "restored {} at backup {} onto the live virtual LU: {} compared, {} written\n",
+            v.vlu,
+            v.backup,
+            mib(v.compared_bytes.unwrap_or(0)),
+            mib(w)
+        ),
+        None => format!(
+            "restored {} at backup {} ({} bytes, SHA-256 {}) to {}\n",
+            v.vlu,
+            v.backup,
+            v.size,
+            v.sha256,
+            opt(v.to.as_deref())
+        ),
+    }
+}
+
+/// `hvmctl backup prune`'s line.
+pub fn pruned_line(v: &Pruned) -> String {
+    let ids = |x: &[String]| serde_json::to_string(x).unwrap_or_default();
+    format!(
+        "{}keep {}; delete {}{}\n",
+        if v.dry_run { "dry run: " } else { "" },
+        ids(&v.keep),
+        ids(&v.delete),
+        match (v.chunks_deleted, v.bytes_freed) {
+            (Some(c), Some(b)) => format!("; {c} unused chunks removed ({})", mib(b)),
+            _ => String::new(),
+        }
+    )
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
 use serde_json::{json, Value};
 
 use super::hooks::{Files, Hook, Outcome};
-use super::{unix_ms, Code, Failure};
+use super::{unix_ms, Code, Deleted, DeletedVlu, Failure};
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
 use crate::host::Host;
@@ -519,7 +519,7 @@ fn joined(lead: String, more: &[String]) -> String {
 }
 
 /// The `delete` operation: each virtual LU's snapshot is deleted and resync starts.
-pub fn delete(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
+pub fn delete(agent: &Host, vlus: &[String]) -> Result<Deleted, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
@@ -536,12 +536,14 @@ pub fn delete(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
             }
             _ => false,
         };
-        out.push(
-            json!({ "vlu": m.name, "mode": m.mgr.mode(m.vlu).to_string(), "changed": changed }),
-        );
+        out.push(DeletedVlu {
+            vlu: m.name.clone(),
+            mode: m.mgr.mode(m.vlu).to_string(),
+            changed,
+        });
     }
     agent.resync.wake();
-    Ok(json!({ "vlus": out }))
+    Ok(Deleted { vlus: out })
 }
 
 /// The `resync` operation: progress of each virtual LU.

@@ -3,6 +3,9 @@
 //! host's NBD listener, and nothing else may have that export open meanwhile.
 //!
 //! The steps, driven by the console:
+//! 0. `backup_restore_check` on the backup host: a backup it would refuse to restore in
+//!    place (no such backup or virtual LU, or one on the array's backup device) is
+//!    refused before the database host fences or stops anything.
 //! 1. `restore_fence` on the database host: the export's fence goes up (a new NBD
 //!    connection is refused with `NBD_REP_ERR_POLICY` unless its export name carries
 //!    the fence's ticket), then the export's connections are counted. Any: the fence
@@ -20,9 +23,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-use super::{hooks, new_id, Code, Failure, Op, Peer, RestoreRequest, RestoreTo};
+use super::{
+    hooks, new_id, Code, Failure, Fenced, Op, Peer, RestoreCheck, RestoreRequest, RestoreTo,
+    Restored, Unfenced,
+};
 use crate::config::RestoreConfig;
 use crate::host::Host;
 use crate::nbd::export::{with_ticket, Clients};
@@ -62,7 +66,7 @@ async fn closed(clients: &Clients) -> usize {
 
 /// `restore_fence`: the fence up and no connection left, or the fence down again and
 /// an error that says why.
-pub async fn fence(agent: &Host, cfg: &RestoreConfig, req: &Fence) -> Result<Value, Failure> {
+pub async fn fence(agent: &Host, cfg: &RestoreConfig, req: &Fence) -> Result<Fenced, Failure> {
     let clients = clients_of(agent, &req.vlu)?;
     let ticket = new_id();
     let vlu = &req.vlu;
@@ -112,19 +116,23 @@ pub async fn fence(agent: &Host, cfg: &RestoreConfig, req: &Fence) -> Result<Val
             ));
         }
     }
-    Ok(json!({
-        "vlu": vlu,
-        "ticket": ticket,
-        "clients_stopped": open,
-        "nbd_tcp": agent.tcp_bound.get(),
-    }))
+    Ok(Fenced {
+        vlu: vlu.clone(),
+        ticket,
+        clients_stopped: open as u64,
+        nbd_tcp: agent.tcp_bound.get().cloned(),
+    })
 }
 
 /// `restore_unfence`.
-pub fn unfence(agent: &Host, vlu: &str, ticket: &str) -> Result<Value, Failure> {
+pub fn unfence(agent: &Host, vlu: &str, ticket: &str) -> Result<Unfenced, Failure> {
     let clients = clients_of(agent, vlu)?;
     let lifted = clients.lift(ticket);
-    Ok(json!({ "vlu": vlu, "lifted": lifted, "fenced": clients.fenced() }))
+    Ok(Unfenced {
+        vlu: vlu.to_string(),
+        lifted,
+        fenced: clients.fenced(),
+    })
 }
 
 /// The console's restore in place of `vlu` at backup `id`.
@@ -146,16 +154,23 @@ fn reachable(db: &Peer, address: &str) -> String {
     }
 }
 
-/// Fence, restore, unfence (see the module's steps); `progress` sees the restore's.
-pub fn restore(r: &InPlace<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Value, Failure> {
+/// Check, fence, restore, unfence (see the module's steps); `progress` sees the
+/// restore's.
+pub fn restore(r: &InPlace<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Restored, Failure> {
+    let check = Op::BackupRestoreCheck {
+        backup: r.id.to_string(),
+        vlu: Some(r.vlu.to_string()),
+        in_place: true,
+    };
+    let _: RestoreCheck = r.backup_host.ask(&new_id(), &check, 3, &mut |_, _| {})?;
     let op = Op::RestoreFence {
         vlu: r.vlu.to_string(),
         force: r.force,
         backup: r.id.to_string(),
     };
-    let fence = r.db.call(&new_id(), &op, 3, &mut |_, _| {})?;
-    let ticket = fence["ticket"].as_str().unwrap_or_default().to_string();
-    let address = match (r.db_nbd, fence["nbd_tcp"].as_str()) {
+    let fence: Fenced = r.db.ask(&new_id(), &op, 3, &mut |_, _| {})?;
+    let ticket = fence.ticket;
+    let address = match (r.db_nbd, fence.nbd_tcp.as_deref()) {
         (Some(a), _) => Ok(a.to_string()),
         (None, Some(a)) => Ok(reachable(r.db, a)),
         (None, None) => Err(Failure::new(
@@ -172,13 +187,13 @@ pub fn restore(r: &InPlace<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Va
                 export: with_ticket(r.vlu, &ticket),
             },
         });
-        r.backup_host.call(&new_id(), &op, 3, progress)
+        r.backup_host.ask::<Restored>(&new_id(), &op, 3, progress)
     });
     let op = Op::RestoreUnfence {
         vlu: r.vlu.to_string(),
         ticket,
     };
-    let lifted = r.db.call(&new_id(), &op, 3, &mut |_, _| {});
+    let lifted = r.db.ask::<Unfenced>(&new_id(), &op, 3, &mut |_, _| {});
     let mut v = match (restored, &lifted) {
         (Ok(v), _) => v,
         (Err(f), Ok(_)) => return Err(f),
@@ -187,15 +202,13 @@ pub fn restore(r: &InPlace<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Va
             return Err(f);
         }
     };
-    v["clients_stopped"] = fence["clients_stopped"].clone();
-    match lifted {
-        Ok(_) => v["fence"] = json!("lifted"),
-        Err(e) => {
-            v["fence"] = json!(format!(
-                "still up ({e}): new NBD connections to {} are refused until the database host's agent restarts or another restore --force takes it over",
-                r.vlu
-            ))
-        }
-    }
+    v.clients_stopped = Some(fence.clients_stopped);
+    v.fence = Some(match lifted {
+        Ok(_) => "lifted".to_string(),
+        Err(e) => format!(
+            "still up ({e}): new NBD connections to {} are refused until the database host's agent restarts or another restore --force takes it over",
+            r.vlu
+        ),
+    });
     Ok(v)
 }

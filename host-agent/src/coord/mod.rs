@@ -29,262 +29,18 @@ pub mod server;
 pub mod tls;
 pub mod tracking;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// One request: the first and only line a client sends.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub token: String,
-    /// Chosen by the client; a retry carries the same id.
-    pub id: String,
-    pub op: Op,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Op {
-    /// The agent's roles and version; checks the token.
-    Hello,
-    /// Database role: quiesce, snapshot the virtual LUs at one instant, resume.
-    Snapshot {
-        vlus: Vec<String>,
-        /// Shorter than the configured deadline, if given; never longer.
-        #[serde(default)]
-        deadline_ms: Option<u64>,
-        /// Extra `HVM_*` variables for command hooks.
-        #[serde(default)]
-        vars: BTreeMap<String, String>,
-        /// The backup the console chose an id for: each virtual LU's changed-block record
-        /// is cut at the snapshot instant and the reply's `changes` says what was written
-        /// since the last completed backup ([`tracking`]).
-        #[serde(default)]
-        backup: Option<String>,
-    },
-    /// Database role: delete the snapshots (resync starts). Deleting what is already
-    /// deleted is not an error.
-    Delete { vlus: Vec<String> },
-    /// Database role: resync progress.
-    Resync { vlus: Vec<String> },
-    /// Database role: compare the legs of each (Synchronized) virtual LU.
-    Verify { vlus: Vec<String> },
-    /// Database role: counters (bytes read through snapshot exports).
-    Counters,
-    /// Database role: `backup` is stored; it becomes the virtual LUs' tracking base.
-    /// Idempotent.
-    Complete { vlus: Vec<String>, backup: String },
-    /// Database role: `backup` failed; the ranges its snapshot's cut took count as
-    /// written again. Idempotent.
-    Abort { vlus: Vec<String>, backup: String },
-    /// Database role: before a restore in place, put up the virtual LU's fence (new NBD
-    /// connections refused unless they carry its ticket) and check that no client has
-    /// it open; with `force`, run `coordination.restore.stop` first. Answers the ticket.
-    RestoreFence {
-        vlu: String,
-        #[serde(default)]
-        force: bool,
-        /// The backup being restored, for the stop command's `HVM_BACKUP`.
-        #[serde(default)]
-        backup: String,
-    },
-    /// Database role: take down the fence `ticket` put up. Idempotent.
-    RestoreUnfence { vlu: String, ticket: String },
-    /// Backup role: store snapshots in a repository under `target_root`.
-    Copy(CopyRequest),
-    /// Backup role: the catalog's backups, synchronised with the repositories' manifests
-    /// first (`rebuild`: from nothing).
-    BackupList {
-        #[serde(default)]
-        target: Option<String>,
-        #[serde(default)]
-        vlu: Option<String>,
-        #[serde(default)]
-        rebuild: bool,
-    },
-    /// Backup role: read every chunk of a backup and check it against its name.
-    BackupVerify { backup: String },
-    /// Backup role: delete the backups of a repository that `keep` does not keep (none
-    /// if `dry_run`), then the chunks no manifest names.
-    BackupPrune {
-        target: String,
-        #[serde(default)]
-        keep: Option<crate::backups::retention::Keep>,
-        #[serde(default)]
-        dry_run: bool,
-    },
-    /// Backup role: write a virtual LU's image at a backup to a new file or a block
-    /// device on the backup host, or onto the live virtual LU over NBD.
-    BackupRestore(RestoreRequest),
-}
-
-impl Op {
-    /// The operation's name on the wire.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Hello => "hello",
-            Op::Snapshot { .. } => "snapshot",
-            Op::Delete { .. } => "delete",
-            Op::Resync { .. } => "resync",
-            Op::Verify { .. } => "verify",
-            Op::Counters => "counters",
-            Op::Complete { .. } => "complete",
-            Op::Abort { .. } => "abort",
-            Op::RestoreFence { .. } => "restore_fence",
-            Op::RestoreUnfence { .. } => "restore_unfence",
-            Op::Copy(_) => "copy",
-            Op::BackupList { .. } => "backup_list",
-            Op::BackupVerify { .. } => "backup_verify",
-            Op::BackupPrune { .. } => "backup_prune",
-            Op::BackupRestore(_) => "backup_restore",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CopyRequest {
-    /// A directory relative to the backup host's `target_root`; it must not exist yet.
-    pub target: String,
-    pub lus: Vec<CopyLu>,
-    /// Small files written beside the images (the PostgreSQL backup label).
-    #[serde(default)]
-    pub files: BTreeMap<String, String>,
-    /// Recorded in the manifest as given (database host, freeze, instant).
-    #[serde(default)]
-    pub info: Value,
-    /// Read at most this many bytes per second (absent or 0: no limit).
-    #[serde(default)]
-    pub rate: Option<u64>,
-    /// The backup's id, as the console gave it to the database host's tracking; absent:
-    /// the request id.
-    #[serde(default)]
-    pub backup: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CopyLu {
-    pub vlu: String,
-    pub size: u64,
-    pub source: Source,
-    /// The backup the database host's tracking counts `changes` from.
-    #[serde(default)]
-    pub base: Option<String>,
-    /// `[offset, length]` byte ranges written since `base`: copied alone if the
-    /// repository holds `base`, else the whole LU is.
-    #[serde(default)]
-    pub changes: Option<Vec<(u64, u64)>>,
-    /// Bytes written since `base`, as the tracking counts them.
-    #[serde(default)]
-    pub written_bytes: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreRequest {
-    pub backup: String,
-    /// The virtual LU (may be left out when the backup has one).
-    #[serde(default)]
-    pub vlu: Option<String>,
-    pub to: RestoreTo,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum RestoreTo {
-    /// An absolute path on the backup host: a new file, or a block device nobody holds.
-    Path(String),
-    /// The live virtual LU: its export on the database host's NBD listener
-    /// (`HOST:PORT`), written where it differs. `export` may carry the ticket of the
-    /// fence the database host put up ([`inplace`]): `NAME#fence=TICKET`.
-    Nbd { address: String, export: String },
-}
-
-/// Where the backup host reads a snapshot from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Source {
-    /// The real LU on the array, through the backup host's own backend of that name (as
-    /// over a SAN): the database host does no work for the copy.
-    Array { backend: String, lu: u32 },
-    /// The database host's snapshot export over NBD (`HOST:PORT`).
-    Nbd { address: String, export: String },
-    /// The array copies its real LU, a split pair secondary of EP 1 058 190, to one of its
-    /// backup devices by itself (CCOPY, [0029]-[0030]), driven through the backup host's
-    /// backend of that name: no host reads the LU ([`crate::pairs::medium`]).
-    ArrayDevice { backend: String, lu: u32 },
-}
-
-/// One reply line.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Line {
-    Progress { done: u64, total: u64 },
-    Ok(Value),
-    Error(Failure),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Code {
-    /// No token or the wrong one; nothing was done.
-    Unauthorized,
-    /// The request was malformed or names something that does not exist.
-    BadRequest,
-    /// The operation is one of a role this agent does not have.
-    NotMyRole,
-    /// The freeze's deadline passed; everything was thawed and rolled back.
-    Timeout,
-    /// A step failed; the detail says which and what was undone.
-    Failed,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Failure {
-    pub code: Code,
-    pub message: String,
-    #[serde(default)]
-    pub detail: Value,
-}
-
-impl Failure {
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Failure {
-            code,
-            message: message.into(),
-            detail: Value::Null,
-        }
-    }
-
-    pub fn with(mut self, detail: Value) -> Self {
-        self.detail = detail;
-        self
-    }
-}
-
-impl std::fmt::Display for Code {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Code::Unauthorized => "unauthorized",
-            Code::BadRequest => "bad request",
-            Code::NotMyRole => "wrong role",
-            Code::Timeout => "timeout",
-            Code::Failed => "failed",
-        })
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
+pub use hvm_api::coord::{
+    BackupList, BackupRow, Code, CopyLu, CopyRequest, Deleted, DeletedVlu, Failure, Fenced, Line,
+    Medium, Op, Pruned, Request, RestoreCheck, RestoreRequest, RestoreTo, Restored, Source,
+    Unfenced, Verified,
+};
 
 /// Where and how the console reaches an agent.
 #[derive(Clone)]
@@ -330,6 +86,27 @@ impl Peer {
                 Ok(v) => return Ok(v),
             }
         }
+    }
+
+    /// [`Peer::call`] with the reply read as `T`.
+    pub fn ask<T: DeserializeOwned>(
+        &self,
+        id: &str,
+        op: &Op,
+        retries: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<T, Failure> {
+        let v = self.call(id, op, retries, progress)?;
+        T::deserialize(&v).map_err(|e| {
+            Failure::new(
+                Code::Failed,
+                format!(
+                    "agent {}: a malformed {} reply: {e}",
+                    self.address,
+                    op.name()
+                ),
+            )
+        })
     }
 
     fn call_once(
@@ -406,6 +183,7 @@ pub fn rfc3339(secs: u64) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn times() {

@@ -7,10 +7,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::tls::ClientConfig;
-use super::{unix_ms, Code, Failure, RestoreRequest, RestoreTo};
+use super::{
+    unix_ms, BackupList, Code, Failure, Pruned, RestoreCheck, RestoreRequest, RestoreTo, Restored,
+    Verified,
+};
 use crate::backups::catalog::{Catalog, Row};
 use crate::backups::chunks::default_threads;
 use crate::backups::format::{chunk_key, LuMap, Manifest, Repo, MARKER};
@@ -26,6 +30,18 @@ fn failed(m: impl Into<String>) -> Failure {
 
 fn bad(m: impl Into<String>) -> Failure {
     Failure::new(Code::BadRequest, m)
+}
+
+/// A reply the array's media code ([`medium`]) built as JSON, read as its type.
+fn typed<T: DeserializeOwned>(v: Value) -> Result<T, Failure> {
+    serde_json::from_value(v).map_err(|e| failed(format!("a malformed media report: {e}")))
+}
+
+/// Why a backup on the array's device is not restored in place.
+fn not_in_place(id: &str) -> Failure {
+    bad(format!(
+        "backup {id} is on the array's backup device, not in a repository: restore it --to a new file on the backup host"
+    ))
 }
 
 /// The backup host's side: where repositories go and where its catalog is.
@@ -124,7 +140,7 @@ pub fn list(
     target: Option<&str>,
     vlu: Option<&str>,
     rebuild: bool,
-) -> Result<Value, Failure> {
+) -> Result<BackupList, Failure> {
     let cat = role.catalog()?;
     if rebuild {
         cat.clear().map_err(failed)?;
@@ -149,7 +165,10 @@ pub fn list(
         .collect();
     // And the backups the arrays copied to their devices (issue 22).
     let media = medium::list_rows(&cat, target, vlu).map_err(failed)?;
-    Ok(json!({ "backups": medium::merged(&rows, media), "errors": errors }))
+    Ok(BackupList {
+        backups: typed(Value::Array(medium::merged(&rows, media)))?,
+        errors,
+    })
 }
 
 /// The catalog row of `id` (looking through the repositories once if it is not there),
@@ -180,10 +199,10 @@ pub fn verify(
     role: &BackupRole,
     id: &str,
     progress: &mut (dyn FnMut(u64, u64) + Send),
-) -> Result<Value, Failure> {
+) -> Result<Verified, Failure> {
     let cat = role.catalog()?;
     if let Some(b) = medium::find(&cat, id).map_err(failed)? {
-        return medium::verify(&cat, b, unix_ms()).map_err(failed);
+        return typed(medium::verify(&cat, b, unix_ms()).map_err(failed)?);
     }
     let (cat, repo, m) = find(role, id)?;
     let chunks = m.chunk_needs();
@@ -222,10 +241,16 @@ pub fn verify(
     let now = unix_ms();
     if bad_chunks.is_empty() {
         cat.verified(id, now, None).map_err(failed)?;
-        Ok(
-            json!({ "id": id, "location": repo.location(), "created": m.created, "ok": true,
-                   "chunks": chunks.len(), "vlus": m.vlus() }),
-        )
+        Ok(Verified {
+            id: id.to_string(),
+            created: m.created.clone(),
+            ok: true,
+            chunks: chunks.len() as u64,
+            vlus: m.vlus(),
+            location: Some(repo.location()),
+            kind: None,
+            media: None,
+        })
     } else {
         let msg = format!(
             "backup {id}: {} of {} chunks are bad: {}",
@@ -249,7 +274,7 @@ pub fn prune(
     target: &str,
     keep: Option<Keep>,
     dry_run: bool,
-) -> Result<Value, Failure> {
+) -> Result<Pruned, Failure> {
     let keep = keep.or(role.keep).ok_or_else(|| {
         bad("no retention policy: give --keep-last/--keep-daily/--keep-weekly or set coordination.backup.keep")
     })?;
@@ -259,16 +284,14 @@ pub fn prune(
     let _alone = lock
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut v = retention::prune(&repo, &keep, dry_run, &mut |id| {
+    let report = retention::prune(&repo, &keep, dry_run, &mut |id| {
         if let Err(e) = cat.remove(id) {
             tracing::warn!(backup = %id, error = %e, "catalog row not removed (the next list drops it)");
         }
     })
     .map_err(failed)?;
     cat.sync(&repo).map_err(failed)?;
-    v["location"] = json!(repo.location());
-    v["policy"] = json!(keep);
-    Ok(v)
+    Ok(report)
 }
 
 fn pick<'a>(m: &'a Manifest, vlu: Option<&str>) -> Result<&'a LuMap, Failure> {
@@ -296,14 +319,14 @@ pub fn restore(
     req: &RestoreRequest,
     tls: &dyn Fn() -> Result<Arc<ClientConfig>, Failure>,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, Failure> {
+) -> Result<Restored, Failure> {
     if let Some(v) = on_medium(role, req)? {
         return Ok(v);
     }
     let (_, repo, m) = find(role, &req.backup)?;
     let lu = pick(&m, req.vlu.as_deref())?;
-    let mut v = match &req.to {
-        RestoreTo::Path(p) => to_path(&repo, lu, Path::new(p), progress)?,
+    Ok(match &req.to {
+        RestoreTo::Path(p) => to_path(&repo, &m, lu, Path::new(p), progress)?,
         RestoreTo::Nbd { address, export } => {
             // The name may carry the database host's fence ticket: not for messages.
             let shown = split_ticket(export).0;
@@ -317,24 +340,66 @@ pub fn restore(
                     lu.size
                 )));
             }
-            let r = restore::onto(&repo, lu, &mut NbdTarget(&mut c), progress).map_err(failed)?;
+            let r =
+                restore::onto(&repo, &m, lu, &mut NbdTarget(&mut c), progress).map_err(failed)?;
             c.disconnect();
             r
         }
-    };
-    v["backup"] = json!(m.id);
-    v["created"] = json!(m.created);
-    Ok(v)
+    })
+}
+
+/// `backup_restore_check`: the refusals [`restore`] would give before it writes
+/// anything (no such backup or virtual LU; in place, a backup on the array's device).
+pub fn check(
+    role: &BackupRole,
+    backup: &str,
+    vlu: Option<&str>,
+    in_place: bool,
+) -> Result<RestoreCheck, Failure> {
+    let cat = role.catalog()?;
+    if let Some(b) = medium::find(&cat, backup).map_err(failed)? {
+        if in_place {
+            return Err(not_in_place(&b.id));
+        }
+        let lu = match vlu {
+            Some(v) => b.lus.iter().find(|l| l.vlu == v),
+            None if b.lus.len() == 1 => b.lus.first(),
+            None => None,
+        }
+        .ok_or_else(|| {
+            bad(format!(
+                "backup {} has no such virtual LU; name one with --vlu",
+                b.id
+            ))
+        })?;
+        return Ok(RestoreCheck {
+            backup: b.id.clone(),
+            created: b.created.clone(),
+            kind: medium::KIND.to_string(),
+            vlu: lu.vlu.clone(),
+            size: lu.size,
+        });
+    }
+    let (_, _, m) = find(role, backup)?;
+    let lu = pick(&m, vlu)?;
+    Ok(RestoreCheck {
+        backup: m.id.clone(),
+        created: m.created.clone(),
+        kind: lu.kind.to_string(),
+        vlu: lu.vlu.clone(),
+        size: lu.size,
+    })
 }
 
 /// A new file (removed again if the restore fails), or a block device opened
 /// exclusively: the kernel refuses that while it is mounted or held.
 fn to_path(
     repo: &Repo,
+    m: &Manifest,
     lu: &LuMap,
     to: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, Failure> {
+) -> Result<Restored, Failure> {
     if !to.is_absolute() {
         return Err(bad(format!(
             "--to {}: an absolute path on the backup host",
@@ -363,7 +428,7 @@ fn to_path(
     } else {
         None
     };
-    restore::to_path(repo, lu, to, progress).map_err(|e| {
+    restore::to_path(repo, m, lu, to, progress).map_err(|e| {
         if !device {
             let _ = std::fs::remove_file(to);
         }
@@ -394,19 +459,17 @@ impl restore::Target for NbdTarget<'_> {
 
 /// The restore of a backup the array copied to its device ([`medium`]): the medium read
 /// into a new file; not in place. `None`: not such a backup.
-fn on_medium(role: &BackupRole, req: &RestoreRequest) -> Result<Option<Value>, Failure> {
+fn on_medium(role: &BackupRole, req: &RestoreRequest) -> Result<Option<Restored>, Failure> {
     let cat = role.catalog()?;
     let Some(b) = medium::find(&cat, &req.backup).map_err(failed)? else {
         return Ok(None);
     };
     match &req.to {
-        RestoreTo::Path(p) => medium::restore(&b, req.vlu.as_deref(), Path::new(p))
-            .map(Some)
-            .map_err(failed),
-        _ => Err(bad(format!(
-            "backup {} is on the array's backup device, not in a repository: restore it --to a new file on the backup host",
-            b.id
-        ))),
+        RestoreTo::Path(p) => {
+            let v = medium::restore(&b, req.vlu.as_deref(), Path::new(p)).map_err(failed)?;
+            typed(v).map(Some)
+        }
+        _ => Err(not_in_place(&b.id)),
     }
 }
 
@@ -462,7 +525,7 @@ mod tests {
         // The chunk hashes to its name, but the extent reads past its end.
         backup(&repo, "short", &c, 1);
         let v = verify(&role, "good", &mut |_, _| {}).unwrap();
-        assert_eq!(v["chunks"], 1);
+        assert_eq!(v.chunks, 1);
         let e = verify(&role, "short", &mut |_, _| {}).unwrap_err();
         assert!(
             e.message.contains("4096 bytes, the manifest needs 4097"),
@@ -480,7 +543,8 @@ mod tests {
         let mut want = vec![9u8; 4096];
         want.resize(8192, 0);
         assert_eq!(std::fs::read(&to).unwrap(), want);
-        assert_eq!(v["sha256"], crate::backups::format::sha256(&want));
+        assert_eq!(v.sha256, crate::backups::format::sha256(&want));
+        assert_eq!(check(&role, "good", None, true).unwrap().kind, "full");
         // Never over an existing file.
         assert!(restore(&role, &req, &tls, &mut |_, _| {}).is_err());
     }

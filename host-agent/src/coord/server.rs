@@ -15,8 +15,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::{copy, freeze, inplace, repository, tls, Code, Failure, Line, Op, Request};
-use crate::host::Host;
 use crate::config::{CoordinationConfig, Role};
+use crate::host::Host;
 use crate::nbd::server::AcceptBackoff;
 
 /// Longest request line accepted.
@@ -55,6 +55,11 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A typed reply as the reply line's JSON object.
+fn reply<T: serde::Serialize>(r: Result<T, Failure>) -> Result<Value, Failure> {
+    r.and_then(|v| serde_json::to_value(v).map_err(|e| Failure::new(Code::Failed, e.to_string())))
 }
 
 /// Compare the SHA-256 digests of the two tokens without an early exit, so the time
@@ -125,18 +130,35 @@ impl Service {
                 vlu,
                 rebuild,
             } => Box::new(move || {
-                repository::list(&role, target.as_deref(), vlu.as_deref(), rebuild)
+                reply(repository::list(
+                    &role,
+                    target.as_deref(),
+                    vlu.as_deref(),
+                    rebuild,
+                ))
             }),
             Op::BackupVerify { backup } => {
-                Box::new(move || repository::verify(&role, &backup, &mut p))
+                Box::new(move || reply(repository::verify(&role, &backup, &mut p)))
             }
             Op::BackupPrune {
                 target,
                 keep,
                 dry_run,
-            } => Box::new(move || repository::prune(&role, &target, keep, dry_run)),
-            Op::BackupRestore(r) => {
-                Box::new(move || repository::restore(&role, &r, &|| copy::nbd_tls(&agent), &mut p))
+            } => Box::new(move || reply(repository::prune(&role, &target, keep, dry_run))),
+            Op::BackupRestore(r) => Box::new(move || {
+                reply(repository::restore(
+                    &role,
+                    &r,
+                    &|| copy::nbd_tls(&agent),
+                    &mut p,
+                ))
+            }),
+            Op::BackupRestoreCheck {
+                backup,
+                vlu,
+                in_place,
+            } => {
+                Box::new(move || reply(repository::check(&role, &backup, vlu.as_deref(), in_place)))
             }
             other => {
                 return Err(Failure::new(
@@ -293,7 +315,8 @@ impl Service {
             | Op::BackupList { .. }
             | Op::BackupVerify { .. }
             | Op::BackupPrune { .. }
-            | Op::BackupRestore(_) => Some(Role::Backup),
+            | Op::BackupRestore(_)
+            | Op::BackupRestoreCheck { .. } => Some(Role::Backup),
         };
         if let Some(role) = need {
             if !self.cfg.roles.contains(&role) {
@@ -413,14 +436,16 @@ impl Service {
                 }))
                 .await
             }
-            Op::Delete { vlus } => blocking(Box::new(move || freeze::delete(&agent, &vlus))).await,
+            Op::Delete { vlus } => {
+                blocking(Box::new(move || reply(freeze::delete(&agent, &vlus)))).await
+            }
             Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
             Op::Verify { vlus } => blocking(Box::new(move || freeze::verify(&agent, &vlus))).await,
             Op::RestoreFence { vlu, force, backup } => {
                 let fence = inplace::Fence { vlu, force, backup };
-                inplace::fence(&agent, &self.cfg.restore, &fence).await
+                reply(inplace::fence(&agent, &self.cfg.restore, &fence).await)
             }
-            Op::RestoreUnfence { vlu, ticket } => inplace::unfence(&agent, &vlu, &ticket),
+            Op::RestoreUnfence { vlu, ticket } => reply(inplace::unfence(&agent, &vlu, &ticket)),
             Op::Counters => Ok(json!({
                 "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
             })),

@@ -1,0 +1,487 @@
+//! The coordination service's wire types (agent to agent, TLS, one JSON request line per
+//! connection): the [`Request`] and its [`Op`], the reply [`Line`]s, and the typed
+//! replies of the operations, built by host-agent's `coord` roles and read by its
+//! console and `hvmctl backup`.
+//!
+//! | op | reply |
+//! |---|---|
+//! | `delete` | [`Deleted`] |
+//! | `restore_fence` | [`Fenced`] |
+//! | `restore_unfence` | [`Unfenced`] |
+//! | `backup_list` | [`BackupList`] |
+//! | `backup_verify` | [`Verified`] |
+//! | `backup_prune` | [`Pruned`] |
+//! | `backup_restore` | [`Restored`] |
+//! | `backup_restore_check` | [`RestoreCheck`] |
+//!
+//! The other operations' replies (`hello`, `snapshot`, `resync`, `verify`, `counters`,
+//! `complete`, `abort`, `copy`) are still JSON objects read by key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A retention policy (`keep: {last, daily, weekly}`); see host-agent's
+/// `backups::retention`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keep {
+    pub last: u32,
+    pub daily: u32,
+    pub weekly: u32,
+}
+
+/// One request: the first and only line a client sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub token: String,
+    /// Chosen by the client; a retry carries the same id.
+    pub id: String,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// The agent's roles and version; checks the token.
+    Hello,
+    /// Database role: quiesce, snapshot the virtual LUs at one instant, resume.
+    Snapshot {
+        vlus: Vec<String>,
+        /// Shorter than the configured deadline, if given; never longer.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+        /// Extra `HVM_*` variables for command hooks.
+        #[serde(default)]
+        vars: BTreeMap<String, String>,
+        /// The backup the console chose an id for: each virtual LU's changed-block record
+        /// is cut at the snapshot instant and the reply's `changes` says what was written
+        /// since the last completed backup.
+        #[serde(default)]
+        backup: Option<String>,
+    },
+    /// Database role: delete the snapshots (resync starts). Deleting what is already
+    /// deleted is not an error.
+    Delete { vlus: Vec<String> },
+    /// Database role: resync progress.
+    Resync { vlus: Vec<String> },
+    /// Database role: compare the legs of each (Synchronized) virtual LU.
+    Verify { vlus: Vec<String> },
+    /// Database role: counters (bytes read through snapshot exports).
+    Counters,
+    /// Database role: `backup` is stored; it becomes the virtual LUs' tracking base.
+    /// Idempotent.
+    Complete { vlus: Vec<String>, backup: String },
+    /// Database role: `backup` failed; the ranges its snapshot's cut took count as
+    /// written again. Idempotent.
+    Abort { vlus: Vec<String>, backup: String },
+    /// Database role: before a restore in place, put up the virtual LU's fence (new NBD
+    /// connections refused unless they carry its ticket) and check that no client has
+    /// it open; with `force`, run `coordination.restore.stop` first. Answers the ticket.
+    RestoreFence {
+        vlu: String,
+        #[serde(default)]
+        force: bool,
+        /// The backup being restored, for the stop command's `HVM_BACKUP`.
+        #[serde(default)]
+        backup: String,
+    },
+    /// Database role: take down the fence `ticket` put up. Idempotent.
+    RestoreUnfence { vlu: String, ticket: String },
+    /// Backup role: store snapshots in a repository under `target_root`.
+    Copy(CopyRequest),
+    /// Backup role: the catalog's backups, synchronised with the repositories' manifests
+    /// first (`rebuild`: from nothing).
+    BackupList {
+        #[serde(default)]
+        target: Option<String>,
+        #[serde(default)]
+        vlu: Option<String>,
+        #[serde(default)]
+        rebuild: bool,
+    },
+    /// Backup role: read every chunk of a backup and check it against its name.
+    BackupVerify { backup: String },
+    /// Backup role: delete the backups of a repository that `keep` does not keep (none
+    /// if `dry_run`), then the chunks no manifest names.
+    BackupPrune {
+        target: String,
+        #[serde(default)]
+        keep: Option<Keep>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Backup role: write a virtual LU's image at a backup to a new file or a block
+    /// device on the backup host, or onto the live virtual LU over NBD.
+    BackupRestore(RestoreRequest),
+    /// Backup role: would a restore of `backup`'s `vlu` (`in_place`: onto the live
+    /// virtual LU) be accepted? Nothing is written; the console asks before the database
+    /// host fences or stops anything. Answers [`RestoreCheck`].
+    BackupRestoreCheck {
+        backup: String,
+        #[serde(default)]
+        vlu: Option<String>,
+        #[serde(default)]
+        in_place: bool,
+    },
+}
+
+impl Op {
+    /// The operation's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::Snapshot { .. } => "snapshot",
+            Op::Delete { .. } => "delete",
+            Op::Resync { .. } => "resync",
+            Op::Verify { .. } => "verify",
+            Op::Counters => "counters",
+            Op::Complete { .. } => "complete",
+            Op::Abort { .. } => "abort",
+            Op::RestoreFence { .. } => "restore_fence",
+            Op::RestoreUnfence { .. } => "restore_unfence",
+            Op::Copy(_) => "copy",
+            Op::BackupList { .. } => "backup_list",
+            Op::BackupVerify { .. } => "backup_verify",
+            Op::BackupPrune { .. } => "backup_prune",
+            Op::BackupRestore(_) => "backup_restore",
+            Op::BackupRestoreCheck { .. } => "backup_restore_check",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    /// A directory relative to the backup host's `target_root`; it must not exist yet.
+    pub target: String,
+    pub lus: Vec<CopyLu>,
+    /// Small files written beside the images (the PostgreSQL backup label).
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Recorded in the manifest as given (database host, freeze, instant).
+    #[serde(default)]
+    pub info: Value,
+    /// Read at most this many bytes per second (absent or 0: no limit).
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// The backup's id, as the console gave it to the database host's tracking; absent:
+    /// the request id.
+    #[serde(default)]
+    pub backup: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyLu {
+    pub vlu: String,
+    pub size: u64,
+    pub source: Source,
+    /// The backup the database host's tracking counts `changes` from.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// `[offset, length]` byte ranges written since `base`: copied alone if the
+    /// repository holds `base`, else the whole LU is.
+    #[serde(default)]
+    pub changes: Option<Vec<(u64, u64)>>,
+    /// Bytes written since `base`, as the tracking counts them.
+    #[serde(default)]
+    pub written_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub backup: String,
+    /// The virtual LU (may be left out when the backup has one).
+    #[serde(default)]
+    pub vlu: Option<String>,
+    pub to: RestoreTo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestoreTo {
+    /// An absolute path on the backup host: a new file, or a block device nobody holds.
+    Path(String),
+    /// The live virtual LU: its export on the database host's NBD listener
+    /// (`HOST:PORT`), written where it differs. `export` may carry the ticket of the
+    /// fence the database host put up: `NAME#fence=TICKET`.
+    Nbd { address: String, export: String },
+}
+
+/// Where the backup host reads a snapshot from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// The real LU on the array, through the backup host's own backend of that name (as
+    /// over a SAN): the database host does no work for the copy.
+    Array { backend: String, lu: u32 },
+    /// The database host's snapshot export over NBD (`HOST:PORT`).
+    Nbd { address: String, export: String },
+    /// The array copies its real LU, a split pair secondary of EP 1 058 190, to one of its
+    /// backup devices by itself (CCOPY, [0029]-[0030]), driven through the backup host's
+    /// backend of that name: no host reads the LU.
+    ArrayDevice { backend: String, lu: u32 },
+}
+
+/// One reply line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Line {
+    Progress { done: u64, total: u64 },
+    Ok(Value),
+    Error(Failure),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// No token or the wrong one; nothing was done.
+    Unauthorized,
+    /// The request was malformed or names something that does not exist.
+    BadRequest,
+    /// The operation is one of a role this agent does not have.
+    NotMyRole,
+    /// The freeze's deadline passed; everything was thawed and rolled back.
+    Timeout,
+    /// A step failed; the detail says which and what was undone.
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+    #[serde(default)]
+    pub detail: Value,
+}
+
+impl Failure {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+            detail: Value::Null,
+        }
+    }
+
+    pub fn with(mut self, detail: Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Code::Unauthorized => "unauthorized",
+            Code::BadRequest => "bad request",
+            Code::NotMyRole => "wrong role",
+            Code::Timeout => "timeout",
+            Code::Failed => "failed",
+        })
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// One virtual LU of a [`Deleted`] reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedVlu {
+    pub vlu: String,
+    /// Its mode afterwards (Re-synchronizing once the snapshot is gone).
+    pub mode: String,
+    /// False when there was no snapshot to delete.
+    pub changed: bool,
+}
+
+/// `delete`: each virtual LU's snapshot deleted, resync started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub vlus: Vec<DeletedVlu>,
+}
+
+/// `restore_fence`: the fence is up and no NBD client is left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fenced {
+    pub vlu: String,
+    /// What an export name carries to get through the fence (`NAME#fence=TICKET`).
+    pub ticket: String,
+    /// Clients `coordination.restore.stop` ended (0 without `force`).
+    pub clients_stopped: u64,
+    /// The database host's NBD TCP listener, if it has one.
+    pub nbd_tcp: Option<String>,
+}
+
+/// `restore_unfence`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unfenced {
+    pub vlu: String,
+    /// False if the ticket's fence was already down.
+    pub lifted: bool,
+    /// Whether a fence (another ticket's) is still up.
+    pub fenced: bool,
+}
+
+/// A backup the array copied to one of its backup devices: the medium.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Medium {
+    pub backend: String,
+    pub array_lu_identity: Option<String>,
+    pub device: String,
+    pub path: String,
+    pub job: u32,
+    pub lu: u32,
+    pub records: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// One backup in the backup host's catalog (a repository's, or the array's on a medium).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRow {
+    pub id: String,
+    /// The repository, or the array's device for a backup on a medium.
+    pub location: Option<String>,
+    pub created_unix_ms: u64,
+    pub created: String,
+    /// `full`, `incremental` or `array-ccopy`.
+    pub kind: String,
+    pub parent: Option<String>,
+    pub vlus: Vec<String>,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    pub copied_bytes: u64,
+    pub verified_unix_ms: Option<u64>,
+    pub verify_error: Option<String>,
+    /// A backup on media: the target it was asked for, and its media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<Vec<Medium>>,
+}
+
+/// `backup_list`: oldest first; `errors` names the repositories that could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupList {
+    pub backups: Vec<BackupRow>,
+    pub errors: Vec<String>,
+}
+
+/// `backup_verify`: every chunk (or every medium) checks out. A bad one is an error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    pub id: String,
+    pub created: String,
+    pub ok: bool,
+    /// Chunks checked (0 for a backup on media).
+    pub chunks: u64,
+    pub vlus: Vec<String>,
+    /// The repository (a backup in one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// `array-ccopy` and the media checked (a backup on media).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<Vec<Medium>>,
+}
+
+/// `backup_prune`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub dry_run: bool,
+    pub keep: Vec<String>,
+    pub delete: Vec<String>,
+    /// Chunks no manifest names any more, removed (absent on a dry run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_deleted: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_freed: Option<u64>,
+    pub location: String,
+    pub policy: Keep,
+}
+
+/// `backup_restore`, and the console's restore in place (which adds `clients_stopped`
+/// and `fence`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    pub backup: String,
+    pub created: String,
+    pub vlu: String,
+    pub size: u64,
+    /// The image's SHA-256.
+    pub sha256: String,
+    /// The new file or block device (a restore to a path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A restore onto the live virtual LU: bytes read and compared, bytes written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
+    /// The medium read (a backup on media).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medium: Option<Medium>,
+    /// In place: clients the database host's stop command ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients_stopped: Option<u64>,
+    /// In place: `lifted`, or why the fence is still up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
+}
+
+/// `backup_restore_check`: the restore would be accepted; what it would read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreCheck {
+    pub backup: String,
+    pub created: String,
+    /// `full`, `incremental` or `array-ccopy`.
+    pub kind: String,
+    pub vlu: String,
+    pub size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn replies_keep_their_wire_shape() {
+        let r: Restored = serde_json::from_str(
+            r#"{"backup":"b","created":"c","vlu":"a","size":8,"sha256":"s","to":"/x"}"#,
+        )
+        .unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["to"], "/x");
+        assert!(
+            v.get("written_bytes").is_none() && v.get("fence").is_none(),
+            "{v}"
+        );
+        let p = Pruned {
+            dry_run: true,
+            keep: vec!["a".into()],
+            delete: vec![],
+            chunks_deleted: None,
+            bytes_freed: None,
+            location: "l".into(),
+            policy: Keep::default(),
+        };
+        let v = serde_json::to_value(&p).unwrap();
+        assert!(v.get("chunks_deleted").is_none(), "{v}");
+        assert_eq!(v["policy"]["last"], 0);
+        let op: Op =
+            serde_json::from_str(r#"{"type":"backup_restore_check","backup":"b","in_place":true}"#)
+                .unwrap();
+        assert_eq!(op.name(), "backup_restore_check");
+    }
+}
