@@ -12,7 +12,7 @@
 //! request header, every request already read is still run and answered, then the socket
 //! is closed.
 
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -129,6 +129,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// until replies have been sent. One request larger than the budget still runs alone.
 pub const BUFFER_BUDGET: u64 = 64 << 20;
 
+/// The read buffer of a connection: 15 small WRITEs (4 KiB and their headers) or 2000
+/// other requests per system call; the part of a large payload that arrives with its header
+/// is copied out of it once more, so it is kept small.
+const READ_BUFFER: usize = 64 << 10;
+
 /// The bytes a connection's requests hold, against [`BUFFER_BUDGET`].
 #[derive(Default)]
 struct Budget {
@@ -169,7 +174,8 @@ fn cost(req: &p::Request) -> u64 {
 pub struct Conn {
     session: Session,
     socket: Arc<Socket>,
-    /// Requests arrive back to back; they are read in bulk, not one system call each.
+    /// Requests arrive back to back; they are read in bulk, not one system call each
+    /// ([`READ_BUFFER`]).
     reader: Mutex<BufReader<SocketReader>>,
     writer: Mutex<()>,
     budget: Budget,
@@ -204,7 +210,7 @@ pub(super) async fn transmission(
     let conn = Arc::new(Conn {
         session,
         reader: Mutex::new(BufReader::with_capacity(
-            256 * 1024,
+            READ_BUFFER,
             SocketReader(socket.clone()),
         )),
         socket,
@@ -303,10 +309,7 @@ fn take_locked(conn: &Conn, rd: &mut BufReader<SocketReader>, s: &mut Scratch) -
         p::CMD_WRITE => {
             // Held from before the payload is read until the reply is sent.
             conn.budget.reserve(cost(&req));
-            if rd
-                .read_exact(sized(&mut s.payload, req.len as usize))
-                .is_err()
-            {
+            if read_payload(rd, sized(&mut s.payload, req.len as usize)).is_err() {
                 conn.budget.release(cost(&req));
                 return Taken::Close;
             }
@@ -322,6 +325,18 @@ fn take_locked(conn: &Conn, rd: &mut BufReader<SocketReader>, s: &mut Scratch) -
             Taken::Request(req)
         }
     }
+}
+
+/// Read a WRITE's payload: what the buffer holds already, then the rest straight from the
+/// socket into `buf`. `read_exact` through the `BufReader` would land the payload's tail in
+/// the buffer first and copy it again (up to the buffer's size per request), a copy too
+/// many of each large write's bytes.
+fn read_payload(rd: &mut BufReader<SocketReader>, buf: &mut [u8]) -> io::Result<()> {
+    let held = rd.buffer();
+    let n = held.len().min(buf.len());
+    buf[..n].copy_from_slice(&held[..n]);
+    rd.consume(n);
+    rd.get_mut().read_exact(&mut buf[n..])
 }
 
 fn worker(conn: &Arc<Conn>) {
@@ -531,5 +546,37 @@ fn block_status(s: &Session, req: &p::Request, head: &mut Vec<u8>) {
             payload.len() as u32,
         ));
         head.extend_from_slice(&payload);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload longer than the read buffer, sent behind a header and followed by the
+    /// next request, lands whole, and the next request is read after it.
+    #[test]
+    fn a_payload_is_read_whole_past_the_buffer_and_what_follows_stays() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let payload: Vec<u8> = (0..(3 * READ_BUFFER + 1234) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let sent = payload.clone();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            a.write_all(&[7u8; 28]).expect("header");
+            a.write_all(&sent).expect("payload");
+            a.write_all(&[9u8; 28]).expect("next header");
+        });
+        let mut rd = BufReader::with_capacity(READ_BUFFER, SocketReader(Arc::new(Socket::Unix(b))));
+        let mut h = [0u8; 28];
+        rd.read_exact(&mut h).expect("header");
+        assert_eq!(h, [7u8; 28]);
+        let mut got = vec![0u8; payload.len()];
+        read_payload(&mut rd, &mut got).expect("payload");
+        assert!(got == payload, "payload differs");
+        rd.read_exact(&mut h).expect("next header");
+        assert_eq!(h, [9u8; 28]);
+        writer.join().expect("writer");
     }
 }
