@@ -13,9 +13,13 @@
 //! | `backup_prune` | [`Pruned`] |
 //! | `backup_restore` | [`Restored`] |
 //! | `backup_restore_check` | [`RestoreCheck`] |
+//! | `hello` | [`Hello`] |
+//! | `counters` | [`Counters`] |
+//! | `complete`, `abort` | [`TrackingBases`] |
+//! | `resync` | [`ResyncProgress`] |
+//! | `verify` | [`LegsCompared`] |
 //!
-//! The other operations' replies (`hello`, `snapshot`, `resync`, `verify`, `counters`,
-//! `complete`, `abort`, `copy`) are still JSON objects read by key.
+//! The other operations' replies (`snapshot`, `copy`) are still JSON objects read by key.
 
 use std::collections::BTreeMap;
 
@@ -450,6 +454,60 @@ pub struct RestoreCheck {
     pub size: u64,
 }
 
+/// `hello`: the agent's roles and what it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub roles: Vec<crate::status::Role>,
+    pub version: String,
+    pub virtual_lus: Vec<String>,
+    pub backends: Vec<String>,
+    /// The agent's NBD TCP listener, if it has one.
+    pub nbd_tcp: Option<String>,
+}
+
+/// `counters`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Bytes read through snapshot exports.
+    pub snapshot_read_bytes: u64,
+}
+
+/// One virtual LU's changed-block tracking base after `complete` or `abort`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingBase {
+    /// The last completed backup (null: none yet).
+    pub base: Option<String>,
+}
+
+/// `complete` and `abort`: each virtual LU's tracking base, by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingBases {
+    pub vlus: BTreeMap<String, TrackingBase>,
+}
+
+/// One virtual LU of a [`ResyncProgress`] reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncVlu {
+    pub vlu: String,
+    pub mode: String,
+    pub remaining_lbas: u64,
+    pub copied_lbas: u64,
+    /// Synchronized again.
+    pub done: bool,
+}
+
+/// `resync`: each virtual LU's resync progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    pub vlus: Vec<ResyncVlu>,
+}
+
+/// `verify`: each virtual LU's legs compared (no repair).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LegsCompared {
+    pub vlus: Vec<crate::lu::Verify>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -483,5 +541,20 @@ mod tests {
             serde_json::from_str(r#"{"type":"backup_restore_check","backup":"b","in_place":true}"#)
                 .unwrap();
         assert_eq!(op.name(), "backup_restore_check");
+        let h = Hello {
+            roles: vec![crate::status::Role::Database],
+            version: "1".into(),
+            virtual_lus: vec![],
+            backends: vec![],
+            nbd_tcp: None,
+        };
+        let v = serde_json::to_value(&h).unwrap();
+        assert!(v["nbd_tcp"].is_null() && v.get("nbd_tcp").is_some(), "{v}");
+        assert_eq!(v["roles"][0], "database");
+        let t: TrackingBases =
+            serde_json::from_str(r#"{"vlus":{"a":{"base":null},"b":{"base":"b1"}}}"#).unwrap();
+        assert_eq!(t.vlus["b"].base.as_deref(), Some("b1"));
+        let v = serde_json::to_value(&t).unwrap();
+        assert!(v["vlus"]["a"]["base"].is_null() && v["vlus"]["a"].get("base").is_some());
     }
 }

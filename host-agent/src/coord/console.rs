@@ -11,8 +11,8 @@ use hvm_core::SECTOR_SIZE;
 use serde_json::{json, Value};
 
 use super::{
-    new_id, BackupList, Code, CopyLu, CopyRequest, Deleted, Failure, Op, Peer, Pruned,
-    RestoreRequest, RestoreTo, Restored, Source, Verified,
+    new_id, BackupList, Code, CopyLu, CopyRequest, Deleted, Failure, LegsCompared, Op, Peer,
+    Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress, Source, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -362,7 +362,7 @@ impl Run<'_> {
         self.delete(&copied)?;
         // 4. Optionally wait for the resync, then compare the legs.
         if self.o.wait_resync {
-            out["resync"] = self.wait_resync()?;
+            out["resync"] = json!(self.wait_resync()?);
             self.verify_legs(out)?;
         }
         self.say(&format!(
@@ -508,13 +508,13 @@ impl Run<'_> {
     }
 
     /// Poll the database host until every virtual LU's resync is done; its last answer.
-    fn wait_resync(&mut self) -> Result<Value, Failed> {
+    fn wait_resync(&mut self) -> Result<ResyncProgress, Failed> {
         let (o, t) = (self.o, Instant::now());
         let bars = o.human && ctl::bars();
         loop {
             let vlus = o.vlus.clone();
-            let v =
-                o.db.call(&new_id(), &Op::Resync { vlus }, 3, &mut |_, _| {})
+            let v: ResyncProgress =
+                o.db.ask(&new_id(), &Op::Resync { vlus }, 3, &mut |_, _| {})
                     .map_err(|f| {
                         Failed::new(
                             "resync",
@@ -522,15 +522,11 @@ impl Run<'_> {
                             Ok("the backup is complete; the resync goes on".into()),
                         )
                     })?;
-            let all = v["vlus"].as_array().cloned().unwrap_or_default();
-            let remaining: u64 = all
-                .iter()
-                .filter_map(|x| x["remaining_lbas"].as_u64())
-                .sum();
+            let remaining: u64 = v.vlus.iter().map(|x| x.remaining_lbas).sum();
             if bars {
                 eprint!("\r  resync: {remaining} LBAs to copy        ");
             }
-            if all.iter().all(|x| x["done"] == true) {
+            if v.vlus.iter().all(|x| x.done) {
                 if bars {
                     eprintln!();
                 }
@@ -546,18 +542,15 @@ impl Run<'_> {
         let (o, t) = (self.o, Instant::now());
         let complete = || Ok("the backup is complete".to_string());
         let vlus = o.vlus.clone();
-        let v =
-            o.db.call(&new_id(), &Op::Verify { vlus }, 3, &mut |_, _| {})
+        let v: LegsCompared =
+            o.db.ask(&new_id(), &Op::Verify { vlus }, 3, &mut |_, _| {})
                 .map_err(|f| Failed::new("verify", f, complete()))?;
-        let all = v["vlus"].as_array().cloned().unwrap_or_default();
-        out["verify"] = v;
-        let differ: Vec<String> = all
+        out["verify"] = json!(v);
+        let differ: Vec<String> = v
+            .vlus
             .iter()
-            .filter(|x| x["identical"] != true)
-            .map(|x| {
-                let name = x["name"].as_str().unwrap_or("?");
-                format!("{name} differs in {} LBAs", x["differing_lbas"])
-            })
+            .filter(|x| !x.identical)
+            .map(|x| format!("{} differs in {} LBAs", x.name, x.differing_lbas))
             .collect();
         if !differ.is_empty() {
             let f = Failure::new(
@@ -569,11 +562,7 @@ impl Run<'_> {
             );
             return Err(Failed::new("verify", f, complete()));
         }
-        let mib: u64 = all
-            .iter()
-            .filter_map(|x| x["compared_bytes"].as_u64())
-            .sum::<u64>()
-            >> 20;
+        let mib: u64 = v.vlus.iter().map(|x| x.compared_bytes).sum::<u64>() >> 20;
         let note = format!("  legs compared: identical ({mib} MiB)");
         self.step("verify legs", ms(t), &note);
         Ok(())

@@ -21,7 +21,10 @@ use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
 use serde_json::{json, Value};
 
 use super::hooks::{Files, Hook, Outcome};
-use super::{unix_ms, Code, Deleted, DeletedVlu, Failure};
+use super::{
+    unix_ms, Code, Deleted, DeletedVlu, Failure, LegsCompared, ResyncProgress, ResyncVlu,
+    TrackingBase, TrackingBases,
+};
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
 use crate::host::Host;
@@ -549,7 +552,7 @@ pub fn delete(agent: &Host, vlus: &[String]) -> Result<Deleted, Failure> {
 /// The `resync` operation: progress of each virtual LU.
 /// Compare the legs of each virtual LU (no repair): what `backup run --wait-resync`
 /// reports once the resync is done, instead of assuming the legs are identical.
-pub fn verify(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
+pub fn verify(agent: &Host, vlus: &[String]) -> Result<LegsCompared, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
@@ -557,23 +560,23 @@ pub fn verify(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
             .map_err(|e| Failure::new(Code::Failed, e.to_string()))?;
         out.push(v);
     }
-    Ok(json!({ "vlus": out }))
+    Ok(LegsCompared { vlus: out })
 }
 
-pub fn resync(agent: &Host, vlus: &[String]) -> Result<Value, Failure> {
+pub fn resync(agent: &Host, vlus: &[String]) -> Result<ResyncProgress, Failure> {
     let group = resolve(agent, vlus)?;
     let mut out = Vec::new();
     for m in &group {
         let p = m.mgr.resync_progress(m.vlu).ok();
-        out.push(json!({
-            "vlu": m.name,
-            "mode": m.mgr.mode(m.vlu).to_string(),
-            "remaining_lbas": p.as_ref().map_or(0, |p| p.remaining),
-            "copied_lbas": p.as_ref().map_or(0, |p| p.copied),
-            "done": m.mgr.mode(m.vlu) == Mode::Synchronized,
-        }));
+        out.push(ResyncVlu {
+            vlu: m.name.clone(),
+            mode: m.mgr.mode(m.vlu).to_string(),
+            remaining_lbas: p.as_ref().map_or(0, |p| p.remaining),
+            copied_lbas: p.as_ref().map_or(0, |p| p.copied),
+            done: m.mgr.mode(m.vlu) == Mode::Synchronized,
+        });
     }
-    Ok(json!({ "vlus": out }))
+    Ok(ResyncProgress { vlus: out })
 }
 
 /// The origin virtual LUs named, with their managers.
@@ -606,10 +609,10 @@ pub fn finish(
     vlus: &[String],
     backup: &str,
     complete: bool,
-) -> Result<Value, Failure> {
+) -> Result<TrackingBases, Failure> {
     let id = BackupId::new(backup).map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
     let group = origins(agent, vlus)?;
-    let mut out = serde_json::Map::new();
+    let mut out = std::collections::BTreeMap::new();
     for (name, mgr, vlu) in group {
         let base = if complete {
             mgr.complete_backup(vlu, &id)
@@ -620,7 +623,8 @@ pub fn finish(
             let what = if complete { "completing" } else { "aborting" };
             Failure::new(Code::Failed, format!("{what} backup {id} of {name}: {e}"))
         })?;
-        out.insert(name, json!({ "base": base.map(|b| b.to_string()) }));
+        let base = base.map(|b| b.to_string());
+        out.insert(name, TrackingBase { base });
     }
-    Ok(json!({ "vlus": out }))
+    Ok(TrackingBases { vlus: out })
 }

@@ -8,13 +8,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::{copy, freeze, inplace, repository, tls, Code, Failure, Line, Op, Request};
+use super::{
+    copy, freeze, inplace, repository, tls, Code, Counters, Failure, Hello, Line, Op, Request,
+};
 use crate::config::{CoordinationConfig, Role};
 use crate::host::Host;
 use crate::nbd::server::AcceptBackoff;
@@ -389,6 +391,21 @@ impl Service {
         (prx, drx)
     }
 
+    /// The `hello` reply: roles, version, what this agent serves.
+    fn hello(&self) -> Hello {
+        let roles = self.cfg.roles.iter().map(|r| match r {
+            Role::Database => hvm_api::Role::Database,
+            Role::Backup => hvm_api::Role::Backup,
+        });
+        Hello {
+            roles: roles.collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            virtual_lus: self.agent.virtual_lus.keys().cloned().collect(),
+            backends: self.agent.managers.keys().cloned().collect(),
+            nbd_tcp: self.agent.tcp_bound.get().cloned(),
+        }
+    }
+
     async fn execute(
         &self,
         req: Request,
@@ -401,13 +418,7 @@ impl Service {
                 .unwrap_or_else(|e| Err(Failure::new(Code::Failed, e.to_string())))
         };
         match req.op {
-            Op::Hello => Ok(json!({
-                "roles": self.cfg.roles,
-                "version": env!("CARGO_PKG_VERSION"),
-                "virtual_lus": agent.virtual_lus.keys().collect::<Vec<_>>(),
-                "backends": agent.managers.keys().collect::<Vec<_>>(),
-                "nbd_tcp": agent.tcp_bound.get(),
-            })),
+            Op::Hello => reply(Ok(self.hello())),
             Op::Snapshot {
                 vlus,
                 deadline_ms,
@@ -426,28 +437,34 @@ impl Service {
             }
             Op::Complete { vlus, backup } => {
                 blocking(Box::new(move || {
-                    freeze::finish(&agent, &vlus, &backup, true)
+                    reply(freeze::finish(&agent, &vlus, &backup, true))
                 }))
                 .await
             }
             Op::Abort { vlus, backup } => {
                 blocking(Box::new(move || {
-                    freeze::finish(&agent, &vlus, &backup, false)
+                    reply(freeze::finish(&agent, &vlus, &backup, false))
                 }))
                 .await
             }
             Op::Delete { vlus } => {
                 blocking(Box::new(move || reply(freeze::delete(&agent, &vlus)))).await
             }
-            Op::Resync { vlus } => blocking(Box::new(move || freeze::resync(&agent, &vlus))).await,
-            Op::Verify { vlus } => blocking(Box::new(move || freeze::verify(&agent, &vlus))).await,
+            Op::Resync { vlus } => {
+                blocking(Box::new(move || reply(freeze::resync(&agent, &vlus)))).await
+            }
+            Op::Verify { vlus } => {
+                blocking(Box::new(move || reply(freeze::verify(&agent, &vlus)))).await
+            }
             Op::RestoreFence { vlu, force, backup } => {
                 let fence = inplace::Fence { vlu, force, backup };
                 reply(inplace::fence(&agent, &self.cfg.restore, &fence).await)
             }
             Op::RestoreUnfence { vlu, ticket } => reply(inplace::unfence(&agent, &vlu, &ticket)),
-            Op::Counters => Ok(json!({
-                "snapshot_read_bytes": agent.snapshot_reads.load(std::sync::atomic::Ordering::Relaxed),
+            Op::Counters => reply(Ok(Counters {
+                snapshot_read_bytes: agent
+                    .snapshot_reads
+                    .load(std::sync::atomic::Ordering::Relaxed),
             })),
             Op::Copy(c) => {
                 let role = self.backup_role()?;
