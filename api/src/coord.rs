@@ -18,8 +18,9 @@
 //! | `complete`, `abort` | [`TrackingBases`] |
 //! | `resync` | [`ResyncProgress`] |
 //! | `verify` | [`LegsCompared`] |
+//! | `snapshot` | [`SnapshotTaken`] |
 //!
-//! The other operations' replies (`snapshot`, `copy`) are still JSON objects read by key.
+//! The `copy` reply is still a JSON object read by key.
 
 use std::collections::BTreeMap;
 
@@ -508,6 +509,62 @@ pub struct LegsCompared {
     pub vlus: Vec<crate::lu::Verify>,
 }
 
+/// A step an agent timed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub step: String,
+    pub ms: f64,
+}
+
+/// One virtual LU's snapshot in a [`SnapshotTaken`]: what the backup host reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotLu {
+    pub vlu: String,
+    /// The snapshot's export on the database host's NBD listener.
+    pub export: String,
+    pub backend: String,
+    pub size: u64,
+    /// The virtual LU's strategy (`ModeSelect`, `VirtualLuRouting`, ...).
+    pub strategy: Option<String>,
+    /// The snapshot as a real LU on the array (E1/E2), which a backup host can read.
+    pub array_lu: Option<u32>,
+    /// That real LU is a split pair secondary the array can copy to a backup device by
+    /// itself (CCOPY).
+    pub array_ccopy: bool,
+}
+
+/// One virtual LU's changed blocks in a [`SnapshotTaken`]: what was written since the
+/// last completed backup `base` (null: none yet, copy everything).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    pub base: Option<String>,
+    /// `[offset, length]` byte ranges, sorted and disjoint.
+    pub extents: Vec<(u64, u64)>,
+    /// Bytes the ranges cover.
+    pub bytes: u64,
+    /// The tracking's granule in bytes: past 512 the ranges cover more than was written.
+    pub granule: u64,
+}
+
+/// `snapshot`: the consistency group's snapshot was taken at `instant_unix_ms` and the
+/// hooks resumed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotTaken {
+    pub instant_unix_ms: u64,
+    /// Quiesce to resume.
+    pub freeze_ms: f64,
+    pub deadline_ms: u64,
+    pub steps: Vec<Step>,
+    pub snapshots: Vec<SnapshotLu>,
+    /// Small files the hooks left for the backup (the PostgreSQL backup label).
+    pub files: BTreeMap<String, String>,
+    /// The database host's NBD TCP listener, if it has one.
+    pub nbd_tcp: Option<String>,
+    /// Per virtual LU, with a `backup` id in the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<BTreeMap<String, Changes>>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -556,5 +613,27 @@ mod tests {
         assert_eq!(t.vlus["b"].base.as_deref(), Some("b1"));
         let v = serde_json::to_value(&t).unwrap();
         assert!(v["vlus"]["a"]["base"].is_null() && v["vlus"]["a"].get("base").is_some());
+        let mut snap = SnapshotTaken {
+            instant_unix_ms: 1,
+            freeze_ms: 2.5,
+            deadline_ms: 3,
+            steps: vec![],
+            snapshots: vec![],
+            files: BTreeMap::new(),
+            nbd_tcp: None,
+            changes: None,
+        };
+        let v = serde_json::to_value(&snap).unwrap();
+        assert!(v.get("changes").is_none() && v["nbd_tcp"].is_null(), "{v}");
+        let c = Changes {
+            base: None,
+            extents: vec![(0, 512)],
+            bytes: 512,
+            granule: 512,
+        };
+        snap.changes = Some([("a".to_string(), c)].into_iter().collect());
+        let v = serde_json::to_value(&snap).unwrap();
+        assert_eq!(v["changes"]["a"]["extents"], serde_json::json!([[0, 512]]));
+        assert!(v["changes"]["a"]["base"].is_null(), "{v}");
     }
 }

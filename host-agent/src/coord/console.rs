@@ -8,11 +8,13 @@
 use std::time::Instant;
 
 use hvm_core::SECTOR_SIZE;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
     new_id, BackupList, Code, CopyLu, CopyRequest, Deleted, Failure, LegsCompared, Op, Peer,
-    Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress, Source, Verified,
+    Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress, SnapshotLu, SnapshotTaken, Source,
+    Step, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -86,32 +88,27 @@ type Tracked = (Option<String>, Vec<(u64, u64)>, Option<u64>);
 /// completed backup: (base, ranges, bytes written); `None` without tracking. Bytes
 /// written are known only while the tracking is exact (512-byte granules); once it has
 /// coarsened, its ranges cover more than was written and no count is claimed.
-fn changes(snap: &Value, vlu: &str) -> Option<Tracked> {
-    let c = snap.get("changes")?.get(vlu)?;
-    let base = c["base"].as_str().map(str::to_string);
-    let ranges: Vec<(u64, u64)> = c["extents"]
-        .as_array()?
-        .iter()
-        .filter_map(|e| Some((e.get(0)?.as_u64()?, e.get(1)?.as_u64()?)))
-        .collect();
-    let exact = c["granule"].as_u64().unwrap_or(SECTOR_SIZE) <= SECTOR_SIZE;
-    let bytes = c["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| ranges.iter().map(|r| r.1).sum());
-    Some((base, coalesce(&ranges, MAX_RANGES), exact.then_some(bytes)))
+fn changes(snap: &SnapshotTaken, vlu: &str) -> Option<Tracked> {
+    let c = snap.changes.as_ref()?.get(vlu)?;
+    let exact = c.granule <= SECTOR_SIZE;
+    Some((
+        c.base.clone(),
+        coalesce(&c.extents, MAX_RANGES),
+        exact.then_some(c.bytes),
+    ))
 }
 
 /// The snapshots as the array copies them to its devices: whole LUs (a device's medium
 /// holds one full copy; the tracking's changes do not apply).
-fn device_lus(snapshots: &[Value]) -> Vec<CopyLu> {
+fn device_lus(snapshots: &[SnapshotLu]) -> Vec<CopyLu> {
     snapshots
         .iter()
         .map(|s| CopyLu {
-            vlu: s["vlu"].as_str().unwrap_or_default().to_string(),
-            size: s["size"].as_u64().unwrap_or(0),
+            vlu: s.vlu.clone(),
+            size: s.size,
             source: Source::ArrayDevice {
-                backend: s["backend"].as_str().unwrap_or_default().to_string(),
-                lu: s["array_lu"].as_u64().unwrap_or(0) as u32,
+                backend: s.backend.clone(),
+                lu: s.array_lu.unwrap_or(0),
             },
             base: None,
             changes: None,
@@ -144,11 +141,10 @@ impl Run<'_> {
         self.steps.push(json!({ "step": name, "ms": ms }));
     }
 
-    /// The steps an agent reported (`{"steps": [{"step", "ms"}]}`).
-    fn agent_steps(&mut self, reply: &Value) {
-        for s in reply["steps"].as_array().into_iter().flatten() {
-            let name = s["step"].as_str().unwrap_or("?").to_string();
-            self.step(&name, s["ms"].as_f64().unwrap_or(0.0), "");
+    /// The steps an agent reported.
+    fn agent_steps(&mut self, steps: &[Step]) {
+        for s in steps {
+            self.step(&s.step, s.ms, "");
         }
     }
 
@@ -223,11 +219,15 @@ pub fn fmt_ms(ms: f64) -> String {
 
 /// What the backup host is to copy of each snapshot the database host took: where to
 /// read it and, from the tracking, what changed since which backup.
-fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<CopyLu>, Failure> {
-    let snapshots = snap["snapshots"].as_array().cloned().unwrap_or_default();
+fn copy_lus(
+    o: &Options,
+    snap: &SnapshotTaken,
+    nbd_address: Option<&str>,
+) -> Result<Vec<CopyLu>, Failure> {
+    let snapshots = &snap.snapshots;
     // Per backend what the array offers: its own copy to a device when every snapshot
     // is a split pair secondary it can CCOPY (one kind of backup for the whole group).
-    let by_array = !snapshots.is_empty() && snapshots.iter().all(|s| s["array_ccopy"] == true);
+    let by_array = !snapshots.is_empty() && snapshots.iter().all(|s| s.array_ccopy);
     match o.via {
         Via::ArrayDevice if !by_array => {
             return Err(Failure::new(
@@ -235,22 +235,19 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
                 "--via array-device: not every snapshot is a split pair secondary of an array that offers CCOPY (EP 1 058 190); use --via auto",
             ))
         }
-        Via::ArrayDevice | Via::Auto if by_array => return Ok(device_lus(&snapshots)),
+        Via::ArrayDevice | Via::Auto if by_array => return Ok(device_lus(snapshots)),
         _ => {}
     }
     let mut lus = Vec::new();
-    for s in &snapshots {
-        let vlu = s["vlu"].as_str().unwrap_or_default().to_string();
-        let array = match (s["backend"].as_str(), s["array_lu"].as_u64()) {
-            (Some(b), Some(lu)) => Some(Source::Array {
-                backend: b.into(),
-                lu: lu as u32,
-            }),
-            _ => None,
-        };
+    for s in snapshots {
+        let vlu = s.vlu.clone();
+        let array = s.array_lu.map(|lu| Source::Array {
+            backend: s.backend.clone(),
+            lu,
+        });
         let nbd = nbd_address.map(|a| Source::Nbd {
             address: a.to_string(),
-            export: s["export"].as_str().unwrap_or_default().into(),
+            export: s.export.clone(),
         });
         let source = match o.via {
             Via::Array => array,
@@ -263,7 +260,7 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
                 format!(
                     "no way to read the snapshot of {vlu} with --via {:?}: {}",
                     o.via,
-                    if s["array_lu"].is_null() {
+                    if s.array_lu.is_none() {
                         "its snapshot is kept by the database host (pre-update array); use --via nbd with an NBD TCP listener"
                     } else {
                         "the database host has no listen.tcp; give --db-nbd HOST:PORT"
@@ -278,7 +275,7 @@ fn copy_lus(o: &Options, snap: &Value, nbd_address: Option<&str>) -> Result<Vec<
         };
         lus.push(CopyLu {
             vlu,
-            size: s["size"].as_u64().unwrap_or(0),
+            size: s.size,
             source,
             changes: ranges.filter(|_| base.is_some()),
             base,
@@ -352,8 +349,8 @@ impl Run<'_> {
     fn stages(&mut self, out: &mut Value) -> Result<(), Failed> {
         // 1. Quiesce, snapshot, resume: one request, inside the database host's deadline.
         let snap = self.snapshot()?;
-        out["freeze_ms"] = json!(snap["freeze_ms"].as_f64().unwrap_or(0.0));
-        out["instant_unix_ms"] = snap["instant_unix_ms"].clone();
+        out["freeze_ms"] = json!(snap.freeze_ms);
+        out["instant_unix_ms"] = json!(snap.instant_unix_ms);
         // 2. The copy, on the backup host.
         let copied = self.copy(&snap)?;
         out["copy"] = copied.clone();
@@ -374,9 +371,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn snapshot(&mut self) -> Result<Value, Failed> {
+    fn snapshot(&mut self) -> Result<SnapshotTaken, Failed> {
         let o = self.o;
-        let snap = o.db.call(
+        let snap = o.db.ask::<SnapshotTaken>(
             &format!("{}-snapshot", self.id),
             &Op::Snapshot {
                 vlus: o.vlus.clone(),
@@ -395,7 +392,8 @@ impl Run<'_> {
         let snap = match snap {
             Ok(v) => v,
             Err(f) => {
-                self.agent_steps(&f.detail);
+                let steps = Vec::<Step>::deserialize(&f.detail["steps"]).unwrap_or_default();
+                self.agent_steps(&steps);
                 // The database host rolled back what it did; if no answer came at all, a
                 // snapshot may exist: delete to be sure.
                 let cleanup = if f.detail.is_null() {
@@ -409,50 +407,42 @@ impl Run<'_> {
                 return Err(Failed::new("snapshot", f, cleanup));
             }
         };
-        self.agent_steps(&snap);
+        self.agent_steps(&snap.steps);
         self.say(&format!(
             "  {:<40} {:>10}  (deadline {} ms)",
             "freeze window (quiesce to resume)",
-            fmt_ms(snap["freeze_ms"].as_f64().unwrap_or(0.0)),
-            snap["deadline_ms"]
+            fmt_ms(snap.freeze_ms),
+            snap.deadline_ms
         ));
         Ok(snap)
     }
 
     /// What the backup host is asked to copy.
-    fn copy_request(&self, snap: &Value) -> Result<CopyRequest, Failure> {
+    fn copy_request(&self, snap: &SnapshotTaken) -> Result<CopyRequest, Failure> {
         let o = self.o;
         let nbd_address = o.db_nbd.clone().or_else(|| {
-            snap["nbd_tcp"].as_str().map(|a| match a.rsplit_once(':') {
+            snap.nbd_tcp.as_deref().map(|a| match a.rsplit_once(':') {
                 Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{}:{p}", o.db.host()),
                 _ => a.to_string(),
             })
         });
         let lus = copy_lus(o, snap, nbd_address.as_deref())?;
-        let files = snap["files"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
         Ok(CopyRequest {
             target: o.target.clone(),
             lus,
-            files,
+            files: snap.files.clone(),
             info: json!({
                 "database_host": o.db.address,
-                "instant_unix_ms": snap["instant_unix_ms"],
-                "freeze_ms": snap["freeze_ms"],
-                "snapshots": snap["snapshots"],
+                "instant_unix_ms": snap.instant_unix_ms,
+                "freeze_ms": snap.freeze_ms,
+                "snapshots": snap.snapshots,
             }),
             rate: o.rate,
             backup: Some(self.id.clone()),
         })
     }
 
-    fn copy(&mut self, snap: &Value) -> Result<Value, Failed> {
+    fn copy(&mut self, snap: &SnapshotTaken) -> Result<Value, Failed> {
         let req = match self.copy_request(snap) {
             Ok(r) => r,
             Err(f) => return Err(Failed::new("copy", f, self.cleanup())),
@@ -839,11 +829,24 @@ mod tests {
 
     #[test]
     fn auto_takes_the_arrays_copy_only_when_every_snapshot_offers_it() {
-        let snap = |ccopy: bool| {
-            json!({ "snapshots": [
-                { "vlu": "a", "size": 512, "backend": "array0", "array_lu": 11, "array_ccopy": true },
-                { "vlu": "b", "size": 512, "backend": "array0", "array_lu": 13, "array_ccopy": ccopy },
-            ]})
+        let lu = |vlu: &str, array_lu: u32, array_ccopy: bool| SnapshotLu {
+            vlu: vlu.into(),
+            export: format!("{vlu}-snap"),
+            backend: "array0".into(),
+            size: 512,
+            strategy: Some("VirtualLuRouting".into()),
+            array_lu: Some(array_lu),
+            array_ccopy,
+        };
+        let snap = |ccopy: bool| SnapshotTaken {
+            instant_unix_ms: 1,
+            freeze_ms: 1.0,
+            deadline_ms: 1,
+            steps: vec![],
+            snapshots: vec![lu("a", 11, true), lu("b", 13, ccopy)],
+            files: Default::default(),
+            nbd_tcp: None,
+            changes: None,
         };
         let tls = std::sync::Arc::new(
             rustls::ClientConfig::builder()

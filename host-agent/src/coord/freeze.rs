@@ -13,17 +13,18 @@
 //! since the last completed backup ([`super::tracking`]); a run that fails aborts the
 //! cuts, so the record loses nothing.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hvm_core::change_tracking::Cut;
 use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::hooks::{Files, Hook, Outcome};
 use super::{
-    unix_ms, Code, Deleted, DeletedVlu, Failure, LegsCompared, ResyncProgress, ResyncVlu,
-    TrackingBase, TrackingBases,
+    unix_ms, Changes, Code, Deleted, DeletedVlu, Failure, LegsCompared, ResyncProgress, ResyncVlu,
+    SnapshotLu, SnapshotTaken, Step, TrackingBase, TrackingBases,
 };
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
@@ -163,8 +164,11 @@ fn rollback<'a>(
     done
 }
 
-fn step(name: String, since: Instant) -> Value {
-    json!({ "step": name, "ms": since.elapsed().as_secs_f64() * 1000.0 })
+fn step(name: String, since: Instant) -> Step {
+    Step {
+        step: name,
+        ms: since.elapsed().as_secs_f64() * 1000.0,
+    }
 }
 
 /// What the console asked of a `snapshot`.
@@ -229,7 +233,7 @@ struct Freeze {
     started: usize,
     current: String,
     acquire: Option<tokio::task::JoinHandle<Acquired>>,
-    steps: Vec<Value>,
+    steps: Vec<Step>,
 }
 
 impl Freeze {
@@ -380,7 +384,7 @@ pub async fn snapshot(
     agent: Arc<Host>,
     cfg: FreezeConfig,
     req: SnapshotRequest,
-) -> Result<Value, Failure> {
+) -> Result<SnapshotTaken, Failure> {
     let SnapshotRequest {
         id,
         vlus,
@@ -435,26 +439,23 @@ pub async fn snapshot(
     tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
     // It asks the arrays (off the async threads).
     let g = group.clone();
-    let snapshots = tokio::task::spawn_blocking(move || snapshots_json(&g))
+    let snapshots = tokio::task::spawn_blocking(move || snapshots(&g))
         .await
         .unwrap_or_default();
-    let mut reply = json!({
-        "instant_unix_ms": instant,
-        "freeze_ms": freeze_ms,
-        "deadline_ms": deadline_ms,
-        "steps": fr.steps,
-        "snapshots": snapshots,
-        "files": files,
-        "nbd_tcp": agent.tcp_bound.get(),
-    });
-    if let Some(c) = changes {
-        reply["changes"] = c;
-    }
-    Ok(reply)
+    Ok(SnapshotTaken {
+        instant_unix_ms: instant,
+        freeze_ms,
+        deadline_ms,
+        steps: std::mem::take(&mut fr.steps),
+        snapshots,
+        files,
+        nbd_tcp: agent.tcp_bound.get().cloned(),
+        changes,
+    })
 }
 
 /// The reply's `snapshots`: what the backup host reads, per virtual LU.
-fn snapshots_json(group: &[Member]) -> Vec<Value> {
+fn snapshots(group: &[Member]) -> Vec<SnapshotLu> {
     group
         .iter()
         .map(|m| {
@@ -475,15 +476,15 @@ fn snapshots_json(group: &[Member]) -> Vec<Value> {
             let array_ccopy = array_lu.is_some_and(|lu| {
                 crate::pairs::offers_ccopy(m.mgr.backend().as_ref(), hvm_core::LuId(lu))
             });
-            json!({
-                "vlu": m.name,
-                "export": m.snapshot,
-                "backend": m.backend,
-                "size": m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
-                "strategy": strategy.map(|s| format!("{s:?}")),
-                "array_lu": array_lu,
-                "array_ccopy": array_ccopy,
-            })
+            SnapshotLu {
+                vlu: m.name.clone(),
+                export: m.snapshot.clone(),
+                backend: m.backend.clone(),
+                size: m.mgr.capacity_bytes(m.vlu).unwrap_or(0),
+                strategy: strategy.map(|s| format!("{s:?}")),
+                array_lu,
+                array_ccopy,
+            }
         })
         .collect()
 }
@@ -493,7 +494,7 @@ async fn cut_changes(
     group: Arc<Vec<Member>>,
     cuts: Vec<Cut>,
     backup: Option<BackupId>,
-) -> Result<Option<Value>, String> {
+) -> Result<Option<BTreeMap<String, Changes>>, String> {
     let Some(b) = backup else {
         return Ok(None);
     };
@@ -503,14 +504,18 @@ async fn cut_changes(
 }
 
 /// The reply's `changes`: per virtual LU, the base and the byte ranges of its cut.
-fn changes(group: &[Member], cuts: &[Cut], backup: &BackupId) -> Result<Value, String> {
-    let mut out = serde_json::Map::new();
+fn changes(
+    group: &[Member],
+    cuts: &[Cut],
+    backup: &BackupId,
+) -> Result<BTreeMap<String, Changes>, String> {
+    let mut out = BTreeMap::new();
     for (m, cut) in group.iter().zip(cuts) {
-        let c = super::tracking::changes_json(&m.mgr, m.vlu, backup, cut.base)
+        let c = super::tracking::changes(&m.mgr, m.vlu, backup, cut.base)
             .map_err(|e| format!("the changed blocks of {}: {e}", m.name))?;
         out.insert(m.name.clone(), c);
     }
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 /// `lead`, then what else went wrong, as one message.
@@ -612,7 +617,7 @@ pub fn finish(
 ) -> Result<TrackingBases, Failure> {
     let id = BackupId::new(backup).map_err(|e| Failure::new(Code::BadRequest, e.to_string()))?;
     let group = origins(agent, vlus)?;
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = BTreeMap::new();
     for (name, mgr, vlu) in group {
         let base = if complete {
             mgr.complete_backup(vlu, &id)

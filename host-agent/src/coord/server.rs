@@ -433,7 +433,7 @@ impl Service {
                     vars,
                     backup,
                 };
-                freeze::snapshot(agent, self.cfg.freeze.clone(), req).await
+                reply(freeze::snapshot(agent, self.cfg.freeze.clone(), req).await)
             }
             Op::Complete { vlus, backup } => {
                 blocking(Box::new(move || {

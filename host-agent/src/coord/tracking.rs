@@ -1,5 +1,5 @@
 //! Changed-block tracking over the coordination protocol (issue 19): the database role's
-//! `complete` and `abort` operations, the `changes` of a snapshot reply, and the
+//! `complete` and `abort` operations, the [`Changes`] of a snapshot reply, and the
 //! console's calls.
 //!
 //! A `snapshot` with a `backup` id cuts each virtual LU's record at the snapshot instant
@@ -11,9 +11,9 @@
 //! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}`.
 
 use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::{new_id, Failure, Op, Peer};
+use super::{new_id, Changes, Failure, Op, Peer};
 use crate::exports::Manager;
 
 /// Tell the database host that `backup` of `vlus` is stored: it becomes their base.
@@ -37,19 +37,19 @@ pub fn abort(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure>
 
 /// One virtual LU's entry of a snapshot reply's `changes`: `backup`'s pending ranges in
 /// bytes, clipped to the LU (a coarsened set may round past its end).
-pub fn changes_json(
+pub fn changes(
     mgr: &Manager,
     vlu: VirtualLuId,
     backup: &BackupId,
     base: Option<BackupId>,
-) -> Result<Value, String> {
+) -> Result<Changes, String> {
     let capacity = mgr.capacity_bytes(vlu).map_err(|e| e.to_string())?;
     let extents = mgr
         .pending_extents(vlu, backup)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("backup {backup} is not pending (cut by another run?)"))?;
     let mut bytes = 0u64;
-    let ranges: Vec<[u64; 2]> = extents
+    let extents: Vec<(u64, u64)> = extents
         .into_iter()
         .filter_map(|e| {
             let off = e.first().checked_mul(SECTOR_SIZE)?;
@@ -60,7 +60,7 @@ pub fn changes_json(
                 .min(capacity);
             (off < end).then(|| {
                 bytes += end - off;
-                [off, end - off]
+                (off, end - off)
             })
         })
         .collect();
@@ -70,10 +70,10 @@ pub fn changes_json(
         .tracking(vlu)
         .map(|t| t.granularity * SECTOR_SIZE)
         .map_err(|e| e.to_string())?;
-    Ok(json!({
-        "base": base.map(|b| b.to_string()),
-        "extents": ranges,
-        "bytes": bytes,
-        "granule": granule,
-    }))
+    Ok(Changes {
+        base: base.map(|b| b.to_string()),
+        extents,
+        bytes,
+        granule,
+    })
 }
