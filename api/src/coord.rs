@@ -19,8 +19,7 @@
 //! | `resync` | [`ResyncProgress`] |
 //! | `verify` | [`LegsCompared`] |
 //! | `snapshot` | [`SnapshotTaken`] |
-//!
-//! The `copy` reply is still a JSON object read by key.
+//! | `copy` | [`Copied`] |
 
 use std::collections::BTreeMap;
 
@@ -565,6 +564,63 @@ pub struct SnapshotTaken {
     pub changes: Option<BTreeMap<String, Changes>>,
 }
 
+/// One virtual LU of a [`Copied`] reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CopiedLu {
+    pub vlu: String,
+    pub size: u64,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The backup an incremental copy started from.
+    pub base: Option<String>,
+    /// Why the copy is full when an incremental one was asked for.
+    pub reason: Option<String>,
+    /// Where the data was read from.
+    pub source: String,
+    /// Bytes hosts read for this backup.
+    pub copied_bytes: u64,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub by: CopiedBy,
+}
+
+/// Who copied a [`CopiedLu`]: the backup host into a repository, or the array to one of
+/// its backup devices.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CopiedBy {
+    Host {
+        /// Bytes written since the base, as the database host's tracking counts them.
+        written_bytes: Option<u64>,
+        /// The image's extents in the repository (a count).
+        extents: u64,
+        mib_per_s: f64,
+    },
+    Array {
+        array_copied_bytes: u64,
+        medium: Medium,
+    },
+}
+
+/// `copy`: the backup stored, without its extents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Copied {
+    /// The repository, or the array's device (a backup on media).
+    pub location: Option<String>,
+    pub id: String,
+    pub created: String,
+    /// `full`, `incremental` or `array-ccopy`.
+    pub kind: String,
+    pub parent: Option<String>,
+    pub stored_bytes: u64,
+    pub lus: Vec<CopiedLu>,
+    /// The small files stored beside the images, by name.
+    pub files: Vec<String>,
+    /// A backup on media: the backups whose media the array's copy replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<Vec<String>>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -635,5 +691,24 @@ mod tests {
         let v = serde_json::to_value(&snap).unwrap();
         assert_eq!(v["changes"]["a"]["extents"], serde_json::json!([[0, 512]]));
         assert!(v["changes"]["a"]["base"].is_null(), "{v}");
+    }
+
+    #[test]
+    fn a_copy_reply_says_who_copied() {
+        let host = r#"{"vlu":"a","size":8,"kind":"full","base":null,"reason":null,"source":"nbd",
+            "copied_bytes":8,"written_bytes":null,"extents":1,"seconds":0.5,"mib_per_s":1.5}"#;
+        let l: CopiedLu = serde_json::from_str(host).unwrap();
+        assert!(matches!(l.by, CopiedBy::Host { extents: 1, .. }), "{l:?}");
+        let v = serde_json::to_value(&l).unwrap();
+        assert_eq!(v, serde_json::from_str::<Value>(host).unwrap());
+        let array = r#"{"vlu":"a","size":8,"kind":"full","base":null,"reason":null,"source":"x",
+            "copied_bytes":0,"array_copied_bytes":8,"seconds":0.5,"medium":{"backend":"b",
+            "array_lu_identity":null,"device":"d","path":"/p","job":1,"lu":11,"records":1,
+            "blocks":1,"bytes":9,"sha256":"s"}}"#;
+        let l: CopiedLu = serde_json::from_str(array).unwrap();
+        assert!(matches!(&l.by, CopiedBy::Array { medium, .. } if medium.lu == 11), "{l:?}");
+        let v = serde_json::to_value(&l).unwrap();
+        assert_eq!(v, serde_json::from_str::<Value>(array).unwrap());
+        assert!(v.get("written_bytes").is_none(), "{v}");
     }
 }

@@ -12,9 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    new_id, BackupList, Code, CopyLu, CopyRequest, Deleted, Failure, LegsCompared, Op, Peer,
-    Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress, SnapshotLu, SnapshotTaken, Source,
-    Step, Verified,
+    new_id, BackupList, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Deleted, Failure,
+    LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress,
+    SnapshotLu, SnapshotTaken, Source, Step, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -353,7 +353,7 @@ impl Run<'_> {
         out["instant_unix_ms"] = json!(snap.instant_unix_ms);
         // 2. The copy, on the backup host.
         let copied = self.copy(&snap)?;
-        out["copy"] = copied.clone();
+        out["copy"] = json!(copied);
         out["tracking"] = self.complete();
         // 3. Delete the snapshots; resync starts.
         self.delete(&copied)?;
@@ -365,8 +365,8 @@ impl Run<'_> {
         self.say(&format!(
             "backup {} ({}) stored in {}",
             self.id,
-            copied["kind"].as_str().unwrap_or("?"),
-            copied["location"].as_str().unwrap_or("?")
+            copied.kind,
+            opt(copied.location.as_deref())
         ));
         Ok(())
     }
@@ -442,14 +442,14 @@ impl Run<'_> {
         })
     }
 
-    fn copy(&mut self, snap: &SnapshotTaken) -> Result<Value, Failed> {
+    fn copy(&mut self, snap: &SnapshotTaken) -> Result<Copied, Failed> {
         let req = match self.copy_request(snap) {
             Ok(r) => r,
             Err(f) => return Err(Failed::new("copy", f, self.cleanup())),
         };
         let t = Instant::now();
         let bars = self.o.human && ctl::bars();
-        let copied = self.o.backup.call(
+        let copied = self.o.backup.ask::<Copied>(
             &format!("{}-copy", self.id),
             &Op::Copy(req),
             2,
@@ -468,14 +468,14 @@ impl Run<'_> {
         };
         let secs = t.elapsed().as_secs_f64();
         self.step("copy", secs * 1000.0, &copy_note(&copied, secs));
-        for l in copied["lus"].as_array().into_iter().flatten() {
+        for l in &copied.lus {
             self.say(&lu_line(l));
         }
         Ok(copied)
     }
 
     /// Delete the snapshots once the backup is stored; resync starts.
-    fn delete(&mut self, copied: &Value) -> Result<(), Failed> {
+    fn delete(&mut self, copied: &Copied) -> Result<(), Failed> {
         let (o, t) = (self.o, Instant::now());
         let vlus = o.vlus.clone();
         if let Err(f) = o.db.call(
@@ -487,7 +487,7 @@ impl Run<'_> {
             let cleanup = Err(format!(
                 "backup {} in {} is complete; finish by hand with `hvmctl backup delete --db {} --ca CA --token-file TOKEN {}`",
                 self.id,
-                copied["location"].as_str().unwrap_or("?"),
+                opt(copied.location.as_deref()),
                 o.db.address,
                 o.vlus.iter().map(|v| format!("--vlu {v}")).collect::<Vec<_>>().join(" ")
             ));
@@ -576,13 +576,17 @@ fn mib(b: u64) -> String {
 }
 
 /// The copy step's note: bytes read, rate, source.
-fn copy_note(copied: &Value, secs: f64) -> String {
-    if copied["kind"] == crate::pairs::medium::KIND {
-        let array: u64 = copied["lus"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["array_copied_bytes"].as_u64())
+fn copy_note(copied: &Copied, secs: f64) -> String {
+    if copied.kind == crate::pairs::medium::KIND {
+        let array: u64 = copied
+            .lus
+            .iter()
+            .map(|l| match l.by {
+                CopiedBy::Array {
+                    array_copied_bytes, ..
+                } => array_copied_bytes,
+                CopiedBy::Host { .. } => 0,
+            })
             .sum();
         return format!(
             "  {} copied by the array to its backup device at {:.0} MiB/s; 0 bytes read by hosts",
@@ -590,52 +594,45 @@ fn copy_note(copied: &Value, secs: f64) -> String {
             array as f64 / 1048576.0 / secs.max(1e-9)
         );
     }
-    let bytes: u64 = copied["lus"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["copied_bytes"].as_u64())
-        .sum();
+    let bytes: u64 = copied.lus.iter().map(|l| l.copied_bytes).sum();
     format!(
         "  {} at {:.0} MiB/s from {}; {} new in the repository",
         mib(bytes),
         bytes as f64 / 1048576.0 / secs.max(1e-9),
-        copied["lus"][0]["source"].as_str().unwrap_or("?"),
-        mib(copied["stored_bytes"].as_u64().unwrap_or(0)),
+        copied.lus.first().map_or("?", |l| l.source.as_str()),
+        mib(copied.stored_bytes),
     )
 }
 
 /// One LU of the copy: full or incremental (and why not), bytes copied vs written.
-pub fn lu_line(l: &Value) -> String {
-    if let Some(m) = l["medium"].as_object() {
-        return format!(
-            "    {}: full, by the array: LU {} to device {} ({}), medium SHA-256 {}",
-            l["vlu"].as_str().unwrap_or("?"),
-            m["lu"],
-            m["device"].as_str().unwrap_or("?"),
-            m["path"].as_str().unwrap_or("?"),
-            m["sha256"].as_str().unwrap_or("?"),
-        );
-    }
-    let copied = l["copied_bytes"].as_u64().unwrap_or(0);
-    let kind = match (l["kind"].as_str(), l["base"].as_str(), l["reason"].as_str()) {
-        (Some("incremental"), Some(b), _) => format!("incremental from {b}"),
+pub fn lu_line(l: &CopiedLu) -> String {
+    let written = match &l.by {
+        CopiedBy::Array { medium: m, .. } => {
+            return format!(
+                "    {}: full, by the array: LU {} to device {} ({}), medium SHA-256 {}",
+                l.vlu, m.lu, m.device, m.path, m.sha256,
+            );
+        }
+        CopiedBy::Host { written_bytes, .. } => *written_bytes,
+    };
+    let kind = match (l.kind.as_str(), &l.base, &l.reason) {
+        ("incremental", Some(b), _) => format!("incremental from {b}"),
         (_, _, Some(why)) => format!("full ({why})"),
         _ => "full".to_string(),
     };
-    let written = match l["written_bytes"].as_u64() {
+    let written = match written {
         Some(w) => format!(
             ", {} written since the last backup per tracking ({:.2}x)",
             mib(w),
-            copied as f64 / (w.max(1)) as f64
+            l.copied_bytes as f64 / (w.max(1)) as f64
         ),
         None => String::new(),
     };
     format!(
         "    {}: {kind}: {} copied of {}{written}",
-        l["vlu"].as_str().unwrap_or("?"),
-        mib(copied),
-        mib(l["size"].as_u64().unwrap_or(0)),
+        l.vlu,
+        mib(l.copied_bytes),
+        mib(l.size),
     )
 }
 
@@ -808,22 +805,32 @@ mod tests {
 
     #[test]
     fn the_arrays_copy_is_reported_as_the_arrays() {
-        let copied = json!({
-            "kind": "array-ccopy",
+        let copied: Copied = serde_json::from_value(json!({
+            "location": null, "id": "b", "created": "c", "kind": "array-ccopy", "parent": null,
+            "stored_bytes": 0, "files": [], "replaced": [],
             "lus": [{
-                "vlu": "pg", "size": 1 << 20, "copied_bytes": 0, "array_copied_bytes": 1 << 20,
-                "medium": { "lu": 11, "device": "tape0", "path": "/a/tape0.rec", "sha256": "ab" },
+                "vlu": "pg", "size": 1 << 20, "kind": "full", "base": null, "reason": null,
+                "source": "s", "copied_bytes": 0, "seconds": 1.0, "array_copied_bytes": 1 << 20,
+                "medium": { "backend": "a", "array_lu_identity": null, "job": 1, "records": 1,
+                    "blocks": 2048, "bytes": 1, "lu": 11, "device": "tape0",
+                    "path": "/a/tape0.rec", "sha256": "ab" },
             }],
-        });
+        }))
+        .unwrap();
         let note = copy_note(&copied, 1.0);
         assert!(note.contains("1.0 MiB copied by the array"), "{note}");
         assert!(note.contains("0 bytes read by hosts"), "{note}");
-        let line = lu_line(&copied["lus"][0]);
+        let line = lu_line(&copied.lus[0]);
         assert!(
             line.contains("pg: full, by the array: LU 11 to device tape0"),
             "{line}"
         );
-        let host = json!({ "vlu": "pg", "size": 1 << 20, "copied_bytes": 1 << 20, "kind": "full" });
+        let host: CopiedLu = serde_json::from_value(json!({
+            "vlu": "pg", "size": 1 << 20, "copied_bytes": 1 << 20, "kind": "full", "base": null,
+            "reason": null, "source": "s", "seconds": 1.0, "written_bytes": null, "extents": 1,
+            "mib_per_s": 1.0,
+        }))
+        .unwrap();
         assert_eq!(lu_line(&host), "    pg: full: 1.0 MiB copied of 1.0 MiB");
     }
 

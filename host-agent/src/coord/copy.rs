@@ -11,10 +11,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use hvm_core::{LuId, SECTOR_SIZE};
-use serde_json::{json, Value};
 
 use super::repository::BackupRole;
-use super::{rfc3339, unix_ms, Code, CopyLu, CopyRequest, Failure, Source};
+use super::{
+    rfc3339, unix_ms, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Failure, Source,
+};
 use crate::backups::catalog::Row;
 use crate::backups::chunks::{default_streams, store_ranges, Rate, ReadAt};
 use crate::backups::extents::{overlay, pieces};
@@ -191,7 +192,7 @@ pub fn copy(
     id: &str,
     req: &CopyRequest,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, Failure> {
+) -> Result<Copied, Failure> {
     let id = req.backup.as_deref().unwrap_or(id);
     check_request(id, req)?;
     if req
@@ -225,7 +226,7 @@ fn array_copy(
     id: &str,
     req: &CopyRequest,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Value, Failure> {
+) -> Result<Copied, Failure> {
     let cat = role.catalog()?;
     if let Some(b) = medium::find(&cat, id).map_err(failed)? {
         return Ok(medium::report(&b, &[]));
@@ -402,22 +403,35 @@ fn write_backup(
 }
 
 /// What `copy` answers: the manifest without the extents (they can be many).
-fn report(repo: &Repo, m: &Manifest) -> Value {
-    let lus: Vec<Value> = m
+fn report(repo: &Repo, m: &Manifest) -> Copied {
+    let lus = m
         .lus
         .iter()
-        .map(|l| {
-            json!({
-                "vlu": l.vlu, "size": l.size, "kind": l.kind, "base": l.base, "reason": l.reason,
-                "source": l.source, "copied_bytes": l.copied_bytes, "written_bytes": l.written_bytes,
-                "extents": l.extents.len(), "seconds": l.seconds,
-                "mib_per_s": l.copied_bytes as f64 / f64::from(1 << 20) / l.seconds.max(1e-9),
-            })
+        .map(|l| CopiedLu {
+            vlu: l.vlu.clone(),
+            size: l.size,
+            kind: l.kind.to_string(),
+            base: l.base.clone(),
+            reason: l.reason.clone(),
+            source: l.source.clone(),
+            copied_bytes: l.copied_bytes,
+            seconds: l.seconds,
+            by: CopiedBy::Host {
+                written_bytes: l.written_bytes,
+                extents: l.extents.len() as u64,
+                mib_per_s: l.copied_bytes as f64 / f64::from(1 << 20) / l.seconds.max(1e-9),
+            },
         })
         .collect();
-    json!({
-        "location": repo.location(), "id": m.id, "created": m.created, "kind": m.kind,
-        "parent": m.parent, "stored_bytes": m.stored_bytes, "lus": lus,
-        "files": m.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
-    })
+    Copied {
+        location: Some(repo.location()),
+        id: m.id.clone(),
+        created: m.created.clone(),
+        kind: m.kind.to_string(),
+        parent: m.parent.clone(),
+        stored_bytes: m.stored_bytes,
+        lus,
+        files: m.files.iter().map(|f| f.name.clone()).collect(),
+        replaced: None,
+    }
 }

@@ -470,9 +470,9 @@ impl Service {
                 let role = self.backup_role()?;
                 let id = req.id;
                 blocking(Box::new(move || {
-                    copy::copy(&agent, &role, &id, &c, &mut |d, t| {
+                    reply(copy::copy(&agent, &role, &id, &c, &mut |d, t| {
                         progress.send_replace((d, t));
-                    })
+                    }))
                 }))
                 .await
             }

@@ -25,30 +25,14 @@ use hvm_core::backend::Backend;
 use hvm_core::LuId;
 
 use crate::backups::catalog::Catalog;
+use hvm_api::coord::{Copied, CopiedBy, CopiedLu};
 
 /// The catalog's kind of such a backup.
 pub const KIND: &str = "array-ccopy";
 
-/// One medium: where it is and what it holds, as the copy found it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Medium {
-    /// The backup host's backend that reaches the array.
-    pub backend: String,
-    /// The array's identity of the copied LU, when its backend reports one.
-    pub array_lu_identity: Option<String>,
-    /// The array's backup device and its medium's file.
-    pub device: String,
-    pub path: String,
-    /// The array's copy job.
-    pub job: u32,
-    /// The LU the array copied: the pair's split secondary.
-    pub lu: u32,
-    pub records: u64,
-    pub blocks: u64,
-    /// The medium's length and SHA-256 (its identity: a later copy replaces it).
-    pub bytes: u64,
-    pub sha256: String,
-}
+/// One medium: where it is and what it holds, as the copy found it (the API's type: the
+/// catalog keeps it in the same shape).
+pub use hvm_api::coord::Medium;
 
 /// One virtual LU of such a backup.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -345,27 +329,43 @@ pub fn merged<T: Serialize>(rows: &[T], media: Vec<Value>) -> Vec<Value> {
 
 /// What the copy answers for a backup on media (the shape of a repository copy's
 /// answer): bytes through hosts 0, the array's bytes and each medium.
-pub fn report(b: &MediumBackup, replaced: &[String]) -> Value {
-    let lus: Vec<Value> = b
+pub fn report(b: &MediumBackup, replaced: &[String]) -> Copied {
+    let lus = b
         .lus
         .iter()
         .map(|l| {
             let m = &l.medium;
-            json!({
-                "vlu": l.vlu, "size": l.size, "kind": "full", "base": null, "reason": null,
-                "source": format!("array-ccopy: backend {}, LU {} to device {}", m.backend, m.lu, m.device),
-                "copied_bytes": 0, "array_copied_bytes": m.blocks * hvm_core::SECTOR_SIZE,
-                "medium": m, "seconds": l.seconds,
-            })
+            CopiedLu {
+                vlu: l.vlu.clone(),
+                size: l.size,
+                kind: "full".into(),
+                base: None,
+                reason: None,
+                source: format!(
+                    "array-ccopy: backend {}, LU {} to device {}",
+                    m.backend, m.lu, m.device
+                ),
+                copied_bytes: 0,
+                seconds: l.seconds,
+                by: CopiedBy::Array {
+                    array_copied_bytes: m.blocks * hvm_core::SECTOR_SIZE,
+                    medium: m.clone(),
+                },
+            }
         })
         .collect();
     let first = b.lus.first().map(|l| &l.medium);
-    json!({
-        "location": first.map(|m| format!("array {}: device {} ({})", m.backend, m.device, m.path)),
-        "id": b.id, "created": b.created, "kind": KIND, "parent": null,
-        "stored_bytes": b.lus.iter().map(|l| l.medium.bytes).sum::<u64>(),
-        "lus": lus, "files": b.files.keys().collect::<Vec<_>>(), "replaced": replaced,
-    })
+    Copied {
+        location: first.map(|m| format!("array {}: device {} ({})", m.backend, m.device, m.path)),
+        id: b.id.clone(),
+        created: b.created.clone(),
+        kind: KIND.into(),
+        parent: None,
+        stored_bytes: b.lus.iter().map(|l| l.medium.bytes).sum(),
+        lus,
+        files: b.files.keys().cloned().collect(),
+        replaced: Some(replaced.to_vec()),
+    }
 }
 
 #[cfg(test)]
