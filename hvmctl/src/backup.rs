@@ -131,9 +131,7 @@ fn backup_run(cmd: &BackupCmd, json: bool) -> error::Result {
     }
     match r.error {
         None => Ok(()),
-        Some(e) if r.value["error"]["code"] == serde_json::json!(Code::Timeout) => {
-            Err(Error::Deadline(e.to_string()))
-        }
+        Some(e) if r.code == Some(Code::Timeout) => Err(Error::Deadline(e.to_string())),
         Some(e) => Err(Error::Failed(e.to_string())),
     }
 }

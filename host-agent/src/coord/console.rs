@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::{
     new_id, BackupList, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Deleted, Failure,
     LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress,
-    SnapshotLu, SnapshotTaken, Source, Step, Verified,
+    SnapshotLu, SnapshotTaken, Source, Step, TrackingBases, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -121,6 +121,8 @@ fn device_lus(snapshots: &[SnapshotLu]) -> Vec<CopyLu> {
 pub struct Report {
     pub value: Value,
     pub error: Option<String>,
+    /// The failed step's code (`Timeout`: the freeze deadline passed).
+    pub code: Option<Code>,
 }
 
 struct Run<'a> {
@@ -153,7 +155,11 @@ impl Run<'_> {
     /// less), so it is a warning.
     fn complete(&mut self) -> Value {
         let t = Instant::now();
-        match super::tracking::complete(&self.o.db, &self.o.vlus, &self.id) {
+        let done = super::tracking::complete(&self.o.db, &self.o.vlus, &self.id).and_then(|v| {
+            TrackingBases::deserialize(&v)
+                .map_err(|e| Failure::new(Code::Failed, format!("a malformed complete reply: {e}")))
+        });
+        match done {
             Ok(v) => {
                 // A later backup's cut may have superseded this one: the host then keeps
                 // its base and answers ok, so the base it reports is what is checked.
@@ -161,7 +167,10 @@ impl Run<'_> {
                     .o
                     .vlus
                     .iter()
-                    .filter(|n| v["vlus"][n.as_str()]["base"].as_str() != Some(self.id.as_str()))
+                    .filter(|n| {
+                        let base = v.vlus.get(n.as_str()).and_then(|b| b.base.as_deref());
+                        base != Some(self.id.as_str())
+                    })
                     .cloned()
                     .collect();
                 if other.is_empty() {
@@ -169,7 +178,7 @@ impl Run<'_> {
                 } else {
                     self.say(&format!("  warning: the database host's tracking base of {} is not this backup (a later backup's snapshot superseded it); the next incremental copies from that base", other.join(", ")));
                 }
-                v
+                json!(v)
             }
             Err(f) => {
                 self.say(&format!("  warning: the database host did not record the backup as the tracking's base: {f}"));
@@ -331,6 +340,7 @@ pub fn run(o: &Options) -> Report {
         return Report {
             value: out,
             error: None,
+            code: None,
         };
     };
     let (cleaned, msg) = match cleanup {
@@ -341,6 +351,7 @@ pub fn run(o: &Options) -> Report {
     Report {
         value: out,
         error: Some(format!("{step} failed: {f}; {msg}")),
+        code: Some(f.code),
     }
 }
 

@@ -8,7 +8,7 @@
 //! completed backup `base` (sorted, disjoint; `base` null: no backup completed yet, copy
 //! everything). Once the copy is stored the console sends `complete` (the backup becomes
 //! the base); if it fails, `abort` (the ranges count as written again). Both are
-//! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}`.
+//! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}` ([`super::TrackingBases`]).
 
 use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
 use serde_json::Value;
