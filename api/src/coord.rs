@@ -706,7 +706,10 @@ mod tests {
             "array_lu_identity":null,"device":"d","path":"/p","job":1,"lu":11,"records":1,
             "blocks":1,"bytes":9,"sha256":"s"}}"#;
         let l: CopiedLu = serde_json::from_str(array).unwrap();
-        assert!(matches!(&l.by, CopiedBy::Array { medium, .. } if medium.lu == 11), "{l:?}");
+        assert!(
+            matches!(&l.by, CopiedBy::Array { medium, .. } if medium.lu == 11),
+            "{l:?}"
+        );
         let v = serde_json::to_value(&l).unwrap();
         assert_eq!(v, serde_json::from_str::<Value>(array).unwrap());
         assert!(v.get("written_bytes").is_none(), "{v}");

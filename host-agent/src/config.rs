@@ -663,7 +663,10 @@ impl Config {
         if self.journal.region_kib == 0 || self.journal.region_kib % 4 != 0 {
             return Err((
                 "journal.region_kib".into(),
-                format!("{} is not a positive multiple of 4", self.journal.region_kib),
+                format!(
+                    "{} is not a positive multiple of 4",
+                    self.journal.region_kib
+                ),
             ));
         }
         if self.resync.chunk_kib == 0 || self.resync.chunk_kib > 32 * 1024 {

@@ -11,9 +11,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use hvm_host_agent::config::Config;
 use hvm_host_agent::host::Host;
 use hvm_host_agent::{agent, service};
-use hvm_host_agent::config::Config;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
 const SIZE: u64 = BLOCKS * 512;

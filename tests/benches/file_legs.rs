@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
+use hvm_host_agent::{agent, service};
 
 const SIZE: u64 = 512 << 20;
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
+use hvm_host_agent::{agent, service};
 use hvm_tests::Running;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use hvm_host_agent::{agent, service};
 use hvm_host_agent::config::Config;
+use hvm_host_agent::{agent, service};
 use hvm_tests::{binary, build_artifacts, spawn_ready, target_dir, tool, workspace};
 
 fn uri(sock: &Path, export: &str) -> String {

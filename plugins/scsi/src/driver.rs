@@ -204,7 +204,10 @@ pub fn open_array<E: Embed>(p: &Params<E>) -> Result<(Array, Option<u8>), String
 }
 
 #[cfg(feature = "iscsi")]
-fn iscsi_transport<E>(p: &Params<E>, url: &str) -> Result<(crate::iscsi::IscsiTransport, u8), String> {
+fn iscsi_transport<E>(
+    p: &Params<E>,
+    url: &str,
+) -> Result<(crate::iscsi::IscsiTransport, u8), String> {
     let u: crate::iscsi::IscsiUrl = url.parse()?;
     let t = crate::iscsi::IscsiTransport::connect(&u, &p.iscsi_options()?)
         .map_err(|e| format!("{u}: {e}"))?;
