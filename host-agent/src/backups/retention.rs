@@ -107,6 +107,12 @@ pub fn prune(
     let (chunks, freed) = collect_garbage(repo)?;
     report.chunks_deleted = Some(chunks);
     report.bytes_freed = Some(freed);
+    // The staged files of copies that died are garbage too (a live process's stay).
+    match repo.store().sweep() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "removed the staged files of copies that died"),
+        Err(e) => tracing::warn!(error = %e, "staged files of copies that died not removed"),
+    }
     Ok(report)
 }
 

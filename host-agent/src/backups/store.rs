@@ -52,6 +52,11 @@ pub trait Store: Send + Sync {
     fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Remove what the writes of processes that died left behind (staged files that
+    /// never got their sync); how many. A store without such files has nothing to do.
+    fn sweep(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
     /// The stored size of `key` in bytes, without reading it where the store can.
@@ -261,6 +266,12 @@ impl Store for DirStore {
         self.place(&mut self.lock_staged())
     }
 
+    fn sweep(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        sweep_dir(&self.root, &mut n).map_err(|e| self.io("sweep", e))?;
+        Ok(n)
+    }
+
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         let p = self.path(key)?;
         fs::read(p).map_err(|e| self.io(key, e))
@@ -350,6 +361,42 @@ fn write_staged(path: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
     }
 }
 
+/// Remove, under `dir`, the staged files (`.NAME.PID.N.staged`) of processes that no
+/// longer run; a live process's (this one's included) are its copy in progress. A PID
+/// reused since only keeps a dead file longer, never removes a live one.
+fn sweep_dir(dir: &Path, n: &mut u64) -> std::io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sweep_dir(&e.path(), n)?;
+        } else if staged_by_dead_process(&e.file_name().to_string_lossy()) {
+            fs::remove_file(e.path())?;
+            *n += 1;
+        }
+    }
+    Ok(())
+}
+
+/// True for a staged file's name whose writer's PID runs no process.
+fn staged_by_dead_process(name: &str) -> bool {
+    if !name.starts_with('.') {
+        return false;
+    }
+    let mut parts = name.rsplitn(4, '.');
+    let (Some("staged"), Some(_), Some(pid)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    match pid.parse::<u32>() {
+        Ok(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => false,
+    }
+}
+
 /// Ask the kernel to start writing `f` back now, without waiting, so the sync at the end
 /// of a backup finds little left to write. Advice only: an error changes nothing.
 fn start_writeback(f: &File) {
@@ -361,6 +408,24 @@ fn start_writeback(f: &File) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn sweep_removes_only_the_staged_files_of_dead_processes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::open(d.path()).unwrap();
+        // A copy in progress in this process: its staged file stays.
+        assert!(s.put_if_absent("chunks/ab/live", b"x").unwrap());
+        // A crashed copy's: PID 0 is no process's (/proc/0 does not exist).
+        let dead = d.path().join("chunks/ab/.dead.0.7.staged");
+        fs::write(&dead, b"y").unwrap();
+        // Not staged files: kept.
+        fs::write(d.path().join("chunks/ab/.other.0.tmp"), b"z").unwrap();
+        assert_eq!(s.sweep().unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(d.path().join("chunks/ab/.other.0.tmp").exists());
+        s.sync().unwrap();
+        assert_eq!(s.get("chunks/ab/live").unwrap(), b"x");
+    }
     use super::*;
 
     #[test]
