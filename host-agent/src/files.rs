@@ -1,17 +1,22 @@
-//! Whole-file writes that a crash leaves old or new, never half: the data goes to a synced
-//! temporary file beside the target (0600, in a directory made 0700 if missing), which is
-//! then renamed (or linked) into place and the directory synced. Used for the backup
-//! repository's objects, the placement file and the backup policy's state.
+//! Whole-file writes that a crash leaves old or new, never half: the data goes to a
+//! temporary file beside the target (0600, in a directory made 0700 if missing), synced
+//! and renamed into place, then the directory synced. Used for the backup repository's
+//! objects, the placement file and the backup policy's state; the repository's chunks
+//! use the same temporary files unsynced (`write_beside`) and sync them in one go.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Replace `path` with `data` atomically and durably.
 pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    write_synced_then(path, data, |tmp, p| fs::rename(tmp, p))?;
+    let tmp = write_beside(path, data, "tmp", File::sync_all)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_parent(path)
 }
 
@@ -26,13 +31,17 @@ fn parent(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Write `data` to a synced temporary file beside `path` and hand it to `place`
-/// (rename or link); the temporary name is gone afterwards.
-pub fn write_synced_then<T>(
+/// Write `data` to a new temporary file `.NAME.PID.N.SUFFIX` beside `path` (0600, its
+/// directory made 0700 if missing), hand the file to `finish` (a sync, or advice to
+/// start writing it back) and return the temporary file's path; on any failure the
+/// temporary file is gone. Unique per write: two threads may write one name at once.
+pub fn write_beside(
     path: &Path,
     data: &[u8],
-    place: impl FnOnce(&Path, &Path) -> std::io::Result<T>,
-) -> std::io::Result<T> {
+    suffix: &str,
+    finish: impl FnOnce(&File) -> std::io::Result<()>,
+) -> std::io::Result<PathBuf> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let dir = parent(path);
     fs::DirBuilder::new()
         .recursive(true)
@@ -42,26 +51,25 @@ pub fn write_synced_then<T>(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("object");
-    // Unique per write: two threads may put the same chunk at once.
-    static WRITES: AtomicU64 = AtomicU64::new(0);
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let tmp = dir.join(format!(".{name}.{}.{n}.{suffix}", std::process::id()));
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        place(&tmp, path)
+        finish(&f)
     })();
-    // A full disk must not keep the half-written file; after a link, the temporary
-    // name goes too.
-    let _ = fs::remove_file(&tmp);
-    written
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            // A full disk must not keep the half-written file.
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]

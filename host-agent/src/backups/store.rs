@@ -8,10 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
@@ -327,38 +326,13 @@ impl Drop for DirStore {
     }
 }
 
-/// Write `data` to a new temporary file beside `path` (its directory made 0700 if
-/// missing), not synced, its write-back started; the temporary file's path.
+/// Write `data` to a new temporary file beside `path`, not synced, its write-back
+/// started; the temporary file's path.
 fn write_staged(path: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
-    static WRITES: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("object");
-    let n = WRITES.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.staged", std::process::id()));
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        start_writeback(&f);
+    crate::files::write_beside(path, data, "staged", |f| {
+        start_writeback(f);
         Ok(())
-    })();
-    match written {
-        Ok(()) => Ok(tmp),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Remove, under `dir`, the staged files (`.NAME.PID.N.staged`) of processes that no
