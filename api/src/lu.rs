@@ -107,7 +107,7 @@ pub struct Verify {
 }
 
 /// `POST /v1/lus/{name}/move`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveRequest {
     /// The backend to move to.
     pub to: String,
@@ -121,10 +121,16 @@ pub struct MoveRequest {
 }
 
 /// An LU of a backend, by the backend's name in the config.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Place {
     pub backend: String,
     pub lu: u32,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.backend, self.lu)
+    }
 }
 
 /// How far a move is: `{"phase": "copying"}`, or `"failed"` with a `"reason"`.

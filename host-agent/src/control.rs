@@ -43,7 +43,7 @@ use hvm_core::{Backend, BackendError, BackendErrorKind, ManagerError, Mode, Virt
 use crate::exports::Manager;
 use crate::host::Host;
 use crate::metrics::{Scrape, CONTENT_TYPE as METRICS_CONTENT_TYPE};
-use crate::moves::{MoveError, MoveRequest, MoveStatus};
+use crate::moves::MoveError;
 
 type Shared = Arc<Host>;
 
@@ -118,7 +118,7 @@ pub fn lus(agent: &Host) -> Vec<api::Lu> {
             size_bytes: mgr.capacity_bytes(*vlu).unwrap_or(0),
             recorded_lbas: recorded,
             placement: agent.moved_to(name).map(|p| p.to_string()),
-            moving: agent.moves.job(name).map(|j| move_view(j.status())),
+            moving: agent.moves.job(name).map(|j| j.status()),
             tracking: tracking_view(mgr, *vlu),
             nbd_clients: clients.map_or(0, |c| c.open() as u64),
             restore_fence: clients.is_some_and(|c| c.fenced()),
@@ -184,8 +184,7 @@ async fn status(State(a): State<Shared>) -> Json<api::Status> {
         .last_reload
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .as_ref()
-        .map(reload_view);
+        .clone();
     Json(api::Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         health,
@@ -215,23 +214,11 @@ fn role_view(r: crate::config::Role) -> api::Role {
     }
 }
 
-/// A reload's report as the API shows it.
-fn reload_view(r: &crate::reload::ReloadReport) -> api::Reload {
-    api::Reload {
-        file: r.file.clone(),
-        at: r.at,
-        applied: r.applied.clone(),
-        needs_restart: r.needs_restart.clone(),
-        not_applied: r.not_applied.clone(),
-        error: r.error.clone(),
-    }
-}
-
 async fn reload(State(a): State<Shared>) -> ApiResult<Json<api::Reload>> {
     let report = blocking(move || Ok(a.reload())).await?;
     match &report.error {
         Some(e) => Err(ApiError(ErrorStatus::Invalid, e.clone())),
-        None => Ok(Json(reload_view(&report))),
+        None => Ok(Json(report)),
     }
 }
 
@@ -251,45 +238,7 @@ async fn move_start(
     Path(name): Path<String>,
     Json(req): Json<api::MoveRequest>,
 ) -> ApiResult<Json<api::Move>> {
-    let req = MoveRequest {
-        to: req.to,
-        lus: req.lus,
-        rate: req.rate,
-    };
-    blocking(move || {
-        a.start_move(&name, &req)
-            .map(|m| Json(move_view(m)))
-            .map_err(move_error)
-    })
-    .await
-}
-
-/// A move's status as the API shows it.
-pub fn move_view(m: MoveStatus) -> api::Move {
-    let place = |p: Vec<crate::moves::routed::Place>| {
-        p.into_iter()
-            .map(|p| api::Place {
-                backend: p.backend,
-                lu: p.lu,
-            })
-            .collect()
-    };
-    api::Move {
-        vlu: m.vlu,
-        from: place(m.from),
-        to: place(m.to),
-        phase: match m.phase {
-            crate::moves::Phase::Copying => api::Phase::Copying,
-            crate::moves::Phase::Done => api::Phase::Done,
-            crate::moves::Phase::Cancelled => api::Phase::Cancelled,
-            crate::moves::Phase::Failed(why) => api::Phase::Failed(why),
-        },
-        copied_bytes: m.copied_bytes,
-        total_bytes: m.total_bytes,
-        rate_bytes: m.rate_bytes,
-        elapsed_ms: m.elapsed_ms,
-        switch_ms: m.switch_ms,
-    }
+    blocking(move || a.start_move(&name, &req).map(Json).map_err(move_error)).await
 }
 
 async fn move_cancel(
@@ -298,7 +247,7 @@ async fn move_cancel(
 ) -> ApiResult<Json<api::Move>> {
     blocking(move || {
         let job = a.moves.cancel(&name).map_err(move_error)?;
-        Ok(Json(move_view(job.status())))
+        Ok(Json(job.status()))
     })
     .await
 }
@@ -311,7 +260,7 @@ async fn move_status(
         .moves
         .job(&name)
         .ok_or_else(|| move_error(MoveError::NotMoving(name.clone())))?;
-    Ok(Json(move_view(job.status())))
+    Ok(Json(job.status()))
 }
 
 async fn list(State(a): State<Shared>) -> Json<Vec<api::Lu>> {

@@ -13,9 +13,10 @@ use crate::config::{Config, CoordinationConfig, LogLevel};
 use crate::durable::FileJournal;
 use crate::exports::{Manager, VluExports};
 use crate::moves::routed::Place;
-use crate::moves::{MoveError, MoveRequest, MoveStatus, Moves, Subject};
-use crate::reload::{self, Live, ReloadReport};
+use crate::moves::{Move, MoveError, MoveRequest, Moves, Subject};
+use crate::reload::{self, Live};
 use crate::resync::ResyncControl;
+use hvm_api::Reload;
 
 /// The state of a configured host, which the control API and the coordination service
 /// borrow: its backends' managers and journals, the exports, moves and resync, where it
@@ -47,7 +48,7 @@ pub struct Host {
     /// Sets the log level, when the log level is the config's to set (no `--log-level`,
     /// no `RUST_LOG`); installed by the binary that set up logging.
     pub log_level: OnceLock<LogHook>,
-    pub last_reload: Mutex<Option<ReloadReport>>,
+    pub last_reload: Mutex<Option<Reload>>,
     /// Bytes read through snapshot exports since start.
     pub snapshot_reads: Arc<AtomicU64>,
     /// The agent-to-agent backup service's config, its paths made absolute.
@@ -60,8 +61,8 @@ pub type LogHook = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
 impl Host {
     /// Reload the config file: apply what may change live, report the rest (see
     /// [`crate::reload`]). The report is also kept for `GET /v1/status`.
-    pub fn reload(&self) -> ReloadReport {
-        let mut report = ReloadReport {
+    pub fn reload(&self) -> Reload {
+        let mut report = Reload {
             file: self
                 .config_file
                 .as_ref()
@@ -71,7 +72,7 @@ impl Host {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            ..ReloadReport::default()
+            ..Reload::default()
         };
         match &self.config_file {
             None => report.error = Some("no config file to reload".into()),
@@ -99,7 +100,7 @@ impl Host {
         report
     }
 
-    fn apply(&self, new: &Config, report: &mut ReloadReport) {
+    fn apply(&self, new: &Config, report: &mut Reload) {
         let mut current = self.config.lock().unwrap_or_else(PoisonError::into_inner);
         let plan = reload::plan(&current, new);
         for change in &plan.live {
@@ -140,7 +141,7 @@ impl Host {
 
     /// The manager and virtual LU behind an export name.
     /// Start moving origin virtual LU `name` as `req` asks (see [`crate::moves`]).
-    pub fn start_move(&self, name: &str, req: &MoveRequest) -> Result<MoveStatus, MoveError> {
+    pub fn start_move(&self, name: &str, req: &MoveRequest) -> Result<Move, MoveError> {
         let unknown = || MoveError::Refused(format!("no virtual LU named {name:?}"));
         if let Some(origin) = self.snapshot_of.get(name) {
             return Err(MoveError::Refused(format!(

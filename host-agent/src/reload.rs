@@ -15,8 +15,6 @@
 //! on what it has. A file that does not parse changes nothing and is reported with its
 //! line.
 
-use serde::Serialize;
-
 use crate::config::{Config, LogLevel, VirtualLuConfig};
 use crate::exports::Access;
 
@@ -192,23 +190,6 @@ pub fn effective(old: &Config, new: &Config) -> Config {
         }
     }
     e
-}
-
-/// What the last reload did, for the log, `GET /v1/status` and `hvmctl status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ReloadReport {
-    /// The config file read.
-    pub file: String,
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// Config paths applied live.
-    pub applied: Vec<String>,
-    /// Changed config paths that take effect only after a restart.
-    pub needs_restart: Vec<String>,
-    /// Changes that could not be applied, and why.
-    pub not_applied: Vec<String>,
-    /// The file could not be read or is not a valid config: nothing was changed.
-    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use hvm_core::range_lock::RangeGuard;
 use hvm_core::{Extent, LuId, MirrorDefinition, VirtualLuId, SECTOR_SIZE};
-use serde::Serialize;
 
 use crate::exports::Manager;
 use placement::{MoveRecord, Placement};
@@ -52,15 +51,7 @@ pub enum MoveError {
     Placement(String),
 }
 
-/// Where a move is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "phase", content = "reason")]
-pub enum Phase {
-    Copying,
-    Done,
-    Cancelled,
-    Failed(String),
-}
+pub use hvm_api::{Move, MoveRequest, Phase};
 
 /// One move of a virtual LU.
 pub struct MoveJob {
@@ -78,24 +69,9 @@ pub struct MoveJob {
     switch_ms: Mutex<Option<f64>>,
 }
 
-/// What `hvmctl lu move` and `lu list` show.
-#[derive(Clone, Debug, Serialize)]
-pub struct MoveStatus {
-    pub vlu: String,
-    pub from: Vec<Place>,
-    pub to: Vec<Place>,
-    #[serde(flatten)]
-    pub phase: Phase,
-    pub copied_bytes: u64,
-    pub total_bytes: u64,
-    pub rate_bytes: u64,
-    pub elapsed_ms: f64,
-    pub switch_ms: Option<f64>,
-}
-
 impl MoveJob {
-    pub fn status(&self) -> MoveStatus {
-        MoveStatus {
+    pub fn status(&self) -> Move {
+        Move {
             vlu: self.vlu.clone(),
             from: self.from.clone(),
             to: self.to.clone(),
@@ -122,21 +98,6 @@ impl MoveJob {
             .unwrap_or_else(PoisonError::into_inner);
         g.clone()
     }
-}
-
-/// What to move where.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MoveRequest {
-    /// The backend to move to.
-    pub to: String,
-    /// The target's mirror LU (its mirroring definition's primary); default: the first
-    /// definition of the same kind that no virtual LU uses.
-    #[serde(default)]
-    pub lus: Option<u32>,
-    /// Bytes per second; 0 or none: unlimited.
-    #[serde(default)]
-    pub rate: Option<u64>,
 }
 
 /// A virtual LU as the moves see it.
@@ -225,7 +186,7 @@ impl Moves {
         lock(&self.jobs).get(vlu).cloned()
     }
 
-    pub fn list(&self) -> Vec<MoveStatus> {
+    pub fn list(&self) -> Vec<Move> {
         lock(&self.jobs).values().map(|j| j.status()).collect()
     }
 

@@ -11,23 +11,11 @@ use hvm_core::backend::{Backend, BackendDescription, BackendError, BackendErrorK
 use hvm_core::range_lock::RangeLock;
 use hvm_core::{Extent, LuId, SECTOR_SIZE};
 use hvm_legs::Companion;
-use serde::{Deserialize, Serialize};
 
 /// An opened backend, shared by every view that routes to it.
 pub type Shared = Arc<dyn Backend>;
 
-/// An LU of a backend, by the backend's name in the config.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Place {
-    pub backend: String,
-    pub lu: u32,
-}
-
-impl std::fmt::Display for Place {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.backend, self.lu)
-    }
-}
+pub use hvm_api::Place;
 
 /// A place and the backend that serves it.
 #[derive(Clone)]
