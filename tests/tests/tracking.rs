@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvm_host_agent::coord::{tls, tracking, Code, Op, Peer};
+use hvm_host_agent::coord::{tls, tracking, Code, Op, Peer, TrackingBases};
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::{Hosts, Setup};
 use hvm_tests::spawn_ready;
@@ -204,9 +204,9 @@ fn random_blocks(rng: &mut u64, n: usize) -> BTreeSet<u64> {
     out
 }
 
-fn complete(db: &Db, backup: &str) -> Value {
+fn complete(db: &Db, backup: &str) -> TrackingBases {
     let r = tracking::complete(&db.peer, &["a".to_string()], backup).unwrap();
-    assert_eq!(r["vlus"]["a"]["base"], backup, "{r}");
+    assert_eq!(r.vlus["a"].base.as_deref(), Some(backup), "{r:?}");
     r
 }
 
@@ -241,7 +241,7 @@ fn a_cut_holds_exactly_the_writes_since_the_last_completed_backup() {
 
     // Abort: W1 counts as written again; the base stays.
     let r = tracking::abort(&db.peer, &["a".to_string()], "b1").unwrap();
-    assert_eq!(r["vlus"]["a"]["base"], "b0", "{r}");
+    assert_eq!(r.vlus["a"].base.as_deref(), Some("b0"), "{r:?}");
     tracking::abort(&db.peer, &["a".to_string()], "b1").unwrap(); // idempotent
     let w2 = random_blocks(&mut rng, 20);
     db.write(&w2, 3);
@@ -258,8 +258,12 @@ fn a_cut_holds_exactly_the_writes_since_the_last_completed_backup() {
     assert_eq!(sectors(&c), sectors_of(&all));
     db.delete();
     assert!(
-        tracking::complete(&db.peer, &["a".to_string()], "b2").unwrap()["vlus"]["a"]["base"]
-            == "b0",
+        tracking::complete(&db.peer, &["a".to_string()], "b2")
+            .unwrap()
+            .vlus["a"]
+            .base
+            .as_deref()
+            == Some("b0"),
         "b2 was merged into b3: completing it changes nothing"
     );
     complete(&db, "b3");

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::{
     new_id, BackupList, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Deleted, Failure,
     LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress,
-    SnapshotLu, SnapshotTaken, Source, Step, TrackingBases, Verified,
+    SnapshotLu, SnapshotTaken, Source, Step, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -155,11 +155,7 @@ impl Run<'_> {
     /// less), so it is a warning.
     fn complete(&mut self) -> Value {
         let t = Instant::now();
-        let done = super::tracking::complete(&self.o.db, &self.o.vlus, &self.id).and_then(|v| {
-            TrackingBases::deserialize(&v)
-                .map_err(|e| Failure::new(Code::Failed, format!("a malformed complete reply: {e}")))
-        });
-        match done {
+        match super::tracking::complete(&self.o.db, &self.o.vlus, &self.id) {
             Ok(v) => {
                 // A later backup's cut may have superseded this one: the host then keeps
                 // its base and answers ok, so the base it reports is what is checked.

@@ -10,29 +10,27 @@
 //! the base); if it fails, `abort` (the ranges count as written again). Both are
 //! idempotent and answer `{"vlus": {NAME: {"base": ID | null}}}` ([`super::TrackingBases`]).
 
-use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
-use serde_json::Value;
-
-use super::{new_id, Changes, Failure, Op, Peer};
+use super::{new_id, Changes, Failure, Op, Peer, TrackingBases};
 use crate::exports::Manager;
+use hvm_core::{BackupId, VirtualLuId, SECTOR_SIZE};
 
 /// Tell the database host that `backup` of `vlus` is stored: it becomes their base.
-pub fn complete(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure> {
+pub fn complete(db: &Peer, vlus: &[String], backup: &str) -> Result<TrackingBases, Failure> {
     let op = Op::Complete {
         vlus: vlus.to_vec(),
         backup: backup.to_string(),
     };
-    db.call(&new_id(), &op, 3, &mut |_, _| {})
+    db.ask(&new_id(), &op, 3, &mut |_, _| {})
 }
 
 /// Tell the database host that `backup` of `vlus` failed: what it would have copied
 /// counts as written again.
-pub fn abort(db: &Peer, vlus: &[String], backup: &str) -> Result<Value, Failure> {
+pub fn abort(db: &Peer, vlus: &[String], backup: &str) -> Result<TrackingBases, Failure> {
     let op = Op::Abort {
         vlus: vlus.to_vec(),
         backup: backup.to_string(),
     };
-    db.call(&new_id(), &op, 3, &mut |_, _| {})
+    db.ask(&new_id(), &op, 3, &mut |_, _| {})
 }
 
 /// One virtual LU's entry of a snapshot reply's `changes`: `backup`'s pending ranges in
