@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod backup;
 pub mod ceph;
+pub mod legs;
 pub mod pg;
 pub mod rgw;
 pub mod tgt;

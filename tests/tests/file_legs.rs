@@ -10,11 +10,9 @@ use std::process::Command;
 
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::Storage;
+use hvm_tests::legs::{instant, MIB, SIZE};
 use hvm_tests::pg::{backup_online_via_nbd, Mounted};
 use hvm_tests::{binary, tool};
-
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
 
 /// A loop device attached by this test, detached (by its name) when dropped.
 struct LoopDevice {
@@ -61,14 +59,6 @@ fn config(dir: &Path, legs: [&str; 2], extra: &str) -> PathBuf {
     )
     .unwrap();
     cfg
-}
-
-/// Bytes of the virtual LU at the snapshot instant, as the cycle writes them.
-fn instant() -> Vec<u8> {
-    let mut v = vec![0u8; SIZE as usize];
-    v[..(8 * MIB) as usize].fill(0x11);
-    v[(40 * MIB) as usize..(41 * MIB) as usize].fill(0x33);
-    v
 }
 
 /// The demo's cycle over real clients; returns once resync is done and host-agent has

@@ -18,11 +18,9 @@ use std::time::{Duration, Instant};
 
 use hvm_plugin_abi::host::Plugin;
 use hvm_tests::agent::Agent;
+use hvm_tests::legs::{after, instant, read_export, MIB, SIZE};
 use hvm_tests::tgt::{read_lun, Tgt};
 use hvm_tests::{binary, plugin_path, spawn_ready, tool, workspace, Running};
-
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
 
 /// The example config with its two legs on `tgt`'s LUNs 1 and 2 and `timeout` seconds.
 fn example_config(dir: &Path, tgt: &Tgt, timeout: u32) -> PathBuf {
@@ -37,40 +35,6 @@ fn example_config(dir: &Path, tgt: &Tgt, timeout: u32) -> PathBuf {
     let cfg = dir.join("agent.yaml");
     std::fs::write(&cfg, text).unwrap();
     cfg
-}
-
-/// The bytes of an NBD export, read with qemu-img.
-fn read_export(uri: &str, dir: &Path, name: &str) -> Vec<u8> {
-    let out_file = dir.join(name);
-    let out = tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", uri])
-        .arg(&out_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img convert {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let data = std::fs::read(&out_file).unwrap();
-    std::fs::remove_file(&out_file).unwrap();
-    data
-}
-
-/// The virtual LU at the snapshot instant.
-fn instant() -> Vec<u8> {
-    let mut v = vec![0u8; SIZE as usize];
-    v[..(8 * MIB) as usize].fill(0x11);
-    v[(40 * MIB) as usize..(41 * MIB) as usize].fill(0x33);
-    v
-}
-
-/// The virtual LU after the writes in Snapshot mode.
-fn after() -> Vec<u8> {
-    let mut v = instant();
-    v[(4 * MIB) as usize..(6 * MIB) as usize].fill(0x22);
-    v[(40 * MIB) as usize..(40 * MIB + MIB / 2) as usize].fill(0);
-    v
 }
 
 #[test]

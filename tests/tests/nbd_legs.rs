@@ -12,10 +12,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use hvm_tests::agent::Agent;
+use hvm_tests::legs::{after, instant, read_export, MIB, SIZE};
 use hvm_tests::{tool, workspace, Running};
-
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
 
 /// Wait for a server's socket to appear; a server that exits first fails the test.
 fn wait_for_socket(server: &mut Running, sock: &Path) {
@@ -60,40 +58,6 @@ fn config(dir: &Path, legs: [&str; 2], timeout_ms: u64) -> PathBuf {
     )
     .unwrap();
     cfg
-}
-
-/// The bytes of an NBD export, read with qemu-img straight from its server.
-fn read_export(uri: &str, dir: &Path, name: &str) -> Vec<u8> {
-    let out_file = dir.join(name);
-    let out = tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", uri])
-        .arg(&out_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img convert {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let data = std::fs::read(&out_file).unwrap();
-    std::fs::remove_file(&out_file).unwrap();
-    data
-}
-
-/// The virtual LU at the snapshot instant, as [`cycle`] writes it.
-fn instant() -> Vec<u8> {
-    let mut v = vec![0u8; SIZE as usize];
-    v[..(8 * MIB) as usize].fill(0x11);
-    v[(40 * MIB) as usize..(41 * MIB) as usize].fill(0x33);
-    v
-}
-
-/// The virtual LU after [`cycle`]'s writes in Snapshot mode.
-fn after() -> Vec<u8> {
-    let mut v = instant();
-    v[(4 * MIB) as usize..(6 * MIB) as usize].fill(0x22);
-    v[(40 * MIB) as usize..(40 * MIB + MIB / 2) as usize].fill(0);
-    v
 }
 
 /// Writes, acquire, writes and zeroes in Snapshot mode, the snapshot copied and compared
