@@ -388,10 +388,24 @@ fn build_manager(
         })?;
         built.journals.insert(name.to_string(), j);
     }
+    // One per virtual LU, shared with its snapshot exports: a backup's reads yield to
+    // the database's requests (config `backup_reads`).
+    let mut yields = std::collections::BTreeMap::new();
     for (export_name, vlu, access) in names {
         tracing::info!(export = %export_name, backend = %name, mode = ?mgr.mode(vlu), "virtual LU");
         let mut export = VluExport::new(mgr.clone(), vlu, access);
-        if built.snapshot_of.contains_key(&export_name) {
+        let origin = built.snapshot_of.get(&export_name).cloned();
+        let y = yields
+            .entry(origin.clone().unwrap_or_else(|| export_name.clone()))
+            .or_insert_with(|| {
+                Arc::new(crate::nbd::export::Yield::new(
+                    cfg.backup_reads.floor_mib << 20,
+                    std::time::Duration::from_millis(cfg.backup_reads.busy_ms),
+                ))
+            })
+            .clone();
+        export = export.yielding(y, origin.is_some());
+        if origin.is_some() {
             export = export.counting_reads(snapshot_reads.clone());
         }
         built.exports.insert(export_name.clone(), export);

@@ -21,6 +21,12 @@
 //! resync:
 //!   chunk_kib: 1024                  # LBAs copied per resync step
 //!   rate_mib: 0                      # bytes per second per backend; 0: unlimited
+//! backup_reads:                      # a snapshot export's reads (a backup pulling the
+//!                                    #   snapshot over NBD) yield to the database's I/O
+//!   floor_mib: 64                    #   on its virtual LU: while that is busy, at most
+//!                                    #   this many MiB/s (never less: a busy database
+//!                                    #   cannot starve the backup); 0: never yield
+//!   busy_ms: 50                      # busy: a request on the virtual LU this recently
 //! listen:
 //!   unix: nbd.sock                   # relative: in state_dir
 //!   tcp: 127.0.0.1:10809             # optional; only unrestricted exports on TCP
@@ -135,6 +141,8 @@ ranged!(chunk_kib, 1, 32 * 1024, "KiB");
 ranged!(rate_mib, 0, 1 << 20, "MiB/s (0: unlimited)");
 ranged!(deadline_ms, 1, 24 * 3_600_000, "milliseconds");
 ranged!(budget_mib_per_tib, 1, 1 << 16, "MiB per TiB of LU");
+ranged!(floor_mib, 0, 1 << 20, "MiB/s (0: never yield)");
+ranged!(busy_ms, 1, 60_000, "milliseconds");
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +165,8 @@ pub struct Config {
     pub resync: ResyncConfig,
     #[serde(default)]
     pub tables: TablesConfig,
+    #[serde(default)]
+    pub backup_reads: BackupReadsConfig,
     pub listen: Listen,
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
@@ -332,6 +342,29 @@ impl Default for ResyncConfig {
         ResyncConfig {
             chunk_kib: 1024,
             rate_mib: 0,
+        }
+    }
+}
+
+/// How a snapshot export's reads (a backup pulling the snapshot over NBD) yield to the
+/// database's I/O on the virtual LU they are the snapshot of, as DRBD's resync yields to
+/// application I/O down to its `c-min-rate` (see [`crate::nbd::export::Yield`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupReadsConfig {
+    /// MiB/s the backup's reads get while the virtual LU is busy; 0: never yield.
+    #[serde(deserialize_with = "floor_mib")]
+    pub floor_mib: u64,
+    /// The virtual LU is busy for this long after each of its requests.
+    #[serde(deserialize_with = "busy_ms")]
+    pub busy_ms: u64,
+}
+
+impl Default for BackupReadsConfig {
+    fn default() -> Self {
+        BackupReadsConfig {
+            floor_mib: 64,
+            busy_ms: 50,
         }
     }
 }
@@ -853,6 +886,11 @@ virtual_lus:
             "c.yaml",
         );
         assert_eq!(c.unwrap().tables.per_tib(), 8 << 20);
+        let c = Config::parse(OK, "c.yaml").unwrap();
+        assert_eq!(c.backup_reads, BackupReadsConfig::default());
+        let c = Config::parse(&format!("{OK}backup_reads: {{ floor_mib: 0 }}\n"), "c.yaml");
+        let b = c.unwrap().backup_reads;
+        assert_eq!((b.floor_mib, b.busy_ms), (0, 50));
     }
 
     #[test]
@@ -880,6 +918,7 @@ virtual_lus:
                 8,
             ),
             ("resync: { chunk_kib: -1 }\n", "resync.chunk_kib", 7),
+            ("backup_reads: { busy_ms: 0 }\n", "backup_reads.busy_ms", 7),
         ] {
             let e = Config::parse(&format!("{OK}{yaml}"), "c.yaml")
                 .unwrap_err()

@@ -54,6 +54,9 @@ pub struct VluExport {
     snapshot_reads: Option<Arc<AtomicU64>>,
     /// Its NBD connections on every listener, and the fence of a restore in place.
     clients: Arc<Clients>,
+    /// Shared by a virtual LU and its snapshot exports: the snapshot's reads (a backup's)
+    /// yield to the virtual LU's requests (the database's); `true`: this is the snapshot.
+    yields: Option<(Arc<crate::nbd::export::Yield>, bool)>,
 }
 
 impl VluExport {
@@ -66,6 +69,7 @@ impl VluExport {
             gate: Gate::default(),
             snapshot_reads: None,
             clients: Arc::default(),
+            yields: None,
         }
     }
 
@@ -73,6 +77,23 @@ impl VluExport {
     pub fn counting_reads(mut self, counter: Arc<AtomicU64>) -> Self {
         self.snapshot_reads = Some(counter);
         self
+    }
+
+    /// Share `y` with the virtual LU and its snapshot exports; `background`: this is a
+    /// snapshot export, whose reads yield (see [`crate::nbd::export::Yield`]).
+    pub fn yielding(mut self, y: Arc<crate::nbd::export::Yield>, background: bool) -> Self {
+        self.yields = Some((y, background));
+        self
+    }
+
+    /// A request on this export: a foreground one is noted, a background read waits as
+    /// the pacing says.
+    fn pace(&self, read_bytes: u64) {
+        match &self.yields {
+            Some((y, true)) => y.background(read_bytes),
+            Some((y, false)) => y.foreground(),
+            None => {}
+        }
     }
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
@@ -114,6 +135,7 @@ impl Export for VluExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.pace(buf.len() as u64);
         self.mgr.read(self.vlu, offset, buf).map_err(export_error)?;
         if let Some(c) = &self.snapshot_reads {
             c.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -122,6 +144,7 @@ impl Export for VluExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        self.pace(0);
         let _pass = self.gate.enter();
         self.mgr
             .write(self.vlu, offset, data, fua)
@@ -135,6 +158,7 @@ impl Export for VluExport {
         unmap: bool,
         fua: bool,
     ) -> Result<(), ExportError> {
+        self.pace(0);
         let _pass = self.gate.enter();
         self.mgr
             .write_zeroes(self.vlu, offset, len, unmap, fua)
@@ -142,6 +166,7 @@ impl Export for VluExport {
     }
 
     fn flush(&self) -> Result<(), ExportError> {
+        self.pace(0);
         self.mgr.flush(self.vlu).map_err(export_error)
     }
 

@@ -79,6 +79,7 @@ fn settings(old: &Config, new: &Config, p: &mut Plan) {
         ("runtime_dir", old.runtime_dir != new.runtime_dir),
         ("control_group", old.control_group != new.control_group),
         ("tables", old.tables != new.tables),
+        ("backup_reads", old.backup_reads != new.backup_reads),
         ("journal", old.journal != new.journal),
         ("listen", old.listen != new.listen),
         ("coordination", old.coordination != new.coordination),

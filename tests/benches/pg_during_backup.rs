@@ -3,14 +3,17 @@
 //! snapshot, copy by the backup host, delete, then waiting for the resync before the
 //! next), and during back-to-back
 //! `pg_basebackup`s of the same cluster (plain format, WAL streamed, fast checkpoint,
-//! written to the same filesystem as hvm's backups), in one run. hvm runs three ways:
+//! written to the same filesystem as hvm's backups), in one run. hvm runs four ways:
 //! `--full` into a new repository each time (every byte read, hashed, compressed and
 //! written, like pg_basebackup's whole copy), incremental (the default of `backup run`:
 //! each backup copies what the database wrote since the one before, into one
-//! repository), and `--full --rate R`. The phases take turns, one pgbench round each
-//! (idle, full, incremental, rated, pg_basebackup, idle, ...), so that load that comes
-//! and goes on the machine weighs on all of them alike. The mean time of each backup
-//! step is printed for the full and the incremental runs.
+//! repository), `--full --rate R`, and `--full --via nbd` (the backup host reads the
+//! snapshot from the database host's NBD server instead of the array, and those reads
+//! yield to the database's I/O: config `backup_reads`). The phases take turns, one
+//! pgbench round each (idle, full, incremental, rated, via NBD, pg_basebackup, idle,
+//! ...), so that load that comes and goes on the machine weighs on all of them alike.
+//! The mean time of each backup step is printed for the full, incremental and NBD runs,
+//! with the loop's wait for the resync after each.
 //!
 //! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
 //! `HVM_BENCH_ROUNDS` sets the turns (default 3; a pgbench round is 5 s), `HVM_BENCH_RATE`
@@ -78,10 +81,14 @@ struct Steps(std::collections::BTreeMap<String, (f64, usize)>);
 impl Steps {
     fn add(&mut self, report: &serde_json::Value) {
         for (name, ms) in hvm_tests::backup::steps(report) {
-            let e = self.0.entry(name.to_string()).or_default();
-            e.0 += ms;
-            e.1 += 1;
+            self.one(name, ms);
         }
+    }
+
+    fn one(&mut self, name: &str, ms: f64) {
+        let e = self.0.entry(name.to_string()).or_default();
+        e.0 += ms;
+        e.1 += 1;
     }
 
     fn show(&self) -> String {
@@ -132,11 +139,12 @@ fn main() {
     let d = Deployment::start(dir.path(), LU, SCALE, 20_000);
 
     let base_root = d.hosts.target_root.join("basebackup");
-    let steps = std::sync::Mutex::new((Steps::default(), Steps::default()));
+    let steps = std::sync::Mutex::new((Steps::default(), Steps::default(), Steps::default()));
     // `full`: a new repository each time, so every byte is hashed, compressed and
     // written; otherwise the repository "inc", where each backup is an incremental of
     // the one before (as `hvmctl backup run` does by default).
     let hvm_backup = |name: &str, extra: &[&str], full: bool| {
+        let via_nbd = extra.contains(&"nbd");
         let (o, v) = d.hosts.run(&["pg"], if full { name } else { "inc" }, extra);
         assert!(
             o.status.success(),
@@ -146,15 +154,21 @@ fn main() {
         // As a scheduled run (`backup policy run`) does: no --wait-resync (which also
         // reads and compares both legs whole); the resync still runs in the phase, as
         // the next backup needs the pair Synchronized.
+        let t = std::time::Instant::now();
         while d.hosts.db.mode("pg") != "Synchronized" {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        let resync = t.elapsed().as_secs_f64() * 1000.0;
         let mut s = steps.lock().expect("steps");
+        let which = match (full, via_nbd) {
+            (_, true) => &mut s.2,
+            (true, false) => &mut s.0,
+            (false, false) => &mut s.1,
+        };
+        which.add(&v);
+        which.one("resync (the loop's wait)", resync);
         if full {
-            s.0.add(&v);
             let _ = std::fs::remove_dir_all(d.hosts.target_root.join(name));
-        } else {
-            s.1.add(&v);
         }
     };
     // The incremental phase's base, before any round.
@@ -164,6 +178,7 @@ fn main() {
     let mut full = Phase::new("hvmctl backup run --full");
     let mut inc = Phase::new("hvmctl backup run (incremental)");
     let mut rated = Phase::new(format!("hvmctl backup run --full --rate {rate}"));
+    let mut nbd = Phase::new("hvmctl backup run --full --via nbd");
     let mut pgb = Phase::new("pg_basebackup -X stream -c fast");
     for round in 0..rounds {
         idle_p.round((idle(&d.cluster, 1), 0));
@@ -175,6 +190,9 @@ fn main() {
         }));
         rated.round(during(&d.cluster, 1, |i| {
             hvm_backup(&format!("rated-{round}-{i}"), &["--rate", &rate], true)
+        }));
+        nbd.round(during(&d.cluster, 1, |i| {
+            hvm_backup(&format!("nbd-{round}-{i}"), &["--via", "nbd"], true)
         }));
         pgb.round(during(&d.cluster, 1, |i| {
             let to = base_root.join(format!("pg-{round}-{i}"));
@@ -193,7 +211,7 @@ fn main() {
         "during", "TPS per round", "mean", "vs idle", "backups", "lost per backup"
     );
     let secs = f64::from(ROUND_SECS) * rounds as f64;
-    for p in [&idle_p, &full, &inc, &rated, &pgb] {
+    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb] {
         let per: Vec<String> = p.tps.iter().map(|t| format!("{t:.0}")).collect();
         // Transactions the database did not do because of the backups, per backup.
         let lost = match p.runs {
@@ -214,16 +232,26 @@ fn main() {
     let s = steps.lock().expect("steps");
     println!("hvm full, mean ms per step: {}", s.0.show());
     println!("hvm incremental, mean ms per step: {}", s.1.show());
+    println!("hvm full --via nbd, mean ms per step: {}", s.2.show());
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
-    let (f, i, p, r) = (full.mean(), inc.mean(), pgb.mean(), rated.mean());
+    let (f, i, p, r, n) = (
+        full.mean(),
+        inc.mean(),
+        pgb.mean(),
+        rated.mean(),
+        nbd.mean(),
+    );
     println!(
         "hvm / pg_basebackup: incremental (the default) {:.2}x (target >= 1: {}), full {:.2}x ({}); \
-         full with --rate {rate}: {:.2}x idle (target >= 0.8: {})",
+         full with --rate {rate}: {:.2}x idle (target >= 0.8: {}); full --via nbd (the database \
+         host serves the reads, yielding to the database): {:.2}x, {:.2}x idle",
         i / p,
         verdict(i >= p),
         f / p,
         verdict(f >= p),
         r / base,
-        verdict(r >= 0.8 * base)
+        verdict(r >= 0.8 * base),
+        n / p,
+        n / base
     );
 }

@@ -252,7 +252,17 @@ impl Freeze {
             h.quiesce(&self.env, &self.label)
                 .await
                 .map_err(|e| format!("{}: {e}", self.current))?;
-            self.steps.push(step(self.current.clone(), t));
+            let mut done = step(self.current.clone(), t);
+            // A part timed apart (fsfreeze's sync before the freeze) is its own step;
+            // the hook's step is then the rest (the freeze, writes held).
+            if let Some((name, ms)) = h.take_part() {
+                done.ms = (done.ms - ms).max(0.0);
+                self.steps.push(Step {
+                    step: format!("quiesce {name}"),
+                    ms,
+                });
+            }
+            self.steps.push(done);
         }
         let names: Vec<&str> = group.iter().map(|m| m.name.as_str()).collect();
         self.current = format!("snapshot of {}", names.join(", "));

@@ -2,16 +2,24 @@
 //! point, and PostgreSQL (`pg_backup_start` with an immediate checkpoint on a held
 //! connection, then `pg_backup_stop`, whose backup label goes next to the copy).
 //!
+//! The fsfreeze hook writes the filesystem's dirty data out first (`syncfs`, while the
+//! database still writes), then freezes it (the `FIFREEZE` ioctl, which syncs again what
+//! came since, now with writes held) and thaws it with `FITHAW`: writes wait only for
+//! the last sync and the snapshot, not for all the dirty data nor for starting a
+//! `fsfreeze` process twice.
+//!
 //! A hook's `quiesce` may be abandoned at the freeze's deadline (its future dropped);
 //! the hook remembers enough to undo it, and `resume` always undoes whatever may have
 //! been done: it kills a command still running (its whole process group) and runs the
-//! post command, thaws a filesystem that may be frozen, and cancels and closes the
-//! PostgreSQL session (which ends a backup it started).
+//! post command, waits for a freeze still in the kernel and thaws the filesystem if it
+//! froze it, and cancels and closes the PostgreSQL session (which ends a backup it
+//! started).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
@@ -47,8 +55,13 @@ enum Kind {
     },
     Fsfreeze {
         path: PathBuf,
-        /// `fsfreeze -f` was started: the filesystem may be frozen.
-        maybe_frozen: bool,
+        /// This hook froze the filesystem and so must thaw it.
+        frozen: bool,
+        /// The `FIFREEZE` ioctl on a blocking thread, not seen to end: the quiesce was
+        /// abandoned at the deadline (a freeze in the kernel cannot be interrupted).
+        pending: Option<tokio::task::JoinHandle<Result<(), String>>>,
+        /// How long the `syncfs` before the freeze took, for the step list.
+        synced_ms: Option<f64>,
     },
     Postgres {
         connect: String,
@@ -110,24 +123,51 @@ fn kill_group(pgid: i32) {
     let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
 }
 
-async fn fsfreeze(flag: &str, path: &PathBuf) -> Result<(), String> {
-    let out = tokio::process::Command::new("fsfreeze")
-        .arg(flag)
-        .arg(path)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run fsfreeze (util-linux): {e}"))?;
-    if out.status.success() {
+/// The filesystem ioctls of `fsfreeze(8)` (linux/fs.h).
+const FIFREEZE: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 119);
+const FITHAW: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 120);
+
+/// What `fsfreeze` runs on: the mount point, opened read-only (a directory, as
+/// `fsfreeze(8)` requires).
+fn open_mount(path: &Path) -> Result<std::fs::File, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match f.metadata() {
+        Ok(m) if m.is_dir() => Ok(f),
+        Ok(_) => Err(format!("{}: not a directory", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// `syncfs`, `FIFREEZE` or `FITHAW` on the filesystem of `path` (blocking).
+fn fs_call(path: &Path, what: &'static str) -> Result<(), String> {
+    let f = open_mount(path)?;
+    let fd = f.as_raw_fd();
+    // SAFETY: plain system calls on a descriptor we hold open; the freeze ioctls take
+    // no argument the kernel reads.
+    let r = unsafe {
+        match what {
+            "syncfs" => libc::syncfs(fd),
+            "freeze" => libc::ioctl(fd, FIFREEZE, 0),
+            _ => libc::ioctl(fd, FITHAW, 0),
+        }
+    };
+    if r == 0 {
         Ok(())
     } else {
         Err(format!(
-            "fsfreeze {flag} {}: {}",
+            "{what} {}: {}",
             path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            std::io::Error::last_os_error()
         ))
     }
+}
+
+/// [`fs_call`] off the async threads.
+async fn fs_blocking(path: &Path, what: &'static str) -> Result<(), String> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || fs_call(&p, what))
+        .await
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
 }
 
 fn pg(e: tokio_postgres::Error) -> String {
@@ -151,7 +191,9 @@ impl Hook {
         } else if let Some(p) = &cfg.fsfreeze {
             Kind::Fsfreeze {
                 path: p.clone(),
-                maybe_frozen: false,
+                frozen: false,
+                pending: None,
+                synced_ms: None,
             }
         } else {
             Kind::Postgres {
@@ -164,6 +206,20 @@ impl Hook {
             }
         };
         Hook { kind }
+    }
+
+    /// A part of the last quiesce timed apart, as (step name, ms): the fsfreeze hook's
+    /// `syncfs` before the freeze (writes go on during it; the rest of the hook's step
+    /// is the freeze itself, writes held).
+    pub fn take_part(&mut self) -> Option<(String, f64)> {
+        match &mut self.kind {
+            Kind::Fsfreeze {
+                path, synced_ms, ..
+            } => synced_ms
+                .take()
+                .map(|ms| (format!("syncfs {}", path.display()), ms)),
+            _ => None,
+        }
     }
 
     pub fn name(&self) -> String {
@@ -188,9 +244,29 @@ impl Hook {
                 }
                 None => Ok(()),
             },
-            Kind::Fsfreeze { path, maybe_frozen } => {
-                *maybe_frozen = true;
-                fsfreeze("-f", path).await
+            Kind::Fsfreeze {
+                path,
+                frozen,
+                pending,
+                synced_ms,
+            } => {
+                // The dirty data goes out while the database still writes; the freeze
+                // then syncs only what came since, with writes held.
+                let t = Instant::now();
+                fs_blocking(path, "syncfs").await?;
+                *synced_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                let p = path.clone();
+                let task =
+                    pending.insert(tokio::task::spawn_blocking(move || fs_call(&p, "freeze")));
+                let r = match task.await {
+                    Ok(r) => r,
+                    Err(e) => Err(format!("freeze {}: {e}", path.display())),
+                };
+                *pending = None;
+                // Failed: not frozen by us (a refusal, or frozen by someone else
+                // already: EBUSY), nothing to thaw.
+                *frozen = r.is_ok();
+                r
             }
             Kind::Postgres { connect, session } => {
                 let (client, conn) = tokio_postgres::connect(connect, tokio_postgres::NoTls)
@@ -254,19 +330,39 @@ impl Hook {
                     r.map_err(|_| format!("`{cmd}` did not end within {RESUME_TIMEOUT:?}"))??;
                 }
             }
-            Kind::Fsfreeze { path, maybe_frozen } => {
-                if std::mem::take(maybe_frozen) {
-                    let r = tokio::time::timeout(RESUME_TIMEOUT, fsfreeze("-u", path))
+            Kind::Fsfreeze {
+                path,
+                frozen,
+                pending,
+                ..
+            } => {
+                let mut froze = std::mem::take(frozen);
+                // A freeze abandoned at the deadline may still be in the kernel: thawing
+                // before it ends would leave the filesystem frozen.
+                if let Some(task) = pending.take() {
+                    froze = match tokio::time::timeout(RESUME_TIMEOUT, task).await {
+                        Ok(Ok(r)) => r.is_ok(),
+                        // The thread panicked: it may have frozen; thaw to be sure.
+                        Ok(Err(_)) => true,
+                        Err(_) => {
+                            return Err(format!(
+                                "the freeze of {} did not end within {RESUME_TIMEOUT:?}",
+                                path.display()
+                            ))
+                        }
+                    };
+                }
+                if froze {
+                    let r = tokio::time::timeout(RESUME_TIMEOUT, fs_blocking(path, "thaw"))
                         .await
                         .map_err(|_| {
                             format!(
-                                "fsfreeze -u {} did not end within {RESUME_TIMEOUT:?}",
+                                "thaw {} did not end within {RESUME_TIMEOUT:?}",
                                 path.display()
                             )
                         })?;
                     if let Err(e) = r {
-                        // -u on a filesystem that is not frozen (the freeze failed or
-                        // never got that far) is EINVAL: nothing to thaw.
+                        // EINVAL: not frozen (thawed by someone else meanwhile).
                         if outcome == Outcome::Ok || !e.contains("Invalid argument") {
                             return Err(e);
                         }

@@ -6,7 +6,9 @@
 //! fence keeps new connections out while a restore writes the export in place.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Errno values of NBD replies.
 pub mod errno {
@@ -235,10 +237,130 @@ impl Clients {
     }
 }
 
+/// Background reads yield to foreground I/O, as DRBD's resync yields to application
+/// I/O down to its `c-min-rate`: an export's reads for a backup (its snapshot export)
+/// share one `Yield` with the export of the database's own I/O (the virtual LU), which
+/// calls [`Yield::foreground`] on each request. While the foreground had a request
+/// within `busy`, background reads are paced to `floor` bytes per second across all
+/// their connections; when it is quiet they run at full speed. The floor is never
+/// crossed downwards, so a database that never rests still lets the backup through at
+/// `floor` (a read waits at most for the bytes booked before it, at `floor`); `floor`
+/// 0 never yields.
+#[derive(Debug)]
+pub struct Yield {
+    /// Bytes per second while the foreground is busy; 0: never yield.
+    floor: u64,
+    busy: Duration,
+    epoch: Instant,
+    /// Nanoseconds from `epoch` to the foreground's last request, plus one (0: none yet).
+    last_foreground: AtomicU64,
+    /// When the next background byte may go, while pacing.
+    next: Mutex<Instant>,
+}
+
+impl Yield {
+    pub fn new(floor_bytes_per_sec: u64, busy: Duration) -> Yield {
+        let epoch = Instant::now();
+        Yield {
+            floor: floor_bytes_per_sec,
+            busy,
+            epoch,
+            last_foreground: AtomicU64::new(0),
+            next: Mutex::new(epoch),
+        }
+    }
+
+    /// The foreground made a request now.
+    pub fn foreground(&self) {
+        if self.floor == 0 {
+            return;
+        }
+        let ns = self.epoch.elapsed().as_nanos() as u64 + 1;
+        self.last_foreground.store(ns, Ordering::Relaxed);
+    }
+
+    /// Run a background request of `bytes`: wait as pacing requires first.
+    pub fn background(&self, bytes: u64) {
+        let wait = self.wait_at(Instant::now(), bytes);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// How long a background request of `bytes` made at `now` waits (and book it).
+    fn wait_at(&self, now: Instant, bytes: u64) -> Duration {
+        if self.floor == 0 {
+            return Duration::ZERO;
+        }
+        let last = self.last_foreground.load(Ordering::Relaxed);
+        let since_epoch = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let busy = last != 0 && since_epoch.saturating_sub(last - 1) < self.busy.as_nanos() as u64;
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        if !busy {
+            // Quiet: full speed, and no debt carried into the next busy spell.
+            *next = now;
+            return Duration::ZERO;
+        }
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.floor as f64);
+        start - now
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn background_reads_yield_to_a_busy_foreground_down_to_the_floor_never_below() {
+        const MIB: u64 = 1 << 20;
+        let y = Yield::new(64 * MIB, Duration::from_millis(50));
+        let t0 = Instant::now();
+        // No foreground request yet: full speed.
+        assert_eq!(y.wait_at(t0, 64 * MIB), Duration::ZERO);
+        // A busy foreground: reads made at one instant each wait for those booked
+        // before them at the floor, so 64 reads of 1 MiB end within a second, the k-th
+        // after k/64 s: paced, never starved.
+        y.foreground();
+        let t1 = Instant::now();
+        for k in 0..64u32 {
+            let w = y.wait_at(t1, MIB);
+            let due = Duration::from_secs_f64(f64::from(k) / 64.0);
+            assert!(
+                w.abs_diff(due) < Duration::from_micros(1),
+                "read {k} waits {w:?}, not {due:?}"
+            );
+        }
+        // The foreground quiet for longer than `busy`: full speed again at once, and the
+        // debt of the busy spell is forgotten.
+        let later = Instant::now() + Duration::from_millis(51);
+        assert_eq!(y.wait_at(later, 64 * MIB), Duration::ZERO);
+        // Floor 0 never yields.
+        let never = Yield::new(0, Duration::from_millis(50));
+        never.foreground();
+        assert_eq!(never.wait_at(Instant::now(), 64 * MIB), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_background_reader_under_constant_foreground_load_finishes() {
+        // Threads: a foreground that never rests, and a background reader of 8 MiB at
+        // a floor of 64 MiB/s; it ends (its waits add up to 1/8 s).
+        let y = Arc::new(Yield::new(64 << 20, Duration::from_millis(50)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (fy, fs) = (y.clone(), stop.clone());
+        let fg = std::thread::spawn(move || {
+            while !fs.load(Ordering::Relaxed) {
+                fy.foreground();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        for _ in 0..128 {
+            y.background(64 << 10);
+        }
+        stop.store(true, Ordering::Relaxed);
+        fg.join().unwrap();
+    }
 
     #[test]
     fn attachments_count_until_dropped_and_a_fence_admits_its_ticket_only() {
