@@ -13,7 +13,9 @@
 //! pgbench round each (idle, full, incremental, rated, via NBD, pg_basebackup, idle,
 //! ...), so that load that comes and goes on the machine weighs on all of them alike.
 //! The mean time of each backup step is printed for the full, incremental and NBD runs,
-//! with the loop's wait for the resync after each.
+//! with the loop's wait for the resync after each. Back to back, a cheaper backup runs
+//! more often; a last phase starts an incremental every pg_basebackup time (its mean
+//! so far), so the two do the same number of backups, as a schedule would.
 //!
 //! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
 //! `HVM_BENCH_ROUNDS` sets the turns (default 3; a pgbench round is 5 s), `HVM_BENCH_RATE`
@@ -180,6 +182,9 @@ fn main() {
     let mut rated = Phase::new(format!("hvmctl backup run --full --rate {rate}"));
     let mut nbd = Phase::new("hvmctl backup run --full --via nbd");
     let mut pgb = Phase::new("pg_basebackup -X stream -c fast");
+    let mut paced = Phase::new("hvmctl backup run (incremental), paced");
+    // pg_basebackup's time per backup, for the paced phase: (seconds, backups).
+    let pgb_time = std::sync::Mutex::new((0.0f64, 0usize));
     for round in 0..rounds {
         idle_p.round((idle(&d.cluster, 1), 0));
         full.round(during(&d.cluster, 1, |i| {
@@ -196,8 +201,26 @@ fn main() {
         }));
         pgb.round(during(&d.cluster, 1, |i| {
             let to = base_root.join(format!("pg-{round}-{i}"));
+            let t = std::time::Instant::now();
             basebackup(&d.cluster, &to);
+            let mut m = pgb_time.lock().expect("pg_basebackup time");
+            m.0 += t.elapsed().as_secs_f64();
+            m.1 += 1;
+            drop(m);
             let _ = std::fs::remove_dir_all(&to);
+        }));
+        // The same backups as pg_basebackup's in number: an incremental started every
+        // pg_basebackup time (its mean so far), as a schedule would start them.
+        let every = {
+            let m = pgb_time.lock().expect("pg_basebackup time");
+            std::time::Duration::from_secs_f64(m.0 / m.1.max(1) as f64)
+        };
+        paced.round(during(&d.cluster, 1, |i| {
+            let t = std::time::Instant::now();
+            hvm_backup(&format!("paced-{round}-{i}"), &[], false);
+            if let Some(rest) = every.checked_sub(t.elapsed()) {
+                std::thread::sleep(rest);
+            }
         }));
     }
     let base = idle_p.mean();
@@ -211,7 +234,7 @@ fn main() {
         "during", "TPS per round", "mean", "vs idle", "backups", "lost per backup"
     );
     let secs = f64::from(ROUND_SECS) * rounds as f64;
-    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb] {
+    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb, &paced] {
         let per: Vec<String> = p.tps.iter().map(|t| format!("{t:.0}")).collect();
         // Transactions the database did not do because of the backups, per backup.
         let lost = match p.runs {
@@ -253,5 +276,12 @@ fn main() {
         verdict(r >= 0.8 * base),
         n / p,
         n / base
+    );
+    let m = pgb_time.lock().expect("pg_basebackup time");
+    println!(
+        "at pg_basebackup's pace (an incremental started every {:.2} s, its mean time): \
+         hvm / pg_basebackup {:.2}x",
+        m.0 / m.1.max(1) as f64,
+        paced.mean() / p
     );
 }
