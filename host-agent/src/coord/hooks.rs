@@ -310,99 +310,118 @@ impl Hook {
         env: &[(String, String)],
         outcome: Outcome,
     ) -> Result<Files, String> {
-        let mut files = Files::new();
         match &mut self.kind {
             Kind::Command { post, running, .. } => {
-                if let Some(pgid) = running.take() {
-                    kill_group(pgid);
-                }
-                if let Some(cmd) = post {
-                    let mut env = env.to_vec();
-                    env.push(("HVM_PHASE".into(), "post".into()));
-                    env.push(("HVM_OUTCOME".into(), outcome.as_str().into()));
-                    let mut running = None;
-                    let r =
-                        tokio::time::timeout(RESUME_TIMEOUT, run_command(cmd, &env, &mut running))
-                            .await;
-                    if let Some(pgid) = running {
-                        kill_group(pgid);
-                    }
-                    r.map_err(|_| format!("`{cmd}` did not end within {RESUME_TIMEOUT:?}"))??;
-                }
+                resume_command(post.as_deref(), running, env, outcome).await?
             }
             Kind::Fsfreeze {
                 path,
                 frozen,
                 pending,
                 ..
-            } => {
-                let mut froze = std::mem::take(frozen);
-                // A freeze abandoned at the deadline may still be in the kernel: thawing
-                // before it ends would leave the filesystem frozen.
-                if let Some(task) = pending.take() {
-                    froze = match tokio::time::timeout(RESUME_TIMEOUT, task).await {
-                        Ok(Ok(r)) => r.is_ok(),
-                        // The thread panicked: it may have frozen; thaw to be sure.
-                        Ok(Err(_)) => true,
-                        Err(_) => {
-                            return Err(format!(
-                                "the freeze of {} did not end within {RESUME_TIMEOUT:?}",
-                                path.display()
-                            ))
-                        }
-                    };
-                }
-                if froze {
-                    let r = tokio::time::timeout(RESUME_TIMEOUT, fs_blocking(path, "thaw"))
-                        .await
-                        .map_err(|_| {
-                            format!(
-                                "thaw {} did not end within {RESUME_TIMEOUT:?}",
-                                path.display()
-                            )
-                        })?;
-                    if let Err(e) = r {
-                        // EINVAL: not frozen (thawed by someone else meanwhile).
-                        if outcome == Outcome::Ok || !e.contains("Invalid argument") {
-                            return Err(e);
-                        }
-                    }
-                }
-            }
+            } => thaw(path, std::mem::take(frozen), pending.take(), outcome).await?,
             Kind::Postgres { session, .. } => {
-                let Some(s) = session.take() else {
-                    return Ok(files);
-                };
-                if outcome == Outcome::Ok && s.started {
-                    let sql = if s.version >= 150_000 {
-                        "SELECT labelfile, spcmapfile FROM pg_backup_stop(false)"
-                    } else {
-                        "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, false)"
-                    };
-                    let row = tokio::time::timeout(RESUME_TIMEOUT, s.client.query_one(sql, &[]))
-                        .await
-                        .map_err(|_| {
-                            format!("pg_backup_stop did not end within {RESUME_TIMEOUT:?}")
-                        })?
-                        .map_err(pg)?;
-                    let label: String = row.get(0);
-                    let map: Option<String> = row.get(1);
-                    files.insert("backup_label".into(), label);
-                    if let Some(m) = map.filter(|m| !m.is_empty()) {
-                        files.insert("tablespace_map".into(), m);
-                    }
-                } else {
-                    // Cancel whatever runs; closing the session ends a backup it began.
-                    let cancel = s.client.cancel_token();
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        cancel.cancel_query(tokio_postgres::NoTls),
-                    )
-                    .await;
+                if let Some(s) = session.take() {
+                    return stop_backup(s, outcome).await;
                 }
-                drop(s);
             }
         }
-        Ok(files)
+        Ok(Files::new())
     }
+}
+
+/// Kill a pre command still running (its process group), then run the post command with
+/// `HVM_PHASE=post` and `HVM_OUTCOME`.
+async fn resume_command(
+    post: Option<&str>,
+    running: &mut Option<i32>,
+    env: &[(String, String)],
+    outcome: Outcome,
+) -> Result<(), String> {
+    if let Some(pgid) = running.take() {
+        kill_group(pgid);
+    }
+    let Some(cmd) = post else {
+        return Ok(());
+    };
+    let mut env = env.to_vec();
+    env.push(("HVM_PHASE".into(), "post".into()));
+    env.push(("HVM_OUTCOME".into(), outcome.as_str().into()));
+    let mut running = None;
+    let r = tokio::time::timeout(RESUME_TIMEOUT, run_command(cmd, &env, &mut running)).await;
+    if let Some(pgid) = running {
+        kill_group(pgid);
+    }
+    r.map_err(|_| format!("`{cmd}` did not end within {RESUME_TIMEOUT:?}"))?
+}
+
+/// Thaw `path` if this hook froze it, or may have: a freeze abandoned at the deadline may
+/// still be in the kernel, and thawing before it ends would leave the filesystem frozen.
+async fn thaw(
+    path: &Path,
+    mut froze: bool,
+    pending: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    outcome: Outcome,
+) -> Result<(), String> {
+    if let Some(task) = pending {
+        froze = match tokio::time::timeout(RESUME_TIMEOUT, task).await {
+            Ok(Ok(r)) => r.is_ok(),
+            // The thread panicked: it may have frozen; thaw to be sure.
+            Ok(Err(_)) => true,
+            Err(_) => {
+                return Err(format!(
+                    "the freeze of {} did not end within {RESUME_TIMEOUT:?}",
+                    path.display()
+                ))
+            }
+        };
+    }
+    if !froze {
+        return Ok(());
+    }
+    let r = tokio::time::timeout(RESUME_TIMEOUT, fs_blocking(path, "thaw"))
+        .await
+        .map_err(|_| {
+            format!(
+                "thaw {} did not end within {RESUME_TIMEOUT:?}",
+                path.display()
+            )
+        })?;
+    match r {
+        // EINVAL: not frozen (thawed by someone else meanwhile).
+        Err(e) if outcome == Outcome::Ok || !e.contains("Invalid argument") => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// End the session's backup: after a good freeze, `pg_backup_stop`, whose label (and
+/// tablespace map) are the files returned; otherwise cancel whatever runs and close the
+/// session, which ends a backup it began.
+async fn stop_backup(s: PgSession, outcome: Outcome) -> Result<Files, String> {
+    let mut files = Files::new();
+    if outcome == Outcome::Ok && s.started {
+        let sql = if s.version >= 150_000 {
+            "SELECT labelfile, spcmapfile FROM pg_backup_stop(false)"
+        } else {
+            "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+        };
+        let row = tokio::time::timeout(RESUME_TIMEOUT, s.client.query_one(sql, &[]))
+            .await
+            .map_err(|_| format!("pg_backup_stop did not end within {RESUME_TIMEOUT:?}"))?
+            .map_err(pg)?;
+        let label: String = row.get(0);
+        let map: Option<String> = row.get(1);
+        files.insert("backup_label".into(), label);
+        if let Some(m) = map.filter(|m| !m.is_empty()) {
+            files.insert("tablespace_map".into(), m);
+        }
+    } else {
+        let cancel = s.client.cancel_token();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            cancel.cancel_query(tokio_postgres::NoTls),
+        )
+        .await;
+    }
+    Ok(files)
 }
