@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use super::extents::{packs, Stored};
 use super::format::{is_zeros, Repo, EXTENT_MAX};
 
-/// A token bucket: at most `bytes_per_s` on average, bursts of one piece.
+/// A token bucket: at most `bytes_per_s` on average, bursts of one piece, counted from
+/// the first piece taken (not from its making: opening the sources may take a while, and
+/// that time must not become a burst).
 pub struct Rate {
     bytes_per_s: u64,
-    start: Instant,
+    start: Option<Instant>,
     taken: u64,
 }
 
@@ -24,7 +26,7 @@ impl Rate {
     pub fn new(bytes_per_s: u64) -> Rate {
         Rate {
             bytes_per_s,
-            start: Instant::now(),
+            start: None,
             taken: 0,
         }
     }
@@ -36,7 +38,7 @@ impl Rate {
         }
         // The bucket holds one extent: a burst of one piece is allowed.
         let allowed_at = self.taken.saturating_sub(EXTENT_MAX) as f64 / self.bytes_per_s as f64;
-        let now = self.start.elapsed().as_secs_f64();
+        let now = self.start.get_or_insert_with(Instant::now).elapsed().as_secs_f64();
         if allowed_at > now {
             std::thread::sleep(Duration::from_secs_f64(allowed_at - now));
         }
