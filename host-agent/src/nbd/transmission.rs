@@ -87,7 +87,41 @@ impl IntoSocket for tokio::net::UnixStream {
     fn into_socket(self) -> io::Result<Socket> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
+        enlarge_send_buffer(&s);
         Ok(Socket::Unix(s))
+    }
+}
+
+/// The send buffer a Unix connection asks for (the kernel doubles it for its own
+/// bookkeeping): a 1 MiB READ reply and its header go out in one `writev`. With the
+/// default (`net.core.wmem_default`, 208 KiB) the worker sleeps several times per 1 MiB reply
+/// until the client has read what is queued, and each wake-up is a context switch on
+/// both sides: on the 2-core VM a 1 MiB `pread` + `write` loop over a Unix socket pair
+/// took 0.32 ms of CPU per MiB (4370 MB/s) with the default, 0.30 ms (5025 MB/s) with
+/// this; larger buffers gained nothing more. TCP keeps the kernel's autotuning, which a
+/// fixed `SO_SNDBUF` would switch off.
+const SEND_BUFFER: libc::c_int = 1 << 20;
+
+/// Ask for [`SEND_BUFFER`]: `SO_SNDBUFFORCE` when the service may exceed
+/// `net.core.wmem_max` (CAP_NET_ADMIN, as root), else `SO_SNDBUF`, which the kernel caps
+/// at it. A refusal leaves the default: the replies are the same, only slower.
+fn enlarge_send_buffer(s: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let set = |option| {
+        // SAFETY: a valid descriptor and a pointer to an int of the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&SEND_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    };
+    if !set(libc::SO_SNDBUFFORCE) {
+        set(libc::SO_SNDBUF);
     }
 }
 
@@ -552,6 +586,55 @@ fn block_status(s: &Session, req: &p::Request, head: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn send_buffer(s: &std::os::unix::net::UnixStream) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid descriptor, an int and its length.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt: {}", io::Error::last_os_error());
+        v
+    }
+
+    /// A Unix connection in transmission holds a whole 1 MiB reply in its send buffer:
+    /// all of it as root (SO_SNDBUFFORCE), else as much as `net.core.wmem_max` allows.
+    #[test]
+    fn a_unix_connection_gets_the_larger_send_buffer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let a = rt
+            .block_on(async { tokio::net::UnixStream::from_std(a) })
+            .expect("tokio stream");
+        let Socket::Unix(a) = a.into_socket().expect("into_socket") else {
+            panic!("not a Unix socket");
+        };
+        let max: libc::c_int = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .expect("wmem_max")
+            .trim()
+            .parse()
+            .expect("a number");
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let want = 2 * if root {
+            SEND_BUFFER
+        } else {
+            SEND_BUFFER.min(max)
+        };
+        assert_eq!(send_buffer(&a), want);
+    }
 
     /// A payload longer than the read buffer, sent behind a header and followed by the
     /// next request, lands whole, and the next request is read after it.
