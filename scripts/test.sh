@@ -11,11 +11,11 @@ cd "$(dirname "$0")/.."
 # losetup, mount, fsfreeze, runuser, pgrep), and for the RBD tests a throwaway Ceph
 # cluster (ceph-mon, ceph-osd, ceph, rbd) and librbd/librados to link the rbd plugin, and
 # for the S3 backup tests radosgw on that cluster (buckets made with curl's SigV4) and
-# boto3, the S3 benchmark's peer, and jq and zstd for the README's restore of a backup
+# boto3, the S3 benchmark's peer, and jq, zstd and b3sum for the README's restore of a backup
 # without hvm (tests/tests/backup_product.rs).
 # A test that needs a tool fails
 # loudly when it is missing; this list is how a fresh machine gets them.
-PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2 radosgw curl python3-boto3 jq zstd)
+PACKAGES=(qemu-utils libnbd-bin nbdkit fio systemd postgresql e2fsprogs util-linux mount procps ceph-mon ceph-osd ceph-common librbd-dev librados-dev tgt libiscsi-dev libiscsi-bin iproute2 radosgw curl python3-boto3 jq zstd b3sum)
 
 . scripts/install.sh
 # the packaging tests render man pages with man(1) and fake journald in a mount namespace

@@ -4,7 +4,7 @@
 //! recovers and satisfies pgbench's invariants; each incremental copies no more than
 //! 1.05x what the tracking says was written; a corrupted chunk is named by verify; a
 //! prune by policy keeps every remaining point restorable to the same bytes; and the
-//! README's restore recipe without hvm (jq, zstd, dd) gives the same image.
+//! README's restore recipe without hvm (jq, zstd, b3sum, dd) gives the same image.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -59,14 +59,14 @@ fn readme_recipe(repo: &Path, id: &str, vlu: &str, out: &Path) {
         .nth(1)
         .and_then(|b| b.split("```").next())
         .unwrap();
-    for tool in ["jq", "zstd", "dd"] {
+    for tool in ["jq", "zstd", "b3sum", "dd"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .status()
             .unwrap();
         assert!(
             found.success(),
-            "{tool} is missing (Debian packages jq, zstd)"
+            "{tool} is missing (Debian packages jq, zstd, b3sum)"
         );
     }
     let st = Command::new("bash")

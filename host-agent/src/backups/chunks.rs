@@ -38,7 +38,11 @@ impl Rate {
         }
         // The bucket holds one extent: a burst of one piece is allowed.
         let allowed_at = self.taken.saturating_sub(EXTENT_MAX) as f64 / self.bytes_per_s as f64;
-        let now = self.start.get_or_insert_with(Instant::now).elapsed().as_secs_f64();
+        let now = self
+            .start
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            .as_secs_f64();
         if allowed_at > now {
             std::thread::sleep(Duration::from_secs_f64(allowed_at - now));
         }
@@ -46,8 +50,10 @@ impl Rate {
     }
 }
 
-/// Reads `buf.len()` bytes at an offset of the source: one per stream.
-pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + Send + 'a;
+/// Reads the `(offset, length)` ranges of the source into the buffer, back to back (the
+/// buffer is as long as they are together): one per stream. A reader may keep all of
+/// them in flight at once.
+pub type ReadAt<'a> = dyn FnMut(&[(u64, u64)], &mut [u8]) -> Result<(), String> + Send + 'a;
 
 /// What the pipeline did.
 #[derive(Debug, Default)]
@@ -180,13 +186,12 @@ fn copy_pack(
     rate.lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take(total);
+    // The stream's buffer is reused: it grows to the largest pack once.
     buf.resize(total as usize, 0);
-    let mut at = 0usize;
-    for &(offset, length) in pack {
-        let n = length as usize;
-        read(offset, &mut buf[at..at + n]).map_err(|e| format!("reading at {offset}: {e}"))?;
-        at += n;
-    }
+    read(pack, &mut buf[..]).map_err(|e| {
+        let end = pack.last().map_or(0, |r| r.0 + r.1);
+        format!("reading {}..{end}: {e}", pack[0].0)
+    })?;
     let (stored, new) = store_pack(repo, pack, buf)?;
     Ok((stored, total, new))
 }
@@ -239,8 +244,14 @@ mod tests {
     use crate::backups::store::DirStore;
 
     fn reader(image: &[u8]) -> Box<ReadAt<'_>> {
-        Box::new(|o, b| {
-            b.copy_from_slice(&image[o as usize..o as usize + b.len()]);
+        Box::new(|ranges, b| {
+            let mut at = 0;
+            for &(o, n) in ranges {
+                let (o, n) = (o as usize, n as usize);
+                b[at..at + n].copy_from_slice(&image[o..o + n]);
+                at += n;
+            }
+            assert_eq!(at, b.len());
             Ok(())
         })
     }
@@ -278,7 +289,13 @@ mod tests {
         );
         // A read error ends the copy with it.
         let gone = || -> Box<ReadAt<'_>> {
-            Box::new(|o, _| if o > 0 { Err("gone".into()) } else { Ok(()) })
+            Box::new(|r, _| {
+                if r[0].0 > 0 {
+                    Err("gone".into())
+                } else {
+                    Ok(())
+                }
+            })
         };
         let e = store_ranges(
             &repo,

@@ -1,10 +1,15 @@
-//! The repository format, `hvm-backup/2`: what a repository on a [`Store`] holds.
+//! The repository format, `hvm-backup/3`: what a repository on a [`Store`] holds.
 //!
 //! ```text
-//! hvm-repository.json            {"format": "hvm-backup/2", "compression": "zstd", "hash": "sha256"}
-//! chunks/<aa>/<sha256>           one zstd frame; the name is the SHA-256 of the uncompressed data
+//! hvm-repository.json            {"format": "hvm-backup/3", "compression": "zstd", "hash": "blake3"}
+//! chunks/<aa>/<blake3>           one zstd frame; the name is the BLAKE3 of the uncompressed data
 //! backups/<id>/manifest.json     written last: a backup without a manifest does not exist
 //! ```
+//!
+//! `hvm-backup/2` is the same with SHA-256 names (`"hash": "sha256"`): such a repository
+//! is still read, verified, restored, pruned and backed up into (with SHA-256, so that
+//! equal data keeps one name there); new repositories are `hvm-backup/3`, whose hash
+//! costs a fraction of SHA-256's (the copy hashes every byte it stores).
 //!
 //! A manifest holds each virtual LU's complete map at that point: sorted, disjoint
 //! extents `{offset, length, chunk, skip}` (the extent's bytes are the chunk's
@@ -23,12 +28,51 @@ use sha2::{Digest, Sha256};
 
 use super::store::{Store, StoreError};
 
-pub const FORMAT: &str = "hvm-backup/2";
+/// The format of new repositories (BLAKE3 chunk names).
+pub const FORMAT: &str = "hvm-backup/3";
+/// The format before it (SHA-256 chunk names), still read and written into.
+pub const FORMAT_V2: &str = "hvm-backup/2";
 pub const MARKER: &str = "hvm-repository.json";
 /// Longest extent, and so the largest chunk (uncompressed).
 pub const EXTENT_MAX: u64 = 4 << 20;
 /// zstd level: 1 is the fastest; backups are bound by copy throughput.
-const LEVEL: i32 = 1;
+pub const LEVEL: i32 = 1;
+
+/// What names a repository's chunks: the hash of their uncompressed data, as lowercase
+/// hex. Fixed per repository by its marker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hash {
+    /// `hvm-backup/2`.
+    Sha256,
+    /// `hvm-backup/3`.
+    Blake3,
+}
+
+impl Hash {
+    /// The marker's `"hash"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hash::Sha256 => "sha256",
+            Hash::Blake3 => "blake3",
+        }
+    }
+
+    /// The repository format that names chunks with this hash.
+    pub fn format(self) -> &'static str {
+        match self {
+            Hash::Sha256 => FORMAT_V2,
+            Hash::Blake3 => FORMAT,
+        }
+    }
+
+    /// The hash of `data`, lowercase hex.
+    pub fn of(self, data: &[u8]) -> String {
+        match self {
+            Hash::Sha256 => sha256(data),
+            Hash::Blake3 => blake3(data),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,7 +94,8 @@ impl std::fmt::Display for Kind {
 pub struct Extent {
     pub offset: u64,
     pub length: u64,
-    /// SHA-256 (hex) of the chunk's uncompressed data.
+    /// The repository's hash (BLAKE3, or SHA-256 in `hvm-backup/2`), hex, of the
+    /// chunk's uncompressed data.
     pub chunk: String,
     /// Where in the chunk's uncompressed data this extent starts.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -168,9 +213,47 @@ pub fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// A chunk's stored form: one zstd frame at the repository's level.
+/// BLAKE3 (32 bytes, hex) of `data`: what `b3sum` prints.
+pub fn blake3(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// A chunk's stored form: one zstd frame at [`LEVEL`].
 pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     zstd::bulk::compress(data, LEVEL)
+}
+
+thread_local! {
+    /// Each thread's zstd context and output buffer, kept between chunks: a new
+    /// context per chunk allocates and clears megabytes of tables, a new buffer is
+    /// fresh memory to fault in.
+    static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compress `data` as [`compress`] does into this thread's reused buffer and hand the
+/// frame to `then`.
+pub fn compress_with<T>(data: &[u8], then: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some((zstd::bulk::Compressor::new(LEVEL)?, Vec::new()));
+        }
+        let Some((z, out)) = c.as_mut() else {
+            unreachable!("set above")
+        };
+        // The frame starts at a block-aligned address, so that a directory store can
+        // write it to disk directly (see `store::write_staged`).
+        let align = super::store::DIRECT_ALIGN;
+        let bound = zstd::zstd_safe::compress_bound(data.len());
+        if out.len() < bound + align {
+            *out = vec![0; bound + align];
+        }
+        let at = out.as_ptr().align_offset(align);
+        let frame = &mut out[at..at + bound];
+        let n = z.compress_to_buffer(data, frame)?;
+        Ok(then(&frame[..n]))
+    })
 }
 
 /// True if every byte is zero (vectorised: no early exit inside a block).
@@ -214,14 +297,23 @@ pub fn lock(location: &str) -> Arc<RwLock<()>> {
 /// A repository on a store.
 pub struct Repo {
     store: Box<dyn Store>,
+    /// What names its chunks, per its marker.
+    hash: Hash,
 }
 
 impl Repo {
-    /// A repository on `store`; one that is new gets its marker.
+    /// A repository on `store`; one that is new gets its marker ([`FORMAT`]).
     pub fn create(store: Box<dyn Store>) -> Result<Repo, RepoError> {
-        let r = Repo { store };
+        Repo::create_with(store, Hash::Blake3)
+    }
+
+    /// A repository on `store`; one that is new gets the marker of the format `hash`
+    /// names (`Hash::Sha256`: `hvm-backup/2`, as older hvm made them). An existing one
+    /// keeps its own.
+    pub fn create_with(store: Box<dyn Store>, hash: Hash) -> Result<Repo, RepoError> {
+        let mut r = Repo { store, hash };
         if !r.store.exists(MARKER)? {
-            let m = serde_json::json!({ "format": FORMAT, "compression": "zstd", "hash": "sha256", "extent_max": EXTENT_MAX });
+            let m = serde_json::json!({ "format": hash.format(), "compression": "zstd", "hash": hash.name(), "extent_max": EXTENT_MAX });
             r.store.put(MARKER, m.to_string().as_bytes())?;
         }
         r.check_marker()?;
@@ -230,22 +322,56 @@ impl Repo {
 
     /// An existing repository.
     pub fn open(store: Box<dyn Store>) -> Result<Repo, RepoError> {
-        let r = Repo { store };
+        let mut r = Repo {
+            store,
+            hash: Hash::Blake3,
+        };
         r.check_marker()?;
         Ok(r)
     }
 
-    fn check_marker(&self) -> Result<(), RepoError> {
+    /// Read the marker: the format, and the hash it implies (which `"hash"`, if given,
+    /// must agree with).
+    fn check_marker(&mut self) -> Result<(), RepoError> {
         let raw = self.store.get(MARKER)?;
         let v: Value =
             serde_json::from_slice(&raw).map_err(|e| self.corrupt(format!("{MARKER}: {e}")))?;
-        if v["format"] != FORMAT {
+        let hash = match v["format"].as_str() {
+            Some(FORMAT) => Hash::Blake3,
+            Some(FORMAT_V2) => Hash::Sha256,
+            _ => {
+                return Err(self.corrupt(format!(
+                    "{MARKER}: format {}, this hvm reads {FORMAT} and {FORMAT_V2}",
+                    v["format"]
+                )))
+            }
+        };
+        if !(v["hash"].is_null() || v["hash"] == hash.name()) {
             return Err(self.corrupt(format!(
-                "{MARKER}: format {}, this hvm reads {FORMAT}",
-                v["format"]
+                "{MARKER}: format {} names chunks by {}, the marker says hash {}",
+                hash.format(),
+                hash.name(),
+                v["hash"]
             )));
         }
+        if !(v["compression"].is_null() || v["compression"] == "zstd") {
+            return Err(self.corrupt(format!(
+                "{MARKER}: compression {}, this hvm reads zstd",
+                v["compression"]
+            )));
+        }
+        self.hash = hash;
         Ok(())
+    }
+
+    /// What names this repository's chunks.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// This repository's format (its manifests carry it too).
+    pub fn format(&self) -> &'static str {
+        self.hash.format()
     }
 
     fn corrupt(&self, message: String) -> RepoError {
@@ -266,15 +392,18 @@ impl Repo {
     /// Hash, compress and store `data` unless the repository has it; returns its name
     /// and the compressed bytes written (0 if it was there).
     pub fn put_chunk(&self, data: &[u8]) -> Result<(String, u64), RepoError> {
-        let hash = sha256(data);
+        let hash = self.hash.of(data);
         let key = chunk_key(&hash);
         if self.store.exists(&key)? {
             return Ok((hash, 0));
         }
-        let z = compress(data).map_err(|e| self.corrupt(format!("zstd: {e}")))?;
-        let n = z.len() as u64;
-        let written = self.store.put_if_absent(&key, &z)?;
-        Ok((hash, if written { n } else { 0 }))
+        let written = compress_with(data, |z| {
+            self.store
+                .put_if_absent(&key, z)
+                .map(|w| if w { z.len() as u64 } else { 0 })
+        })
+        .map_err(|e| self.corrupt(format!("zstd: {e}")))??;
+        Ok((hash, written))
     }
 
     /// A chunk's data, decompressed and checked against its name.
@@ -285,7 +414,7 @@ impl Repo {
             message,
         };
         if !is_hash(hash) {
-            return Err(bad("not a SHA-256 name".into()));
+            return Err(bad(format!("not a {} name", self.hash.name())));
         }
         let z = self.store.get(&chunk_key(hash)).map_err(|e| match e {
             StoreError::NotFound { .. } => bad("missing".into()),
@@ -293,7 +422,7 @@ impl Repo {
         })?;
         let data = zstd::bulk::decompress(&z, EXTENT_MAX as usize)
             .map_err(|e| bad(format!("does not decompress: {e}")))?;
-        let got = sha256(&data);
+        let got = self.hash.of(&data);
         if got != hash {
             return Err(bad(format!("its data hashes to {got}")));
         }
@@ -324,7 +453,7 @@ impl Repo {
     /// disjoint extents inside its LU.
     fn check(&self, m: &Manifest, id: &str) -> Result<(), RepoError> {
         let bad = |what: String| self.corrupt(format!("{}: {what}", manifest_key(id)));
-        if m.format != FORMAT || m.id != id {
+        if m.format != self.format() || m.id != id {
             return Err(bad(format!("format {:?}, id {:?}", m.format, m.id)));
         }
         for l in &m.lus {

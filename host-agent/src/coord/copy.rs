@@ -1,6 +1,6 @@
 //! The backup role's copy: read each snapshot (from the array, or the database host's
-//! snapshot export over NBD) and store it in a repository (`hvm-backup/2`, see
-//! [`crate::backups::format`]) under `target_root`: the whole LU for a full backup, only
+//! snapshot export over NBD) and store it in a repository (`hvm-backup/3`, or `/2` if
+//! it is one of those; see [`crate::backups::format`]) under `target_root`: the whole LU for a full backup, only
 //! the ranges the database host's tracking reports for an incremental one. Chunks first,
 //! the manifest last, then the catalog row. Or, when the console chose it (a snapshot
 //! that is a split pair secondary of an array offering CCOPY), the array copies each
@@ -19,7 +19,7 @@ use super::{
 use crate::backups::catalog::Row;
 use crate::backups::chunks::{default_streams, store_ranges, Rate, ReadAt};
 use crate::backups::extents::{overlay, pieces};
-use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo, FORMAT};
+use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo};
 use crate::host::Host;
 use crate::nbd::client::Client;
 use crate::pairs::medium;
@@ -37,13 +37,43 @@ enum Reader<'a> {
     Nbd(Client),
 }
 
+/// The longest NBD read request of a copy: a piece is read as a few requests in flight,
+/// so the server reads the next part while it sends one.
+const NBD_READ_MAX: usize = 1 << 20;
+
 impl Reader<'_> {
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    /// Read `ranges` back to back into `buf`: from the array one after the other, over
+    /// NBD all in flight at once (a pack of short ranges costs one round trip, not one
+    /// each).
+    fn read(&mut self, ranges: &[(u64, u64)], buf: &mut [u8]) -> Result<(), String> {
         match self {
-            Reader::Array(b, lu) => b
-                .read(*lu, offset / SECTOR_SIZE, buf)
-                .map_err(|e| e.to_string()),
-            Reader::Nbd(c) => c.read(offset, buf).map_err(|e| e.to_string()),
+            Reader::Array(b, lu) => {
+                let mut rest = buf;
+                for &(offset, length) in ranges {
+                    let (this, tail) = std::mem::take(&mut rest).split_at_mut(length as usize);
+                    b.read(*lu, offset / SECTOR_SIZE, this)
+                        .map_err(|e| e.to_string())?;
+                    rest = tail;
+                }
+                Ok(())
+            }
+            Reader::Nbd(c) => {
+                let mut reads = Vec::with_capacity(ranges.len());
+                let mut rest = buf;
+                for &(offset, length) in ranges {
+                    let (mut this, tail) = std::mem::take(&mut rest).split_at_mut(length as usize);
+                    let mut at = offset;
+                    while !this.is_empty() {
+                        let n = this.len().min(NBD_READ_MAX);
+                        let (part, more) = std::mem::take(&mut this).split_at_mut(n);
+                        reads.push((at, part));
+                        at += n as u64;
+                        this = more;
+                    }
+                    rest = tail;
+                }
+                c.read_many(&mut reads).map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -313,7 +343,9 @@ fn store_lu(
         &p.ranges,
         readers
             .iter_mut()
-            .map(|r| Box::new(|o, b: &mut [u8]| r.read(o, b)) as Box<ReadAt<'_>>)
+            .map(|r| {
+                Box::new(|ranges: &[(u64, u64)], b: &mut [u8]| r.read(ranges, b)) as Box<ReadAt<'_>>
+            })
             .collect(),
         rate,
         progress,
@@ -382,7 +414,7 @@ fn write_backup(
     let parent = lus.first().and_then(|l| l.base.clone());
     let now = unix_ms();
     let m = Manifest {
-        format: FORMAT.into(),
+        format: repo.format().into(),
         id: id.into(),
         created: rfc3339(now / 1000),
         created_unix_ms: now,

@@ -477,11 +477,11 @@ fn on_medium(role: &BackupRole, req: &RestoreRequest) -> Result<Option<Restored>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::backups::format::{Extent, Kind, FORMAT};
+    use crate::backups::format::{Extent, Hash, Kind, FORMAT, FORMAT_V2};
 
     fn backup(repo: &Repo, id: &str, chunk: &str, skip: u64) {
         let m = Manifest {
-            format: FORMAT.into(),
+            format: repo.format().into(),
             id: id.into(),
             created: "2026-12-01T00:00:00Z".into(),
             created_unix_ms: 1,
@@ -509,6 +509,95 @@ mod tests {
             stored_bytes: 0,
         };
         repo.put_manifest(&m).unwrap();
+    }
+
+    /// A repository made by an older hvm (`hvm-backup/2`, SHA-256 chunk names) is still
+    /// verified, restored, pruned and written into with SHA-256 names; a new one is
+    /// `hvm-backup/3` with BLAKE3 names.
+    #[test]
+    fn an_hvm_backup_2_repository_still_restores() {
+        let d = tempfile::tempdir().unwrap();
+        let role = BackupRole {
+            root: d.path().join("root"),
+            catalog: d.path().join("c.sqlite"),
+            keep: None,
+        };
+        let dir = target_dir(&role.root, "old").unwrap();
+        let old = Repo::create_with(
+            store::open(&dir.display().to_string()).unwrap(),
+            Hash::Sha256,
+        )
+        .unwrap();
+        let marker: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(MARKER)).unwrap()).unwrap();
+        assert_eq!(
+            (marker["format"].as_str(), marker["hash"].as_str()),
+            (Some(FORMAT_V2), Some("sha256"))
+        );
+        let (a, _) = old.put_chunk(&[1u8; 4096]).unwrap();
+        assert_eq!(a, crate::backups::format::sha256(&[1u8; 4096]));
+        backup(&old, "b1", &a, 0);
+        drop(old);
+        // Opened (and "created") again by this hvm: it stays hvm-backup/2.
+        let repo = role.open_repo("old", true).unwrap();
+        assert_eq!((repo.format(), repo.hash()), (FORMAT_V2, Hash::Sha256));
+        let (b, _) = repo.put_chunk(&[2u8; 4096]).unwrap();
+        assert_eq!(b, crate::backups::format::sha256(&[2u8; 4096]));
+        backup(&repo, "b2", &b, 0);
+        let mut m = repo.manifest("b2").unwrap();
+        m.created_unix_ms = 2;
+        repo.put_manifest(&m).unwrap();
+        for (id, byte) in [("b1", 1u8), ("b2", 2)] {
+            assert_eq!(verify(&role, id, &mut |_, _| {}).unwrap().chunks, 1);
+            let to = d.path().join(format!("{id}.img"));
+            let req = RestoreRequest {
+                backup: id.into(),
+                vlu: None,
+                to: RestoreTo::Path(to.display().to_string()),
+            };
+            let tls = || -> Result<Arc<ClientConfig>, Failure> { Err(failed("no TLS")) };
+            restore(&role, &req, &tls, &mut |_, _| {}).unwrap();
+            let mut want = vec![byte; 4096];
+            want.resize(8192, 0);
+            assert_eq!(std::fs::read(&to).unwrap(), want);
+        }
+        // A chunk whose data does not hash (SHA-256) to its name is named by verify.
+        std::fs::write(
+            dir.join(chunk_key(&b)),
+            zstd::bulk::compress(&[3u8; 4096], 1).unwrap(),
+        )
+        .unwrap();
+        let e = verify(&role, "b2", &mut |_, _| {}).unwrap_err();
+        assert!(e.message.contains("hashes to"), "{}", e.message);
+        std::fs::write(
+            dir.join(chunk_key(&b)),
+            zstd::bulk::compress(&[2u8; 4096], 1).unwrap(),
+        )
+        .unwrap();
+        // Prune keeping the newest: b1 and its chunk go, b2 stays restorable.
+        let keep = Keep {
+            last: 1,
+            daily: 0,
+            weekly: 0,
+        };
+        let p = prune(&role, "old", Some(keep), false).unwrap();
+        assert_eq!(
+            (p.delete, p.chunks_deleted),
+            (vec!["b1".to_string()], Some(1))
+        );
+        assert!(verify(&role, "b2", &mut |_, _| {}).unwrap().ok);
+        // A manifest claiming the other format is refused in it.
+        let mut m = repo.manifest("b2").unwrap();
+        m.format = FORMAT.into();
+        m.id = "b3".into();
+        repo.put_manifest(&m).unwrap();
+        assert!(repo.manifest("b3").is_err());
+        // A new repository is hvm-backup/3, its chunks named by BLAKE3.
+        let new = role.open_repo("new", true).unwrap();
+        assert_eq!((new.format(), new.hash()), (FORMAT, Hash::Blake3));
+        let (c, _) = new.put_chunk(&[1u8; 4096]).unwrap();
+        assert_eq!(c, crate::backups::format::blake3(&[1u8; 4096]));
+        assert_ne!(c, a);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one
-//! request at a time) over a Unix socket, TCP, or TCP with TLS (`NBD_OPT_STARTTLS`): what `hvmctl demo` uses to write to a
+//! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies; one
+//! request at a time, except [`Client::read_many`], which keeps several reads in flight)
+//! over a Unix socket, TCP, or TCP with TLS (`NBD_OPT_STARTTLS`): what `hvmctl demo` uses to write to a
 //! virtual LU and to copy a snapshot export, and what a backup host uses to pull a
 //! database host's snapshot export, without depending on an external tool.
 
@@ -29,6 +30,9 @@ type Result<T> = std::result::Result<T, ClientError>;
 /// A connected byte stream (Unix socket or TCP).
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
+
+/// Requests [`Client::read_many`] keeps on the wire at once.
+pub const IN_FLIGHT: usize = 16;
 
 /// One connection to one export.
 pub struct Client {
@@ -252,6 +256,56 @@ impl Client {
         Ok(())
     }
 
+    /// Read each `(offset, buf)` of `reads`, keeping up to [`IN_FLIGHT`] requests on the
+    /// wire at once (the server answers them in any order: each reply is matched to its
+    /// request by cookie), so a server that runs requests concurrently is never waiting
+    /// for the next one, and many small reads cost no round trip each. After an error the
+    /// connection is left with replies unread: drop it.
+    pub fn read_many(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
+        let first = self.cookie.wrapping_add(1);
+        let mut done = vec![false; reads.len()];
+        let (mut sent, mut answered) = (0usize, 0usize);
+        let mut headers = Vec::with_capacity(28 * IN_FLIGHT.min(reads.len()));
+        while answered < reads.len() {
+            headers.clear();
+            while sent < reads.len() && sent - answered < IN_FLIGHT {
+                let (offset, buf) = &reads[sent];
+                let len = buf.len() as u32;
+                headers.extend_from_slice(&self.header(CMD_READ, 0, *offset, len));
+                sent += 1;
+            }
+            if !headers.is_empty() {
+                self.stream.write_all(&headers)?;
+                self.stream.flush()?;
+            }
+            let mut reply = [0u8; 16];
+            self.stream.read_exact(&mut reply)?;
+            let magic = u32::from_be_bytes(reply[..4].try_into().unwrap_or_default());
+            let errno = u32::from_be_bytes(reply[4..8].try_into().unwrap_or_default());
+            let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap_or_default());
+            let i = cookie.wrapping_sub(first) as usize;
+            if magic != SIMPLE_REPLY_MAGIC || i >= sent || done[i] {
+                return Err(ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "malformed reply from the NBD server",
+                )));
+            }
+            let (offset, buf) = &mut reads[i];
+            if errno != 0 {
+                return Err(ClientError::Command {
+                    op: "read",
+                    offset: *offset,
+                    len: buf.len(),
+                    errno,
+                });
+            }
+            self.stream.read_exact(buf)?;
+            done[i] = true;
+            answered += 1;
+        }
+        Ok(())
+    }
+
     /// Write `data` at `offset`; with `fua`, durable when it returns.
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
@@ -285,5 +339,67 @@ impl Client {
     pub fn disconnect(mut self) {
         let req = self.header(CMD_DISC, 0, 0, 0);
         let _ = self.stream.write_all(&req);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `read_many` keeps its reads in flight and matches replies to requests by cookie,
+    /// whatever order they come in; an error reply fails it with the read's offset.
+    #[test]
+    fn read_many_matches_replies_in_any_order() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let n = IN_FLIGHT + 5;
+        let server = std::thread::spawn(move || {
+            let mut pending = Vec::new();
+            let mut answered = 0;
+            while answered < n + 1 {
+                let mut h = [0u8; 28];
+                b.read_exact(&mut h).unwrap();
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
+                let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+                pending.push((cookie, offset, len));
+                // Answer a batch, newest first, once a few have come.
+                if pending.len() == 3 || answered + pending.len() == n || offset == 999 {
+                    while let Some((cookie, offset, len)) = pending.pop() {
+                        let errno: u32 = if offset == 999 { 5 } else { 0 };
+                        b.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes()).unwrap();
+                        b.write_all(&errno.to_be_bytes()).unwrap();
+                        b.write_all(&cookie.to_be_bytes()).unwrap();
+                        if errno == 0 {
+                            let data: Vec<u8> =
+                                (0..len).map(|i| (offset as usize + i) as u8).collect();
+                            b.write_all(&data).unwrap();
+                        }
+                        answered += 1;
+                    }
+                }
+            }
+        });
+        let mut c = Client {
+            stream: Box::new(a),
+            size: 1 << 30,
+            flags: 0,
+            cookie: 41,
+        };
+        let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![0u8; 100 + i]).collect();
+        let mut reads: Vec<(u64, &mut [u8])> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| ((i * 1000) as u64, &mut b[..]))
+            .collect();
+        c.read_many(&mut reads).unwrap();
+        for (i, b) in bufs.iter().enumerate() {
+            let want: Vec<u8> = (0..b.len()).map(|j| (i * 1000 + j) as u8).collect();
+            assert_eq!(b, &want, "read {i}");
+        }
+        let mut one = [0u8; 10];
+        let e = c.read_many(&mut [(999, &mut one[..])]).unwrap_err();
+        assert!(e.to_string().contains("offset 999"), "{e}");
+        server.join().unwrap();
     }
 }
