@@ -121,7 +121,7 @@ impl Fake {
     }
 
     pub fn option_reply(&mut self, opt: u32, kind: u32, data: &[u8]) {
-        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        let mut r = REPLY_MAGIC.to_be_bytes().to_vec();
         r.extend_from_slice(&opt.to_be_bytes());
         r.extend_from_slice(&kind.to_be_bytes());
         r.extend_from_slice(&(data.len() as u32).to_be_bytes());

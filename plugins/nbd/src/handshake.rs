@@ -189,7 +189,7 @@ struct OptionReply {
 fn option_reply(s: &mut Stream, option: u32) -> Result<OptionReply, HandshakeError> {
     let mut h = [0u8; 20];
     s.read_exact(&mut h)?;
-    if be64(&h) != OPTION_REPLY_MAGIC {
+    if be64(&h) != REPLY_MAGIC {
         return Err(refused("bad option reply magic"));
     }
     if be32(&h[8..]) != option {
