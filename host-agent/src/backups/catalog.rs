@@ -13,26 +13,10 @@
 
 use std::path::Path;
 
+use hvm_api::coord::BackupRow;
 use rusqlite::{params, Connection};
-use serde::Serialize;
 
 use super::format::{Manifest, Repo, RepoError};
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Row {
-    pub id: String,
-    pub location: String,
-    pub created_unix_ms: u64,
-    pub created: String,
-    pub kind: String,
-    pub parent: Option<String>,
-    pub vlus: Vec<String>,
-    pub stored_bytes: u64,
-    pub logical_bytes: u64,
-    pub copied_bytes: u64,
-    pub verified_unix_ms: Option<u64>,
-    pub verify_error: Option<String>,
-}
 
 pub struct Catalog {
     db: Connection,
@@ -42,22 +26,23 @@ fn sql(e: rusqlite::Error) -> String {
     format!("catalog: {e}")
 }
 
-impl Row {
-    pub fn of(location: &str, m: &Manifest) -> Row {
-        Row {
-            id: m.id.clone(),
-            location: location.to_string(),
-            created_unix_ms: m.created_unix_ms,
-            created: m.created.clone(),
-            kind: m.kind.to_string(),
-            parent: m.parent.clone(),
-            vlus: m.vlus(),
-            stored_bytes: m.stored_bytes,
-            logical_bytes: m.lus.iter().map(|l| l.size).sum(),
-            copied_bytes: m.lus.iter().map(|l| l.copied_bytes).sum(),
-            verified_unix_ms: None,
-            verify_error: None,
-        }
+/// The catalog row of backup `m` in the repository at `location` (not verified yet).
+pub fn row(location: &str, m: &Manifest) -> BackupRow {
+    BackupRow {
+        id: m.id.clone(),
+        location: Some(location.to_string()),
+        created_unix_ms: m.created_unix_ms,
+        created: m.created.clone(),
+        kind: m.kind.to_string(),
+        parent: m.parent.clone(),
+        vlus: m.vlus(),
+        stored_bytes: m.stored_bytes,
+        logical_bytes: m.lus.iter().map(|l| l.size).sum(),
+        copied_bytes: m.lus.iter().map(|l| l.copied_bytes).sum(),
+        verified_unix_ms: None,
+        verify_error: None,
+        target: None,
+        media: None,
     }
 }
 
@@ -82,7 +67,7 @@ impl Catalog {
     }
 
     /// Add or replace the row of a backup (its verification is kept).
-    pub fn put(&self, r: &Row) -> Result<(), String> {
+    pub fn put(&self, r: &BackupRow) -> Result<(), String> {
         self.db
             .execute(
                 "INSERT INTO backups (id, location, created_unix_ms, created, kind, parent, vlus,
@@ -125,7 +110,7 @@ impl Catalog {
         Ok(())
     }
 
-    fn rows(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Row>, String> {
+    fn rows(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<BackupRow>, String> {
         let q = format!(
             "SELECT id, location, created_unix_ms, created, kind, parent, vlus, stored_bytes,
                logical_bytes, copied_bytes, verified_unix_ms, verify_error
@@ -135,9 +120,9 @@ impl Catalog {
         let rows = st
             .query_map(args, |r| {
                 let vlus: String = r.get(6)?;
-                Ok(Row {
+                Ok(BackupRow {
                     id: r.get(0)?,
-                    location: r.get(1)?,
+                    location: Some(r.get(1)?),
                     created_unix_ms: r.get::<_, i64>(2)? as u64,
                     created: r.get(3)?,
                     kind: r.get(4)?,
@@ -148,6 +133,8 @@ impl Catalog {
                     copied_bytes: r.get::<_, i64>(9)? as u64,
                     verified_unix_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                     verify_error: r.get(11)?,
+                    target: None,
+                    media: None,
                 })
             })
             .map_err(sql)?;
@@ -155,14 +142,14 @@ impl Catalog {
     }
 
     /// Every backup, oldest first; of one repository if `location` is given.
-    pub fn list(&self, location: Option<&str>) -> Result<Vec<Row>, String> {
+    pub fn list(&self, location: Option<&str>) -> Result<Vec<BackupRow>, String> {
         match location {
             Some(l) => self.rows("WHERE location = ?1", &[&l]),
             None => self.rows("", &[]),
         }
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Row>, String> {
+    pub fn get(&self, id: &str) -> Result<Option<BackupRow>, String> {
         Ok(self.rows("WHERE id = ?1", &[&id])?.into_iter().next())
     }
 
@@ -188,7 +175,7 @@ impl Catalog {
         for id in ids.iter().filter(|i| !known.contains(i)) {
             match repo.manifest(id) {
                 Ok(m) => {
-                    self.put(&Row::of(&loc, &m))?;
+                    self.put(&row(&loc, &m))?;
                     added += 1;
                 }
                 Err(RepoError::Store(e)) => return Err(e.to_string()),

@@ -16,7 +16,7 @@ use super::repository::BackupRole;
 use super::{
     rfc3339, unix_ms, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Failure, Source,
 };
-use crate::backups::catalog::Row;
+use crate::backups::catalog;
 use crate::backups::chunks::{default_streams, store_ranges, Rate, ReadAt};
 use crate::backups::extents::{overlay, pieces};
 use crate::backups::format::{plain, FileRef, Kind, LuMap, Manifest, Repo};
@@ -242,7 +242,7 @@ pub fn copy(
         Err(_) => write_backup(agent, &repo, id, req, progress)?,
     };
     let cat = role.catalog()?;
-    cat.put(&Row::of(&repo.location(), &manifest))
+    cat.put(&catalog::row(&repo.location(), &manifest))
         .map_err(failed)?;
     Ok(report(&repo, &manifest))
 }

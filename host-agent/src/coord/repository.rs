@@ -7,15 +7,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::tls::ClientConfig;
 use super::{
     unix_ms, BackupList, Code, Failure, Pruned, RestoreCheck, RestoreRequest, RestoreTo, Restored,
     Verified,
 };
-use crate::backups::catalog::{Catalog, Row};
+use crate::backups::catalog::Catalog;
 use crate::backups::chunks::default_threads;
 use crate::backups::format::{chunk_key, LuMap, Manifest, Repo, MARKER};
 use crate::backups::retention::{self, Keep};
@@ -23,6 +22,7 @@ use crate::backups::{restore, store};
 use crate::nbd::client::Client;
 use crate::nbd::export::split_ticket;
 use crate::pairs::medium;
+use hvm_api::coord::BackupRow;
 
 fn failed(m: impl Into<String>) -> Failure {
     Failure::new(Code::Failed, m)
@@ -30,11 +30,6 @@ fn failed(m: impl Into<String>) -> Failure {
 
 fn bad(m: impl Into<String>) -> Failure {
     Failure::new(Code::BadRequest, m)
-}
-
-/// A reply the array's media code ([`medium`]) built as JSON, read as its type.
-fn typed<T: DeserializeOwned>(v: Value) -> Result<T, Failure> {
-    serde_json::from_value(v).map_err(|e| failed(format!("a malformed media report: {e}")))
 }
 
 /// Why a backup on the array's device is not restored in place.
@@ -159,14 +154,14 @@ pub fn list(
             (cat.list(None).map_err(failed)?, errors)
         }
     };
-    let rows: Vec<Row> = rows
+    let rows: Vec<BackupRow> = rows
         .into_iter()
         .filter(|r| vlu.is_none_or(|v| r.vlus.iter().any(|x| x == v)))
         .collect();
     // And the backups the arrays copied to their devices (issue 22).
     let media = medium::list_rows(&cat, target, vlu).map_err(failed)?;
     Ok(BackupList {
-        backups: typed(Value::Array(medium::merged(&rows, media)))?,
+        backups: medium::merged(rows, media),
         errors,
     })
 }
@@ -188,7 +183,7 @@ fn find(role: &BackupRole, id: &str) -> Result<(Catalog, Repo, Manifest), Failur
             })?
         }
     };
-    let repo = open_location(&row.location)?;
+    let repo = open_location(row.location.as_deref().unwrap_or_default())?;
     let m = repo.manifest(&row.id).map_err(|e| failed(e.to_string()))?;
     Ok((cat, repo, m))
 }
@@ -202,7 +197,7 @@ pub fn verify(
 ) -> Result<Verified, Failure> {
     let cat = role.catalog()?;
     if let Some(b) = medium::find(&cat, id).map_err(failed)? {
-        return typed(medium::verify(&cat, b, unix_ms()).map_err(failed)?);
+        return medium::verify(&cat, b, unix_ms()).map_err(failed);
     }
     let (cat, repo, m) = find(role, id)?;
     let chunks = m.chunk_needs();
@@ -465,10 +460,9 @@ fn on_medium(role: &BackupRole, req: &RestoreRequest) -> Result<Option<Restored>
         return Ok(None);
     };
     match &req.to {
-        RestoreTo::Path(p) => {
-            let v = medium::restore(&b, req.vlu.as_deref(), Path::new(p)).map_err(failed)?;
-            typed(v).map(Some)
-        }
+        RestoreTo::Path(p) => medium::restore(&b, req.vlu.as_deref(), Path::new(p))
+            .map(Some)
+            .map_err(failed),
         _ => Err(not_in_place(&b.id)),
     }
 }
@@ -478,6 +472,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backups::format::{Extent, Hash, Kind, FORMAT, FORMAT_V2};
+    use serde_json::Value;
 
     fn backup(repo: &Repo, id: &str, chunk: &str, skip: u64) {
         let m = Manifest {

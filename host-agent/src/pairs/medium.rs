@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use hvm_core::array_backup::{BackupOp, BackupReply, DeviceStatus};
@@ -25,7 +25,7 @@ use hvm_core::backend::Backend;
 use hvm_core::LuId;
 
 use crate::backups::catalog::Catalog;
-use hvm_api::coord::{Copied, CopiedBy, CopiedLu};
+use hvm_api::coord::{BackupRow, Copied, CopiedBy, CopiedLu, Restored, Verified};
 
 /// The catalog's kind of such a backup.
 pub const KIND: &str = "array-ccopy";
@@ -212,24 +212,29 @@ fn check(m: &Medium) -> Result<array_sim::tape::Tape, String> {
 
 /// `backup verify` of a backup on media: every medium checked; the result goes into the
 /// catalog.
-pub fn verify(cat: &Catalog, mut b: MediumBackup, now_ms: u64) -> Result<Value, String> {
+pub fn verify(cat: &Catalog, mut b: MediumBackup, now_ms: u64) -> Result<Verified, String> {
     let problem = b.lus.iter().find_map(|l| check(&l.medium).err());
     b.verified_unix_ms = Some(now_ms);
     b.verify_error = problem.clone();
     put(cat, &b)?;
     match problem {
         Some(p) => Err(format!("backup {}: {p}", b.id)),
-        None => Ok(json!({
-            "id": b.id, "created": b.created, "ok": true, "kind": KIND,
-            "media": b.lus.iter().map(|l| &l.medium).collect::<Vec<_>>(),
-            "chunks": 0, "vlus": b.lus.iter().map(|l| &l.vlu).collect::<Vec<_>>(),
-        })),
+        None => Ok(Verified {
+            ok: true,
+            chunks: 0,
+            vlus: b.lus.iter().map(|l| l.vlu.clone()).collect(),
+            location: None,
+            kind: Some(KIND.into()),
+            media: Some(b.lus.iter().map(|l| l.medium.clone()).collect()),
+            id: b.id,
+            created: b.created,
+        }),
     }
 }
 
 /// `backup restore` of a backup on media: the medium's records (checked) written into a
 /// new file `to` of the virtual LU's size; the file is removed again on failure.
-pub fn restore(b: &MediumBackup, vlu: Option<&str>, to: &Path) -> Result<Value, String> {
+pub fn restore(b: &MediumBackup, vlu: Option<&str>, to: &Path) -> Result<Restored, String> {
     let lu = match vlu {
         Some(v) => b.lus.iter().find(|l| l.vlu == v),
         None if b.lus.len() == 1 => b.lus.first(),
@@ -254,10 +259,19 @@ pub fn restore(b: &MediumBackup, vlu: Option<&str>, to: &Path) -> Result<Value, 
         let _ = std::fs::remove_file(to);
     }
     let sha256 = written?;
-    Ok(json!({
-        "backup": b.id, "created": b.created, "vlu": lu.vlu, "size": lu.size,
-        "sha256": sha256, "to": to, "medium": lu.medium,
-    }))
+    Ok(Restored {
+        backup: b.id.clone(),
+        created: b.created.clone(),
+        vlu: lu.vlu.clone(),
+        size: lu.size,
+        sha256,
+        to: Some(to.display().to_string()),
+        compared_bytes: None,
+        written_bytes: None,
+        medium: Some(lu.medium.clone()),
+        clients_stopped: None,
+        fence: None,
+    })
 }
 
 /// A new file of `size` bytes with the medium's records at their places; its SHA-256.
@@ -287,44 +301,47 @@ fn write_image(tape: &array_sim::tape::Tape, size: u64, to: &Path) -> Result<Str
     Ok(file_sha256(to)?.0)
 }
 
-/// `backup list`'s rows of the backups on media, in the catalog rows' shape, with the
-/// medium; of one target or virtual LU if given.
+/// `backup list`'s rows of the backups on media, with their media; of one target or
+/// virtual LU if given.
 pub fn list_rows(
     cat: &Catalog,
     target: Option<&str>,
     vlu: Option<&str>,
-) -> Result<Vec<Value>, String> {
+) -> Result<Vec<BackupRow>, String> {
     Ok(backups(cat)?
         .into_iter()
         .filter(|b| target.is_none_or(|t| b.target == t))
         .filter(|b| vlu.is_none_or(|v| b.lus.iter().any(|l| l.vlu == v)))
-        .map(|b| {
-            let first = b.lus.first().map(|l| &l.medium);
-            json!({
-                "id": b.id, "created_unix_ms": b.created_unix_ms, "created": b.created,
-                "kind": KIND, "parent": null,
-                "location": first.map(|m| format!("array {}: device {} ({})", m.backend, m.device, m.path)),
-                "vlus": b.lus.iter().map(|l| &l.vlu).collect::<Vec<_>>(),
-                "stored_bytes": b.lus.iter().map(|l| l.medium.bytes).sum::<u64>(),
-                "logical_bytes": b.lus.iter().map(|l| l.size).sum::<u64>(),
-                "copied_bytes": 0,
-                "verified_unix_ms": b.verified_unix_ms, "verify_error": b.verify_error,
-                "target": b.target,
-                "media": b.lus.iter().map(|l| &l.medium).collect::<Vec<_>>(),
-            })
-        })
+        .map(row)
         .collect())
 }
 
+/// A backup on media as a `backup list` row: its location is the first medium's device.
+fn row(b: MediumBackup) -> BackupRow {
+    let first = b.lus.first().map(|l| &l.medium);
+    BackupRow {
+        location: first.map(|m| format!("array {}: device {} ({})", m.backend, m.device, m.path)),
+        created_unix_ms: b.created_unix_ms,
+        kind: KIND.into(),
+        parent: None,
+        vlus: b.lus.iter().map(|l| l.vlu.clone()).collect(),
+        stored_bytes: b.lus.iter().map(|l| l.medium.bytes).sum(),
+        logical_bytes: b.lus.iter().map(|l| l.size).sum(),
+        copied_bytes: 0,
+        verified_unix_ms: b.verified_unix_ms,
+        verify_error: b.verify_error,
+        target: Some(b.target),
+        media: Some(b.lus.into_iter().map(|l| l.medium).collect()),
+        id: b.id,
+        created: b.created,
+    }
+}
+
 /// The catalog's rows of repository backups and `media`'s rows, oldest first.
-pub fn merged<T: Serialize>(rows: &[T], media: Vec<Value>) -> Vec<Value> {
-    let mut all: Vec<Value> = rows
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok())
-        .chain(media)
-        .collect();
-    all.sort_by_key(|r| r["created_unix_ms"].as_u64().unwrap_or(0));
-    all
+pub fn merged(mut rows: Vec<BackupRow>, media: Vec<BackupRow>) -> Vec<BackupRow> {
+    rows.extend(media);
+    rows.sort_by_key(|r| r.created_unix_ms);
+    rows
 }
 
 /// What the copy answers for a backup on media (the shape of a repository copy's
@@ -440,7 +457,7 @@ mod tests {
         assert_eq!(pick_device(&cat, &devs, &[]).unwrap().name, "tape0");
         let rows = list_rows(&cat, Some("pg"), Some("pg")).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0]["kind"], KIND);
+        assert_eq!(rows[0].kind, KIND);
         assert!(list_rows(&cat, Some("other"), None).unwrap().is_empty());
 
         // Restore: the medium's blocks at their place in a new file of the LU's size.
@@ -450,7 +467,7 @@ mod tests {
         let mut want = vec![0x11u8; 8 * 512];
         want.resize(16 * 512, 0);
         assert_eq!(std::fs::read(&to).unwrap(), want);
-        assert_eq!(v["sha256"], crate::backups::format::sha256(&want));
+        assert_eq!(v.sha256, crate::backups::format::sha256(&want));
         assert!(restore(&b1, None, &to).is_err(), "never over a file");
         assert!(verify(&cat, b1.clone(), 5).is_ok());
 
