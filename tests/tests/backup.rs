@@ -280,7 +280,7 @@ fn backup_over_nbd_and_the_read_counter() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(m["format"], "hvm-backup/2");
+    assert_eq!(m["format"], "hvm-backup/3");
     assert!(m["info"]["instant_unix_ms"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["lus"][0]["size"], LU);
 
