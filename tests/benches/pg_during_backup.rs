@@ -15,7 +15,16 @@
 //! The mean time of each backup step is printed for the full, incremental and NBD runs,
 //! with the loop's wait for the resync after each. Back to back, a cheaper backup runs
 //! more often; a last phase starts an incremental every pg_basebackup time (its mean
-//! so far), so the two do the same number of backups, as a schedule would.
+//! so far), so the two do the same number of backups, as a schedule would. A diagnostic
+//! phase runs PostgreSQL's backup mode alone (`pg_backup_start` with a fast checkpoint,
+//! `pg_backup_stop` with its WAL switch: what both hvm's hook and pg_basebackup do per
+//! backup) as often as the incrementals ran: the part of their cost that is PostgreSQL's.
+//!
+//! hvm's freeze hooks are PostgreSQL's alone by default (`HVM_BENCH_HOOKS=postgresql`):
+//! the data directory, WAL included, is on the virtual LU and the write gate makes the
+//! snapshot one instant, so a freeze of the filesystem adds nothing the restore needs
+//! (tests/tests/postgres.rs restores such a backup); `HVM_BENCH_HOOKS=postgresql,fsfreeze`
+//! adds fsfreeze of the mount after it, as the README's example config does.
 //!
 //! `cargo bench -p hvm-tests --bench pg_during_backup` (root: loop devices, mounts).
 //! `HVM_BENCH_ROUNDS` sets the turns (default 3; a pgbench round is 5 s), `HVM_BENCH_RATE`
@@ -25,7 +34,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hvm_tests::pg::{Bench, Cluster, Deployment};
+use hvm_tests::pg::{Bench, Cluster, Deployment, Hooks};
 
 const LU: u64 = 512 << 20;
 const SCALE: u32 = 5;
@@ -72,6 +81,32 @@ fn basebackup(c: &Cluster, to: &Path) {
     assert!(
         out.status.success(),
         "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// PostgreSQL's backup mode alone, as the hook runs it and pg_basebackup does too:
+/// `pg_backup_start(fast)` (its checkpoint), then `pg_backup_stop` (its WAL switch), one
+/// session; no snapshot and no copy.
+fn backup_mode(c: &Cluster) {
+    let out = std::process::Command::new(c.bin.join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&c.sock)
+        .args([
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-c", "SELECT pg_backup_start('bench', true)"])
+        .args(["-c", "SELECT labelfile FROM pg_backup_stop(false)"])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "backup mode: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -137,8 +172,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let rate = std::env::var("HVM_BENCH_RATE").unwrap_or_else(|_| "50M".into());
+    let hooks = match std::env::var("HVM_BENCH_HOOKS").as_deref() {
+        Ok("postgresql,fsfreeze") => Hooks::PostgresFsfreeze,
+        Ok("postgresql") | Err(_) => Hooks::Postgres,
+        Ok(other) => panic!("HVM_BENCH_HOOKS={other}: postgresql or postgresql,fsfreeze"),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Deployment::start(dir.path(), LU, SCALE, 20_000);
+    let storage = hvm_tests::backup::Storage::ArraySim;
+    let d = Deployment::start_with(dir.path(), LU, SCALE, (20_000, hooks), storage);
 
     let base_root = d.hosts.target_root.join("basebackup");
     let steps = std::sync::Mutex::new((Steps::default(), Steps::default(), Steps::default()));
@@ -183,6 +224,9 @@ fn main() {
     let mut nbd = Phase::new("hvmctl backup run --full --via nbd");
     let mut pgb = Phase::new("pg_basebackup -X stream -c fast");
     let mut paced = Phase::new("hvmctl backup run (incremental), paced");
+    let mut mode = Phase::new("pg_backup_start/stop alone, incremental's pace");
+    // The incremental's time per backup (seconds, backups), for the phase above.
+    let inc_time = std::sync::Mutex::new((0.0f64, 0usize));
     // pg_basebackup's time per backup, for the paced phase: (seconds, backups).
     let pgb_time = std::sync::Mutex::new((0.0f64, 0usize));
     for round in 0..rounds {
@@ -191,7 +235,11 @@ fn main() {
             hvm_backup(&format!("hvm-{round}-{i}"), &[], true)
         }));
         inc.round(during(&d.cluster, 1, |i| {
-            hvm_backup(&format!("inc-{round}-{i}"), &[], false)
+            let t = std::time::Instant::now();
+            hvm_backup(&format!("inc-{round}-{i}"), &[], false);
+            let mut m = inc_time.lock().expect("incremental time");
+            m.0 += t.elapsed().as_secs_f64();
+            m.1 += 1;
         }));
         rated.round(during(&d.cluster, 1, |i| {
             hvm_backup(&format!("rated-{round}-{i}"), &["--rate", &rate], true)
@@ -222,11 +270,24 @@ fn main() {
                 std::thread::sleep(rest);
             }
         }));
+        // Where the incremental phase's TPS goes: PostgreSQL's own part of each backup,
+        // as often as the incrementals ran back to back.
+        let every = {
+            let m = inc_time.lock().expect("incremental time");
+            std::time::Duration::from_secs_f64(m.0 / m.1.max(1) as f64)
+        };
+        mode.round(during(&d.cluster, 1, |_| {
+            let t = std::time::Instant::now();
+            backup_mode(&d.cluster);
+            if let Some(rest) = every.checked_sub(t.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }));
     }
     let base = idle_p.mean();
     println!(
         "PostgreSQL during a backup: pgbench scale {SCALE}, {CLIENTS} clients, {rounds} rounds \
-         of {ROUND_SECS} s per phase, LU {} MiB on array-sim",
+         of {ROUND_SECS} s per phase, LU {} MiB on array-sim, hvm's hooks {hooks:?}",
         LU >> 20
     );
     println!(
@@ -234,7 +295,7 @@ fn main() {
         "during", "TPS per round", "mean", "vs idle", "backups", "lost per backup"
     );
     let secs = f64::from(ROUND_SECS) * rounds as f64;
-    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb, &paced] {
+    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb, &paced, &mode] {
         let per: Vec<String> = p.tps.iter().map(|t| format!("{t:.0}")).collect();
         // Transactions the database did not do because of the backups, per backup.
         let lost = match p.runs {
@@ -283,5 +344,13 @@ fn main() {
          hvm / pg_basebackup {:.2}x",
         m.0 / m.1.max(1) as f64,
         paced.mean() / p
+    );
+    let m = inc_time.lock().expect("incremental time");
+    println!(
+        "PostgreSQL's backup mode alone (checkpoint, WAL switch) started every {:.2} s (the \
+         incremental's mean time): {:.2}x idle, against the incremental's {:.2}x",
+        m.0 / m.1.max(1) as f64,
+        mode.mean() / base,
+        i / base
     );
 }

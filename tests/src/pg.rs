@@ -337,11 +337,38 @@ impl Bench {
     }
 }
 
+/// The database host's freeze hooks in a [`Deployment`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hooks {
+    /// PostgreSQL's backup mode alone (`pg_backup_start` / `pg_backup_stop`). The data
+    /// directory, WAL included, is all on the virtual LU, and the write gate makes the
+    /// snapshot one instant of it: a restore is a crash (ext4 replays its journal,
+    /// PostgreSQL its WAL), with no filesystem freeze and no writes held.
+    Postgres,
+    /// PostgreSQL, then fsfreeze of the mount: the filesystem clean in the snapshot too,
+    /// at the price of writes held from the freeze to the thaw.
+    PostgresFsfreeze,
+}
+
+impl Hooks {
+    /// The `freeze.hooks` list of the database host's config.
+    fn yaml(self, sock: &Path, port: u16, mount: &Path) -> String {
+        let pg = format!(
+            "      - postgresql: {{ connect: \"host={} port={port} user=postgres dbname=postgres\" }}\n",
+            sock.display()
+        );
+        match self {
+            Hooks::Postgres => pg,
+            Hooks::PostgresFsfreeze => format!("{pg}      - fsfreeze: {}\n", mount.display()),
+        }
+    }
+}
+
 /// The whole set-up of the PostgreSQL backup tests and benchmark: two hosts and an array
 /// ([`crate::backup::Hosts`]), virtual LU `pg` mounted as ext4 on the database host, a
-/// cluster on it with pgbench's tables, and the database host's freeze hooks set to
-/// PostgreSQL and then fsfreeze of that mount. Fields drop in order: the cluster stops,
-/// the filesystem is unmounted, then the agents and the array stop.
+/// cluster on it with pgbench's tables, and the database host's freeze hooks ([`Hooks`]).
+/// Fields drop in order: the cluster stops, the filesystem is unmounted, then the agents
+/// and the array stop.
 pub struct Deployment {
     pub cluster: Cluster,
     pub fs: Mounted,
@@ -349,13 +376,13 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// On an array-sim daemon both hosts reach.
+    /// On an array-sim daemon both hosts reach, with [`Hooks::PostgresFsfreeze`].
     pub fn start(work: &Path, lu_bytes: u64, scale: u32, deadline_ms: u64) -> Deployment {
         let storage = crate::backup::Storage::ArraySim;
         Deployment::start_on(work, lu_bytes, scale, deadline_ms, storage)
     }
 
-    /// On `storage`: see [`crate::backup::Storage`].
+    /// On `storage` (see [`crate::backup::Storage`]), with [`Hooks::PostgresFsfreeze`].
     pub fn start_on(
         work: &Path,
         lu_bytes: u64,
@@ -363,12 +390,23 @@ impl Deployment {
         deadline_ms: u64,
         storage: crate::backup::Storage<'_>,
     ) -> Deployment {
+        let freeze = (deadline_ms, Hooks::PostgresFsfreeze);
+        Deployment::start_with(work, lu_bytes, scale, freeze, storage)
+    }
+
+    /// With the freeze's deadline and `hooks`.
+    pub fn start_with(
+        work: &Path,
+        lu_bytes: u64,
+        scale: u32,
+        (deadline_ms, hooks): (u64, Hooks),
+        storage: crate::backup::Storage<'_>,
+    ) -> Deployment {
         let sock = work.join("pg-sock");
         let port = 25432;
         let freeze = format!(
-            "    deadline_ms: {deadline_ms}\n    hooks:\n      - postgresql: {{ connect: \"host={} port={port} user=postgres dbname=postgres\" }}\n      - fsfreeze: {}\n",
-            sock.display(),
-            work.join("mnt-pg").display()
+            "    deadline_ms: {deadline_ms}\n    hooks:\n{}",
+            hooks.yaml(&sock, port, &work.join("mnt-pg"))
         );
         let hosts = crate::backup::Hosts::start_on(
             work,
