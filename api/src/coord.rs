@@ -260,7 +260,31 @@ pub struct Failure {
     pub code: Code,
     pub message: String,
     #[serde(default)]
-    pub detail: Value,
+    pub detail: FailureDetail,
+}
+
+/// What a failure carries beside its message (JSON `null` when nothing).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FailureDetail {
+    #[default]
+    None,
+    /// A snapshot that timed out or failed on the database host: its steps, the freeze,
+    /// and what it thawed and rolled back (so nothing is left to clean up there).
+    Snapshot(Box<SnapshotFailure>),
+    /// `backup_verify` found bad chunks.
+    BadChunks { bad_chunks: Vec<String> },
+    /// A detail this version does not know (from a newer agent), kept as it came.
+    Other(Value),
+}
+
+/// [`FailureDetail::Snapshot`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotFailure {
+    pub steps: Vec<Step>,
+    pub freeze_ms: f64,
+    pub thawed: Vec<String>,
+    pub rolled_back: Vec<String>,
 }
 
 impl Failure {
@@ -268,11 +292,11 @@ impl Failure {
         Failure {
             code,
             message: message.into(),
-            detail: Value::Null,
+            detail: FailureDetail::None,
         }
     }
 
-    pub fn with(mut self, detail: Value) -> Self {
+    pub fn with(mut self, detail: FailureDetail) -> Self {
         self.detail = detail;
         self
     }
@@ -625,6 +649,40 @@ pub struct Copied {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A failure's detail keeps the JSON it had as a map: null when nothing, the
+    /// snapshot's steps, freeze and rollback, the bad chunks; what this version does not
+    /// know is kept as it came.
+    #[test]
+    fn failure_details_keep_their_wire_shape() {
+        let f: Failure = serde_json::from_str(r#"{"code":"failed","message":"m"}"#).unwrap();
+        assert_eq!(f.detail, FailureDetail::None);
+        assert!(serde_json::to_value(&f).unwrap()["detail"].is_null());
+        let raw = r#"{"code":"timeout","message":"m","detail":{"steps":[{"step":"quiesce pg","ms":1.5}],"freeze_ms":2.0,"thawed":["pg"],"rolled_back":["a"]}}"#;
+        let f: Failure = serde_json::from_str(raw).unwrap();
+        let FailureDetail::Snapshot(d) = &f.detail else {
+            panic!("{:?}", f.detail)
+        };
+        assert_eq!(
+            (d.steps[0].ms, d.thawed.as_slice()),
+            (1.5, &["pg".to_string()][..])
+        );
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v, serde_json::from_str::<Value>(raw).unwrap());
+        let f = Failure::new(Code::Failed, "bad").with(FailureDetail::BadChunks {
+            bad_chunks: vec!["c1: missing".into()],
+        });
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["detail"]["bad_chunks"][0], "c1: missing");
+        let back: Failure = serde_json::from_value(v).unwrap();
+        assert_eq!(back.detail, f.detail);
+        let f: Failure =
+            serde_json::from_str(r#"{"code":"failed","message":"m","detail":{"new":1}}"#).unwrap();
+        assert_eq!(
+            f.detail,
+            FailureDetail::Other(serde_json::json!({"new": 1}))
+        );
+    }
 
     #[test]
     fn replies_keep_their_wire_shape() {

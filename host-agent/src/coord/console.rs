@@ -8,13 +8,12 @@
 use std::time::Instant;
 
 use hvm_core::SECTOR_SIZE;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
     new_id, BackupList, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Deleted, Failure,
-    LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored, ResyncProgress,
-    SnapshotLu, SnapshotTaken, Source, Step, Verified,
+    FailureDetail, LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored,
+    ResyncProgress, SnapshotLu, SnapshotTaken, Source, Step, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -399,17 +398,18 @@ impl Run<'_> {
         let snap = match snap {
             Ok(v) => v,
             Err(f) => {
-                let steps = Vec::<Step>::deserialize(&f.detail["steps"]).unwrap_or_default();
-                self.agent_steps(&steps);
                 // The database host rolled back what it did; if no answer came at all, a
                 // snapshot may exist: delete to be sure.
-                let cleanup = if f.detail.is_null() {
-                    self.cleanup()
-                } else {
-                    Ok(format!(
-                        "the database host thawed {} and rolled back {}",
-                        f.detail["thawed"], f.detail["rolled_back"]
-                    ))
+                let cleanup = match &f.detail {
+                    FailureDetail::Snapshot(d) => {
+                        self.agent_steps(&d.steps);
+                        Ok(format!(
+                            "the database host thawed {:?} and rolled back {:?}",
+                            d.thawed, d.rolled_back
+                        ))
+                    }
+                    FailureDetail::None => self.cleanup(),
+                    other => Ok(format!("the database host answered {other:?}")),
                 };
                 return Err(Failed::new("snapshot", f, cleanup));
             }

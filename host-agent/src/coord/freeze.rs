@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use hvm_core::change_tracking::Cut;
 use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
-use serde_json::json;
 
 use super::hooks::{Files, Hook, Outcome};
 use super::{
-    unix_ms, Changes, Code, Deleted, DeletedVlu, Failure, LegsCompared, ResyncProgress, ResyncVlu,
-    SnapshotLu, SnapshotTaken, Step, TrackingBase, TrackingBases,
+    unix_ms, Changes, Code, Deleted, DeletedVlu, Failure, FailureDetail, LegsCompared,
+    ResyncProgress, ResyncVlu, SnapshotFailure, SnapshotLu, SnapshotTaken, Step, TrackingBase,
+    TrackingBases,
 };
 use crate::config::FreezeConfig;
 use crate::exports::Manager;
@@ -347,12 +347,12 @@ async fn late_rollback(
 impl Freeze {
     fn fail(&self, id: &str, code: Code, message: String, rolled: Vec<String>, ms: f64) -> Failure {
         tracing::error!(backup = %id, %message, "backup snapshot failed");
-        Failure::new(code, message).with(json!({
-            "steps": self.steps,
-            "freeze_ms": ms,
-            "thawed": self.thawed(),
-            "rolled_back": rolled,
-        }))
+        Failure::new(code, message).with(FailureDetail::Snapshot(Box::new(SnapshotFailure {
+            steps: self.steps.clone(),
+            freeze_ms: ms,
+            thawed: self.thawed(),
+            rolled_back: rolled,
+        })))
     }
 }
 

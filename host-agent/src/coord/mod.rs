@@ -38,9 +38,10 @@ use serde_json::Value;
 
 pub use hvm_api::coord::{
     BackupList, BackupRow, Changes, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest,
-    Counters, Deleted, DeletedVlu, Failure, Fenced, Hello, LegsCompared, Line, Medium, Op, Pruned,
-    Request, RestoreCheck, RestoreRequest, RestoreTo, Restored, ResyncProgress, ResyncVlu,
-    SnapshotLu, SnapshotTaken, Source, Step, TrackingBase, TrackingBases, Unfenced, Verified,
+    Counters, Deleted, DeletedVlu, Failure, FailureDetail, Fenced, Hello, LegsCompared, Line,
+    Medium, Op, Pruned, Request, RestoreCheck, RestoreRequest, RestoreTo, Restored, ResyncProgress,
+    ResyncVlu, SnapshotFailure, SnapshotLu, SnapshotTaken, Source, Step, TrackingBase,
+    TrackingBases, Unfenced, Verified,
 };
 
 /// Where and how the console reaches an agent.

@@ -7,12 +7,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::json;
-
 use super::tls::ClientConfig;
 use super::{
-    unix_ms, BackupList, Code, Failure, Pruned, RestoreCheck, RestoreRequest, RestoreTo, Restored,
-    Verified,
+    unix_ms, BackupList, Code, Failure, FailureDetail, Pruned, RestoreCheck, RestoreRequest,
+    RestoreTo, Restored, Verified,
 };
 use crate::backups::catalog::Catalog;
 use crate::backups::chunks::default_threads;
@@ -259,7 +257,7 @@ pub fn verify(
                 .join("; ")
         );
         cat.verified(id, now, Some(&msg)).map_err(failed)?;
-        Err(failed(msg).with(json!({ "bad_chunks": bad_chunks })))
+        Err(failed(msg).with(FailureDetail::BadChunks { bad_chunks }))
     }
 }
 
