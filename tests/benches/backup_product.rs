@@ -87,7 +87,7 @@ fn change(sock: &Path, size: u64, seed: u64) -> u64 {
 /// (hash, compress, stage, and the sync of a new repository). MiB per second of this
 /// thread's CPU time.
 fn chunk_work(dir: &Path) -> [f64; 3] {
-    use hvm_host_agent::backups::format::{blake3, compress, Repo};
+    use hvm_host_agent::backups::format::{blake3, compress_with, Repo};
     use hvm_host_agent::backups::store::DirStore;
     let repo = Repo::create(Box::new(DirStore::open(&dir.join("floor")).expect("store")))
         .expect("repository");
@@ -110,7 +110,7 @@ fn chunk_work(dir: &Path) -> [f64; 3] {
         64.0 / (cpu() - t)
     };
     let hash = rate(&|p| drop(blake3(p)));
-    let zstd = rate(&|p| drop(compress(p).expect("zstd")));
+    let zstd = rate(&|p| compress_with(p, |_| ()).expect("zstd"));
     let store = rate(&|p| drop(repo.put_chunk(p).expect("put_chunk")));
     let t = cpu();
     repo.store().sync().expect("sync");

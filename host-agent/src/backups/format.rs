@@ -224,11 +224,6 @@ pub fn blake3(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
-/// A chunk's stored form: one zstd frame at [`LEVEL`].
-pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, LEVEL)
-}
-
 thread_local! {
     /// Each thread's zstd context and output buffer, kept between chunks: a new
     /// context per chunk allocates and clears megabytes of tables, a new buffer is
@@ -237,8 +232,8 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Compress `data` as [`compress`] does into this thread's reused buffer and hand the
-/// frame to `then`.
+/// A chunk's stored form, one zstd frame at [`LEVEL`], made in this thread's reused
+/// buffer and handed to `then`.
 pub fn compress_with<T>(data: &[u8], then: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
@@ -300,6 +295,42 @@ pub fn lock(location: &str) -> Arc<RwLock<()>> {
     m.entry(location.to_string()).or_default().clone()
 }
 
+/// Read a repository's marker: its format, and the hash that implies (which `"hash"`,
+/// if given, must agree with).
+fn marker_hash(store: &dyn Store) -> Result<Hash, RepoError> {
+    let corrupt = |message: String| RepoError::Corrupt {
+        location: store.location(),
+        message,
+    };
+    let raw = store.get(MARKER)?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|e| corrupt(format!("{MARKER}: {e}")))?;
+    let hash = match v["format"].as_str() {
+        Some(FORMAT) => Hash::Blake3,
+        Some(FORMAT_V2) => Hash::Sha256,
+        _ => {
+            return Err(corrupt(format!(
+                "{MARKER}: format {}, this hvm reads {FORMAT} and {FORMAT_V2}",
+                v["format"]
+            )))
+        }
+    };
+    if !(v["hash"].is_null() || v["hash"] == hash.name()) {
+        return Err(corrupt(format!(
+            "{MARKER}: format {} names chunks by {}, the marker says hash {}",
+            hash.format(),
+            hash.name(),
+            v["hash"]
+        )));
+    }
+    if !(v["compression"].is_null() || v["compression"] == "zstd") {
+        return Err(corrupt(format!(
+            "{MARKER}: compression {}, this hvm reads zstd",
+            v["compression"]
+        )));
+    }
+    Ok(hash)
+}
+
 /// A repository on a store.
 pub struct Repo {
     store: Box<dyn Store>,
@@ -317,57 +348,17 @@ impl Repo {
     /// names (`Hash::Sha256`: `hvm-backup/2`, as older hvm made them). An existing one
     /// keeps its own.
     pub fn create_with(store: Box<dyn Store>, hash: Hash) -> Result<Repo, RepoError> {
-        let mut r = Repo { store, hash };
-        if !r.store.exists(MARKER)? {
+        if !store.exists(MARKER)? {
             let m = serde_json::json!({ "format": hash.format(), "compression": "zstd", "hash": hash.name(), "extent_max": EXTENT_MAX });
-            r.store.put(MARKER, m.to_string().as_bytes())?;
+            store.put(MARKER, m.to_string().as_bytes())?;
         }
-        r.check_marker()?;
-        Ok(r)
+        Repo::open(store)
     }
 
     /// An existing repository.
     pub fn open(store: Box<dyn Store>) -> Result<Repo, RepoError> {
-        let mut r = Repo {
-            store,
-            hash: Hash::Blake3,
-        };
-        r.check_marker()?;
-        Ok(r)
-    }
-
-    /// Read the marker: the format, and the hash it implies (which `"hash"`, if given,
-    /// must agree with).
-    fn check_marker(&mut self) -> Result<(), RepoError> {
-        let raw = self.store.get(MARKER)?;
-        let v: Value =
-            serde_json::from_slice(&raw).map_err(|e| self.corrupt(format!("{MARKER}: {e}")))?;
-        let hash = match v["format"].as_str() {
-            Some(FORMAT) => Hash::Blake3,
-            Some(FORMAT_V2) => Hash::Sha256,
-            _ => {
-                return Err(self.corrupt(format!(
-                    "{MARKER}: format {}, this hvm reads {FORMAT} and {FORMAT_V2}",
-                    v["format"]
-                )))
-            }
-        };
-        if !(v["hash"].is_null() || v["hash"] == hash.name()) {
-            return Err(self.corrupt(format!(
-                "{MARKER}: format {} names chunks by {}, the marker says hash {}",
-                hash.format(),
-                hash.name(),
-                v["hash"]
-            )));
-        }
-        if !(v["compression"].is_null() || v["compression"] == "zstd") {
-            return Err(self.corrupt(format!(
-                "{MARKER}: compression {}, this hvm reads zstd",
-                v["compression"]
-            )));
-        }
-        self.hash = hash;
-        Ok(())
+        let hash = marker_hash(store.as_ref())?;
+        Ok(Repo { store, hash })
     }
 
     /// What names this repository's chunks.
