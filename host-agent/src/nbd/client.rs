@@ -31,6 +31,13 @@ type Result<T> = std::result::Result<T, ClientError>;
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
+fn malformed() -> ClientError {
+    ClientError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "malformed reply from the NBD server",
+    ))
+}
+
 /// Requests [`Client::read_many`] keeps on the wire at once.
 pub const IN_FLIGHT: usize = 16;
 
@@ -198,16 +205,22 @@ impl Client {
     }
 
     /// The next request's header.
-    fn header(&mut self, cmd: u16, flags: u16, offset: u64, len: u32) -> [u8; 28] {
+    fn header(&mut self, cmd: u16, flags: u16, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
         self.cookie += 1;
-        let mut req = [0u8; 28];
-        req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req[4..6].copy_from_slice(&flags.to_be_bytes());
-        req[6..8].copy_from_slice(&cmd.to_be_bytes());
-        req[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        req[16..24].copy_from_slice(&offset.to_be_bytes());
-        req[24..28].copy_from_slice(&len.to_be_bytes());
-        req
+        super::proto::request(flags, cmd, self.cookie, offset, len)
+    }
+
+    /// A simple reply's header: (errno, cookie).
+    fn reply(&mut self) -> Result<(u32, u64)> {
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply)?;
+        let magic = u32::from_be_bytes(reply[..4].try_into().unwrap_or_default());
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(malformed());
+        }
+        let errno = u32::from_be_bytes(reply[4..8].try_into().unwrap_or_default());
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap_or_default());
+        Ok((errno, cookie))
     }
 
     fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<u32> {
@@ -226,34 +239,16 @@ impl Client {
                 self.stream.write_all(&all[n..])?;
             }
         }
-        let mut reply = [0u8; 16];
-        self.stream.read_exact(&mut reply)?;
-        let magic = u32::from_be_bytes(reply[..4].try_into().unwrap_or_default());
-        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap_or_default());
-        if magic != SIMPLE_REPLY_MAGIC || cookie != self.cookie {
-            return Err(ClientError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "malformed reply from the NBD server",
-            )));
+        let (errno, cookie) = self.reply()?;
+        if cookie != self.cookie {
+            return Err(malformed());
         }
-        Ok(u32::from_be_bytes(
-            reply[4..8].try_into().unwrap_or_default(),
-        ))
+        Ok(errno)
     }
 
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let errno = self.request(CMD_READ, 0, offset, buf.len() as u32, &[])?;
-        if errno != 0 {
-            return Err(ClientError::Command {
-                op: "read",
-                offset,
-                len: buf.len(),
-                errno,
-            });
-        }
-        self.stream.read_exact(buf)?;
-        Ok(())
+        self.read_many(&mut [(offset, buf)])
     }
 
     /// Read each `(offset, buf)` of `reads`, keeping up to [`IN_FLIGHT`] requests on the
@@ -265,7 +260,7 @@ impl Client {
         let first = self.cookie.wrapping_add(1);
         let mut done = vec![false; reads.len()];
         let (mut sent, mut answered) = (0usize, 0usize);
-        let mut headers = Vec::with_capacity(28 * IN_FLIGHT.min(reads.len()));
+        let mut headers = Vec::with_capacity(REQUEST_LEN * IN_FLIGHT.min(reads.len()));
         while answered < reads.len() {
             headers.clear();
             while sent < reads.len() && sent - answered < IN_FLIGHT {
@@ -278,17 +273,10 @@ impl Client {
                 self.stream.write_all(&headers)?;
                 self.stream.flush()?;
             }
-            let mut reply = [0u8; 16];
-            self.stream.read_exact(&mut reply)?;
-            let magic = u32::from_be_bytes(reply[..4].try_into().unwrap_or_default());
-            let errno = u32::from_be_bytes(reply[4..8].try_into().unwrap_or_default());
-            let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap_or_default());
+            let (errno, cookie) = self.reply()?;
             let i = cookie.wrapping_sub(first) as usize;
-            if magic != SIMPLE_REPLY_MAGIC || i >= sent || done[i] {
-                return Err(ClientError::Io(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "malformed reply from the NBD server",
-                )));
+            if i >= sent || done[i] {
+                return Err(malformed());
             }
             let (offset, buf) = &mut reads[i];
             if errno != 0 {
