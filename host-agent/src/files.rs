@@ -12,7 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Replace `path` with `data` atomically and durably.
 pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = write_beside(path, data, "tmp", File::sync_all)?;
+    let tmp = write_beside(path, "tmp", |tmp| {
+        let mut f = create_new(tmp, 0)?;
+        f.write_all(data)?;
+        f.sync_all()
+    })?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -31,15 +35,14 @@ fn parent(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Write `data` to a new temporary file `.NAME.PID.N.SUFFIX` beside `path` (0600, its
-/// directory made 0700 if missing), hand the file to `finish` (a sync, or advice to
-/// start writing it back) and return the temporary file's path; on any failure the
-/// temporary file is gone. Unique per write: two threads may write one name at once.
+/// Make a new temporary file `.NAME.PID.N.SUFFIX` beside `path` (its directory made 0700
+/// if missing) with `write`, which creates it ([`create_new`]) and fills it, and return
+/// its path; on any failure the temporary file is gone. Unique per write: two threads may
+/// write one name at once.
 pub fn write_beside(
     path: &Path,
-    data: &[u8],
     suffix: &str,
-    finish: impl FnOnce(&File) -> std::io::Result<()>,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> std::io::Result<PathBuf> {
     static WRITES: AtomicU64 = AtomicU64::new(0);
     let dir = parent(path);
@@ -53,16 +56,7 @@ pub fn write_beside(
         .unwrap_or("object");
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}.{n}.{suffix}", std::process::id()));
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        finish(&f)
-    })();
-    match written {
+    match write(&tmp) {
         Ok(()) => Ok(tmp),
         Err(e) => {
             // A full disk must not keep the half-written file.
@@ -70,6 +64,17 @@ pub fn write_beside(
             Err(e)
         }
     }
+}
+
+/// Create `tmp`, which must not exist, for writing (0600), with open `flags` (`O_DIRECT`,
+/// or 0).
+pub fn create_new(tmp: &Path, flags: i32) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(flags)
+        .open(tmp)
 }
 
 #[cfg(test)]

@@ -339,38 +339,11 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// store's `syncfs` (`O_DIRECT` skips the cache, not the disk's cache or the file's
 /// metadata). A filesystem that refuses `O_DIRECT` gets the buffered write.
 fn write_staged(path: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("object");
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.staged", std::process::id()));
-    let blocks = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    let direct = blocks > 0 && (data.as_ptr() as usize) % DIRECT_ALIGN == 0;
-    let open = |flags: i32| {
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(flags)
-            .open(&tmp)
-    };
-    let written = (|| {
-        let (f, direct) = match direct {
-            true => match open(libc::O_DIRECT) {
-                Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-                Err(e) => return Err(e),
-            },
-            false => (open(0)?, false),
-        };
+    use std::os::unix::fs::FileExt;
+    crate::files::write_beside(path, "staged", |tmp| {
+        let blocks = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let aligned = blocks > 0 && (data.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        let (f, direct) = open_staged(tmp, aligned)?;
         let mut done = 0;
         if direct {
             match f.write_all_at(&data[..blocks], 0) {
@@ -389,15 +362,23 @@ fn write_staged(path: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
             start_writeback(&f);
         }
         Ok(())
-    })();
-    match written {
-        Ok(()) => Ok(tmp),
-        Err(e) => {
-            // A full disk must not keep the half-written file.
-            let _ = fs::remove_file(&tmp);
-            Err(e)
+    })
+}
+
+/// Create the staged file, with `O_DIRECT` if `direct` and the filesystem takes it; the
+/// file and whether it is direct.
+fn open_staged(tmp: &Path, direct: bool) -> std::io::Result<(File, bool)> {
+    if direct {
+        match crate::files::create_new(tmp, libc::O_DIRECT) {
+            Ok(f) => return Ok((f, true)),
+            // A filesystem without O_DIRECT may have made the file before refusing.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = fs::remove_file(tmp);
+            }
+            Err(e) => return Err(e),
         }
     }
+    Ok((crate::files::create_new(tmp, 0)?, false))
 }
 
 /// Remove, under `dir`, the staged files (`.NAME.PID.N.staged`) of processes that no
