@@ -89,26 +89,10 @@ fn basebackup(c: &Cluster, to: &Path) {
 /// `pg_backup_start(fast)` (its checkpoint), then `pg_backup_stop` (its WAL switch), one
 /// session; no snapshot and no copy.
 fn backup_mode(c: &Cluster) {
-    let out = std::process::Command::new(c.bin.join("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(&c.sock)
-        .args([
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
-        .args(["-c", "SELECT pg_backup_start('bench', true)"])
-        .args(["-c", "SELECT labelfile FROM pg_backup_stop(false)"])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "backup mode: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.psql_session(&[
+        "SELECT pg_backup_start('bench', true)",
+        "SELECT labelfile FROM pg_backup_stop(false)",
+    ]);
 }
 
 /// Mean milliseconds per step (freeze, snapshot, copy, ...) over the backups reported.

@@ -199,27 +199,25 @@ impl Cluster {
 
     /// libpq connection parameters (the PostgreSQL hook's `connect`).
     pub fn connect(&self) -> String {
-        format!(
-            "host={} port={} user=postgres dbname=postgres",
-            self.sock.display(),
-            self.port
-        )
+        connect(&self.sock, self.port)
     }
 
     pub fn psql(&self, sql: &str) -> String {
-        ok(tool("psql")
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+        self.psql_session(&[sql])
+    }
+
+    /// `statements` one after the other in one session (what `pg_backup_start` and
+    /// `pg_backup_stop` need); their output.
+    pub fn psql_session(&self, statements: &[&str]) -> String {
+        let mut c = tool("psql");
+        c.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.sock)
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ]))
+            .args(["-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "postgres"]);
+        for sql in statements {
+            c.args(["-c", sql]);
+        }
+        ok(&mut c)
     }
 
     /// `pg_amcheck` of database postgres, heap and every index (installing the amcheck
@@ -350,12 +348,20 @@ pub enum Hooks {
     PostgresFsfreeze,
 }
 
+/// libpq connection parameters of the cluster listening on `sock` and `port`.
+fn connect(sock: &Path, port: u16) -> String {
+    format!(
+        "host={} port={port} user=postgres dbname=postgres",
+        sock.display()
+    )
+}
+
 impl Hooks {
     /// The `freeze.hooks` list of the database host's config.
     fn yaml(self, sock: &Path, port: u16, mount: &Path) -> String {
         let pg = format!(
-            "      - postgresql: {{ connect: \"host={} port={port} user=postgres dbname=postgres\" }}\n",
-            sock.display()
+            "      - postgresql: {{ connect: \"{}\" }}\n",
+            connect(sock, port)
         );
         match self {
             Hooks::Postgres => pg,

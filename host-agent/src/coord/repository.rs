@@ -472,6 +472,15 @@ mod tests {
     use crate::backups::format::{Extent, Hash, Kind, FORMAT, FORMAT_V2};
     use serde_json::Value;
 
+    /// A backup role with its root and catalog in `dir`.
+    fn role_in(dir: &Path) -> BackupRole {
+        BackupRole {
+            root: dir.join("root"),
+            catalog: dir.join("c.sqlite"),
+            keep: None,
+        }
+    }
+
     fn backup(repo: &Repo, id: &str, chunk: &str, skip: u64) {
         let m = Manifest {
             format: repo.format().into(),
@@ -510,11 +519,7 @@ mod tests {
     #[test]
     fn an_hvm_backup_2_repository_still_restores() {
         let d = tempfile::tempdir().unwrap();
-        let role = BackupRole {
-            root: d.path().join("root"),
-            catalog: d.path().join("c.sqlite"),
-            keep: None,
-        };
+        let role = role_in(d.path());
         let dir = target_dir(&role.root, "old").unwrap();
         let old = Repo::create_with(
             store::open(&dir.display().to_string()).unwrap(),
@@ -596,11 +601,7 @@ mod tests {
     #[test]
     fn verify_checks_what_restore_needs_and_restore_reads_back() {
         let d = tempfile::tempdir().unwrap();
-        let role = BackupRole {
-            root: d.path().join("root"),
-            catalog: d.path().join("c.sqlite"),
-            keep: None,
-        };
+        let role = role_in(d.path());
         let repo = role.open_repo("t", true).unwrap();
         let (c, _) = repo.put_chunk(&[9u8; 4096]).unwrap();
         backup(&repo, "good", &c, 0);
