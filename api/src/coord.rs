@@ -36,6 +36,46 @@ pub struct Keep {
     pub weekly: u32,
 }
 
+/// What a backup's snapshot is consistent with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The database host's freeze hooks run around the snapshot (PostgreSQL's backup
+    /// mode, fsfreeze, commands): a restore starts from what the applications made clean.
+    #[default]
+    Application,
+    /// No hook runs: the write gate alone makes the snapshot one instant of every
+    /// virtual LU of the group, as a power cut would leave them. A restore is a crash
+    /// recovery (the filesystem's journal, the database's WAL), which is only sound when
+    /// everything the database needs, WAL included, is in the group.
+    Crash,
+}
+
+impl Consistency {
+    pub fn is_application(&self) -> bool {
+        *self == Consistency::Application
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Application => "application",
+            Consistency::Crash => "crash",
+        }
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "application" => Ok(Consistency::Application),
+            "crash" => Ok(Consistency::Crash),
+            other => Err(format!("{other:?}: application or crash")),
+        }
+    }
+}
+
 /// One request: the first and only line a client sends.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +105,10 @@ pub enum Op {
         /// since the last completed backup.
         #[serde(default)]
         backup: Option<String>,
+        /// Whether the database host's freeze hooks run (left out of the request when
+        /// they do, so that an older agent reads it too).
+        #[serde(default, skip_serializing_if = "Consistency::is_application")]
+        consistency: Consistency,
     },
     /// Database role: delete the snapshots (resync starts). Deleting what is already
     /// deleted is not an error.

@@ -103,6 +103,7 @@ fn backup_run(cmd: &BackupCmd, json: bool) -> error::Result {
         full,
         incremental: _,
         rate,
+        consistency,
         peer: p,
     } = cmd
     else {
@@ -123,6 +124,7 @@ fn backup_run(cmd: &BackupCmd, json: bool) -> error::Result {
         wait_resync: *wait_resync,
         full: *full,
         rate,
+        consistency: *consistency,
         human: !json,
     };
     let r = console::run(&o);

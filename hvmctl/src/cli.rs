@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use hvm_host_agent::coord::console::Via;
+use hvm_host_agent::coord::Consistency;
 
 use crate::arrayctl::{ArrayCmd, CopyArgs, CowArgs, DeviceCmd, JobArgs, PairCmd, VolumeCmd};
 
@@ -197,6 +198,11 @@ pub enum BackupCmd {
         /// Wait for the resync after the snapshot is deleted.
         #[arg(long)]
         wait_resync: bool,
+        /// application: the database host's freeze hooks run (PostgreSQL's backup mode,
+        /// fsfreeze); crash: none runs, the snapshot is one instant of the group as a
+        /// power cut leaves it, and a restore is a crash recovery (WAL in the group).
+        #[arg(long, default_value = "application")]
+        consistency: Consistency,
         #[command(flatten)]
         peer: PeerArgs,
     },

@@ -19,6 +19,10 @@
 //! phase runs PostgreSQL's backup mode alone (`pg_backup_start` with a fast checkpoint,
 //! `pg_backup_stop` with its WAL switch: what both hvm's hook and pg_basebackup do per
 //! backup) as often as the incrementals ran: the part of their cost that is PostgreSQL's.
+//! And a fifth way of hvm's, incrementals with `--consistency crash`: no hook runs, so
+//! no backup mode and no checkpoint; the snapshot is one instant of the whole cluster, WAL
+//! included, and a restore is PostgreSQL's crash recovery (tests/tests/postgres.rs
+//! restores one), the "frozen snapshot" backup of PostgreSQL's manual.
 //!
 //! hvm's freeze hooks are PostgreSQL's alone by default (`HVM_BENCH_HOOKS=postgresql`):
 //! the data directory, WAL included, is on the virtual LU and the write gate makes the
@@ -166,7 +170,7 @@ fn main() {
     let d = Deployment::start_with(dir.path(), LU, SCALE, (20_000, hooks), storage);
 
     let base_root = d.hosts.target_root.join("basebackup");
-    let steps = std::sync::Mutex::new((Steps::default(), Steps::default(), Steps::default()));
+    let steps = std::sync::Mutex::new(<(Steps, Steps, Steps, Steps)>::default());
     // `full`: a new repository each time, so every byte is hashed, compressed and
     // written; otherwise the repository "inc", where each backup is an incremental of
     // the one before (as `hvmctl backup run` does by default).
@@ -187,10 +191,11 @@ fn main() {
         }
         let resync = t.elapsed().as_secs_f64() * 1000.0;
         let mut s = steps.lock().expect("steps");
-        let which = match (full, via_nbd) {
-            (_, true) => &mut s.2,
-            (true, false) => &mut s.0,
-            (false, false) => &mut s.1,
+        let which = match (full, via_nbd, extra.contains(&"crash")) {
+            (_, true, _) => &mut s.2,
+            (_, _, true) => &mut s.3,
+            (true, false, _) => &mut s.0,
+            (false, false, _) => &mut s.1,
         };
         which.add(&v);
         which.one("resync (the loop's wait)", resync);
@@ -204,6 +209,7 @@ fn main() {
     let mut idle_p = Phase::new("idle");
     let mut full = Phase::new("hvmctl backup run --full");
     let mut inc = Phase::new("hvmctl backup run (incremental)");
+    let mut crash = Phase::new("hvmctl backup run (incr.) --consistency crash");
     let mut rated = Phase::new(format!("hvmctl backup run --full --rate {rate}"));
     let mut nbd = Phase::new("hvmctl backup run --full --via nbd");
     let mut pgb = Phase::new("pg_basebackup -X stream -c fast");
@@ -224,6 +230,13 @@ fn main() {
             let mut m = inc_time.lock().expect("incremental time");
             m.0 += t.elapsed().as_secs_f64();
             m.1 += 1;
+        }));
+        crash.round(during(&d.cluster, 1, |i| {
+            hvm_backup(
+                &format!("crash-{round}-{i}"),
+                &["--consistency", "crash"],
+                false,
+            )
         }));
         rated.round(during(&d.cluster, 1, |i| {
             hvm_backup(&format!("rated-{round}-{i}"), &["--rate", &rate], true)
@@ -275,11 +288,13 @@ fn main() {
         LU >> 20
     );
     println!(
-        "{:<44} {:>20} {:>7} {:>8} {:>8} {:>16}",
+        "{:<46} {:>20} {:>7} {:>8} {:>8} {:>16}",
         "during", "TPS per round", "mean", "vs idle", "backups", "lost per backup"
     );
     let secs = f64::from(ROUND_SECS) * rounds as f64;
-    for p in [&idle_p, &full, &inc, &rated, &nbd, &pgb, &paced, &mode] {
+    for p in [
+        &idle_p, &full, &inc, &crash, &rated, &nbd, &pgb, &paced, &mode,
+    ] {
         let per: Vec<String> = p.tps.iter().map(|t| format!("{t:.0}")).collect();
         // Transactions the database did not do because of the backups, per backup.
         let lost = match p.runs {
@@ -288,7 +303,7 @@ fn main() {
             n => format!("{:.0} tx", (base - p.mean()) * secs / n as f64),
         };
         println!(
-            "{:<44} {:>20} {:>7.0} {:>7.2}x {:>8} {:>16}",
+            "{:<46} {:>20} {:>7.0} {:>7.2}x {:>8} {:>16}",
             p.name,
             per.join(" "),
             p.mean(),
@@ -301,6 +316,10 @@ fn main() {
     println!("hvm full, mean ms per step: {}", s.0.show());
     println!("hvm incremental, mean ms per step: {}", s.1.show());
     println!("hvm full --via nbd, mean ms per step: {}", s.2.show());
+    println!(
+        "hvm incremental --consistency crash, mean ms per step: {}",
+        s.3.show()
+    );
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     let (f, i, p, r, n) = (
         full.mean(),
@@ -328,6 +347,12 @@ fn main() {
          hvm / pg_basebackup {:.2}x",
         m.0 / m.1.max(1) as f64,
         paced.mean() / p
+    );
+    println!(
+        "hvm / pg_basebackup, crash-consistent incremental (no hook, no backup mode): {:.2}x \
+         ({:.2}x idle)",
+        crash.mean() / p,
+        crash.mean() / base
     );
     let m = inc_time.lock().expect("incremental time");
     println!(

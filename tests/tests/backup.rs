@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvm_host_agent::coord::{tls, Code, Op, Peer};
+use hvm_host_agent::coord::{tls, Code, Consistency, Op, Peer};
 use hvm_host_agent::nbd::client::Client;
 use hvm_tests::backup::{steps, Hosts, Setup};
 use hvm_tests::binary;
@@ -489,6 +489,7 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
         deadline_ms: None,
         vars: Default::default(),
         backup: None,
+        consistency: Consistency::Application,
     };
     let first = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();
     let again = peer.call("same-id", &op, 0, &mut |_, _| {}).unwrap();

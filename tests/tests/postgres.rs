@@ -5,7 +5,9 @@
 //! from; backup_restore.rs and array_ccopy_backup.rs restore backups taken with fsfreeze
 //! too), the backup host copying the snapshot straight from the array; then the backup
 //! restored into a new directory starts as a cluster, recovers, and satisfies pgbench's
-//! invariants.
+//! invariants. A second backup in the same pgbench run is crash-consistent (`--consistency
+//! crash`: no hook, no backup mode, no label), the method PostgreSQL's manual gives for a
+//! frozen snapshot of the whole cluster, and it restores and recovers too.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -22,7 +24,7 @@ fn postgresql_backed_up_online_and_restored() {
     let d = Deployment::start_with(work, LU, 5, (20_000, Hooks::Postgres), Storage::ArraySim);
     let hosts = &d.hosts;
     let mut live = d.cluster;
-    let bench = Bench::start(&live, 4, 25);
+    let bench = Bench::start(&live, 4, 30);
     std::thread::sleep(Duration::from_secs(4));
     let (out, v) = hosts.run(&["pg"], "pg-backup", &["--wait-resync"]);
     assert!(
@@ -34,6 +36,7 @@ fn postgresql_backed_up_online_and_restored() {
         "backup run: {}",
         serde_json::to_string_pretty(&v["steps"]).unwrap()
     );
+    let crash = crash_consistent_backup(hosts);
     let (text, tps) = bench.finish();
     println!("pgbench during the backup: {tps} tps\n{text}");
     // The snapshot came from the array; the database host read none of it [0071].
@@ -82,4 +85,30 @@ fn postgresql_backed_up_online_and_restored() {
 
     // Restore into a new image, mount it, start a cluster on it: it recovers.
     restore_and_recover(hosts, work, id, live.port + 1, live_rows);
+    // The crash-consistent one: no label, and it recovers from its WAL alone.
+    let m = hosts.manifest("pg-crash", &crash);
+    assert_eq!(m["files"].as_array().map(Vec::len), Some(0), "{m}");
+    assert_eq!(m["info"]["consistency"], "crash", "{m}");
+    restore_and_recover(hosts, work, &crash, live.port + 2, live_rows);
+}
+
+/// A `--consistency crash` backup of `pg` into its own repository, while pgbench runs:
+/// the database host runs no hook. Returns its id.
+fn crash_consistent_backup(hosts: &hvm_tests::backup::Hosts) -> String {
+    let args = ["--wait-resync", "--consistency", "crash"];
+    let (out, v) = hosts.run(&["pg"], "pg-crash", &args);
+    assert!(
+        out.status.success(),
+        "backup run --consistency crash: {}\n{v}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v["consistency"], "crash", "{v}");
+    let steps: Vec<&str> = steps(&v).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        !steps
+            .iter()
+            .any(|s| s.starts_with("quiesce") || s.starts_with("resume")),
+        "a hook ran: {steps:?}"
+    );
+    v["id"].as_str().unwrap().to_string()
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvm_host_agent::coord::{tls, tracking, Code, Op, Peer, TrackingBases};
+use hvm_host_agent::coord::{tls, tracking, Code, Consistency, Op, Peer, TrackingBases};
 use hvm_tests::agent::Agent;
 use hvm_tests::backup::{Hosts, Setup};
 use hvm_tests::spawn_ready;
@@ -94,6 +94,7 @@ impl Db {
                 deadline_ms: None,
                 vars: Default::default(),
                 backup: Some(backup.into()),
+                consistency: Consistency::Application,
             })
             .unwrap();
         assert!(reply["snapshots"].is_array(), "{reply}");
@@ -277,6 +278,7 @@ fn a_cut_holds_exactly_the_writes_since_the_last_completed_backup() {
             deadline_ms: None,
             vars: Default::default(),
             backup: Some("not an id".into()),
+            consistency: Consistency::Application,
         })
         .unwrap_err();
     assert_eq!(e.code, Code::BadRequest, "{e}");

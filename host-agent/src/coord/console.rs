@@ -11,9 +11,9 @@ use hvm_core::SECTOR_SIZE;
 use serde_json::{json, Value};
 
 use super::{
-    new_id, BackupList, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest, Deleted, Failure,
-    FailureDetail, LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo, Restored,
-    ResyncProgress, SnapshotLu, SnapshotTaken, Source, Step, Verified,
+    new_id, BackupList, Code, Consistency, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest,
+    Deleted, Failure, FailureDetail, LegsCompared, Op, Peer, Pruned, RestoreRequest, RestoreTo,
+    Restored, ResyncProgress, SnapshotLu, SnapshotTaken, Source, Step, Verified,
 };
 use crate::backups::retention::Keep;
 use crate::ctl;
@@ -49,6 +49,8 @@ pub struct Options {
     pub full: bool,
     /// Copy rate limit, bytes per second.
     pub rate: Option<u64>,
+    /// `Crash`: the database host runs no freeze hook.
+    pub consistency: Consistency,
     /// Print step lines and bars (false with --json).
     pub human: bool,
 }
@@ -314,14 +316,15 @@ pub fn run(o: &Options) -> Report {
         id: new_id(),
         steps: Vec::new(),
     };
-    let mut out =
-        json!({ "id": r.id, "db": o.db.address, "backup": o.backup.address, "vlus": o.vlus });
+    let mut out = json!({ "id": r.id, "db": o.db.address, "backup": o.backup.address,
+        "vlus": o.vlus, "consistency": o.consistency });
     r.say(&format!(
-        "backup {}: database host {}, backup host {}, virtual LUs {}",
+        "backup {}: database host {}, backup host {}, virtual LUs {}, {}-consistent",
         r.id,
         o.db.address,
         o.backup.address,
-        o.vlus.join(", ")
+        o.vlus.join(", "),
+        o.consistency.as_str()
     ));
     let result = r.stages(&mut out);
     out["ok"] = json!(result.is_ok());
@@ -385,6 +388,7 @@ impl Run<'_> {
                 vlus: o.vlus.clone(),
                 deadline_ms: o.deadline_ms,
                 backup: Some(self.id.clone()),
+                consistency: o.consistency,
                 vars: [
                     ("target".to_string(), o.target.clone()),
                     ("backup_host".to_string(), o.backup.address.clone()),
@@ -442,6 +446,7 @@ impl Run<'_> {
                 "database_host": o.db.address,
                 "instant_unix_ms": snap.instant_unix_ms,
                 "freeze_ms": snap.freeze_ms,
+                "consistency": o.consistency,
                 "snapshots": snap.snapshots,
             }),
             rate: o.rate,
@@ -881,6 +886,7 @@ mod tests {
             db_nbd: None,
             deadline_ms: None,
             wait_resync: false,
+            consistency: Consistency::Application,
             full: false,
             rate: None,
             human: false,

@@ -22,7 +22,7 @@ use hvm_core::{BackupId, Mode, Strategy, VirtualLuId};
 
 use super::hooks::{Files, Hook, Outcome};
 use super::{
-    unix_ms, Changes, Code, Deleted, DeletedVlu, Failure, FailureDetail, LegsCompared,
+    unix_ms, Changes, Code, Consistency, Deleted, DeletedVlu, Failure, FailureDetail, LegsCompared,
     ResyncProgress, ResyncVlu, SnapshotFailure, SnapshotLu, SnapshotTaken, Step, TrackingBase,
     TrackingBases,
 };
@@ -179,6 +179,8 @@ pub struct SnapshotRequest {
     pub vars: std::collections::BTreeMap<String, String>,
     /// Cut the changed-block records for this backup.
     pub backup: Option<String>,
+    /// `Crash`: no hook runs, the write gate alone makes the instant.
+    pub consistency: Consistency,
 }
 
 /// A snapshot is taken only from Synchronized ([0027]).
@@ -401,6 +403,7 @@ pub async fn snapshot(
         deadline_ms,
         vars,
         backup,
+        consistency,
     } = req;
     let backup = backup
         .map(|b| BackupId::new(&b))
@@ -410,7 +413,10 @@ pub async fn snapshot(
     check_synchronized(&group)?;
     let deadline_ms = deadline_ms.map_or(cfg.deadline_ms, |d| d.min(cfg.deadline_ms));
     let mut fr = Freeze {
-        hooks: cfg.hooks.iter().map(Hook::new).collect(),
+        hooks: match consistency {
+            Consistency::Application => cfg.hooks.iter().map(Hook::new).collect(),
+            Consistency::Crash => Vec::new(),
+        },
         env: hook_env(&id, &vlus, deadline_ms, vars),
         label: format!("hvm {id}"),
         started: 0,
@@ -446,7 +452,10 @@ pub async fn snapshot(
             return Err(fr.fail(&id, Code::Failed, e, rolled, freeze_ms));
         }
     };
-    tracing::info!(backup = %id, freeze_ms, vlus = ?vlus, "consistency group snapshot taken");
+    tracing::info!(
+        backup = %id, freeze_ms, vlus = ?vlus, consistency = consistency.as_str(),
+        "consistency group snapshot taken"
+    );
     // It asks the arrays (off the async threads).
     let g = group.clone();
     let snapshots = tokio::task::spawn_blocking(move || snapshots(&g))

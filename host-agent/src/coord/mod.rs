@@ -37,11 +37,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use hvm_api::coord::{
-    BackupList, BackupRow, Changes, Code, Copied, CopiedBy, CopiedLu, CopyLu, CopyRequest,
-    Counters, Deleted, DeletedVlu, Failure, FailureDetail, Fenced, Hello, LegsCompared, Line,
-    Medium, Op, Pruned, Request, RestoreCheck, RestoreRequest, RestoreTo, Restored, ResyncProgress,
-    ResyncVlu, SnapshotFailure, SnapshotLu, SnapshotTaken, Source, Step, TrackingBase,
-    TrackingBases, Unfenced, Verified,
+    BackupList, BackupRow, Changes, Code, Consistency, Copied, CopiedBy, CopiedLu, CopyLu,
+    CopyRequest, Counters, Deleted, DeletedVlu, Failure, FailureDetail, Fenced, Hello,
+    LegsCompared, Line, Medium, Op, Pruned, Request, RestoreCheck, RestoreRequest, RestoreTo,
+    Restored, ResyncProgress, ResyncVlu, SnapshotFailure, SnapshotLu, SnapshotTaken, Source, Step,
+    TrackingBase, TrackingBases, Unfenced, Verified,
 };
 
 /// Where and how the console reaches an agent.
@@ -216,6 +216,7 @@ mod tests {
                 deadline_ms: None,
                 vars: BTreeMap::new(),
                 backup: None,
+                consistency: Consistency::Application,
             }
         );
         let r: Request = serde_json::from_str(
@@ -228,6 +229,21 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(r.op, Op::Snapshot { backup: Some(b), .. } if b == "b2"));
+        // The default consistency is left out, so that an older agent reads the request.
+        let op = |consistency| Op::Snapshot {
+            vlus: vec!["db".into()],
+            deadline_ms: None,
+            vars: BTreeMap::new(),
+            backup: None,
+            consistency,
+        };
+        let app = serde_json::to_string(&op(Consistency::Application)).unwrap();
+        assert!(!app.contains("consistency"), "{app}");
+        let crash = serde_json::to_string(&op(Consistency::Crash)).unwrap();
+        assert!(crash.contains(r#""consistency":"crash""#), "{crash}");
+        let back: Op = serde_json::from_str(&crash).unwrap();
+        assert_eq!(back, op(Consistency::Crash));
+        assert!(serde_json::from_str::<Op>(&crash.replace("crash", "none")).is_err());
         let l = serde_json::to_string(&Line::Progress { done: 1, total: 2 }).unwrap();
         assert_eq!(l, r#"{"progress":{"done":1,"total":2}}"#);
         let src: Source = serde_json::from_str(r#"{"array":{"backend":"a","lu":2}}"#).unwrap();

@@ -424,6 +424,7 @@ impl Service {
                 deadline_ms,
                 vars,
                 backup,
+                consistency,
             } => {
                 let _one = self.freeze.lock().await;
                 let req = freeze::SnapshotRequest {
@@ -432,6 +433,7 @@ impl Service {
                     deadline_ms,
                     vars,
                     backup,
+                    consistency,
                 };
                 reply(freeze::snapshot(agent, self.cfg.freeze.clone(), req).await)
             }

@@ -16,6 +16,7 @@
 //!     deadline_ms: 5000             # freeze deadline, under the database host's own
 //!     hooks: { before: "...", after: "..." }   # console-side commands (optional)
 //!     retries: 2                    # retries after a transport error (default 2)
+//!     consistency: application      # or crash: no freeze hook on the database host
 //! ```
 
 use std::collections::BTreeSet;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Deserializer};
 use super::schedule::Schedule;
 use crate::backups::retention::Keep;
 use crate::coord::console::Via;
+use crate::coord::Consistency;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +76,10 @@ pub struct Entry {
     pub via: Via,
     #[serde(default)]
     pub db_nbd: Option<String>,
+    /// `crash`: the database host runs no freeze hook (see `hvmctl backup run
+    /// --consistency`).
+    #[serde(default)]
+    pub consistency: Consistency,
 }
 
 /// Commands run by the console through `sh -c`, with `HVM_POLICY`, `HVM_DB`,

@@ -139,6 +139,7 @@ fn backup(e: &Entry, id: &Identity, before: &Last, last: &mut Last) -> Result<()
         wait_resync: false,
         full,
         rate: e.rate,
+        consistency: e.consistency,
         human: false,
     };
     loop {
