@@ -157,7 +157,7 @@ impl Drop for SocketLink {
 }
 
 fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) {
-    let deliver = |tag: u64, reply: Result<Response, TransportError>| {
+    while let Some((tag, reply)) = read_reply(&mut r) {
         if let Some(tx) = pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -165,41 +165,52 @@ fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) 
         {
             let _ = tx.send(reply);
         }
-    };
-    loop {
-        let mut prefix = [0u8; 4];
-        if r.read_exact(&mut prefix).is_err() {
-            break;
-        }
-        let Ok(len) = wire::body_len(prefix) else {
-            break;
-        };
-        let mut body = vec![0u8; len];
-        if r.read_exact(&mut body).is_err() {
-            break;
-        }
-        let Ok(resp) = wire::Response::parse(&body) else {
-            break;
-        };
-        let sense = if resp.sense.is_empty() {
-            Ok(None)
-        } else {
-            Sense::parse(resp.sense).map(Some)
-        };
-        let reply = sense
-            .map(|sense| Response {
-                status: resp.status,
-                sense,
-                data: resp.data.to_vec(),
-            })
-            .map_err(|e| TransportError::Protocol(e.to_string()));
-        deliver(resp.tag, reply);
     }
     // Set before draining, so a caller that registers after the drain sees it.
     closed.store(true, Ordering::SeqCst);
     for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
         let _ = tx.send(Err(TransportError::Disconnected));
     }
+}
+
+/// One reply off the stream: its tag and what it says; `None` at the end of the stream
+/// or at a frame that cannot be trusted. The header and sense are read first, then the
+/// data-in straight into a buffer of its own, neither zero-filled first nor copied out
+/// of the frame afterwards (a READ's data crosses this thread once).
+fn read_reply(r: &mut Box<dyn Stream>) -> Option<(u64, Result<Response, TransportError>)> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).ok()?;
+    let len = wire::body_len(prefix).ok()?;
+    let mut head = vec![0u8; wire::RESPONSE_HEADER];
+    if len < head.len() {
+        return None;
+    }
+    r.read_exact(&mut head).ok()?;
+    let sense_len = usize::from(head[wire::RESPONSE_HEADER - 1]);
+    let data_len = len.checked_sub(wire::RESPONSE_HEADER + sense_len)?;
+    head.resize(wire::RESPONSE_HEADER + sense_len, 0);
+    r.read_exact(&mut head[wire::RESPONSE_HEADER..]).ok()?;
+    let resp = wire::Response::parse(&head).ok()?;
+    let mut data = Vec::with_capacity(data_len);
+    Read::take(&mut **r, data_len as u64)
+        .read_to_end(&mut data)
+        .ok()?;
+    if data.len() != data_len {
+        return None;
+    }
+    let sense = if resp.sense.is_empty() {
+        Ok(None)
+    } else {
+        Sense::parse(resp.sense).map(Some)
+    };
+    let reply = sense
+        .map(|sense| Response {
+            status: resp.status,
+            sense,
+            data,
+        })
+        .map_err(|e| TransportError::Protocol(e.to_string()));
+    Some((resp.tag, reply))
 }
 
 impl Transport for SocketLink {
@@ -292,5 +303,59 @@ impl SocketClient {
 impl Transport for SocketClient {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
         self.0.execute(lun, cdb, data_out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn reader(bytes: Vec<u8>) -> Box<dyn Stream> {
+        Box::new(std::io::Cursor::new(bytes))
+    }
+
+    fn frame(tag: u64, status: u8, sense: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut f = wire::Response::header(tag, status, sense, data.len());
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn replies_are_read_whole_with_their_sense_and_data() {
+        let sense = Sense::LBA_OUT_OF_RANGE.encode();
+        let data: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        let mut bytes = frame(7, 0, &[], &data);
+        bytes.extend(frame(8, 2, &sense, &[]));
+        bytes.extend(frame(9, 0, &[], &[]));
+        let mut r = reader(bytes);
+        let (tag, reply) = read_reply(&mut r).unwrap();
+        assert_eq!((tag, reply.unwrap().data), (7, data));
+        let (tag, reply) = read_reply(&mut r).unwrap();
+        let reply = reply.unwrap();
+        assert_eq!((tag, reply.status), (8, 2));
+        assert_eq!(reply.sense, Some(Sense::LBA_OUT_OF_RANGE));
+        let (tag, reply) = read_reply(&mut r).unwrap();
+        assert_eq!((tag, reply.unwrap().data.len()), (9, 0));
+        assert!(read_reply(&mut r).is_none(), "end of stream");
+    }
+
+    #[test]
+    fn frames_that_cannot_be_trusted_end_the_stream() {
+        let whole = frame(1, 0, &[], &[5; 100]);
+        // Cut short in the data, in the header, in the prefix.
+        for cut in [whole.len() - 1, 8, 2] {
+            assert!(read_reply(&mut reader(whole[..cut].to_vec())).is_none());
+        }
+        // A body shorter than its header, and one shorter than the sense it announces.
+        let mut short = 5u32.to_le_bytes().to_vec();
+        short.extend([0; 5]);
+        assert!(read_reply(&mut reader(short)).is_none());
+        let mut lying = frame(1, 2, &[0x70; 18], &[]);
+        lying[..4].copy_from_slice(&(wire::RESPONSE_HEADER as u32 + 4).to_le_bytes());
+        assert!(read_reply(&mut reader(lying)).is_none());
+        // Over the frame limit.
+        let huge = (wire::MAX_FRAME + 1).to_le_bytes().to_vec();
+        assert!(read_reply(&mut reader(huge)).is_none());
     }
 }

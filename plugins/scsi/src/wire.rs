@@ -14,7 +14,8 @@
 /// Largest frame body: a 32 MiB transfer plus headers.
 pub const MAX_FRAME: u32 = 32 * 1024 * 1024 + 4096;
 const REQUEST_HEADER: usize = 10;
-const RESPONSE_HEADER: usize = 10;
+/// A response body's fixed part: tag, status, sense length (the last byte).
+pub const RESPONSE_HEADER: usize = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
