@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::channel::ChannelPort;
 use crate::engine::{Engine, Outcome};
+use crate::geometry::BLOCK_SIZE;
 use crate::proto::{self, Request, Response};
 
 /// Commands one connection may have in flight.
@@ -71,11 +72,101 @@ impl Listener {
 /// [`Engine`]), its channel port (`crate::channel::ChannelPort`), or a copy agent.
 pub trait Executor: Send + Sync + 'static {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome;
+
+    /// As [`Executor::execute`], but a READ whose data-in is exactly `data_in.len()`
+    /// bytes may land in `data_in`, and the reply then carries no data.
+    fn execute_into(&self, lun: u8, cdb: &[u8], data_out: &[u8], data_in: &mut [u8]) -> Outcome {
+        let _ = data_in;
+        self.execute(lun, cdb, data_out)
+    }
 }
 
 impl Executor for Engine {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
         Engine::execute(self, lun, cdb, data_out)
+    }
+
+    fn execute_into(&self, lun: u8, cdb: &[u8], data_out: &[u8], data_in: &mut [u8]) -> Outcome {
+        Engine::execute_into(self, lun, cdb, data_out, data_in)
+    }
+}
+
+/// Buffers kept per connection for the data-in of READ (16) replies: a READ fills its
+/// buffer whole, so one used before needs no zero-filling, as a new one would (a
+/// full-speed reader of the array paid as much for that as for reading the file). At
+/// most [`POOLED`] of at most [`POOLED_BYTES`] each, so an idle connection holds at most
+/// 16 MiB, a quarter of the [`BUFFER_BUDGET`] it may hold while busy.
+#[derive(Default)]
+struct ReadBuffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+const POOLED: usize = 4;
+const POOLED_BYTES: usize = 4 << 20;
+
+impl ReadBuffers {
+    /// A buffer of `n` bytes whose contents the read will overwrite.
+    fn take(&self, n: usize) -> Vec<u8> {
+        let mut v = self.lock().pop().unwrap_or_default();
+        // Zero-fills only the part no earlier reply filled.
+        v.resize(n, 0);
+        v
+    }
+
+    /// A written reply's data, kept for a later READ if there is room.
+    fn give(&self, v: Vec<u8>) {
+        if v.len() >= SMALL_REPLY && v.capacity() <= POOLED_BYTES {
+            let mut pool = self.lock();
+            if pool.len() < POOLED {
+                pool.push(v);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The data-in length of a READ (16), the read the hosts' clients send.
+fn read16_len(cdb: &[u8]) -> Option<usize> {
+    if cdb.len() != 16 || cdb[0] != 0x88 {
+        return None;
+    }
+    let blocks = u32::from_be_bytes(cdb[10..14].try_into().ok()?);
+    (blocks as usize).checked_mul(BLOCK_SIZE as usize)
+}
+
+/// Run one command on the blocking pool, into a pooled buffer if it is a READ (16):
+/// the reply, or `None` for an injected drop or a command that panicked.
+async fn run_command(
+    engine: Arc<dyn Executor>,
+    buffers: Arc<ReadBuffers>,
+    (lun, cdb): (u8, Vec<u8>),
+    body: Vec<u8>,
+    data_start: usize,
+) -> Option<crate::outcome::Response> {
+    let mut data_in = read16_len(&cdb).map(|n| buffers.take(n));
+    let ran = tokio::task::spawn_blocking(move || {
+        let data_out = &body[data_start..];
+        let outcome = match data_in.as_mut() {
+            Some(b) => engine.execute_into(lun, &cdb, data_out, b),
+            None => engine.execute(lun, &cdb, data_out),
+        };
+        (outcome, data_in)
+    })
+    .await;
+    match ran {
+        Ok((Outcome::Reply(mut r), Some(b))) => {
+            if r.status == crate::scsi::GOOD && r.data.is_empty() {
+                r.data = b;
+            } else {
+                buffers.give(b);
+            }
+            Some(r)
+        }
+        Ok((Outcome::Reply(r), None)) => Some(r),
+        Ok((Outcome::Drop, _)) | Err(_) => None,
     }
 }
 
@@ -240,12 +331,15 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let (close_tx, mut close_rx) = watch::channel(false);
+    let buffers = Arc::new(ReadBuffers::default());
+    let pool = buffers.clone();
     let writer = tokio::spawn(async move {
         while let Some((header, data, held)) = rx.recv().await {
             if wr.write_all(&header).await.is_err() || wr.write_all(&data).await.is_err() {
                 break;
             }
             drop(held);
+            pool.give(data);
         }
         let _ = wr.shutdown().await;
     });
@@ -275,19 +369,18 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
             break;
         };
         let (engine, tx, close_tx) = (engine.clone(), tx.clone(), close_tx.clone());
+        let buffers = buffers.clone();
         tokio::spawn(async move {
-            let outcome =
-                tokio::task::spawn_blocking(move || engine.execute(lun, &cdb, &body[data_start..]))
-                    .await;
+            let reply = run_command(engine, buffers, (lun, cdb), body, data_start).await;
             drop(permit);
-            match outcome {
-                Ok(Outcome::Reply(r)) => {
+            match reply {
+                Some(r) => {
                     let sense = r.sense.map(|s| s.encode().to_vec()).unwrap_or_default();
                     let header = Response::header(tag, r.status, &sense, r.data.len());
                     let _ = tx.send((header, r.data, held)).await;
                 }
                 // An injected drop, or a command that panicked: close the connection.
-                Ok(Outcome::Drop) | Err(_) => {
+                None => {
                     let _ = close_tx.send(true);
                 }
             }

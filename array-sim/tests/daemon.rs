@@ -226,6 +226,40 @@ fn many_commands_in_flight() {
     }
 }
 
+/// READ replies reuse the daemon's buffers: reads of changing sizes, a failed read among
+/// them and one too large to keep each return exactly the blocks asked for, never what
+/// an earlier reply held.
+#[test]
+fn reads_of_changing_sizes_return_their_own_blocks() {
+    let d = start(&examples().join("fig9-stateless.yaml"), None);
+    let c = client(&d);
+    let pattern = |at: u64, n: usize| -> Vec<u8> {
+        (0..n as u64)
+            .map(|i| ((at + i) / 512 % 251) as u8)
+            .collect()
+    };
+    let region = 16u64 << 20;
+    c.write(LuId(0), 0, &pattern(0, region as usize), false)
+        .unwrap();
+    let reads: [(u64, usize); 7] = [
+        (0, 4 << 20),
+        (8 << 20, 64 << 10),
+        (1 << 20, 4 << 20),
+        (5 << 20, 1 << 20),
+        (2 << 20, (4 << 20) + 512),
+        (12 << 20, 128 << 10),
+        (9 << 20, 4 << 20),
+    ];
+    for (i, &(at, n)) in reads.iter().enumerate() {
+        let mut back = vec![0xee; n];
+        c.read(LuId(1), at / 512, &mut back).unwrap();
+        assert!(back == pattern(at, n), "read {i} at {at} of {n} bytes");
+        // A read past the end fails and leaves nothing behind for the next one.
+        let mut past = vec![0u8; 1 << 20];
+        assert!(c.read(LuId(1), 131_072 - 8, &mut past).is_err());
+    }
+}
+
 /// SET FAULT at runtime: the next write drops the connection; the caller gets an I/O
 /// error, and the client connects again for the next command.
 #[test]
