@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hvm_scsi::ReadBuffers;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -91,42 +92,12 @@ impl Executor for Engine {
     }
 }
 
-/// Buffers kept per connection for the data-in of READ (16) replies: a READ fills its
-/// buffer whole, so one used before needs no zero-filling, as a new one would (a
-/// full-speed reader of the array paid as much for that as for reading the file). At
-/// most [`POOLED`] of at most [`POOLED_BYTES`] each, so an idle connection holds at most
-/// 16 MiB, a quarter of the [`BUFFER_BUDGET`] it may hold while busy.
-#[derive(Default)]
-struct ReadBuffers(std::sync::Mutex<Vec<Vec<u8>>>);
-
-const POOLED: usize = 4;
-const POOLED_BYTES: usize = 4 << 20;
-
-impl ReadBuffers {
-    /// A buffer of `n` bytes whose contents the read will overwrite.
-    fn take(&self, n: usize) -> Vec<u8> {
-        let mut v = self.lock().pop().unwrap_or_default();
-        // Zero-fills only the part no earlier reply filled.
-        v.resize(n, 0);
-        v
-    }
-
-    /// A written reply's data, kept for a later READ if there is room.
-    fn give(&self, v: Vec<u8>) {
-        if v.len() >= SMALL_REPLY && v.capacity() <= POOLED_BYTES {
-            let mut pool = self.lock();
-            if pool.len() < POOLED {
-                pool.push(v);
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+/// What a connection keeps of its READ (16) replies' buffers ([`ReadBuffers`]): a READ
+/// fills its buffer whole, so one used before needs no zero-filling, as a new one would
+/// (a full-speed reader of the array paid as much for that as for reading the file).
+/// At most 4 of at most 4 MiB: an idle connection holds at most 16 MiB, a quarter of the
+/// [`BUFFER_BUDGET`] it may hold while busy.
+const KEPT_BUFFERS: (usize, usize) = (4, 4 << 20);
 
 /// The data-in length of a READ (16), the read the hosts' clients send.
 fn read16_len(cdb: &[u8]) -> Option<usize> {
@@ -146,7 +117,7 @@ async fn run_command(
     body: Vec<u8>,
     data_start: usize,
 ) -> Option<crate::outcome::Response> {
-    let mut data_in = read16_len(&cdb).map(|n| buffers.take(n));
+    let mut data_in = read16_len(&cdb).map(|n| buffers.filled(n));
     let ran = tokio::task::spawn_blocking(move || {
         let data_out = &body[data_start..];
         let outcome = match data_in.as_mut() {
@@ -331,7 +302,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let (close_tx, mut close_rx) = watch::channel(false);
-    let buffers = Arc::new(ReadBuffers::default());
+    let buffers = Arc::new(ReadBuffers::new(KEPT_BUFFERS.0, KEPT_BUFFERS.1));
     let pool = buffers.clone();
     let writer = tokio::spawn(async move {
         while let Some((header, data, held)) = rx.recv().await {

@@ -7,7 +7,8 @@
 //! - [`transport`]: the [`Transport`] trait a command goes through, with many in flight
 //!   and a timeout each.
 //! - [`reconnect`]: a transport that re-establishes a lost link with backoff.
-//! - [`wire`] and [`socket`]: array-sim's daemon protocol and its client transport.
+//! - [`wire`] and [`socket`]: array-sim's daemon protocol and its client transport;
+//!   [`buffers`]: READ buffers kept for reuse at both ends of it.
 //! - [`iscsi`] (feature `iscsi`): a real target through libiscsi.
 //! - [`client`]: [`ArrayClient`], hvm-core's `Backend` over any transport.
 //! - [`leg`]: a LUN as a leg of hvm-legs' stateless volumes.
@@ -17,6 +18,7 @@
 //! array-sim depends on this crate for the target side (it parses the same CDBs and
 //! answers the same sense codes); this crate does not depend on array-sim.
 
+pub mod buffers;
 pub mod cdb;
 pub mod client;
 pub mod driver;
@@ -31,6 +33,7 @@ pub mod socket;
 pub mod transport;
 pub mod wire;
 
+pub use buffers::ReadBuffers;
 pub use client::ArrayClient;
 pub use sense::{Sense, SenseKey};
 pub use socket::{Address, SocketClient};

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use crate::buffers::ReadBuffers;
 use crate::reconnect::{Connector, Reconnecting};
 use crate::sense::Sense;
-use crate::transport::{Response, Transport, TransportError};
+use crate::transport::{place_data_in, Response, Transport, TransportError};
 use crate::wire::{self, Request};
 
 /// How long a command may go unanswered unless the configuration says otherwise.
@@ -115,7 +116,12 @@ pub struct SocketLink {
     next_tag: AtomicU64,
     closed: Arc<AtomicBool>,
     timeout: Duration,
+    /// Data-in buffers the reader fills and `execute_into` gives back.
+    buffers: Arc<ReadBuffers>,
 }
+
+/// What a link keeps of its READ buffers: 4 of up to 4 MiB (a backup's piece).
+const KEPT_BUFFERS: (usize, usize) = (4, 4 << 20);
 
 impl SocketLink {
     pub fn connect(addr: &Address, timeout: Duration) -> std::io::Result<SocketLink> {
@@ -124,11 +130,12 @@ impl SocketLink {
         let control = socket.try_clone()?;
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let buffers = Arc::new(ReadBuffers::new(KEPT_BUFFERS.0, KEPT_BUFFERS.1));
         {
-            let (pending, closed) = (pending.clone(), closed.clone());
+            let (pending, closed, buffers) = (pending.clone(), closed.clone(), buffers.clone());
             std::thread::Builder::new()
                 .name("array-sim-client".into())
-                .spawn(move || read_replies(reader, &pending, &closed))?;
+                .spawn(move || read_replies(reader, &pending, &closed, &buffers))?;
         }
         Ok(SocketLink {
             writer: Mutex::new(socket.stream()),
@@ -137,6 +144,7 @@ impl SocketLink {
             next_tag: AtomicU64::new(1),
             closed,
             timeout,
+            buffers,
         })
     }
 
@@ -156,8 +164,13 @@ impl Drop for SocketLink {
     }
 }
 
-fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) {
-    while let Some((tag, reply)) = read_reply(&mut r) {
+fn read_replies(
+    mut r: Box<dyn Stream>,
+    pending: &Pending,
+    closed: &AtomicBool,
+    buffers: &ReadBuffers,
+) {
+    while let Some((tag, reply)) = read_reply(&mut r, buffers) {
         if let Some(tx) = pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -175,9 +188,12 @@ fn read_replies(mut r: Box<dyn Stream>, pending: &Pending, closed: &AtomicBool) 
 
 /// One reply off the stream: its tag and what it says; `None` at the end of the stream
 /// or at a frame that cannot be trusted. The header and sense are read first, then the
-/// data-in straight into a buffer of its own, neither zero-filled first nor copied out
-/// of the frame afterwards (a READ's data crosses this thread once).
-fn read_reply(r: &mut Box<dyn Stream>) -> Option<(u64, Result<Response, TransportError>)> {
+/// data-in straight into a buffer of its own (a kept one if any), neither zero-filled
+/// first nor copied out of the frame afterwards (a READ's data crosses this thread once).
+fn read_reply(
+    r: &mut Box<dyn Stream>,
+    buffers: &ReadBuffers,
+) -> Option<(u64, Result<Response, TransportError>)> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix).ok()?;
     let len = wire::body_len(prefix).ok()?;
@@ -191,7 +207,7 @@ fn read_reply(r: &mut Box<dyn Stream>) -> Option<(u64, Result<Response, Transpor
     head.resize(wire::RESPONSE_HEADER + sense_len, 0);
     r.read_exact(&mut head[wire::RESPONSE_HEADER..]).ok()?;
     let resp = wire::Response::parse(&head).ok()?;
-    let mut data = Vec::with_capacity(data_len);
+    let mut data = buffers.empty(data_len);
     Read::take(&mut **r, data_len as u64)
         .read_to_end(&mut data)
         .ok()?;
@@ -248,6 +264,19 @@ impl Transport for SocketLink {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(TransportError::Disconnected),
         }
+    }
+
+    /// As the default, and the spent buffer is kept for a later reply.
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        let mut r = self.execute(lun, cdb, data_out)?;
+        self.buffers.give(place_data_in(&mut r, data_in)?);
+        Ok(r)
     }
 }
 
@@ -311,6 +340,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    static KEPT: ReadBuffers = ReadBuffers::new(2, 1 << 20);
+
     fn reader(bytes: Vec<u8>) -> Box<dyn Stream> {
         Box::new(std::io::Cursor::new(bytes))
     }
@@ -329,15 +360,18 @@ mod tests {
         bytes.extend(frame(8, 2, &sense, &[]));
         bytes.extend(frame(9, 0, &[], &[]));
         let mut r = reader(bytes);
-        let (tag, reply) = read_reply(&mut r).unwrap();
-        assert_eq!((tag, reply.unwrap().data), (7, data));
-        let (tag, reply) = read_reply(&mut r).unwrap();
+        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
+        let got = reply.unwrap().data;
+        assert_eq!((tag, &got), (7, &data));
+        // Kept, and the replies below (sense only, no data) get it back empty.
+        KEPT.give(got);
+        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
         let reply = reply.unwrap();
         assert_eq!((tag, reply.status), (8, 2));
         assert_eq!(reply.sense, Some(Sense::LBA_OUT_OF_RANGE));
-        let (tag, reply) = read_reply(&mut r).unwrap();
+        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
         assert_eq!((tag, reply.unwrap().data.len()), (9, 0));
-        assert!(read_reply(&mut r).is_none(), "end of stream");
+        assert!(read_reply(&mut r, &KEPT).is_none(), "end of stream");
     }
 
     #[test]
@@ -345,17 +379,17 @@ mod tests {
         let whole = frame(1, 0, &[], &[5; 100]);
         // Cut short in the data, in the header, in the prefix.
         for cut in [whole.len() - 1, 8, 2] {
-            assert!(read_reply(&mut reader(whole[..cut].to_vec())).is_none());
+            assert!(read_reply(&mut reader(whole[..cut].to_vec()), &KEPT).is_none());
         }
         // A body shorter than its header, and one shorter than the sense it announces.
         let mut short = 5u32.to_le_bytes().to_vec();
         short.extend([0; 5]);
-        assert!(read_reply(&mut reader(short)).is_none());
+        assert!(read_reply(&mut reader(short), &KEPT).is_none());
         let mut lying = frame(1, 2, &[0x70; 18], &[]);
         lying[..4].copy_from_slice(&(wire::RESPONSE_HEADER as u32 + 4).to_le_bytes());
-        assert!(read_reply(&mut reader(lying)).is_none());
+        assert!(read_reply(&mut reader(lying), &KEPT).is_none());
         // Over the frame limit.
         let huge = (wire::MAX_FRAME + 1).to_le_bytes().to_vec();
-        assert!(read_reply(&mut reader(huge)).is_none());
+        assert!(read_reply(&mut reader(huge), &KEPT).is_none());
     }
 }

@@ -64,6 +64,24 @@ pub struct Submission<'a> {
 /// The results of two commands run at once.
 pub type TwoResults = [Result<Response, TransportError>; 2];
 
+/// Copies a GOOD response's data-in into `data_in`, which it must fill exactly, and
+/// returns the emptied data buffer (for a transport to reuse); any other status keeps
+/// its data (a refusal's text) in the response.
+pub fn place_data_in(r: &mut Response, data_in: &mut [u8]) -> Result<Vec<u8>, TransportError> {
+    if r.status != GOOD {
+        return Ok(Vec::new());
+    }
+    if r.data.len() != data_in.len() {
+        return Err(TransportError::Protocol(format!(
+            "{} bytes of data-in, expected {}",
+            r.data.len(),
+            data_in.len()
+        )));
+    }
+    data_in.copy_from_slice(&r.data);
+    Ok(std::mem::take(&mut r.data))
+}
+
 /// Runs one SCSI command on an array.
 pub trait Transport: Send + Sync {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
@@ -79,17 +97,7 @@ pub trait Transport: Send + Sync {
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
         let mut r = self.execute(lun, cdb, data_out)?;
-        if r.status == GOOD {
-            if r.data.len() != data_in.len() {
-                return Err(TransportError::Protocol(format!(
-                    "{} bytes of data-in, expected {}",
-                    r.data.len(),
-                    data_in.len()
-                )));
-            }
-            data_in.copy_from_slice(&r.data);
-            r.data = Vec::new();
-        }
+        place_data_in(&mut r, data_in)?;
         Ok(r)
     }
 
