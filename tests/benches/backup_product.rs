@@ -8,7 +8,10 @@
 //! `hvmctl backup run --full --via nbd` stores hashed, zstd-compressed chunks in a new
 //! repository (a new one each round, so no round finds its chunks already stored) and
 //! is durable when it ends (synced before its manifest); `nbdcopy --flush` is shown too,
-//! as the peer that also syncs its output. The rounds take turns; medians are shown.
+//! as the peer that also syncs its output. A third row has the backup host read the
+//! snapshot from the array itself (`--via array`, what `backup run` does by default when
+//! the backup host reaches the array: the database host serves none of it [0071]).
+//! The rounds take turns; medians are shown.
 //! Last, hvm's per-piece work (BLAKE3, zstd, write) timed alone on one thread: the CPU
 //! floor of a full backup on this machine.
 //!
@@ -149,10 +152,10 @@ fn nbdcopy(hosts: &Hosts, sock: &Path, out: &Path, flush: bool) -> f64 {
     secs
 }
 
-/// `hvmctl backup run` into `target`: the copy step's seconds and the report.
-fn hvm(hosts: &Hosts, sock: &Path, target: &str, extra: &[&str]) -> (f64, Value) {
-    let nbd = format!("unix:{}", sock.display());
-    let mut args = vec!["--via", "nbd", "--db-nbd", &nbd, "--wait-resync"];
+/// `hvmctl backup run --wait-resync` into `target`: the copy step's seconds and the
+/// report.
+fn hvm(hosts: &Hosts, target: &str, extra: &[&str]) -> (f64, Value) {
+    let mut args = vec!["--wait-resync"];
     args.extend(extra);
     let (out, v) = hosts.run(&["a"], target, &args);
     assert!(
@@ -191,21 +194,37 @@ fn main() {
     );
     let sock = hosts.db.state.join("nbd.sock");
     fill(&sock, size);
+    let nbd = format!("unix:{}", sock.display());
+    let via_nbd = ["--via", "nbd", "--db-nbd", &nbd];
     let (mut peer, mut flushed, mut ours, mut stored) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let mut array = Vec::new();
     let mut last = String::new();
     let img = dir.path().join("nbdcopy.img");
     for round in 0..rounds {
         peer.push(nbdcopy(&hosts, &sock, &img, false));
         flushed.push(nbdcopy(&hosts, &sock, &img, true));
+        let (secs, v) = hvm(
+            &hosts,
+            &format!("array-{round}"),
+            &["--via", "array", "--full"],
+        );
+        assert!(
+            v["copy"]["lus"][0]["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("array:")),
+            "{v}"
+        );
+        array.push(secs);
+        // The full over NBD last: the incremental below is of it, in its repository.
         last = format!("full-{round}");
-        let (secs, v) = hvm(&hosts, &sock, &last, &["--full"]);
+        let (secs, v) = hvm(&hosts, &last, &[&via_nbd[..], &["--full"]].concat());
         stored = v["copy"]["stored_bytes"].as_u64().unwrap_or(0);
         ours.push(secs);
     }
     let written = change(&sock, size, 42);
-    let (inc_secs, inc) = hvm(&hosts, &sock, &last, &[]);
+    let (inc_secs, inc) = hvm(&hosts, &last, &via_nbd);
     let l = &inc["copy"]["lus"][0];
-    let (p, pf, o) = (median(peer), median(flushed), median(ours));
+    let (p, pf, o, a) = (median(peer), median(flushed), median(ours), median(array));
     let work = chunk_work(dir.path());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mib = size as f64 / 1048576.0;
@@ -226,6 +245,11 @@ fn main() {
         stored as f64 / 1048576.0,
         p / o,
         pf / o
+    );
+    println!(
+        "  hvm full backup reading the array          {a:>7.2} s  {:>6.0} MiB/s  (--via array, the default's source when the backup host reaches the array)   {:.2}x nbdcopy",
+        mib / a,
+        p / a
     );
     let [hash, zstd, all] = work;
     println!(
