@@ -257,6 +257,8 @@ mod tests {
             })
         );
         assert_eq!(f.entries[1].schedule, Schedule::Every { ms: 6 * 3_600_000 });
+        assert_eq!(f.entries[0].consistency, Consistency::Application);
+        assert_eq!(f.entries[1].consistency, Consistency::Crash);
     }
 
     #[test]
@@ -269,6 +271,10 @@ mod tests {
             (&ONE.replace("'h:1'", "h"), "HOST:PORT"),
             (&ONE.replace("vlus: [pg]", "vlus: []"), "vlus is empty"),
             (&ONE.replace("rate:", "speed:"), "unknown field"),
+            (
+                &ONE.replace("rate: 200M", "consistency: none"),
+                "consistency",
+            ),
             (
                 &format!("{ONE}{}", &ONE["entries:\n".len()..]),
                 "used twice",
