@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::channel::ChannelPort;
 use crate::engine::{Engine, Outcome};
-use crate::geometry::BLOCK_SIZE;
+use crate::geometry::{BLOCK_SIZE, MAX_TRANSFER_BLOCKS};
 use crate::proto::{self, Request, Response};
+use crate::scsi::Command;
 
 /// Commands one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -99,13 +100,16 @@ impl Executor for Engine {
 /// [`BUFFER_BUDGET`] it may hold while busy.
 const KEPT_BUFFERS: (usize, usize) = (4, 4 << 20);
 
-/// The data-in length of a READ (16), the read the hosts' clients send.
+/// The data-in length of a READ (16), the read the hosts' clients send, if it is within
+/// the transfer cap: a longer one is refused by the engine before it reads, and no
+/// buffer is made for it here either.
 fn read16_len(cdb: &[u8]) -> Option<usize> {
-    if cdb.len() != 16 || cdb[0] != 0x88 {
-        return None;
+    match Command::parse(cdb) {
+        Ok(Command::Read16 { blocks, .. }) if blocks <= MAX_TRANSFER_BLOCKS => {
+            Some(blocks as usize * BLOCK_SIZE as usize)
+        }
+        _ => None,
     }
-    let blocks = u32::from_be_bytes(cdb[10..14].try_into().ok()?);
-    (blocks as usize).checked_mul(BLOCK_SIZE as usize)
 }
 
 /// Run one command on the blocking pool, into a pooled buffer if it is a READ (16):

@@ -164,6 +164,18 @@ fn raw_frames_good_and_bad() {
             .encode(),
             Sense::LBA_OUT_OF_RANGE,
         ),
+        // A READ far over the transfer cap (and the LU) is refused, and no buffer is
+        // made for it first.
+        (
+            1,
+            Command::Read16 {
+                lba: 0,
+                blocks: u32::MAX,
+                fua: false,
+            }
+            .encode(),
+            Sense::LBA_OUT_OF_RANGE,
+        ),
         (200, tur.clone(), Sense::LUN_NOT_SUPPORTED),
     ];
     for (lun, cdb, sense) in cases {
