@@ -27,17 +27,27 @@ impl ReadBuffers {
     /// A buffer of `n` bytes for a read to overwrite whole (only what no earlier reply
     /// filled is zeroed).
     pub fn filled(&self, n: usize) -> Vec<u8> {
-        let mut v = self.lock().pop().unwrap_or_default();
+        let mut v = self.take(n);
         v.resize(n, 0);
         v
     }
 
     /// An empty buffer with room for `n` bytes, for `Read::read_to_end`.
     pub fn empty(&self, n: usize) -> Vec<u8> {
-        let mut v = self.lock().pop().unwrap_or_default();
+        let mut v = self.take(n);
         v.clear();
         v.reserve_exact(n);
         v
+    }
+
+    /// A kept buffer for `n` bytes if it is worth one; a small reply (a WRITE's, a
+    /// status) gets a new one, so that replies which are never given back do not drain
+    /// the kept ones.
+    fn take(&self, n: usize) -> Vec<u8> {
+        if n < SMALLEST {
+            return Vec::with_capacity(n);
+        }
+        self.lock().pop().unwrap_or_default()
     }
 
     /// A buffer whose data was used, kept if there is room.
@@ -77,6 +87,10 @@ mod tests {
         assert_eq!(b.lock().len(), 2, "at most `count`");
         let v = b.empty(512 << 10);
         assert!(v.is_empty() && v.capacity() >= 512 << 10);
+        assert_eq!(b.lock().len(), 1);
+        // Small buffers are made afresh: the kept one stays.
         assert_eq!(b.filled(1000).len(), 1000);
+        assert_eq!(b.empty(0).capacity(), 0);
+        assert_eq!(b.lock().len(), 1);
     }
 }

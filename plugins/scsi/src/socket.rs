@@ -363,7 +363,7 @@ mod tests {
         let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
         let got = reply.unwrap().data;
         assert_eq!((tag, &got), (7, &data));
-        // Kept, and the replies below (sense only, no data) get it back empty.
+        // Kept; the replies below carry no data and get buffers of their own.
         KEPT.give(got);
         let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
         let reply = reply.unwrap();
