@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::buffers::ReadBuffers;
 use crate::reconnect::{Connector, Reconnecting};
 use crate::sense::Sense;
-use crate::transport::{place_data_in, Response, Transport, TransportError};
+use crate::transport::{Response, Transport, TransportError};
 use crate::wire::{self, Request};
 
 /// How long a command may go unanswered unless the configuration says otherwise.
@@ -266,17 +266,9 @@ impl Transport for SocketLink {
         }
     }
 
-    /// As the default, and the spent buffer is kept for a later reply.
-    fn execute_into(
-        &self,
-        lun: u8,
-        cdb: &[u8],
-        data_out: &[u8],
-        data_in: &mut [u8],
-    ) -> Result<Response, TransportError> {
-        let mut r = self.execute(lun, cdb, data_out)?;
-        self.buffers.give(place_data_in(&mut r, data_in)?);
-        Ok(r)
+    /// A spent READ buffer is kept for a later reply.
+    fn reuse(&self, spent: Vec<u8>) {
+        self.buffers.give(spent);
     }
 }
 

@@ -64,24 +64,6 @@ pub struct Submission<'a> {
 /// The results of two commands run at once.
 pub type TwoResults = [Result<Response, TransportError>; 2];
 
-/// Copies a GOOD response's data-in into `data_in`, which it must fill exactly, and
-/// returns the emptied data buffer (for a transport to reuse); any other status keeps
-/// its data (a refusal's text) in the response.
-pub fn place_data_in(r: &mut Response, data_in: &mut [u8]) -> Result<Vec<u8>, TransportError> {
-    if r.status != GOOD {
-        return Ok(Vec::new());
-    }
-    if r.data.len() != data_in.len() {
-        return Err(TransportError::Protocol(format!(
-            "{} bytes of data-in, expected {}",
-            r.data.len(),
-            data_in.len()
-        )));
-    }
-    data_in.copy_from_slice(&r.data);
-    Ok(std::mem::take(&mut r.data))
-}
-
 /// Runs one SCSI command on an array.
 pub trait Transport: Send + Sync {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError>;
@@ -97,8 +79,24 @@ pub trait Transport: Send + Sync {
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
         let mut r = self.execute(lun, cdb, data_out)?;
-        place_data_in(&mut r, data_in)?;
+        if r.status == GOOD {
+            if r.data.len() != data_in.len() {
+                return Err(TransportError::Protocol(format!(
+                    "{} bytes of data-in, expected {}",
+                    r.data.len(),
+                    data_in.len()
+                )));
+            }
+            data_in.copy_from_slice(&r.data);
+            self.reuse(std::mem::take(&mut r.data));
+        }
         Ok(r)
+    }
+
+    /// Takes back a reply's data buffer once `execute_into` has copied it out: a
+    /// transport that keeps buffers for later replies keeps it; the default drops it.
+    fn reuse(&self, spent: Vec<u8>) {
+        drop(spent);
     }
 
     /// Run two commands without data-in at once (the two writes of a mirrored pair) when
@@ -128,6 +126,9 @@ macro_rules! forward_transport {
             }
             fn execute_two(&self, a: Submission<'_>, b: Submission<'_>) -> Option<TwoResults> {
                 (**self).execute_two(a, b)
+            }
+            fn reuse(&self, spent: Vec<u8>) {
+                (**self).reuse(spent)
             }
         }
     )*};
