@@ -197,16 +197,18 @@ fn read_reply(
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix).ok()?;
     let len = wire::body_len(prefix).ok()?;
-    let mut head = vec![0u8; wire::RESPONSE_HEADER];
-    if len < head.len() {
+    // The fixed part, then the sense its last byte announces (at most 255 bytes).
+    let mut head = [0u8; wire::RESPONSE_HEADER + u8::MAX as usize];
+    let (fixed, sense) = head.split_at_mut(wire::RESPONSE_HEADER);
+    if len < fixed.len() {
         return None;
     }
-    r.read_exact(&mut head).ok()?;
-    let sense_len = usize::from(head[wire::RESPONSE_HEADER - 1]);
-    let data_len = len.checked_sub(wire::RESPONSE_HEADER + sense_len)?;
-    head.resize(wire::RESPONSE_HEADER + sense_len, 0);
-    r.read_exact(&mut head[wire::RESPONSE_HEADER..]).ok()?;
-    let resp = wire::Response::parse(&head).ok()?;
+    r.read_exact(fixed).ok()?;
+    let head_len = wire::Response::head_len(&(*fixed).try_into().ok()?);
+    let data_len = len.checked_sub(head_len)?;
+    r.read_exact(&mut sense[..head_len - wire::RESPONSE_HEADER])
+        .ok()?;
+    let resp = wire::Response::parse(&head[..head_len]).ok()?;
     let mut data = buffers.empty(data_len);
     Read::take(&mut **r, data_len as u64)
         .read_to_end(&mut data)

@@ -105,6 +105,12 @@ pub struct Response<'a> {
 }
 
 impl<'a> Response<'a> {
+    /// A response body's length up to its data-in: the fixed part, whose last byte is
+    /// the sense length, and the sense.
+    pub fn head_len(fixed: &[u8; RESPONSE_HEADER]) -> usize {
+        RESPONSE_HEADER + usize::from(fixed[RESPONSE_HEADER - 1])
+    }
+
     pub fn parse(body: &'a [u8]) -> Result<Response<'a>, FrameError> {
         let short = FrameError::TooShort {
             found: body.len(),
