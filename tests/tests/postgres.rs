@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use hvm_tests::backup::{steps, Storage};
-use hvm_tests::pg::{restore_and_recover, Bench, Deployment, Hooks};
+use hvm_tests::pg::{restore_and_recover, Bench, Cluster, Deployment, Hooks};
 
 const LU: u64 = 512 << 20;
 
@@ -36,9 +36,9 @@ fn postgresql_backed_up_online_and_restored() {
         "backup run: {}",
         serde_json::to_string_pretty(&v["steps"]).unwrap()
     );
-    let crash = crash_consistent_backup(hosts);
     let (text, tps) = bench.finish();
     println!("pgbench during the backup: {tps} tps\n{text}");
+    let crash = crash_consistent_backup(hosts, &live);
     // The snapshot came from the array; the database host read none of it [0071].
     assert_eq!(hosts.db_snapshot_reads(), 0);
     assert!(
@@ -93,10 +93,16 @@ fn postgresql_backed_up_online_and_restored() {
 }
 
 /// A `--consistency crash` backup of `pg` into its own repository, while pgbench runs:
-/// the database host runs no hook. Returns its id.
-fn crash_consistent_backup(hosts: &hvm_tests::backup::Hosts) -> String {
+/// the database host runs no hook. Returns its id. pgbench runs on after the backup
+/// ends, so that the restore can tell the backup's instant from the end of the run
+/// whatever the backup before it took (under load it outlasted the first pgbench run).
+fn crash_consistent_backup(hosts: &hvm_tests::backup::Hosts, live: &Cluster) -> String {
+    let bench = Bench::start(live, 4, 20);
+    std::thread::sleep(Duration::from_secs(2));
     let args = ["--wait-resync", "--consistency", "crash"];
     let (out, v) = hosts.run(&["pg"], "pg-crash", &args);
+    let (text, tps) = bench.finish();
+    println!("pgbench during the crash-consistent backup: {tps} tps\n{text}");
     assert!(
         out.status.success(),
         "backup run --consistency crash: {}\n{v}",
