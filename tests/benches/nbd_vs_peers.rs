@@ -190,7 +190,8 @@ fn report(targets: &[String; 5], secs: f64, rounds: usize) {
         "snap64"
     );
     let mut missed = Vec::new();
-    for (name, rw, bs, qd) in WORKLOADS {
+    let only = std::env::var("HVM_BENCH_ONLY").unwrap_or_default();
+    for &(name, rw, bs, qd) in WORKLOADS.iter().filter(|w| w.0.contains(only.as_str())) {
         let mut runs: [Vec<f64>; 5] = Default::default();
         for _ in 0..rounds {
             for (t, r) in targets.iter().zip(runs.iter_mut()) {
