@@ -134,6 +134,18 @@ fn area(start: u64, blocks: u64) -> Area {
     Area { start, blocks }
 }
 
+/// A copy request ([0062]) of `lu` to `device`: with a working volume, or with
+/// `wait_for_copy` the prior art's copy that holds writes until it ends.
+fn cow(lu: u32, device: &str, ranges: &[Area], same_block: bool, wait_for_copy: bool) -> BackupOp {
+    BackupOp::Cow {
+        lu,
+        device: device.into(),
+        ranges: ranges.to_vec(),
+        same_block,
+        wait_for_copy,
+    }
+}
+
 /// Acknowledged writes, in order: LBA and data.
 type Log = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
 
@@ -626,27 +638,9 @@ fn working_volume_cow_backups_hold_their_request_instants() {
     w13.more(30);
     w14.more(30);
     let (lo13, lo14) = (w13.acked(), w14.acked());
-    let j13 = started(op(
-        &c,
-        BackupOp::Cow {
-            lu: 13,
-            device: "tape0".into(),
-            ranges: r13.clone(),
-            same_block: false,
-            wait_for_copy: false,
-        },
-    ));
+    let j13 = started(op(&c, cow(13, "tape0", &r13, false, false)));
     let hi13 = w13.issued();
-    let j14 = started(op(
-        &c,
-        BackupOp::Cow {
-            lu: 14,
-            device: "tape1".into(),
-            ranges: r14.clone(),
-            same_block: true,
-            wait_for_copy: false,
-        },
-    ));
+    let j14 = started(op(&c, cow(14, "tape1", &r14, true, false)));
     let hi14 = w14.issued();
     let (s13, s14) = (wait_job(&c, j13), wait_job(&c, j14));
     w13.more(10);
@@ -676,16 +670,7 @@ fn a_write_ahead_of_the_copy_is_saved_first() {
     let before = read_lu(&c, 13);
     for attempt in 0..5u8 {
         let saved_before = counters(&c).saved_bytes;
-        let id = started(op(
-            &c,
-            BackupOp::Cow {
-                lu: 13,
-                device: "tape0".into(),
-                ranges: ranges.clone(),
-                same_block: false,
-                wait_for_copy: false,
-            },
-        ));
+        let id = started(op(&c, cow(13, "tape0", &ranges, false, false)));
         let mark = [0xa0 | attempt; 8 * BS];
         c.write(LuId(13), 0, &mark, false).unwrap();
         let seen = job(&c, id).done_blocks;
@@ -728,15 +713,12 @@ fn the_working_volume_pool_and_its_rules() {
     );
     op(&c, BackupOp::Attribute { lu: 22, work: true });
     let far = vec![area(3000, 256)];
-    let cow = |same_block| BackupOp::Cow {
-        lu: 13,
-        device: "tape0".into(),
-        ranges: far.clone(),
-        same_block,
-        wait_for_copy: false,
-    };
-    refused(&c, cow(true), "no free working volume of 3256 blocks");
-    let id = started(op(&c, cow(false)));
+    refused(
+        &c,
+        cow(13, "tape0", &far, true, false),
+        "no free working volume of 3256 blocks",
+    );
+    let id = started(op(&c, cow(13, "tape0", &far, false, false)));
     assert_eq!(job(&c, id).working_volume, Some(22));
     refused(
         &c,
@@ -754,28 +736,13 @@ fn the_working_volume_pool_and_its_rules() {
     // The only working volume is in use.
     refused(
         &c,
-        BackupOp::Cow {
-            lu: 14,
-            device: "tape1".into(),
-            ranges: far.clone(),
-            same_block: false,
-            wait_for_copy: false,
-        },
+        cow(14, "tape1", &far, false, false),
         "no free working volume",
     );
     c.write(LuId(13), 3000, &[7u8; 8 * BS], false).unwrap();
     wait_job(&c, id);
     // Released after the request: it serves the next one, and its attribute can change.
-    let id = started(op(
-        &c,
-        BackupOp::Cow {
-            lu: 14,
-            device: "tape1".into(),
-            ranges: far.clone(),
-            same_block: false,
-            wait_for_copy: false,
-        },
-    ));
+    let id = started(op(&c, cow(14, "tape1", &far, false, false)));
     assert_eq!(wait_job(&c, id).working_volume, Some(22));
     op(
         &c,
@@ -794,16 +761,7 @@ fn the_prior_art_copy_makes_writes_wait_for_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let (_e, c) = array(dir.path(), ", iops: 400");
     let ranges = vec![area(0, BLOCKS)];
-    let id = started(op(
-        &c,
-        BackupOp::Cow {
-            lu: 13,
-            device: "tape0".into(),
-            ranges: ranges.clone(),
-            same_block: false,
-            wait_for_copy: true,
-        },
-    ));
+    let id = started(op(&c, cow(13, "tape0", &ranges, false, true)));
     c.write(LuId(13), BLOCKS - 8, &[9u8; 8 * BS], false)
         .unwrap();
     let j = job(&c, id);
