@@ -667,7 +667,7 @@ fn a_write_ahead_of_the_copy_is_saved_first() {
     let dir = tempfile::tempdir().unwrap();
     let (_e, c) = array(dir.path(), ", iops: 50");
     let ranges = vec![area(8, 2040), area(0, 8)];
-    let before = read_lu(&c, 13);
+    let old = read_lu(&c, 13)[..8 * BS].to_vec();
     for attempt in 0..5u8 {
         let saved_before = counters(&c).saved_bytes;
         let id = started(op(&c, cow(13, "tape0", &ranges, false, false)));
@@ -676,9 +676,8 @@ fn a_write_ahead_of_the_copy_is_saved_first() {
         let seen = job(&c, id).done_blocks;
         let j = wait_job(&c, id);
         let got = restore(dir.path(), "tape0", &ranges);
-        let old = &before[..8 * BS];
         assert!(
-            got[..8 * BS] == *old,
+            got[..8 * BS] == old[..],
             "the medium holds a write made after the request (try {attempt})"
         );
         if seen < 2040 {
@@ -686,7 +685,7 @@ fn a_write_ahead_of_the_copy_is_saved_first() {
             assert_eq!(counters(&c).saved_bytes - saved_before, 8 * BS as u64);
             return;
         }
-        c.write(LuId(13), 0, old, false).unwrap();
+        c.write(LuId(13), 0, &old, false).unwrap();
     }
     panic!("in 5 tries the copy always reached its last step before the write returned");
 }

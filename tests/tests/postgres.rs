@@ -93,9 +93,11 @@ fn postgresql_backed_up_online_and_restored() {
 }
 
 /// A `--consistency crash` backup of `pg` into its own repository, while pgbench runs:
-/// the database host runs no hook. Returns its id. pgbench runs on after the backup
-/// ends, so that the restore can tell the backup's instant from the end of the run
-/// whatever the backup before it took (under load it outlasted the first pgbench run).
+/// the database host runs no hook. Returns its id. It has a pgbench run of its own,
+/// started 2 s before it and lasting 20 s, so that transactions commit after its
+/// snapshot (taken within the backup's first moments) and the restore can tell the
+/// snapshot's instant from the end of the run; sharing the first run, it came after that
+/// run's end when the backup before it took long under load.
 fn crash_consistent_backup(hosts: &hvm_tests::backup::Hosts, live: &Cluster) -> String {
     let bench = Bench::start(live, 4, 20);
     std::thread::sleep(Duration::from_secs(2));
