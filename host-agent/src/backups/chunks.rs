@@ -73,8 +73,8 @@ pub fn default_threads() -> usize {
         .clamp(2, 8)
 }
 
-/// Streams of a copy: three per core (a stream waiting for its read, its chunk write or
-/// the sync leaves the core to another), 2 to 8. On the 2-core VM, 6 streams took a full
+/// Streams of a copy: three per core (a stream waiting for its read or its chunk write
+/// leaves the core to another), 2 to 8. On the 2-core VM, 6 streams took a full
 /// backup of 1 GiB in 0.96-1.04 s where 4 took 1.00-1.14 s (backup_product, two A/B pairs).
 pub fn default_streams() -> usize {
     std::thread::available_parallelism()
