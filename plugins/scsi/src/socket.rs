@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::buffers::ReadBuffers;
 use crate::reconnect::{Connector, Reconnecting};
-use crate::sense::Sense;
+use crate::sense::{Sense, GOOD};
 use crate::transport::{Response, Transport, TransportError};
 use crate::wire::{self, Request};
 
@@ -50,7 +50,75 @@ impl std::fmt::Display for Address {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<Response, TransportError>>>>>;
+/// What the reader thread hands a caller: the reply, and whether its data-in was placed
+/// in the caller's buffer (the reply then carries none).
+type Delivery = Result<(Response, bool), TransportError>;
+
+/// A caller waiting for its reply: where to send it and, for `execute_into`, the buffer
+/// its data-in goes to.
+struct Waiter {
+    tx: mpsc::Sender<Delivery>,
+    into: Option<Arc<Destination>>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// The caller's data-in buffer, while the caller waits in `execute_into`: the reader
+/// thread reads a reply's data straight into it, holding the lock, so the data crosses
+/// no buffer of ours and is never copied. The caller clears it (taking the lock, so
+/// after any read into it has ended) before it returns, by any path: the reader never
+/// writes to a buffer its caller has given up.
+struct Destination(Mutex<Option<Place>>);
+
+/// A caller's buffer, as a pointer: it outlives every use because its owner clears the
+/// [`Destination`] before the borrow ends.
+struct Place {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is only dereferenced under the destination's lock, while the
+// caller that owns the buffer is blocked in `execute_into` and keeps it alive.
+unsafe impl Send for Place {}
+
+impl Destination {
+    fn new(buf: &mut [u8]) -> Arc<Destination> {
+        Arc::new(Destination(Mutex::new(Some(Place {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }))))
+    }
+
+    /// Read `len` bytes of data-in from `r` into the buffer, if it is still there and of
+    /// that length; `Ok(false)` if not (the caller gets them in a buffer instead).
+    fn fill(&self, r: &mut dyn Read, len: usize) -> std::io::Result<bool> {
+        let place = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match place.as_ref() {
+            Some(p) if p.len == len => {
+                // SAFETY: see `Place`: the owner waits on this lock before it reuses or
+                // frees the buffer, and nothing else refers to it meanwhile.
+                let buf = unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) };
+                r.read_exact(buf)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Give the buffer back: after this, the reader thread does not touch it.
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Clears its destination when `execute_into` returns or unwinds.
+struct Cleared(Arc<Destination>);
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// The two ends of a stream socket: what the reader thread reads, what callers write, and
 /// a handle to shut both down.
@@ -148,7 +216,7 @@ impl SocketLink {
         })
     }
 
-    fn fail(&self, tag: u64, e: TransportError) -> Result<Response, TransportError> {
+    fn fail(&self, tag: u64, e: TransportError) -> Delivery {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -170,30 +238,36 @@ fn read_replies(
     closed: &AtomicBool,
     buffers: &ReadBuffers,
 ) {
-    while let Some((tag, reply)) = read_reply(&mut r, buffers) {
-        if let Some(tx) = pending
+    let waiter = |tag| {
+        pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&tag)
-        {
-            let _ = tx.send(reply);
+    };
+    while let Some((waiter, reply)) = read_reply(&mut r, buffers, waiter) {
+        if let Some(w) = waiter {
+            let _ = w.tx.send(reply);
         }
     }
     // Set before draining, so a caller that registers after the drain sees it.
     closed.store(true, Ordering::SeqCst);
-    for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-        let _ = tx.send(Err(TransportError::Disconnected));
+    for (_, w) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        let _ = w.tx.send(Err(TransportError::Disconnected));
     }
 }
 
-/// One reply off the stream: its tag and what it says; `None` at the end of the stream
-/// or at a frame that cannot be trusted. The header and sense are read first, then the
-/// data-in straight into a buffer of its own (a kept one if any), neither zero-filled
-/// first nor copied out of the frame afterwards (a READ's data crosses this thread once).
+/// One reply off the stream, with the waiter `waiter` gives for its tag (taken as soon
+/// as the header names it) and what the reply says; `None` at the end of the stream or
+/// at a frame that cannot be trusted. The header and sense are read first, then the
+/// data-in straight into the waiter's buffer if it gave one of that length, else into a
+/// buffer of its own (a kept one if any), neither zero-filled first nor copied out of
+/// the frame afterwards (a READ's data crosses this thread once, and no buffer at all
+/// when it is placed).
 fn read_reply(
     r: &mut Box<dyn Stream>,
     buffers: &ReadBuffers,
-) -> Option<(u64, Result<Response, TransportError>)> {
+    waiter: impl FnOnce(u64) -> Option<Waiter>,
+) -> Option<(Option<Waiter>, Delivery)> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix).ok()?;
     let len = wire::body_len(prefix).ok()?;
@@ -209,12 +283,20 @@ fn read_reply(
     r.read_exact(&mut sense[..head_len - wire::RESPONSE_HEADER])
         .ok()?;
     let resp = wire::Response::parse(&head[..head_len]).ok()?;
-    let mut data = buffers.empty(data_len);
-    Read::take(&mut **r, data_len as u64)
-        .read_to_end(&mut data)
-        .ok()?;
-    if data.len() != data_len {
-        return None;
+    let w = waiter(resp.tag);
+    let placed = match w.as_ref().and_then(|w| w.into.as_ref()) {
+        Some(d) if data_len > 0 => d.fill(&mut **r, data_len).ok()?,
+        _ => false,
+    };
+    let mut data = Vec::new();
+    if !placed {
+        data = buffers.empty(data_len);
+        Read::take(&mut **r, data_len as u64)
+            .read_to_end(&mut data)
+            .ok()?;
+        if data.len() != data_len {
+            return None;
+        }
     }
     let sense = if resp.sense.is_empty() {
         Ok(None)
@@ -222,23 +304,34 @@ fn read_reply(
         Sense::parse(resp.sense).map(Some)
     };
     let reply = sense
-        .map(|sense| Response {
-            status: resp.status,
-            sense,
-            data,
+        .map(|sense| {
+            let r = Response {
+                status: resp.status,
+                sense,
+                data,
+            };
+            (r, placed)
         })
         .map_err(|e| TransportError::Protocol(e.to_string()));
-    Some((resp.tag, reply))
+    Some((w, reply))
 }
 
-impl Transport for SocketLink {
-    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+impl SocketLink {
+    /// Send one command and wait for its reply; its data-in goes to `into` when that
+    /// holds a buffer of its length.
+    fn run(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        into: Option<Arc<Destination>>,
+    ) -> Delivery {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tag, tx);
+            .insert(tag, Waiter { tx, into });
         if self.closed.load(Ordering::SeqCst) {
             return self.fail(tag, TransportError::Disconnected);
         }
@@ -266,6 +359,40 @@ impl Transport for SocketLink {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(TransportError::Disconnected),
         }
+    }
+}
+
+impl Transport for SocketLink {
+    fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
+        self.run(lun, cdb, data_out, None).map(|(r, _)| r)
+    }
+
+    /// The reader thread reads the data-in straight into `data_in` (see [`Destination`]).
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        let into = Destination::new(data_in);
+        let cleared = Cleared(into.clone());
+        let ran = self.run(lun, cdb, data_out, Some(into));
+        // The buffer is ours again only once the destination is cleared.
+        drop(cleared);
+        let (mut r, placed) = ran?;
+        if r.status == GOOD && !placed {
+            if r.data.len() != data_in.len() {
+                return Err(TransportError::Protocol(format!(
+                    "{} bytes of data-in, expected {}",
+                    r.data.len(),
+                    data_in.len()
+                )));
+            }
+            data_in.copy_from_slice(&r.data);
+            self.reuse(std::mem::take(&mut r.data));
+        }
+        Ok(r)
     }
 
     /// A spent READ buffer is kept for a later reply.
@@ -327,6 +454,16 @@ impl Transport for SocketClient {
     fn execute(&self, lun: u8, cdb: &[u8], data_out: &[u8]) -> Result<Response, TransportError> {
         self.0.execute(lun, cdb, data_out)
     }
+
+    fn execute_into(
+        &self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: &mut [u8],
+    ) -> Result<Response, TransportError> {
+        self.0.execute_into(lun, cdb, data_out, data_in)
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +475,16 @@ mod tests {
 
     fn reader(bytes: Vec<u8>) -> Box<dyn Stream> {
         Box::new(std::io::Cursor::new(bytes))
+    }
+
+    /// The next reply of `r`, with no waiter: its tag and what it says.
+    fn next(r: &mut Box<dyn Stream>) -> Option<(u64, Delivery)> {
+        let mut tag = 0;
+        let (_, d) = read_reply(r, &KEPT, |t| {
+            tag = t;
+            None
+        })?;
+        Some((tag, d))
     }
 
     fn frame(tag: u64, status: u8, sense: &[u8], data: &[u8]) -> Vec<u8> {
@@ -354,18 +501,20 @@ mod tests {
         bytes.extend(frame(8, 2, &sense, &[]));
         bytes.extend(frame(9, 0, &[], &[]));
         let mut r = reader(bytes);
-        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
-        let got = reply.unwrap().data;
+        let (tag, reply) = next(&mut r).unwrap();
+        let (reply, placed) = reply.unwrap();
+        assert!(!placed);
+        let got = reply.data;
         assert_eq!((tag, &got), (7, &data));
         // Kept; the replies below carry no data and get buffers of their own.
         KEPT.give(got);
-        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
-        let reply = reply.unwrap();
+        let (tag, reply) = next(&mut r).unwrap();
+        let reply = reply.unwrap().0;
         assert_eq!((tag, reply.status), (8, 2));
         assert_eq!(reply.sense, Some(Sense::LBA_OUT_OF_RANGE));
-        let (tag, reply) = read_reply(&mut r, &KEPT).unwrap();
-        assert_eq!((tag, reply.unwrap().data.len()), (9, 0));
-        assert!(read_reply(&mut r, &KEPT).is_none(), "end of stream");
+        let (tag, reply) = next(&mut r).unwrap();
+        assert_eq!((tag, reply.unwrap().0.data.len()), (9, 0));
+        assert!(next(&mut r).is_none(), "end of stream");
     }
 
     #[test]
@@ -373,17 +522,127 @@ mod tests {
         let whole = frame(1, 0, &[], &[5; 100]);
         // Cut short in the data, in the header, in the prefix.
         for cut in [whole.len() - 1, 8, 2] {
-            assert!(read_reply(&mut reader(whole[..cut].to_vec()), &KEPT).is_none());
+            assert!(read_reply(&mut reader(whole[..cut].to_vec()), &KEPT, |_| None).is_none());
         }
         // A body shorter than its header, and one shorter than the sense it announces.
         let mut short = 5u32.to_le_bytes().to_vec();
         short.extend([0; 5]);
-        assert!(read_reply(&mut reader(short), &KEPT).is_none());
+        assert!(read_reply(&mut reader(short), &KEPT, |_| None).is_none());
         let mut lying = frame(1, 2, &[0x70; 18], &[]);
         lying[..4].copy_from_slice(&(wire::RESPONSE_HEADER as u32 + 4).to_le_bytes());
-        assert!(read_reply(&mut reader(lying), &KEPT).is_none());
+        assert!(read_reply(&mut reader(lying), &KEPT, |_| None).is_none());
         // Over the frame limit.
         let huge = (wire::MAX_FRAME + 1).to_le_bytes().to_vec();
-        assert!(read_reply(&mut reader(huge), &KEPT).is_none());
+        assert!(read_reply(&mut reader(huge), &KEPT, |_| None).is_none());
+    }
+
+    fn waiter(into: &Arc<Destination>) -> Option<Waiter> {
+        let (tx, _) = mpsc::channel();
+        Some(Waiter {
+            tx,
+            into: Some(into.clone()),
+        })
+    }
+
+    #[test]
+    fn data_in_goes_straight_into_the_waiting_buffer() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        let mut bytes = frame(1, 0, &[], &data);
+        bytes.extend(frame(2, 0, &[], &data[..100]));
+        bytes.extend(frame(3, 0, &[], &data));
+        let mut r = reader(bytes);
+        let mut buf = vec![0u8; data.len()];
+        let into = Destination::new(&mut buf);
+        let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
+        let (reply, placed) = d.unwrap();
+        assert!(placed && reply.data.is_empty());
+        // Not of the buffer's length: in a buffer of its own, the waiting one untouched.
+        let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
+        let (reply, placed) = d.unwrap();
+        assert!(!placed);
+        assert_eq!(reply.data, &data[..100]);
+        // Given up: never written again.
+        into.clear();
+        let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
+        assert!(!d.unwrap().1);
+        drop(into);
+        assert_eq!(buf, data);
+    }
+
+    /// A daemon on a Unix socket that answers each READ-like request with `reply(tag)`,
+    /// the last request first once it has `batch` of them (out of order), or not at
+    /// all when `reply` gives `None`.
+    fn daemon(
+        batch: usize,
+        reply: impl Fn(u64) -> Option<Vec<u8>> + Send + 'static,
+    ) -> (tempfile::TempDir, Address) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("array.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut tags = Vec::new();
+            loop {
+                let mut prefix = [0u8; 4];
+                if s.read_exact(&mut prefix).is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; wire::body_len(prefix).unwrap()];
+                s.read_exact(&mut body).unwrap();
+                tags.push(Request::parse(&body).unwrap().tag);
+                if tags.len() < batch {
+                    continue;
+                }
+                for tag in tags.drain(..).rev() {
+                    if let Some(data) = reply(tag) {
+                        let _ = s.write_all(&frame(tag, 0, &[], &data));
+                    }
+                }
+            }
+        });
+        (d, Address::Unix(path))
+    }
+
+    #[test]
+    fn concurrent_reads_land_in_their_own_buffers() {
+        let (_d, addr) = daemon(4, |tag| Some(vec![tag as u8; 300_000]));
+        let link = SocketLink::connect(&addr, Duration::from_secs(10)).unwrap();
+        let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut buf = vec![0u8; 300_000];
+                        let r = link.execute_into(0, &[0x88; 16], &[], &mut buf).unwrap();
+                        assert_eq!((r.status, r.data.len()), (GOOD, 0));
+                        buf
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut firsts: Vec<u8> = got.iter().map(|b| b[0]).collect();
+        assert!(got.iter().all(|b| b.iter().all(|&x| x == b[0])));
+        firsts.sort_unstable();
+        assert_eq!(firsts, [1, 2, 3, 4], "each reply in its caller's buffer");
+        // A reply of another length is an error, not a short read.
+        let (_d, addr) = daemon(1, |_| Some(vec![9; 10]));
+        let link = SocketLink::connect(&addr, Duration::from_secs(10)).unwrap();
+        let e = link
+            .execute_into(0, &[0x88; 16], &[], &mut [0u8; 20])
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Protocol(_)), "{e}");
+    }
+
+    #[test]
+    fn a_read_that_times_out_fails_and_forgets_its_buffer() {
+        let (_d, addr) = daemon(1, |_| None);
+        let link = SocketLink::connect(&addr, Duration::from_millis(200)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = link
+            .execute_into(0, &[0x88; 16], &[], &mut buf)
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+        assert!(link.pending.lock().unwrap().is_empty());
+        assert!(buf.iter().all(|&b| b == 0));
     }
 }
