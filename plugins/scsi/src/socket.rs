@@ -82,7 +82,10 @@ struct Place {
 unsafe impl Send for Place {}
 
 impl Destination {
-    fn new(buf: &mut [u8]) -> Arc<Destination> {
+    /// # Safety
+    /// The caller must [`clear`](Destination::clear) it before `buf`'s borrow ends and
+    /// must not touch `buf` until then ([`Cleared`] does the first on every path).
+    unsafe fn new(buf: &mut [u8]) -> Arc<Destination> {
         Arc::new(Destination(Mutex::new(Some(Place {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
@@ -111,7 +114,9 @@ impl Destination {
     }
 }
 
-/// Clears its destination when `execute_into` returns or unwinds.
+/// Clears its destination when `execute_into` returns or unwinds. On a timeout the
+/// connection is shut first, so a reader blocked inside `fill` returns and the clear
+/// does not wait on a stalled array.
 struct Cleared(Arc<Destination>);
 
 impl Drop for Cleared {
@@ -285,7 +290,8 @@ fn read_reply(
     let resp = wire::Response::parse(&head[..head_len]).ok()?;
     let w = waiter(resp.tag);
     let placed = match w.as_ref().and_then(|w| w.into.as_ref()) {
-        Some(d) if data_len > 0 => d.fill(&mut **r, data_len).ok()?,
+        // Only GOOD data: an error's text stays in the reply, the buffer untouched.
+        Some(d) if data_len > 0 && resp.status == GOOD => d.fill(&mut **r, data_len).ok()?,
         _ => false,
     };
     let mut data = Vec::new();
@@ -375,7 +381,9 @@ impl Transport for SocketLink {
         data_out: &[u8],
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
-        let into = Destination::new(data_in);
+        // SAFETY: `cleared` clears it on every path out of here, and `data_in` is not
+        // touched before that.
+        let into = unsafe { Destination::new(data_in) };
         let cleared = Cleared(into.clone());
         let ran = self.run(lun, cdb, data_out, Some(into));
         // The buffer is ours again only once the destination is cleared.
@@ -547,12 +555,16 @@ mod tests {
     #[test]
     fn data_in_goes_straight_into_the_waiting_buffer() {
         let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        let other = vec![0xee; data.len()];
+        let sense = Sense::LBA_OUT_OF_RANGE.encode();
         let mut bytes = frame(1, 0, &[], &data);
-        bytes.extend(frame(2, 0, &[], &data[..100]));
-        bytes.extend(frame(3, 0, &[], &data));
+        bytes.extend(frame(2, 0, &[], &other[..100]));
+        bytes.extend(frame(3, 2, &sense, &other));
+        bytes.extend(frame(4, 0, &[], &other));
         let mut r = reader(bytes);
         let mut buf = vec![0u8; data.len()];
-        let into = Destination::new(&mut buf);
+        // SAFETY: cleared below before `buf` is read.
+        let into = unsafe { Destination::new(&mut buf) };
         let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
         let (reply, placed) = d.unwrap();
         assert!(placed && reply.data.is_empty());
@@ -560,7 +572,12 @@ mod tests {
         let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
         let (reply, placed) = d.unwrap();
         assert!(!placed);
-        assert_eq!(reply.data, &data[..100]);
+        assert_eq!(reply.data, &other[..100]);
+        // An error's data, even of the buffer's length, stays in the reply.
+        let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
+        let (reply, placed) = d.unwrap();
+        assert!(!placed);
+        assert_eq!((reply.status, reply.data.len()), (2, other.len()));
         // Given up: never written again.
         into.clear();
         let (_, d) = read_reply(&mut r, &KEPT, |_| waiter(&into)).unwrap();
@@ -569,12 +586,11 @@ mod tests {
         assert_eq!(buf, data);
     }
 
-    /// A daemon on a Unix socket that answers each READ-like request with `reply(tag)`,
-    /// the last request first once it has `batch` of them (out of order), or not at
-    /// all when `reply` gives `None`.
+    /// A daemon on a Unix socket that writes `reply(tag)` for each request (a frame, or
+    /// part of one), the last request first once it has `batch` of them (out of order).
     fn daemon(
         batch: usize,
-        reply: impl Fn(u64) -> Option<Vec<u8>> + Send + 'static,
+        reply: impl Fn(u64) -> Vec<u8> + Send + 'static,
     ) -> (tempfile::TempDir, Address) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("array.sock");
@@ -594,9 +610,7 @@ mod tests {
                     continue;
                 }
                 for tag in tags.drain(..).rev() {
-                    if let Some(data) = reply(tag) {
-                        let _ = s.write_all(&frame(tag, 0, &[], &data));
-                    }
+                    let _ = s.write_all(&reply(tag));
                 }
             }
         });
@@ -605,7 +619,7 @@ mod tests {
 
     #[test]
     fn concurrent_reads_land_in_their_own_buffers() {
-        let (_d, addr) = daemon(4, |tag| Some(vec![tag as u8; 300_000]));
+        let (_d, addr) = daemon(4, |tag| frame(tag, 0, &[], &vec![tag as u8; 300_000]));
         let link = SocketLink::connect(&addr, Duration::from_secs(10)).unwrap();
         let got: Vec<Vec<u8>> = std::thread::scope(|s| {
             let runs: Vec<_> = (0..4)
@@ -625,7 +639,7 @@ mod tests {
         firsts.sort_unstable();
         assert_eq!(firsts, [1, 2, 3, 4], "each reply in its caller's buffer");
         // A reply of another length is an error, not a short read.
-        let (_d, addr) = daemon(1, |_| Some(vec![9; 10]));
+        let (_d, addr) = daemon(1, |tag| frame(tag, 0, &[], &[9; 10]));
         let link = SocketLink::connect(&addr, Duration::from_secs(10)).unwrap();
         let e = link
             .execute_into(0, &[0x88; 16], &[], &mut [0u8; 20])
@@ -634,15 +648,26 @@ mod tests {
     }
 
     #[test]
-    fn a_read_that_times_out_fails_and_forgets_its_buffer() {
-        let (_d, addr) = daemon(1, |_| None);
-        let link = SocketLink::connect(&addr, Duration::from_millis(200)).unwrap();
+    fn a_read_that_stalls_halfway_times_out_and_its_buffer_is_given_back() {
+        // The header and half the data, then nothing: the reader thread is inside the
+        // buffer when the caller's time runs out.
+        let (_d, addr) = daemon(1, |tag| {
+            let f = frame(tag, 0, &[], &[7; 4096]);
+            f[..f.len() - 2048].to_vec()
+        });
+        let link = SocketLink::connect(&addr, Duration::from_millis(300)).unwrap();
         let mut buf = vec![0u8; 4096];
+        // Returning at all shows the caller did not wait on the stalled reader.
         let e = link
             .execute_into(0, &[0x88; 16], &[], &mut buf)
             .unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e}");
         assert!(link.pending.lock().unwrap().is_empty());
-        assert!(buf.iter().all(|&b| b == 0));
+        // The link is closed: the next command fails at once.
+        let e = link.execute(0, &[0x88; 16], &[]).unwrap_err();
+        assert!(
+            matches!(e, TransportError::Disconnected | TransportError::Send(_)),
+            "{e}"
+        );
     }
 }
