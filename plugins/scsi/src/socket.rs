@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::buffers::ReadBuffers;
 use crate::reconnect::{Connector, Reconnecting};
 use crate::sense::{Sense, GOOD};
-use crate::transport::{Response, Transport, TransportError};
+use crate::transport::{copy_data_in, Response, Transport, TransportError};
 use crate::wire::{self, Request};
 
 /// How long a command may go unanswered unless the configuration says otherwise.
@@ -389,16 +389,8 @@ impl Transport for SocketLink {
         // The buffer is ours again only once the destination is cleared.
         drop(cleared);
         let (mut r, placed) = ran?;
-        if r.status == GOOD && !placed {
-            if r.data.len() != data_in.len() {
-                return Err(TransportError::Protocol(format!(
-                    "{} bytes of data-in, expected {}",
-                    r.data.len(),
-                    data_in.len()
-                )));
-            }
-            data_in.copy_from_slice(&r.data);
-            self.reuse(std::mem::take(&mut r.data));
+        if !placed {
+            copy_data_in(self, &mut r, data_in)?;
         }
         Ok(r)
     }

@@ -79,17 +79,7 @@ pub trait Transport: Send + Sync {
         data_in: &mut [u8],
     ) -> Result<Response, TransportError> {
         let mut r = self.execute(lun, cdb, data_out)?;
-        if r.status == GOOD {
-            if r.data.len() != data_in.len() {
-                return Err(TransportError::Protocol(format!(
-                    "{} bytes of data-in, expected {}",
-                    r.data.len(),
-                    data_in.len()
-                )));
-            }
-            data_in.copy_from_slice(&r.data);
-            self.reuse(std::mem::take(&mut r.data));
-        }
+        copy_data_in(self, &mut r, data_in)?;
         Ok(r)
     }
 
@@ -106,6 +96,28 @@ pub trait Transport: Send + Sync {
         let _ = (a, b);
         None
     }
+}
+
+/// A GOOD reply's data copied into `data_in`, which must be exactly as long, and its
+/// buffer handed to `t`'s [`Transport::reuse`]; other replies are left as they are.
+pub fn copy_data_in<T: Transport + ?Sized>(
+    t: &T,
+    r: &mut Response,
+    data_in: &mut [u8],
+) -> Result<(), TransportError> {
+    if r.status != GOOD {
+        return Ok(());
+    }
+    if r.data.len() != data_in.len() {
+        return Err(TransportError::Protocol(format!(
+            "{} bytes of data-in, expected {}",
+            r.data.len(),
+            data_in.len()
+        )));
+    }
+    data_in.copy_from_slice(&r.data);
+    t.reuse(std::mem::take(&mut r.data));
+    Ok(())
 }
 
 /// A boxed or shared transport is a transport.
