@@ -294,16 +294,11 @@ fn read_reply(
         Some(d) if data_len > 0 && resp.status == GOOD => d.fill(&mut **r, data_len).ok()?,
         _ => false,
     };
-    let mut data = Vec::new();
-    if !placed {
-        data = buffers.empty(data_len);
-        Read::take(&mut **r, data_len as u64)
-            .read_to_end(&mut data)
-            .ok()?;
-        if data.len() != data_len {
-            return None;
-        }
-    }
+    let data = if placed {
+        Vec::new()
+    } else {
+        read_data(r, buffers, data_len)?
+    };
     let sense = if resp.sense.is_empty() {
         Ok(None)
     } else {
@@ -320,6 +315,16 @@ fn read_reply(
         })
         .map_err(|e| TransportError::Protocol(e.to_string()));
     Some((w, reply))
+}
+
+/// `len` bytes of data-in off the stream into a buffer of its own (a kept one if any),
+/// not zero-filled first; `None` if the stream ends before them.
+fn read_data(r: &mut Box<dyn Stream>, buffers: &ReadBuffers, len: usize) -> Option<Vec<u8>> {
+    let mut data = buffers.empty(len);
+    Read::take(&mut **r, len as u64)
+        .read_to_end(&mut data)
+        .ok()?;
+    (data.len() == len).then_some(data)
 }
 
 impl SocketLink {
