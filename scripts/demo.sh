@@ -9,4 +9,5 @@ cd "$(dirname "$0")/.."
 install_packages libiscsi-dev librbd-dev librados-dev
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
 cargo build --release --workspace --locked
-exec ./target/release/hvmctl demo "$@"
+# Where cargo put it: CARGO_TARGET_DIR if set, as scripts/package.sh reads it.
+exec "${CARGO_TARGET_DIR:-target}/release/hvmctl" demo "$@"
