@@ -1,0 +1,241 @@
+//! The kernel's floor under a mirrored write, without hvm: what it costs to take 1 MiB
+//! writes off a Unix socket (as an NBD server gets them from fio) and put them in the page
+//! cache of one file (nbdkit's file plugin), of two files from a buffer (hvm's Synchronized
+//! write today: one receive copy, one copy per leg), and of two files with no receive copy
+//! (`splice` from the socket into a pipe, `tee` to a second pipe, `splice` of each into its
+//! leg: the least copying a mirrored write through a socket can have).
+//!
+//! The receiver's CPU time per MiB is what decides a CPU-bound run: on this project's
+//! two-core machine fio, the server and the page cache share the cores. The routes take
+//! turns; the table prints medians and the ratio of each route's CPU per MiB to one leg's.
+//!
+//! Run: `cargo bench -p hvm-tests --bench leg_copies`. `HVM_BENCH_ROUNDS` (default 5) sets
+//! the rounds, `HVM_BENCH_MIB` (default 4096) the MiB sent per route and round.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, splice, tee, FcntlArg, SpliceFFlags};
+use nix::time::{clock_gettime, ClockId};
+
+const CHUNK: usize = 1 << 20;
+const FILE_SIZE: u64 = 512 << 20;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    OneLeg,
+    TwoLegs,
+    TwoLegsSpliced,
+}
+
+const ROUTES: [(Route, &str); 3] = [
+    (Route::OneLeg, "one leg, read + pwrite (nbdkit file)"),
+    (Route::TwoLegs, "two legs, read + 2 pwrite (hvm Sync)"),
+    (
+        Route::TwoLegsSpliced,
+        "two legs, splice + tee (no recv copy)",
+    ),
+];
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The whole machine's busy time (every CPU, `/proc/stat`), so the sender's copy and the
+/// kernel's writeback of the legs count too.
+fn machine_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let line = stat.lines().next().expect("cpu line");
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    let busy: u64 = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v.parse::<u64>().expect("a /proc/stat field"))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_secs_f64(busy as f64 / hz as f64)
+}
+
+fn thread_cpu() -> Duration {
+    Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("thread CPU clock"))
+}
+
+/// A leg file filled with 64 KiB writes, as array-sim writes its LU files (the page
+/// cache then holds it in 64 KiB folios).
+fn leg(path: &Path) -> File {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("create leg");
+    let piece = vec![1u8; 64 << 10];
+    for _ in 0..FILE_SIZE / piece.len() as u64 {
+        f.write_all(&piece).expect("fill leg");
+    }
+    f
+}
+
+fn pipe_of(size: usize) -> (OwnedFd, OwnedFd) {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    fcntl(&w, FcntlArg::F_SETPIPE_SZ(size as i32)).expect("F_SETPIPE_SZ");
+    (r, w)
+}
+
+/// Moves exactly `len` bytes from `from` to `to` (at `off` when `to` is a file).
+fn splice_all(from: impl AsFd, to: impl AsFd, mut off: Option<i64>, len: usize) {
+    let mut left = len;
+    while left > 0 {
+        let n = splice(
+            &from,
+            None,
+            &to,
+            off.as_mut(),
+            left,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )
+        .expect("splice");
+        assert!(n > 0, "splice moved nothing with {left} bytes left");
+        left -= n;
+    }
+}
+
+struct Receiver {
+    legs: [File; 2],
+    buf: Vec<u8>,
+    pipes: [(OwnedFd, OwnedFd); 2],
+}
+
+impl Receiver {
+    fn chunk(&mut self, route: Route, sock: &mut UnixStream, off: u64) {
+        if route == Route::TwoLegsSpliced {
+            return self.chunk_spliced(sock, off);
+        }
+        sock.read_exact(&mut self.buf).expect("receive");
+        self.legs[0].write_all_at(&self.buf, off).expect("leg 0");
+        if route == Route::TwoLegs {
+            self.legs[1].write_all_at(&self.buf, off).expect("leg 1");
+        }
+    }
+
+    fn chunk_spliced(&mut self, sock: &mut UnixStream, off: u64) {
+        let [(r0, w0), (r1, w1)] = &self.pipes;
+        splice_all(&*sock, w0, None, CHUNK);
+        let teed = tee(r0, w1, CHUNK, SpliceFFlags::empty()).expect("tee");
+        assert_eq!(teed, CHUNK, "tee copied part of a chunk");
+        splice_all(r0, &self.legs[0], Some(off as i64), CHUNK);
+        splice_all(r1, &self.legs[1], Some(off as i64), CHUNK);
+    }
+}
+
+/// One route, one round: (MB/s, receiver CPU ms per MiB, machine CPU ms per MiB). The
+/// legs are synced after the timed part and their writeback counts in the machine's time.
+fn round(rx: &mut Receiver, route: Route, mib: usize) -> (f64, f64, f64) {
+    let (mut tx, mut sock) = UnixStream::pair().expect("socketpair");
+    let sender = std::thread::spawn(move || {
+        let mut data = vec![7u8; CHUNK];
+        for i in 0..mib as u64 {
+            data[..8].copy_from_slice(&i.to_le_bytes());
+            tx.write_all(&data).expect("send");
+        }
+    });
+    let (start, cpu, all) = (Instant::now(), thread_cpu(), machine_cpu());
+    for i in 0..mib as u64 {
+        rx.chunk(route, &mut sock, i * CHUNK as u64 % FILE_SIZE);
+    }
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), thread_cpu() - cpu);
+    sender.join().expect("sender");
+    for leg in &rx.legs {
+        leg.sync_data().expect("sync leg");
+    }
+    let all = machine_cpu() - all;
+    let mb = (mib * CHUNK) as f64 / 1e6;
+    check_legs(rx, route, mib as u64);
+    let per_mib = |d: Duration| d.as_secs_f64() * 1e3 / mib as f64;
+    (mb / secs, per_mib(cpu), per_mib(all))
+}
+
+/// Every written leg holds, in each 1 MiB slot, the last chunk sent to it (its index in
+/// the first 8 bytes), so a route that loses or misplaces data fails the bench.
+fn check_legs(rx: &Receiver, route: Route, mib: u64) {
+    let slots = FILE_SIZE / CHUNK as u64;
+    let legs = if route == Route::OneLeg { 1 } else { 2 };
+    for slot in 0..slots.min(mib) {
+        let last = slot + (mib - 1 - slot) / slots * slots;
+        for leg in &rx.legs[..legs] {
+            let mut head = [0u8; 16];
+            leg.read_exact_at(&mut head, slot * CHUNK as u64)
+                .expect("read leg");
+            assert_eq!(
+                u64::from_le_bytes(head[..8].try_into().expect("8 bytes")),
+                last
+            );
+            assert_eq!(head[8..], [7u8; 8], "slot {slot} holds other data");
+        }
+    }
+}
+
+fn main() {
+    let rounds: usize = env_or("HVM_BENCH_ROUNDS", 5);
+    let mib: usize = env_or("HVM_BENCH_MIB", 4096);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rx = Receiver {
+        legs: [leg(&dir.path().join("leg0")), leg(&dir.path().join("leg1"))],
+        buf: vec![0u8; CHUNK],
+        pipes: [pipe_of(CHUNK), pipe_of(CHUNK)],
+    };
+    for leg in &rx.legs {
+        leg.sync_data().expect("sync leg");
+    }
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); ROUTES.len()];
+    for _ in 0..rounds {
+        for (i, (route, _)) in ROUTES.iter().enumerate() {
+            results[i].push(round(&mut rx, *route, mib));
+        }
+    }
+    report(&results, rounds, mib);
+}
+
+type Sample = (f64, f64, f64);
+
+fn report(results: &[Vec<Sample>], rounds: usize, mib: usize) {
+    println!(
+        "1 MiB writes off a Unix socket into 512 MiB files in 64 KiB folios, {mib} MiB per route and round, medians of {rounds} rounds (routes in turns)"
+    );
+    println!(
+        "{:<40} {:>6} {:>11} {:>7} {:>11} {:>7}",
+        "route", "MB/s", "receiver ms", "vs 1", "machine ms", "vs 1"
+    );
+    let med = |rs: &[Sample], f: fn(&Sample) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
+    let (rx1, all1) = (med(&results[0], |r| r.1), med(&results[0], |r| r.2));
+    for ((_, name), rs) in ROUTES.iter().zip(results) {
+        let (mbs, rx, all) = (med(rs, |r| r.0), med(rs, |r| r.1), med(rs, |r| r.2));
+        println!(
+            "{name:<40} {mbs:>6.0} {rx:>11.3} {:>6.2}x {all:>11.3} {:>6.2}x",
+            rx / rx1,
+            all / all1
+        );
+    }
+    println!("ms: CPU time per MiB, of the receiving thread and of the whole machine (sender, receiver, the legs' writeback to disk)");
+}
