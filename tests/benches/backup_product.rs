@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use hvm_host_agent::nbd::client::Client;
 use hvm_tests::backup::{Hosts, Setup};
+use hvm_tests::bench::median;
 use serde_json::Value;
 
 struct Rng(u64);
@@ -119,11 +120,6 @@ fn chunk_work(dir: &Path) -> [f64; 3] {
     repo.store().sync().expect("sync");
     let store = 64.0 / (64.0 / store + cpu() - t);
     [hash, zstd, store]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn wait_synchronized(hosts: &Hosts) {
@@ -224,7 +220,12 @@ fn main() {
     let written = change(&sock, size, 42);
     let (inc_secs, inc) = hvm(&hosts, &last, &via_nbd);
     let l = &inc["copy"]["lus"][0];
-    let (p, pf, o, a) = (median(peer), median(flushed), median(ours), median(array));
+    let (p, pf, o, a) = (
+        median(&peer),
+        median(&flushed),
+        median(&ours),
+        median(&array),
+    );
     let work = chunk_work(dir.path());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mib = size as f64 / 1048576.0;

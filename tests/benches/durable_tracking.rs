@@ -14,6 +14,7 @@ use std::sync::Arc;
 use hvm_host_agent::config::Config;
 use hvm_host_agent::host::Host;
 use hvm_host_agent::{agent, service};
+use hvm_tests::bench::median;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
 const SIZE: u64 = BLOCKS * 512;
@@ -101,12 +102,6 @@ fn main() {
             iops[i].push(hvm_tests::fio_nbd(u, "randwrite", "4k", 16, SIZE, secs));
         }
     }
-    // The median: one run disturbed by the host (writeback, a neighbour) moves it least.
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let base = median(&iops[0]);
     println!(
         "{:<28} {:>10} {:>7} {:>14} {:>10}",

@@ -21,6 +21,7 @@ use hvm_core::LuId;
 use hvm_scsi::iscsi::{IscsiOptions, IscsiTransport, IscsiUrl};
 use hvm_scsi::ArrayClient;
 use hvm_tests::agent::Agent;
+use hvm_tests::bench::{env_or, median};
 use hvm_tests::tgt::Tgt;
 use hvm_tests::{fio_fill, fio_nbd};
 
@@ -110,18 +111,6 @@ fn direct(url: &IscsiUrl, rw: &str, bs: &str, qd: u32, secs: f64) -> f64 {
     }
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -156,7 +145,7 @@ fn main() {
             runs[1].push(fio_nbd(&db, rw, bs, qd, SIZE, secs));
             runs[2].push(fio_nbd(&db2, rw, bs, qd, SIZE, secs));
         }
-        let [k, sync, snap] = runs.map(median);
+        let [k, sync, snap] = runs.each_ref().map(|r| median(r));
         let (rs, rn) = (sync / k, snap / k);
         println!("{name:<36} {k:>10.0} {sync:>10.0} {rs:>5.2}x {snap:>10.0} {rn:>5.2}x");
         if rs < 0.5 {

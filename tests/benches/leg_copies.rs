@@ -20,6 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hvm_tests::bench::{env_or, median};
 use nix::fcntl::{fcntl, splice, tee, FcntlArg, SpliceFFlags};
 use nix::time::{clock_gettime, ClockId};
 
@@ -41,19 +42,6 @@ const ROUTES: [(Route, &str); 3] = [
         "two legs, splice + tee (no recv copy)",
     ),
 ];
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// The whole machine's busy time (every CPU, `/proc/stat`), so the sender's copy and the
 /// kernel's writeback of the legs count too.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hvm_tests::agent::Agent;
+use hvm_tests::bench::median;
 use hvm_tests::{fio_fill, fio_nbd, tool, Running};
 
 const SIZE: u64 = 256 << 20;
@@ -51,11 +52,6 @@ fn nbdkit_file(dir: &Path, name: &str) -> (Running, PathBuf) {
     );
     wait_for(&sock);
     (kit, sock)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn wait_for(sock: &Path) {
@@ -150,7 +146,7 @@ fn main() {
                 runs[t].push(fio_nbd(targets[t], rw, bs, qd, SIZE, secs));
             }
         }
-        let [k, sync, snap, q] = runs.map(median);
+        let [k, sync, snap, q] = runs.each_ref().map(|r| median(r));
         let (rs, rn) = (sync / k, snap / k);
         println!(
             "{name:<36} {k:>10.0} {sync:>10.0} {rs:>5.2}x {snap:>10.0} {rn:>5.2}x {q:>10.0} {:>5.2}x",

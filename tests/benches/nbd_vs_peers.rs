@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use hvm_host_agent::config::Config;
 use hvm_host_agent::{agent, service};
+use hvm_tests::bench::{env_or, median};
 use hvm_tests::Running;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
@@ -59,19 +60,6 @@ fn selected() -> Vec<Workload> {
         WORKLOADS.map(|w| w.0)
     );
     jobs
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn loadavg() -> String {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod bench;
 pub mod ceph;
 pub mod legs;
 pub mod pg;
