@@ -1,13 +1,15 @@
 //! The kernel's floor under a mirrored write, without hvm: what it costs to take 1 MiB
 //! writes off a Unix socket (as an NBD server gets them from fio) and put them in the page
-//! cache of one file (nbdkit's file plugin), of two files from a buffer (hvm's Synchronized
-//! write today: one receive copy, one copy per leg), and of two files with no receive copy
-//! (`splice` from the socket into a pipe, `tee` to a second pipe, `splice` of each into its
-//! leg: the least copying a mirrored write through a socket can have).
+//! cache of one file (nbdkit's file plugin: one receive copy, one copy into the file), of
+//! one file in 64 KiB pieces (as array-sim writes a Snapshot-mode write), of two files in
+//! 64 KiB pieces (a Synchronized write: one receive copy, one copy per leg), of two files
+//! in one `pwrite` each, and of two files with no receive copy (`splice` from the socket
+//! into a pipe, `tee` to a second pipe, `splice` of each into its leg: the least copying a
+//! mirrored write through a socket can have).
 //!
-//! The receiver's CPU time per MiB is what decides a CPU-bound run: on this project's
-//! two-core machine fio, the server and the page cache share the cores. The routes take
-//! turns; the table prints medians and the ratio of each route's CPU per MiB to one leg's.
+//! CPU time per MiB is what decides a CPU-bound run: on this project's two-core machine
+//! fio, the server and the page cache share the cores. The routes take turns; the table
+//! prints medians and the ratio of each route's CPU per MiB to the first route's.
 //!
 //! Run: `cargo bench -p hvm-tests --bench leg_copies`. `HVM_BENCH_ROUNDS` (default 5) sets
 //! the rounds, `HVM_BENCH_MIB` (default 4096) the MiB sent per route and round.
@@ -27,20 +29,51 @@ use nix::time::{clock_gettime, ClockId};
 const CHUNK: usize = 1 << 20;
 const FILE_SIZE: u64 = 512 << 20;
 
-#[derive(Clone, Copy, PartialEq)]
-enum Route {
-    OneLeg,
-    TwoLegs,
-    TwoLegsSpliced,
+/// A way to take a write off the socket and into the legs.
+struct Route {
+    name: &'static str,
+    /// How many legs get each chunk.
+    legs: usize,
+    /// The size of each `pwrite` into a leg (array-sim writes its LU files in 64 KiB
+    /// pieces, so that the page cache keeps them in 64 KiB folios).
+    piece: usize,
+    /// `splice` + `tee` instead of a read into a buffer.
+    spliced: bool,
 }
 
-const ROUTES: [(Route, &str); 3] = [
-    (Route::OneLeg, "one leg, read + pwrite (nbdkit file)"),
-    (Route::TwoLegs, "two legs, read + 2 pwrite (hvm Sync)"),
-    (
-        Route::TwoLegsSpliced,
-        "two legs, splice + tee (no recv copy)",
-    ),
+const PIECE: usize = 64 << 10;
+
+const ROUTES: [Route; 5] = [
+    Route {
+        name: "one leg, 1 MiB pwrite (nbdkit file)",
+        legs: 1,
+        piece: CHUNK,
+        spliced: false,
+    },
+    Route {
+        name: "one leg, 64 KiB pwrites (hvm Snapshot)",
+        legs: 1,
+        piece: PIECE,
+        spliced: false,
+    },
+    Route {
+        name: "two legs, 64 KiB pwrites (hvm Sync)",
+        legs: 2,
+        piece: PIECE,
+        spliced: false,
+    },
+    Route {
+        name: "two legs, 1 MiB pwrite each",
+        legs: 2,
+        piece: CHUNK,
+        spliced: false,
+    },
+    Route {
+        name: "two legs, splice + tee (no recv copy)",
+        legs: 2,
+        piece: CHUNK,
+        spliced: true,
+    },
 ];
 
 /// The whole machine's busy time (every CPU, `/proc/stat`), so the sender's copy and the
@@ -116,14 +149,16 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn chunk(&mut self, route: Route, sock: &mut UnixStream, off: u64) {
-        if route == Route::TwoLegsSpliced {
+    fn chunk(&mut self, route: &Route, sock: &mut UnixStream, off: u64) {
+        if route.spliced {
             return self.chunk_spliced(sock, off);
         }
         sock.read_exact(&mut self.buf).expect("receive");
-        self.legs[0].write_all_at(&self.buf, off).expect("leg 0");
-        if route == Route::TwoLegs {
-            self.legs[1].write_all_at(&self.buf, off).expect("leg 1");
+        for leg in &self.legs[..route.legs] {
+            for (i, piece) in self.buf.chunks(route.piece).enumerate() {
+                let at = off + (i * route.piece) as u64;
+                leg.write_all_at(piece, at).expect("write a leg");
+            }
         }
     }
 
@@ -139,7 +174,7 @@ impl Receiver {
 
 /// One route, one round: (MB/s, receiver CPU ms per MiB, machine CPU ms per MiB). The
 /// legs are synced after the timed part and their writeback counts in the machine's time.
-fn round(rx: &mut Receiver, route: Route, mib: usize) -> (f64, f64, f64) {
+fn round(rx: &mut Receiver, route: &Route, mib: usize) -> (f64, f64, f64) {
     let (mut tx, mut sock) = UnixStream::pair().expect("socketpair");
     let sender = std::thread::spawn(move || {
         let mut data = vec![7u8; CHUNK];
@@ -166,12 +201,11 @@ fn round(rx: &mut Receiver, route: Route, mib: usize) -> (f64, f64, f64) {
 
 /// Every written leg holds, in each 1 MiB slot, the last chunk sent to it (its index in
 /// the first 8 bytes), so a route that loses or misplaces data fails the bench.
-fn check_legs(rx: &Receiver, route: Route, mib: u64) {
+fn check_legs(rx: &Receiver, route: &Route, mib: u64) {
     let slots = FILE_SIZE / CHUNK as u64;
-    let legs = if route == Route::OneLeg { 1 } else { 2 };
     for slot in 0..slots.min(mib) {
         let last = slot + (mib - 1 - slot) / slots * slots;
-        for leg in &rx.legs[..legs] {
+        for leg in &rx.legs[..route.legs] {
             let mut head = [0u8; 16];
             leg.read_exact_at(&mut head, slot * CHUNK as u64)
                 .expect("read leg");
@@ -198,8 +232,8 @@ fn main() {
     }
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); ROUTES.len()];
     for _ in 0..rounds {
-        for (i, (route, _)) in ROUTES.iter().enumerate() {
-            results[i].push(round(&mut rx, *route, mib));
+        for (i, route) in ROUTES.iter().enumerate() {
+            results[i].push(round(&mut rx, route, mib));
         }
     }
     report(&results, rounds, mib);
@@ -212,15 +246,16 @@ fn report(results: &[Vec<Sample>], rounds: usize, mib: usize) {
         "1 MiB writes off a Unix socket into 512 MiB files in 64 KiB folios, {mib} MiB per route and round, medians of {rounds} rounds (routes in turns)"
     );
     println!(
-        "{:<40} {:>6} {:>11} {:>7} {:>11} {:>7}",
+        "{:<42} {:>6} {:>11} {:>7} {:>11} {:>7}",
         "route", "MB/s", "receiver ms", "vs 1", "machine ms", "vs 1"
     );
     let med = |rs: &[Sample], f: fn(&Sample) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
     let (rx1, all1) = (med(&results[0], |r| r.1), med(&results[0], |r| r.2));
-    for ((_, name), rs) in ROUTES.iter().zip(results) {
+    for (route, rs) in ROUTES.iter().zip(results) {
+        let name = route.name;
         let (mbs, rx, all) = (med(rs, |r| r.0), med(rs, |r| r.1), med(rs, |r| r.2));
         println!(
-            "{name:<40} {mbs:>6.0} {rx:>11.3} {:>6.2}x {all:>11.3} {:>6.2}x",
+            "{name:<42} {mbs:>6.0} {rx:>11.3} {:>6.2}x {all:>11.3} {:>6.2}x",
             rx / rx1,
             all / all1
         );
