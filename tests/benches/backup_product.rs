@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use hvm_host_agent::nbd::client::Client;
 use hvm_tests::backup::{Hosts, Setup};
-use hvm_tests::bench::median;
+use hvm_tests::bench::{median, thread_cpu};
 use serde_json::Value;
 
 struct Rng(u64);
@@ -102,12 +102,7 @@ fn chunk_work(dir: &Path) -> [f64; 3] {
             block(&mut rng, b);
         }
     }
-    // This thread's CPU time, not the wall clock: other load takes turns on the cores.
-    let cpu = || {
-        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-            .expect("clock_gettime");
-        t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
-    };
+    let cpu = || thread_cpu().as_secs_f64();
     let rate = |f: &dyn Fn(&[u8])| {
         let t = cpu();
         pieces.iter().for_each(|p| f(p));

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use hvm_host_agent::config::Config;
 use hvm_host_agent::{agent, service};
-use hvm_tests::bench::{env_or, median};
+use hvm_tests::bench::{env_or, loadavg, median};
 use hvm_tests::Running;
 
 const BLOCKS: u64 = 1 << 20; // 512 MiB
@@ -60,12 +60,6 @@ fn selected() -> Vec<Workload> {
         WORKLOADS.map(|w| w.0)
     );
     jobs
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Write all of `uri` once in `bs` writes.
