@@ -22,9 +22,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hvm_tests::bench::{env_or, median};
+use hvm_tests::bench::{env_or, loadavg, median, thread_cpu};
 use nix::fcntl::{fcntl, splice, tee, FcntlArg, SpliceFFlags};
-use nix::time::{clock_gettime, ClockId};
 
 const CHUNK: usize = 1 << 20;
 const FILE_SIZE: u64 = 512 << 20;
@@ -97,10 +96,6 @@ fn machine_cpu() -> Duration {
     Duration::from_secs_f64(busy as f64 / hz as f64)
 }
 
-fn thread_cpu() -> Duration {
-    Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("thread CPU clock"))
-}
-
 /// A leg file filled with 64 KiB writes, as array-sim writes its LU files (the page
 /// cache then holds it in 64 KiB folios).
 fn leg(path: &Path) -> File {
@@ -111,7 +106,7 @@ fn leg(path: &Path) -> File {
         .write(true)
         .open(path)
         .expect("create leg");
-    let piece = vec![1u8; 64 << 10];
+    let piece = vec![1u8; PIECE];
     for _ in 0..FILE_SIZE / piece.len() as u64 {
         f.write_all(&piece).expect("fill leg");
     }
@@ -172,14 +167,34 @@ impl Receiver {
     }
 }
 
-/// One route, one round: (MB/s, receiver CPU ms per MiB, machine CPU ms per MiB). The
-/// legs are synced after the timed part and their writeback counts in the machine's time.
-fn round(rx: &mut Receiver, route: &Route, mib: usize) -> (f64, f64, f64) {
+/// One route's round.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// MB/s until the last chunk is in the legs' page cache.
+    mb_per_s: f64,
+    /// The receiving thread's CPU time per MiB, in ms.
+    receiver_ms: f64,
+    /// The machine's busy time per MiB, in ms, the legs' sync included.
+    machine_ms: f64,
+}
+
+/// The data the sender sends: every 64 KiB piece starts with the chunk's index, and the
+/// rest is 7s.
+fn stamp(data: &mut [u8], index: u64) {
+    for piece in data.chunks_mut(PIECE) {
+        piece[..8].copy_from_slice(&index.to_le_bytes());
+    }
+}
+
+/// One route, one round, sending chunks numbered from `first` (each round's numbers are
+/// new, so what an earlier route left in a leg never passes the check). The legs are
+/// synced after the timed part, and their writeback counts in the machine's time.
+fn round(rx: &mut Receiver, route: &Route, mib: usize, first: u64) -> Sample {
     let (mut tx, mut sock) = UnixStream::pair().expect("socketpair");
     let sender = std::thread::spawn(move || {
         let mut data = vec![7u8; CHUNK];
         for i in 0..mib as u64 {
-            data[..8].copy_from_slice(&i.to_le_bytes());
+            stamp(&mut data, first + i);
             tx.write_all(&data).expect("send");
         }
     });
@@ -193,27 +208,34 @@ fn round(rx: &mut Receiver, route: &Route, mib: usize) -> (f64, f64, f64) {
         leg.sync_data().expect("sync leg");
     }
     let all = machine_cpu() - all;
-    let mb = (mib * CHUNK) as f64 / 1e6;
-    check_legs(rx, route, mib as u64);
+    check_legs(rx, route, mib as u64, first);
     let per_mib = |d: Duration| d.as_secs_f64() * 1e3 / mib as f64;
-    (mb / secs, per_mib(cpu), per_mib(all))
+    Sample {
+        mb_per_s: (mib * CHUNK) as f64 / 1e6 / secs,
+        receiver_ms: per_mib(cpu),
+        machine_ms: per_mib(all),
+    }
 }
 
-/// Every written leg holds, in each 1 MiB slot, the last chunk sent to it (its index in
-/// the first 8 bytes), so a route that loses or misplaces data fails the bench.
-fn check_legs(rx: &Receiver, route: &Route, mib: u64) {
+/// Every 64 KiB piece of every 1 MiB slot of each leg the route wrote starts with the
+/// index of the last chunk sent to that slot, followed by 7s, so a route that loses,
+/// misplaces or truncates a piece fails the bench.
+fn check_legs(rx: &Receiver, route: &Route, mib: u64, first: u64) {
     let slots = FILE_SIZE / CHUNK as u64;
     for slot in 0..slots.min(mib) {
-        let last = slot + (mib - 1 - slot) / slots * slots;
-        for leg in &rx.legs[..route.legs] {
-            let mut head = [0u8; 16];
-            leg.read_exact_at(&mut head, slot * CHUNK as u64)
-                .expect("read leg");
-            assert_eq!(
-                u64::from_le_bytes(head[..8].try_into().expect("8 bytes")),
-                last
-            );
-            assert_eq!(head[8..], [7u8; 8], "slot {slot} holds other data");
+        let last = first + slot + (mib - 1 - slot) / slots * slots;
+        for (n, leg) in rx.legs[..route.legs].iter().enumerate() {
+            for piece in 0..(CHUNK / PIECE) as u64 {
+                let at = slot * CHUNK as u64 + piece * PIECE as u64;
+                let mut head = [0u8; 16];
+                leg.read_exact_at(&mut head, at).expect("read leg");
+                let index = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+                assert_eq!(
+                    index, last,
+                    "leg {n}, slot {slot}, piece {piece}: wrong chunk"
+                );
+                assert_eq!(head[8..], [7u8; 8], "leg {n} at {at}: other data");
+            }
         }
     }
 }
@@ -230,35 +252,39 @@ fn main() {
     for leg in &rx.legs {
         leg.sync_data().expect("sync leg");
     }
+    let load = loadavg();
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); ROUTES.len()];
+    let mut first = 0;
     for _ in 0..rounds {
         for (i, route) in ROUTES.iter().enumerate() {
-            results[i].push(round(&mut rx, route, mib));
+            results[i].push(round(&mut rx, route, mib, first));
+            first += mib as u64;
         }
     }
-    report(&results, rounds, mib);
+    println!(
+        "1 MiB writes off a Unix socket into 512 MiB files in 64 KiB folios, {mib} MiB per route and round, medians of {rounds} rounds (routes in turns); load average {load}"
+    );
+    report(&results);
+    println!("load average after: {}", loadavg());
 }
 
-type Sample = (f64, f64, f64);
-
-fn report(results: &[Vec<Sample>], rounds: usize, mib: usize) {
-    println!(
-        "1 MiB writes off a Unix socket into 512 MiB files in 64 KiB folios, {mib} MiB per route and round, medians of {rounds} rounds (routes in turns)"
-    );
+fn report(results: &[Vec<Sample>]) {
     println!(
         "{:<42} {:>6} {:>11} {:>7} {:>11} {:>7}",
         "route", "MB/s", "receiver ms", "vs 1", "machine ms", "vs 1"
     );
     let med = |rs: &[Sample], f: fn(&Sample) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
-    let (rx1, all1) = (med(&results[0], |r| r.1), med(&results[0], |r| r.2));
+    let rx1 = med(&results[0], |s| s.receiver_ms);
+    let all1 = med(&results[0], |s| s.machine_ms);
     for (route, rs) in ROUTES.iter().zip(results) {
         let name = route.name;
-        let (mbs, rx, all) = (med(rs, |r| r.0), med(rs, |r| r.1), med(rs, |r| r.2));
+        let mbs = med(rs, |s| s.mb_per_s);
+        let (rx, all) = (med(rs, |s| s.receiver_ms), med(rs, |s| s.machine_ms));
         println!(
             "{name:<42} {mbs:>6.0} {rx:>11.3} {:>6.2}x {all:>11.3} {:>6.2}x",
             rx / rx1,
             all / all1
         );
     }
-    println!("ms: CPU time per MiB, of the receiving thread and of the whole machine (sender, receiver, the legs' writeback to disk)");
+    println!("ms: CPU time per MiB, of the receiving thread and of everything on the machine (the sender, the receiver and the legs' writeback among it)");
 }
